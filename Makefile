@@ -1,0 +1,36 @@
+# herald: `make run` (the demo) and `make test` (every test) work on a fresh
+# Debian machine as root; both start RabbitMQ first.
+
+CARGO ?= cargo
+export RUST_BACKTRACE ?= 1
+
+.PHONY: services run test unit fmt lint bench check clean
+
+## Install (from Debian) and start RabbitMQ on loopback; wait until it answers.
+services:
+	./scripts/services.sh
+
+## The demo context: consumes and emits `pinged` events; Ctrl-C stops it.
+run: services
+	$(CARGO) build --release --bin demo
+	RUST_LOG=$${RUST_LOG:-info} ./target/release/demo --config config/demo.toml --ping-every 1s
+
+## Every test: unit, integration against the real RabbitMQ, doctests.
+test: services
+	$(CARGO) test --all-targets
+	$(CARGO) test --doc
+
+fmt:
+	$(CARGO) fmt --check
+
+lint:
+	$(CARGO) clippy --all-targets -- -D warnings
+
+## Throughput: herald vs a raw lapin consumer on the same queue settings.
+bench: services
+	$(CARGO) bench --bench throughput
+
+check: fmt lint test
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,44 @@
+//! The demo context: `demo [--config config/demo.toml] [--ping-every 1s]`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+fn usage(problem: &str) -> ExitCode {
+    eprintln!("demo: {problem}\nusage: demo [--config PATH] [--ping-every DURATION]");
+    ExitCode::from(64)
+}
+
+#[actix::main]
+async fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let mut config = PathBuf::from("config/demo.toml");
+    let mut ping_every: Option<Duration> = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match (arg.as_str(), args.next()) {
+            ("--config", Some(path)) => config = path.into(),
+            ("--ping-every", Some(every)) => {
+                match humantime_serde::re::humantime::parse_duration(&every) {
+                    Ok(every) if !every.is_zero() => ping_every = Some(every),
+                    _ => return usage(&format!("--ping-every: not a duration: {every:?}")),
+                }
+            }
+            (other, _) => return usage(&format!("unexpected argument {other:?}")),
+        }
+    }
+    let settings = match herald::Settings::load(&config) {
+        Ok(settings) => settings,
+        Err(error) => {
+            log::error!("{}: {error}", config.display());
+            return ExitCode::from(78);
+        }
+    };
+    match herald::contexts::demo::run(settings, ping_every).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            log::error!("demo stopped: {error}");
+            ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(1))
+        }
+    }
+}

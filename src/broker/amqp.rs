@@ -1,0 +1,431 @@
+//! RabbitMQ through lapin: topology, publisher confirms, manual acks.
+//!
+//! Topology (DESIGN section 6): a durable topic exchange (`events`); one durable
+//! queue per subscriber group, declared **without arguments** (the book's Go
+//! services declare `booking` that way and RabbitMQ refuses a redeclare with
+//! other arguments), bound per handled event name; `<queue>.dead-letter` beside it.
+
+use std::sync::Arc;
+
+use futures_util::future::{BoxFuture, FutureExt};
+use futures_util::stream::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::uri::AMQPUri;
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+
+use super::{
+    dead_letter_queue, Acknowledger, Delivery, Message, Publisher, Settlement, SubscribeSpec,
+    Subscriber, Subscription, SubscriptionControl,
+};
+use crate::config::redact_url;
+use crate::error::BrokerError;
+
+/// How to reach RabbitMQ and which exchange carries the events.
+#[derive(Debug, Clone)]
+pub struct AmqpOptions {
+    /// `amqp://user:pass@host:port/vhost`; never logged unredacted.
+    pub url: String,
+    /// The topic exchange events are published to (the book's `events`).
+    pub exchange: String,
+    /// Heartbeat interval in seconds (0 disables heartbeats).
+    pub heartbeat_secs: u16,
+    /// Shown in the broker's connection list.
+    pub connection_name: String,
+}
+
+impl AmqpOptions {
+    pub fn new(url: impl Into<String>) -> Self {
+        AmqpOptions {
+            url: url.into(),
+            exchange: "events".into(),
+            heartbeat_secs: 30,
+            connection_name: "herald".into(),
+        }
+    }
+}
+
+/// One connection to RabbitMQ: a publisher (confirm mode) and a subscriber factory.
+#[derive(Clone)]
+pub struct AmqpBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    connection: Connection,
+    /// Publishes events and dead letters; in confirm mode.
+    publisher: Channel,
+    exchange: String,
+}
+
+impl AmqpBroker {
+    /// Connects, opens a confirm-mode publishing channel and declares the exchange.
+    ///
+    /// # Errors
+    /// [`BrokerError::Amqp`] when the broker cannot be reached or refuses us.
+    pub async fn connect(options: &AmqpOptions) -> Result<Self, BrokerError> {
+        let mut uri: AMQPUri = options.url.parse().map_err(|reason: String| {
+            BrokerError::Amqp(lapin::Error::from(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("invalid broker url {}: {reason}", redact_url(&options.url)),
+            )))
+        })?;
+        uri.query.heartbeat = Some(options.heartbeat_secs);
+        let properties = ConnectionProperties::default()
+            .with_connection_name(options.connection_name.clone().into());
+        let connection = Connection::connect_uri(uri, properties).await?;
+        let publisher = connection.create_channel().await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        declare_exchange(&publisher, &options.exchange).await?;
+        log::info!(
+            target: "herald::broker",
+            "connected url={} exchange={} heartbeat_s={}",
+            redact_url(&options.url),
+            options.exchange,
+            options.heartbeat_secs
+        );
+        Ok(AmqpBroker {
+            inner: Arc::new(Inner {
+                connection,
+                publisher,
+                exchange: options.exchange.clone(),
+            }),
+        })
+    }
+
+    /// Closes the connection; the broker requeues every unsettled delivery.
+    pub async fn close(&self) -> Result<(), BrokerError> {
+        if self.inner.connection.status().connected() {
+            self.inner.connection.close(200, "bye".into()).await?;
+        }
+        Ok(())
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.inner.connection.status().connected()
+    }
+
+    /// Messages ready in `queue` (passive declare). Unsettled ones are not counted.
+    ///
+    /// # Errors
+    /// The queue does not exist, or the broker is unreachable.
+    pub async fn queue_depth(&self, queue: &str) -> Result<u32, BrokerError> {
+        let channel = self.inner.connection.create_channel().await?;
+        let result = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        let _ = channel.close(200, "done".into()).await;
+        Ok(result?.message_count())
+    }
+
+    /// Publishes straight into `queue` through the default exchange, with confirms.
+    ///
+    /// # Errors
+    /// As [`Publisher::publish`].
+    pub async fn send_to_queue(&self, queue: &str, message: &Message) -> Result<(), BrokerError> {
+        self.inner.publish("", queue, message).await
+    }
+}
+
+impl Inner {
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: &Message,
+    ) -> Result<(), BrokerError> {
+        let confirm = self
+            .publisher
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &message.body,
+                properties(message),
+            )
+            .await?
+            .await?;
+        match confirm {
+            // An unroutable mandatory publish is acked *with* the returned message.
+            Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => {
+                Err(BrokerError::Unroutable {
+                    exchange: exchange.to_owned(),
+                    routing_key: routing_key.to_owned(),
+                })
+            }
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Nack(None) => Err(BrokerError::Nacked {
+                routing_key: routing_key.to_owned(),
+            }),
+            Confirmation::NotRequested => unreachable_confirm(),
+        }
+    }
+}
+
+/// The publishing channel is put in confirm mode before anything is published.
+fn unreachable_confirm() -> Result<(), BrokerError> {
+    Err(BrokerError::Closed)
+}
+
+async fn declare_exchange(channel: &Channel, exchange: &str) -> Result<(), BrokerError> {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}
+
+async fn declare_queue(channel: &Channel, queue: &str) -> Result<(), BrokerError> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}
+
+fn properties(message: &Message) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    for (name, value) in &message.headers {
+        headers.insert(
+            ShortString::from(name.as_str()),
+            AMQPValue::LongString(LongString::from(value.as_bytes())),
+        );
+    }
+    let mut properties = BasicProperties::default().with_headers(headers);
+    if message.persistent {
+        properties = properties.with_delivery_mode(2);
+    }
+    if let Some(content_type) = &message.content_type {
+        properties = properties.with_content_type(content_type.as_str().into());
+    }
+    if let Some(id) = &message.message_id {
+        properties = properties.with_message_id(id.as_str().into());
+    }
+    if let Some(timestamp) = message.timestamp {
+        properties = properties.with_timestamp(timestamp);
+    }
+    properties
+}
+
+fn message_from(delivery: &lapin::message::Delivery) -> Message {
+    let p = &delivery.properties;
+    let mut message = Message::new(delivery.routing_key.to_string(), delivery.data.clone());
+    message.message_id = p.message_id().as_ref().map(|id| id.to_string());
+    message.timestamp = *p.timestamp();
+    message.content_type = p.content_type().as_ref().map(|ct| ct.to_string());
+    message.persistent = *p.delivery_mode() == Some(2);
+    if let Some(table) = p.headers() {
+        for (name, value) in table.inner() {
+            if let Some(text) = header_text(value) {
+                message.headers.insert(name.to_string(), text);
+            }
+        }
+    }
+    message
+}
+
+/// Text for a header value; structured values (arrays, tables) are left out.
+fn header_text(value: &AMQPValue) -> Option<String> {
+    Some(match value {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.to_string(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::ShortShortInt(n) => n.to_string(),
+        AMQPValue::ShortShortUInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::Timestamp(n) => n.to_string(),
+        AMQPValue::ByteArray(bytes) => String::from_utf8_lossy(bytes.as_slice()).into_owned(),
+        AMQPValue::Float(_)
+        | AMQPValue::Double(_)
+        | AMQPValue::DecimalValue(_)
+        | AMQPValue::FieldArray(_)
+        | AMQPValue::FieldTable(_)
+        | AMQPValue::Void => return None,
+    })
+}
+
+impl Publisher for AmqpBroker {
+    fn publish(&self, message: Message) -> BoxFuture<'_, Result<(), BrokerError>> {
+        async move {
+            let inner = &self.inner;
+            inner
+                .publish(&inner.exchange, &message.routing_key, &message)
+                .await
+        }
+        .boxed()
+    }
+}
+
+impl Subscriber for AmqpBroker {
+    fn subscribe(&self, spec: SubscribeSpec) -> BoxFuture<'_, Result<Subscription, BrokerError>> {
+        async move {
+            let inner = &self.inner;
+            let channel = inner.connection.create_channel().await?;
+            channel
+                .basic_qos(spec.prefetch.max(1), BasicQosOptions::default())
+                .await?;
+            declare_exchange(&channel, &inner.exchange).await?;
+            declare_queue(&channel, &spec.queue).await?;
+            declare_queue(&channel, &dead_letter_queue(&spec.queue)).await?;
+            for binding in &spec.bindings {
+                channel
+                    .queue_bind(
+                        spec.queue.as_str().into(),
+                        inner.exchange.as_str().into(),
+                        binding.as_str().into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+            }
+            let consumer = channel
+                .basic_consume(
+                    spec.queue.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            let tag = consumer.tag();
+            log::info!(
+                target: "herald::broker",
+                "consuming queue={} bindings={:?} prefetch={} consumer_tag={}",
+                spec.queue,
+                spec.bindings,
+                spec.prefetch,
+                tag
+            );
+            let broker = self.clone();
+            let queue = spec.queue.clone();
+            let deliveries = consumer
+                .map(move |delivery| {
+                    let delivery = delivery?;
+                    let message = message_from(&delivery);
+                    let acker = AmqpAcker {
+                        acker: delivery.acker,
+                        broker: broker.clone(),
+                        queue: queue.clone(),
+                    };
+                    Ok(Delivery::new(
+                        message,
+                        delivery.redelivered,
+                        Box::new(acker),
+                    ))
+                })
+                .boxed();
+            Ok(Subscription {
+                deliveries,
+                control: Box::new(AmqpControl { channel, tag }),
+            })
+        }
+        .boxed()
+    }
+}
+
+struct AmqpAcker {
+    acker: lapin::Acker,
+    broker: AmqpBroker,
+    queue: String,
+}
+
+impl Acknowledger for AmqpAcker {
+    fn settle(
+        self: Box<Self>,
+        message: Message,
+        settlement: Settlement,
+    ) -> BoxFuture<'static, Result<(), BrokerError>> {
+        async move {
+            let done = match settlement {
+                Settlement::Ack => self.acker.ack(BasicAckOptions::default()).await?,
+                Settlement::Requeue => {
+                    self.acker
+                        .nack(BasicNackOptions {
+                            multiple: false,
+                            requeue: true,
+                        })
+                        .await?
+                }
+                Settlement::DeadLetter { reason } => {
+                    let dead = super::dead_letter_message(message, reason);
+                    // Publish first and ack only after the confirm: a crash in between
+                    // leaves a duplicate dead letter, never a lost message.
+                    self.broker
+                        .send_to_queue(&dead_letter_queue(&self.queue), &dead)
+                        .await?;
+                    self.acker.ack(BasicAckOptions::default()).await?
+                }
+            };
+            if done {
+                Ok(())
+            } else {
+                // Poisoned: the channel closed and the broker requeued the delivery.
+                Err(BrokerError::Closed)
+            }
+        }
+        .boxed()
+    }
+}
+
+struct AmqpControl {
+    channel: Channel,
+    tag: ShortString,
+}
+
+impl SubscriptionControl for AmqpControl {
+    fn cancel(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
+        async move {
+            if self.channel.status().connected() {
+                self.channel
+                    .basic_cancel(self.tag.clone(), BasicCancelOptions::default())
+                    .await?;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
+        async move {
+            if self.channel.status().connected() {
+                self.channel.close(200, "closing".into()).await?;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+}

@@ -1,0 +1,204 @@
+//! Transports behind one trait pair: [`Publisher`] and [`Subscriber`].
+//!
+//! A transport moves [`Message`]s; it knows nothing about events. RabbitMQ
+//! ([`AmqpBroker`]) and the in-process [`MemoryBroker`] implement the same
+//! routing semantics: a topic exchange, one queue per subscriber group,
+//! competing consumers inside a group, redelivery of unsettled messages.
+
+mod amqp;
+mod memory;
+mod topic;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
+
+use crate::error::BrokerError;
+
+pub use amqp::{AmqpBroker, AmqpOptions};
+pub use memory::MemoryBroker;
+pub use topic::topic_matches;
+
+/// A transport-neutral broker message.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Message {
+    pub routing_key: String,
+    pub message_id: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub timestamp: Option<u64>,
+    pub content_type: Option<String>,
+    /// Header values as text; non-text AMQP values are rendered or left out.
+    pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+    /// Survives a broker restart (AMQP `delivery_mode = 2`).
+    pub persistent: bool,
+}
+
+impl Message {
+    pub fn new(routing_key: String, body: Vec<u8>) -> Self {
+        Message {
+            routing_key,
+            message_id: None,
+            timestamp: None,
+            content_type: None,
+            headers: BTreeMap::new(),
+            body,
+            persistent: false,
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+}
+
+impl fmt::Debug for Message {
+    // Bodies can be large and headers untrusted: show sizes and escaped text only.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Message")
+            .field("routing_key", &crate::event::escape(&self.routing_key))
+            .field("message_id", &self.message_id)
+            .field("headers", &self.headers.len())
+            .field("body_bytes", &self.body.len())
+            .finish()
+    }
+}
+
+/// How a delivery is finished. Every delivery gets exactly one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settlement {
+    /// Done: remove it from the queue.
+    Ack,
+    /// Put it back for another attempt (redelivered at once).
+    Requeue,
+    /// Move it to the group's dead-letter queue with the reason, then remove it.
+    DeadLetter { reason: String },
+}
+
+/// The transport's side of one delivery's settlement.
+pub trait Acknowledger: Send + 'static {
+    /// Settles the delivery of `message`. Dead-lettering needs the message itself.
+    fn settle(
+        self: Box<Self>,
+        message: Message,
+        settlement: Settlement,
+    ) -> BoxFuture<'static, Result<(), BrokerError>>;
+}
+
+/// A message handed to a subscriber, to be settled exactly once.
+pub struct Delivery {
+    pub message: Message,
+    /// The broker delivered it before and it was not settled then.
+    pub redelivered: bool,
+    acker: Box<dyn Acknowledger>,
+}
+
+impl Delivery {
+    pub fn new(message: Message, redelivered: bool, acker: Box<dyn Acknowledger>) -> Self {
+        Delivery {
+            message,
+            redelivered,
+            acker,
+        }
+    }
+
+    /// # Errors
+    /// The broker connection or channel failed; the broker then redelivers.
+    pub async fn settle(self, settlement: Settlement) -> Result<(), BrokerError> {
+        self.acker.settle(self.message, settlement).await
+    }
+
+    pub async fn ack(self) -> Result<(), BrokerError> {
+        self.settle(Settlement::Ack).await
+    }
+
+    pub async fn requeue(self) -> Result<(), BrokerError> {
+        self.settle(Settlement::Requeue).await
+    }
+
+    pub async fn dead_letter(self, reason: impl Into<String>) -> Result<(), BrokerError> {
+        self.settle(Settlement::DeadLetter {
+            reason: reason.into(),
+        })
+        .await
+    }
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("message", &self.message)
+            .field("redelivered", &self.redelivered)
+            .finish()
+    }
+}
+
+/// What a subscriber group consumes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscribeSpec {
+    /// The group's queue; a context's queue is named after the context.
+    pub queue: String,
+    /// Binding keys (topic patterns, `*` and `#` allowed). Bindings of the
+    /// queue that are not listed are removed.
+    pub bindings: Vec<String>,
+    /// Unsettled deliveries this consumer holds at most.
+    pub prefetch: u16,
+}
+
+/// The dead-letter queue of a subscriber group.
+pub fn dead_letter_queue(queue: &str) -> String {
+    format!("{queue}.dead-letter")
+}
+
+/// A stream of deliveries. It ends when the subscription is cancelled.
+pub type DeliveryStream = BoxStream<'static, Result<Delivery, BrokerError>>;
+
+/// The control side of a running subscription.
+pub trait SubscriptionControl: Send + Sync {
+    /// Stops new deliveries; those already delivered can still be settled.
+    fn cancel(&self) -> BoxFuture<'_, Result<(), BrokerError>>;
+    /// Releases the subscription; unsettled deliveries go back to the queue.
+    fn close(&self) -> BoxFuture<'_, Result<(), BrokerError>>;
+}
+
+/// One consumer in a subscriber group.
+pub struct Subscription {
+    pub deliveries: DeliveryStream,
+    pub control: Box<dyn SubscriptionControl>,
+}
+
+/// Publishes messages to the event exchange.
+pub trait Publisher: Send + Sync + 'static {
+    /// Resolves once the broker has taken responsibility for the message.
+    ///
+    /// # Errors
+    /// [`BrokerError::Unroutable`] when no queue is bound for the routing key
+    /// (the publisher stays usable), [`BrokerError::Nacked`], or a transport error.
+    fn publish(&self, message: Message) -> BoxFuture<'_, Result<(), BrokerError>>;
+}
+
+/// Consumes messages from a group's queue.
+pub trait Subscriber: Send + Sync + 'static {
+    /// Declares the group's queue and bindings (and its dead-letter queue), then consumes.
+    fn subscribe(&self, spec: SubscribeSpec) -> BoxFuture<'_, Result<Subscription, BrokerError>>;
+}
+
+/// The message as it goes to a dead-letter queue: the original with the reason
+/// and where it came from in `x-herald-*` headers.
+pub(crate) fn dead_letter_message(mut message: Message, reason: String) -> Message {
+    use crate::event::headers;
+    let h = &mut message.headers;
+    h.insert(headers::ERROR.into(), reason);
+    h.insert(
+        headers::ORIGINAL_ROUTING_KEY.into(),
+        message.routing_key.clone(),
+    );
+    h.entry(headers::FIRST_FAILURE.into())
+        .or_insert_with(|| chrono::Utc::now().to_rfc3339());
+    h.entry(headers::ATTEMPTS.into())
+        .or_insert_with(|| "1".into());
+    message.persistent = true;
+    message
+}

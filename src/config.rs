@@ -1,0 +1,459 @@
+//! Settings: a TOML file (plus `default.toml` beside it), then environment
+//! overrides, then validation. Every failure names the key.
+//!
+//! Environment overrides (DESIGN section 10): `AMQP_URL`, `DATABASE_URL`,
+//! `HTTP_ADDR`, `ADMIN_ADDR`, `ADMIN_TOKEN`; any other key as
+//! `HERALD__<SECTION>__<KEY>` (for example `HERALD__RUNTIME__SHARDS=4`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+
+/// Everything one context needs to run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub context: ContextSettings,
+    #[serde(default)]
+    pub broker: BrokerSettings,
+    #[serde(default)]
+    pub runtime: RuntimeSettings,
+    #[serde(default)]
+    pub http: HttpSettings,
+    #[serde(default)]
+    pub admin: AdminSettings,
+    #[serde(default)]
+    pub database: DatabaseSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContextSettings {
+    /// The context's name: its queue, its actor names' prefix. URL-safe.
+    pub name: String,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerSettings {
+    /// Secret: contains the password. Use [`redact_url`] to print it.
+    pub url: String,
+    pub exchange: String,
+    /// Unsettled deliveries the context holds at most.
+    pub prefetch: u16,
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+}
+
+impl Default for BrokerSettings {
+    fn default() -> Self {
+        BrokerSettings {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            exchange: "events".into(),
+            prefetch: 256,
+            heartbeat: Duration::from_secs(30),
+        }
+    }
+}
+
+impl std::fmt::Debug for BrokerSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerSettings")
+            .field("url", &redact_url(&self.url))
+            .field("exchange", &self.exchange)
+            .field("prefetch", &self.prefetch)
+            .field("heartbeat", &self.heartbeat)
+            .finish()
+    }
+}
+
+/// The actor system of one context.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeSettings {
+    /// Shard actors; events of one partition key always reach the same shard.
+    pub shards: usize,
+    /// Arbiter threads the shards are spread over.
+    pub workers: usize,
+    /// A handler running longer fails its delivery. Keep it well below
+    /// RabbitMQ's `consumer_timeout` (30 min).
+    #[serde(with = "humantime_serde")]
+    pub handler_timeout: Duration,
+    /// Messages a shard's mailbox holds at most; the consumer waits beyond it.
+    pub mailbox_capacity: usize,
+    /// A deeper mailbox logs a WARN at once.
+    pub mailbox_high_water: usize,
+    #[serde(with = "humantime_serde")]
+    pub mailbox_log_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub restart_backoff_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub restart_backoff_max: Duration,
+    /// More restarts of one actor than this within `restart_window` escalate.
+    pub max_restarts: usize,
+    #[serde(with = "humantime_serde")]
+    pub restart_window: Duration,
+    /// How long shutdown waits for in-flight deliveries to settle.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for RuntimeSettings {
+    fn default() -> Self {
+        RuntimeSettings {
+            shards: 8,
+            workers: 2,
+            handler_timeout: Duration::from_secs(30),
+            mailbox_capacity: 64,
+            mailbox_high_water: 48,
+            mailbox_log_interval: Duration::from_secs(10),
+            restart_backoff_min: Duration::from_millis(100),
+            restart_backoff_max: Duration::from_secs(10),
+            max_restarts: 10,
+            restart_window: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The context's public REST listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    pub addr: SocketAddr,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        }
+    }
+}
+
+/// The admin listener.
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSettings {
+    pub addr: SocketAddr,
+    /// Secret: never logged.
+    pub token: Option<String>,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        AdminSettings {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            token: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for AdminSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminSettings")
+            .field("addr", &self.addr)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+#[derive(Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// Secret for PostgreSQL URLs: printed through [`redact_url`].
+    pub url: Option<String>,
+}
+
+impl std::fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .finish()
+    }
+}
+
+/// The environment variables that override single keys.
+const ENV_OVERRIDES: [(&str, &str); 5] = [
+    ("AMQP_URL", "broker.url"),
+    ("DATABASE_URL", "database.url"),
+    ("HTTP_ADDR", "http.addr"),
+    ("ADMIN_ADDR", "admin.addr"),
+    ("ADMIN_TOKEN", "admin.token"),
+];
+
+impl Settings {
+    /// Loads `path` (and `default.toml` in its folder, if present) with the
+    /// process environment's overrides, and validates the result.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the key that is missing, malformed or invalid.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with_env(path, std::env::vars().collect())
+    }
+
+    /// As [`Settings::load`], with the environment given explicitly.
+    pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(dir) = path.parent() {
+            let defaults = dir.join("default.toml");
+            if defaults != path && defaults.exists() {
+                builder = builder.add_source(config::File::from(defaults));
+            }
+        }
+        builder = builder.add_source(config::File::from(path)).add_source(
+            config::Environment::with_prefix("HERALD")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env.clone())),
+        );
+        for (var, key) in ENV_OVERRIDES {
+            if let Some(value) = env.get(var) {
+                builder = builder.set_override(key, value.as_str())?;
+            }
+        }
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Settings for a context named `name` with every default (tests, examples).
+    pub fn for_context(name: impl Into<String>) -> Self {
+        Settings {
+            context: ContextSettings { name: name.into() },
+            broker: BrokerSettings::default(),
+            runtime: RuntimeSettings::default(),
+            http: HttpSettings::default(),
+            admin: AdminSettings::default(),
+            database: DatabaseSettings::default(),
+        }
+    }
+
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first key that is out of range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        let name = &self.context.name;
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        {
+            return invalid(
+                "context.name",
+                "must be non-empty lowercase ASCII letters, digits, '-' or '_' (it names queues and URLs)",
+            );
+        }
+        if let Err(reason) = self.broker.url.parse::<lapin::uri::AMQPUri>() {
+            return Err(ConfigError::Invalid {
+                key: "broker.url",
+                reason: format!(
+                    "not an AMQP URL ({reason}): {}",
+                    redact_url(&self.broker.url)
+                ),
+            });
+        }
+        if self.broker.exchange.is_empty() {
+            return invalid("broker.exchange", "must not be empty");
+        }
+        if self.broker.prefetch == 0 {
+            return invalid("broker.prefetch", "must be at least 1");
+        }
+        if self.broker.heartbeat.as_secs() > u64::from(u16::MAX) {
+            return invalid("broker.heartbeat", "must be at most 65535 s");
+        }
+        let rt = &self.runtime;
+        if rt.shards == 0 || rt.shards > 1024 {
+            return invalid("runtime.shards", "must be between 1 and 1024");
+        }
+        if rt.workers == 0 || rt.workers > 256 {
+            return invalid("runtime.workers", "must be between 1 and 256");
+        }
+        if rt.handler_timeout.is_zero() || rt.handler_timeout >= Duration::from_secs(30 * 60) {
+            return invalid(
+                "runtime.handler_timeout",
+                "must be above 0 and below RabbitMQ's consumer_timeout (30 min)",
+            );
+        }
+        if rt.mailbox_capacity == 0 {
+            return invalid("runtime.mailbox_capacity", "must be at least 1");
+        }
+        if rt.mailbox_high_water == 0 || rt.mailbox_high_water > rt.mailbox_capacity {
+            return invalid(
+                "runtime.mailbox_high_water",
+                "must be between 1 and runtime.mailbox_capacity",
+            );
+        }
+        if rt.mailbox_log_interval.is_zero() {
+            return invalid("runtime.mailbox_log_interval", "must be above 0");
+        }
+        if rt.restart_backoff_min.is_zero() {
+            return invalid("runtime.restart_backoff_min", "must be above 0");
+        }
+        if rt.restart_backoff_max < rt.restart_backoff_min {
+            return invalid(
+                "runtime.restart_backoff_max",
+                "must be at least runtime.restart_backoff_min",
+            );
+        }
+        if rt.max_restarts == 0 {
+            return invalid("runtime.max_restarts", "must be at least 1");
+        }
+        if rt.restart_window.is_zero() {
+            return invalid("runtime.restart_window", "must be above 0");
+        }
+        Ok(())
+    }
+}
+
+/// `scheme://user:***@host/...`: the URL without its password, for logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            format!("{scheme}://{user}:***@{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn file(contents: &str) -> tempfile_lite::TempToml {
+        tempfile_lite::TempToml::new(contents)
+    }
+
+    /// A throwaway TOML file in the target dir, removed on drop.
+    mod tempfile_lite {
+        use super::*;
+        pub struct TempToml(pub std::path::PathBuf);
+        impl TempToml {
+            pub fn new(contents: &str) -> Self {
+                let dir =
+                    std::env::temp_dir().join(format!("herald-config-{}", uuid::Uuid::new_v4()));
+                std::fs::create_dir_all(&dir).unwrap();
+                let path = dir.join("ctx.toml");
+                std::fs::File::create(&path)
+                    .unwrap()
+                    .write_all(contents.as_bytes())
+                    .unwrap();
+                TempToml(path)
+            }
+        }
+        impl Drop for TempToml {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(self.0.parent().unwrap());
+            }
+        }
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn minimal_file_takes_the_documented_defaults() {
+        let f = file("[context]\nname = \"booking\"\n");
+        let s = Settings::load_with_env(&f.0, env(&[])).unwrap();
+        assert_eq!(s.broker.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(s.broker.exchange, "events");
+        assert_eq!(s.broker.prefetch, 256);
+        assert_eq!(s.runtime.max_restarts, 10);
+        assert_eq!(s.runtime.restart_window, Duration::from_secs(60));
+        assert_eq!(s.runtime.mailbox_log_interval, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let f = file("[context]\nname = \"booking\"\n[broker]\nprefetch = 10\n");
+        let s = Settings::load_with_env(
+            &f.0,
+            env(&[
+                ("AMQP_URL", "amqp://u:p@10.0.0.1:5672/v"),
+                ("ADMIN_TOKEN", "s3cret"),
+                ("HTTP_ADDR", "127.0.0.1:8282"),
+                ("HERALD__RUNTIME__SHARDS", "3"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.broker.url, "amqp://u:p@10.0.0.1:5672/v");
+        assert_eq!(s.broker.prefetch, 10);
+        assert_eq!(s.admin.token.as_deref(), Some("s3cret"));
+        assert_eq!(s.http.addr.port(), 8282);
+        assert_eq!(s.runtime.shards, 3);
+        let printed = format!("{s:?}");
+        assert!(
+            !printed.contains("s3cret") && !printed.contains(":p@"),
+            "{printed}"
+        );
+    }
+
+    #[test]
+    fn malformed_value_names_its_key() {
+        let f = file("[context]\nname = \"booking\"\n[broker]\nprefetch = \"lots\"\n");
+        let error = Settings::load_with_env(&f.0, env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("broker.prefetch"), "{error}");
+    }
+
+    #[test]
+    fn out_of_range_value_names_its_key() {
+        let f = file("[context]\nname = \"booking\"\n[runtime]\nshards = 0\n");
+        let error = Settings::load_with_env(&f.0, env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("runtime.shards"), "{error}");
+    }
+
+    #[test]
+    fn unknown_key_is_refused() {
+        let f = file("[context]\nname = \"booking\"\n[runtime]\nshard = 4\n");
+        let error = Settings::load_with_env(&f.0, env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("shard"), "{error}");
+    }
+
+    #[test]
+    fn bad_broker_url_is_named_and_redacted() {
+        let f = file("[context]\nname = \"booking\"\n");
+        let error = Settings::load_with_env(&f.0, env(&[("AMQP_URL", "http://u:hunter2@x/")]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("broker.url"), "{error}");
+        assert!(!error.contains("hunter2"), "{error}");
+    }
+
+    #[test]
+    fn redact_url_hides_only_the_password() {
+        assert_eq!(
+            redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact_url("amqp://127.0.0.1/"), "amqp://127.0.0.1/");
+        assert_eq!(redact_url("data/booking.db"), "data/booking.db");
+    }
+}

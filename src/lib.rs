@@ -1,0 +1,50 @@
+//! herald: an actor-based event collaboration runtime.
+//!
+//! Each bounded context is one actix actor system. Its consumer actor takes
+//! deliveries from the broker, shard actors run the context's handlers (the
+//! same partition key always on the same shard, in order), and every delivery
+//! is settled only after its handler finished. Shards are supervised: a panic
+//! fails the delivery and restarts the shard after a backoff; a shard that keeps
+//! failing escalates and stops the context.
+//!
+//! # Layout
+//!
+//! - [`error`]: one error enum per layer; [`Result`].
+//! - [`config`]: [`Settings`] from TOML plus environment overrides, validated.
+//! - [`event`]: the [`Event`] trait, [`Envelope`] and [`Metadata`], the wire codec.
+//! - `broker/`: the [`Publisher`] / [`Subscriber`] seam, [`AmqpBroker`] (lapin)
+//!   and [`MemoryBroker`] (in-process, same routing semantics).
+//! - `runtime/`: [`ContextBuilder`] and [`Context`]; the consumer actor, the
+//!   dispatcher, shard actors, supervision, mailbox counters and log lines,
+//!   shutdown.
+//! - `src/bin/`: thin binaries; `demo` is a small example context.
+//!
+//! # Write your own context
+//!
+//! Declare an [`Event`], register a handler with [`ContextBuilder::handle`],
+//! start it on a broker and [`Context::run_until`] a shutdown signal:
+//! `examples/own_context.rs` is the whole program (the README shows it too).
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod error;
+pub mod event;
+
+mod broker;
+mod runtime;
+
+pub mod contexts;
+
+pub use broker::{
+    dead_letter_queue, topic_matches, Acknowledger, AmqpBroker, AmqpOptions, Delivery,
+    DeliveryStream, MemoryBroker, Message, Publisher, Settlement, SubscribeSpec, Subscriber,
+    Subscription, SubscriptionControl,
+};
+pub use config::Settings;
+pub use error::{BrokerError, CodecError, ConfigError, Error, HandlerError, Result};
+pub use event::{Envelope, Event, Metadata};
+pub use runtime::{
+    mailbox_line, signal as shutdown_signal, ActorSnapshot, ActorState, Context, ContextBuilder,
+    MessageContext, MAILBOX_TARGET,
+};

@@ -1,0 +1,241 @@
+//! The consumer actor: one per context queue. It owns every delivery's
+//! settlement: decode, dispatch to a shard, then ack, requeue or dead-letter
+//! when the shard replies, fails, times out or dies. Settlement never lives
+//! inside a handler's future, so an actor restart cannot strand a delivery.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use tokio::sync::{oneshot, Notify};
+
+use super::dispatcher::{Dispatcher, ShardHandle};
+use super::handler::{Decoded, Routes};
+use super::mailbox::{ActorState, ActorStats};
+use super::shard::Outcome;
+use crate::broker::{Delivery, DeliveryStream, Settlement};
+use crate::error::BrokerError;
+use crate::event::{escape, Envelope};
+
+/// Counts unsettled deliveries so shutdown can wait for them.
+#[derive(Clone, Default)]
+pub(crate) struct InFlight(Arc<(AtomicUsize, Notify)>);
+
+pub(crate) struct InFlightGuard(InFlight);
+
+impl InFlight {
+    fn enter(&self) -> InFlightGuard {
+        self.0 .0.fetch_add(1, Ordering::SeqCst);
+        InFlightGuard(self.clone())
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.0 .0.load(Ordering::SeqCst)
+    }
+
+    /// Waits until nothing is in flight; false if `timeout` came first.
+    pub(crate) async fn drained(&self, timeout: Duration) -> bool {
+        let wait = async {
+            loop {
+                let notified = self.0 .1.notified();
+                if self.count() == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok()
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if self.0 .0 .0.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0 .0 .1.notify_waiters();
+        }
+    }
+}
+
+pub(crate) struct Consumer {
+    context: Arc<str>,
+    routes: Arc<Routes>,
+    dispatcher: Arc<Dispatcher>,
+    in_flight: InFlight,
+    stats: Arc<ActorStats>,
+    deliveries: Option<DeliveryStream>,
+}
+
+impl Consumer {
+    pub(crate) fn new(
+        context: Arc<str>,
+        routes: Arc<Routes>,
+        dispatcher: Arc<Dispatcher>,
+        in_flight: InFlight,
+        stats: Arc<ActorStats>,
+        deliveries: DeliveryStream,
+    ) -> Self {
+        Consumer {
+            context,
+            routes,
+            dispatcher,
+            in_flight,
+            stats,
+            deliveries: Some(deliveries),
+        }
+    }
+
+    fn accept(&mut self, delivery: Delivery, ctx: &mut Context<Self>) {
+        let decoded = Envelope::from_message(&delivery.message).and_then(|envelope| {
+            self.routes
+                .decode(envelope, delivery.redelivered, &self.context)
+        });
+        let decoded = match decoded {
+            Ok(decoded) => decoded,
+            Err(error) => {
+                // Cannot heal by retrying: dead-letter at once, never crash.
+                let guard = self.in_flight.enter();
+                let stats = self.stats.clone();
+                let context = self.context.clone();
+                actix::spawn(async move {
+                    let reason = error.to_string();
+                    log::warn!(
+                        target: "herald::consumer",
+                        "context={} routing_key={} id={} dead-lettered: {}",
+                        context,
+                        escape(&delivery.message.routing_key),
+                        escape(delivery.message.message_id.as_deref().unwrap_or("-")),
+                        escape(&reason)
+                    );
+                    let ok = settle(&context, delivery, Settlement::DeadLetter { reason }).await;
+                    stats.finished(ok, Duration::ZERO);
+                    drop(guard);
+                });
+                return;
+            }
+        };
+        let shard = self.dispatcher.shard_for(&decoded.partition_key).clone();
+        match shard.try_slot() {
+            Some(slot) => self.dispatch(&shard, slot, decoded, delivery),
+            None => {
+                // The shard's mailbox is full: stop taking deliveries until it has room.
+                ctx.wait(shard.clone().slot().into_actor(self).map(
+                    move |slot, act, _| match slot {
+                        Some(slot) => act.dispatch(&shard, slot, decoded, delivery),
+                        None => act.requeue_unrouted(delivery),
+                    },
+                ));
+            }
+        }
+    }
+
+    fn dispatch(
+        &mut self,
+        shard: &ShardHandle,
+        slot: tokio::sync::OwnedSemaphorePermit,
+        decoded: Decoded,
+        delivery: Delivery,
+    ) {
+        let guard = self.in_flight.enter();
+        let reply = shard.send(decoded, slot);
+        actix::spawn(settle_when_done(
+            self.context.clone(),
+            self.stats.clone(),
+            delivery,
+            reply,
+            guard,
+        ));
+    }
+
+    /// Shutting down: the shards are closed, so the broker gets it back.
+    fn requeue_unrouted(&mut self, delivery: Delivery) {
+        let guard = self.in_flight.enter();
+        let context = self.context.clone();
+        self.stats.finished(false, Duration::ZERO);
+        actix::spawn(async move {
+            settle(&context, delivery, Settlement::Requeue).await;
+            drop(guard);
+        });
+    }
+}
+
+async fn settle_when_done(
+    context: Arc<str>,
+    stats: Arc<ActorStats>,
+    delivery: Delivery,
+    reply: oneshot::Receiver<Outcome>,
+    _guard: InFlightGuard,
+) {
+    let settlement = match reply.await {
+        Ok(Outcome::Done) => Settlement::Ack,
+        // Until retry queues exist, every failure goes back to the queue.
+        Ok(_) => Settlement::Requeue,
+        Err(_) => {
+            log::warn!(
+                target: "herald::consumer",
+                "context={} id={} the shard dropped the message (it stopped): requeued",
+                context,
+                escape(delivery.message.message_id.as_deref().unwrap_or("-"))
+            );
+            Settlement::Requeue
+        }
+    };
+    let ok = settlement == Settlement::Ack;
+    let settled = settle(&context, delivery, settlement).await;
+    stats.finished(ok && settled, Duration::ZERO);
+}
+
+/// Settles a delivery; a failure only logs: the broker redelivers what it did not hear about.
+async fn settle(context: &str, delivery: Delivery, settlement: Settlement) -> bool {
+    let id = delivery.message.message_id.clone();
+    match delivery.settle(settlement).await {
+        Ok(()) => true,
+        Err(error) => {
+            log::warn!(
+                target: "herald::consumer",
+                "context={} id={} settlement failed (the broker will redeliver): {error}",
+                context,
+                escape(id.as_deref().unwrap_or("-"))
+            );
+            false
+        }
+    }
+}
+
+impl Actor for Consumer {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.stats.set_state(ActorState::Running);
+        if let Some(deliveries) = self.deliveries.take() {
+            ctx.add_stream(deliveries);
+        }
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        self.stats.set_state(ActorState::Stopped);
+    }
+}
+
+impl StreamHandler<Result<Delivery, BrokerError>> for Consumer {
+    fn handle(&mut self, item: Result<Delivery, BrokerError>, ctx: &mut Self::Context) {
+        match item {
+            Ok(delivery) => {
+                // The consumer's "mailbox" is the broker's prefetch window.
+                self.stats.enqueued();
+                self.stats.started();
+                self.accept(delivery, ctx);
+            }
+            Err(error) => log::error!(
+                target: "herald::consumer",
+                "context={} consumer failed: {error}",
+                self.context
+            ),
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        log::info!(target: "herald::consumer", "context={} consumer stopped", self.context);
+        ctx.stop();
+    }
+}

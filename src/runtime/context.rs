@@ -1,0 +1,283 @@
+//! Building and running one context: its handlers, its shards, its consumer.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use tokio::sync::watch;
+
+use super::consumer::{Consumer, InFlight};
+use super::dispatcher::Dispatcher;
+use super::handler::{MessageContext, Routes};
+use super::mailbox::{ActorSnapshot, ActorStats, MailboxLogger};
+use super::supervisor::{Escalated, Escalation};
+use crate::broker::{SubscribeSpec, Subscriber, SubscriptionControl};
+use crate::config::Settings;
+use crate::error::{Error, HandlerError};
+use crate::event::Event;
+
+/// Declares a context: its settings and a handler per event type it consumes.
+///
+/// ```no_run
+/// # use std::borrow::Cow;
+/// # #[derive(serde::Serialize, serde::Deserialize)]
+/// # struct EventCreated { id: String }
+/// # impl herald::Event for EventCreated {
+/// #     const NAME: &'static str = "eventCreated";
+/// #     fn partition_key(&self) -> Cow<'_, str> { Cow::Borrowed(&self.id) }
+/// # }
+/// # async fn run() -> herald::Result<()> {
+/// let settings = herald::Settings::for_context("booking");
+/// let broker = herald::AmqpBroker::connect(&herald::AmqpOptions::new(&settings.broker.url)).await?;
+/// let context = herald::ContextBuilder::new(settings)
+///     .handle(|event: EventCreated, _meta| async move {
+///         log::info!("event {} created", event.id);
+///         Ok(())
+///     })
+///     .start(&broker)
+///     .await?;
+/// context.run_until(herald::shutdown_signal()).await
+/// # }
+/// ```
+pub struct ContextBuilder {
+    settings: Settings,
+    routes: Routes,
+}
+
+impl ContextBuilder {
+    pub fn new(settings: Settings) -> Self {
+        ContextBuilder {
+            settings,
+            routes: Routes::default(),
+        }
+    }
+
+    /// Handles events of type `E`. The handler's future runs on its shard's
+    /// arbiter thread, one message at a time per shard; it need not be `Send`.
+    /// Returning `Err` fails the delivery; panicking fails it and restarts the shard.
+    #[must_use]
+    pub fn handle<E, F, Fut>(mut self, handler: F) -> Self
+    where
+        E: Event,
+        F: Fn(E, MessageContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + 'static,
+    {
+        self.routes.add::<E, F, Fut>(handler);
+        self
+    }
+
+    /// Starts shards, subscribes the context's queue and starts consuming.
+    /// Must run inside an actix `System`.
+    ///
+    /// # Errors
+    /// The broker refused the topology or the subscription.
+    pub async fn start<S: Subscriber>(self, subscriber: &S) -> Result<Context, Error> {
+        let settings = self.settings;
+        let name: Arc<str> = Arc::from(settings.context.name.as_str());
+        let rt = &settings.runtime;
+        let arbiters: Vec<Arbiter> = (0..rt.workers).map(|_| Arbiter::new()).collect();
+        let handles: Vec<ArbiterHandle> = arbiters.iter().map(Arbiter::handle).collect();
+        let (escalation, escalated) = Escalation::new();
+        let dispatcher = Arc::new(Dispatcher::start(&name, rt, &escalation, &handles));
+
+        let bindings = self.routes.names();
+        let subscription = match subscriber
+            .subscribe(SubscribeSpec {
+                queue: name.to_string(),
+                bindings: bindings.clone(),
+                prefetch: settings.broker.prefetch,
+            })
+            .await
+        {
+            Ok(subscription) => subscription,
+            Err(error) => {
+                stop_arbiters(&arbiters);
+                return Err(error.into());
+            }
+        };
+        let consumer_stats = ActorStats::new(
+            &name,
+            format!("{name}.consumer"),
+            usize::from(settings.broker.prefetch),
+        );
+        let in_flight = InFlight::default();
+        let consumer = Consumer::new(
+            name.clone(),
+            Arc::new(self.routes),
+            dispatcher.clone(),
+            in_flight.clone(),
+            consumer_stats.clone(),
+            subscription.deliveries,
+        )
+        .start();
+
+        let mut actors = vec![consumer_stats];
+        actors.extend(dispatcher.stats().cloned());
+        let logger = spawn_mailbox_logger(actors.clone(), rt.mailbox_log_interval);
+        log::info!(
+            target: "herald::context",
+            "context={} started shards={} workers={} events={:?}",
+            name,
+            rt.shards,
+            rt.workers,
+            bindings
+        );
+        Ok(Context {
+            name,
+            settings,
+            actors,
+            dispatcher,
+            control: subscription.control,
+            consumer,
+            in_flight,
+            escalated,
+            arbiters,
+            logger,
+        })
+    }
+}
+
+fn spawn_mailbox_logger(
+    actors: Vec<Arc<ActorStats>>,
+    interval: std::time::Duration,
+) -> tokio::task::JoinHandle<()> {
+    let mut logger = MailboxLogger::new(actors);
+    actix::spawn(async move {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.tick().await; // the first tick is immediate
+        loop {
+            ticks.tick().await;
+            logger.tick();
+        }
+    })
+}
+
+fn stop_arbiters(arbiters: &[Arbiter]) {
+    for arbiter in arbiters {
+        arbiter.stop();
+    }
+}
+
+/// A running context.
+pub struct Context {
+    name: Arc<str>,
+    settings: Settings,
+    actors: Vec<Arc<ActorStats>>,
+    dispatcher: Arc<Dispatcher>,
+    control: Box<dyn SubscriptionControl>,
+    consumer: Addr<Consumer>,
+    in_flight: InFlight,
+    escalated: watch::Receiver<Option<Escalated>>,
+    arbiters: Vec<Arbiter>,
+    logger: tokio::task::JoinHandle<()>,
+}
+
+impl Context {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Every actor's counters: the consumer first, then the shards.
+    pub fn actors(&self) -> Vec<ActorSnapshot> {
+        self.actors.iter().map(|a| a.snapshot()).collect()
+    }
+
+    /// Deliveries taken from the broker and not yet settled.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.count()
+    }
+
+    /// Resolves when an actor has restarted too often (the context should stop).
+    pub async fn escalation(&mut self) -> Error {
+        let escalated = self
+            .escalated
+            .wait_for(Option::is_some)
+            .await
+            .map(|e| e.clone())
+            .ok()
+            .flatten();
+        match escalated {
+            Some(e) => Error::Escalated {
+                actor: e.actor,
+                restarts: e.restarts,
+                window: e.window,
+            },
+            None => Error::Context {
+                context: self.name.to_string(),
+                reason: "supervision ended".into(),
+            },
+        }
+    }
+
+    /// Runs until `stop` resolves (a shutdown signal) or an actor escalates,
+    /// then shuts down in order.
+    ///
+    /// # Errors
+    /// [`Error::Escalated`] when the context stopped because an actor kept failing.
+    pub async fn run_until(mut self, stop: impl Future<Output = ()>) -> Result<(), Error> {
+        let outcome = tokio::select! {
+            _ = stop => Ok(()),
+            error = self.escalation() => Err(error),
+        };
+        self.shutdown().await?;
+        outcome
+    }
+
+    /// Ordered shutdown: stop intake, drain in-flight deliveries (bounded by
+    /// `runtime.drain_timeout`), stop the actors, release the subscription.
+    /// Deliveries still unsettled then go back to the queue.
+    ///
+    /// # Errors
+    /// Never fails today; broker errors during shutdown are logged.
+    pub async fn shutdown(self) -> Result<(), Error> {
+        let name = self.name.clone();
+        log::info!(target: "herald::shutdown", "context={name} stopping intake");
+        if let Err(error) = self.control.cancel().await {
+            log::warn!(target: "herald::shutdown", "context={name} cancel failed: {error}");
+        }
+        let drain = self.settings.runtime.drain_timeout;
+        if !self.in_flight.drained(drain).await {
+            log::warn!(
+                target: "herald::shutdown",
+                "context={name} {} deliveries still in flight after {drain:?}: the broker requeues them",
+                self.in_flight.count()
+            );
+        }
+        self.dispatcher.close();
+        self.consumer.do_send(StopConsumer);
+        stop_arbiters(&self.arbiters);
+        if let Err(error) = self.control.close().await {
+            log::warn!(target: "herald::shutdown", "context={name} close failed: {error}");
+        }
+        self.logger.abort();
+        // The last numbers always reach the log.
+        for actor in &self.actors {
+            log::info!(
+                target: super::mailbox::MAILBOX_TARGET,
+                "{}",
+                super::mailbox::mailbox_line(&actor.snapshot())
+            );
+        }
+        log::info!(target: "herald::shutdown", "context={name} stopped");
+        Ok(())
+    }
+}
+
+/// Stops the consumer actor (its stream is already cancelled).
+struct StopConsumer;
+
+impl Message for StopConsumer {
+    type Result = ();
+}
+
+impl Handler<StopConsumer> for Consumer {
+    type Result = ();
+
+    fn handle(&mut self, _: StopConsumer, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}

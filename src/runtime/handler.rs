@@ -1,0 +1,117 @@
+//! The handlers a context registers, keyed by event name, and decoding a
+//! delivery's envelope into the typed event its handler takes.
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use futures_util::future::{FutureExt, LocalBoxFuture};
+
+use crate::error::{CodecError, HandlerError};
+use crate::event::{Envelope, Event, Metadata};
+
+/// What a handler learns about the message besides the event itself.
+#[derive(Debug, Clone)]
+pub struct MessageContext {
+    pub meta: Metadata,
+    /// The key duplicates are recognised by (DESIGN section 3): the message id,
+    /// else the event's own identity, else `None` (no dedupe possible).
+    pub dedupe_key: Option<String>,
+    /// The broker delivered this message before without a settlement.
+    pub redelivered: bool,
+    /// The consuming context's name.
+    pub context: Arc<str>,
+}
+
+pub(crate) type AnyEvent = Box<dyn Any + Send>;
+
+pub(crate) type HandlerFn = Arc<
+    dyn Fn(AnyEvent, MessageContext) -> LocalBoxFuture<'static, Result<(), HandlerError>>
+        + Send
+        + Sync,
+>;
+
+type DecodeFn = fn(&Envelope) -> Result<(AnyEvent, String, Option<String>), CodecError>;
+
+struct Route {
+    decode: DecodeFn,
+    handler: HandlerFn,
+}
+
+/// A delivery decoded and ready for its shard.
+pub(crate) struct Decoded {
+    pub(crate) event: AnyEvent,
+    pub(crate) partition_key: String,
+    pub(crate) handler: HandlerFn,
+    pub(crate) ctx: MessageContext,
+}
+
+/// Event name -> decoder and handler.
+#[derive(Default)]
+pub(crate) struct Routes {
+    routes: BTreeMap<String, Route>,
+}
+
+impl Routes {
+    /// Registers `handler` for `E`; a second handler for the same event replaces the first.
+    pub(crate) fn add<E, F, Fut>(&mut self, handler: F)
+    where
+        E: Event,
+        F: Fn(E, MessageContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + 'static,
+    {
+        let handler: HandlerFn = Arc::new(move |event: AnyEvent, ctx| {
+            match event.downcast::<E>() {
+                Ok(event) => handler(*event, ctx).boxed_local(),
+                // Routes pair each decoder with its own handler: a mismatch is a bug.
+                Err(_) => async { Err(HandlerError::new("event type mismatch")) }.boxed_local(),
+            }
+        });
+        let route = Route {
+            decode: decode::<E>,
+            handler,
+        };
+        if self.routes.insert(E::NAME.to_owned(), route).is_some() {
+            log::warn!(target: "herald::context", "event={} handler replaced", E::NAME);
+        }
+    }
+
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.routes.keys().cloned().collect()
+    }
+
+    /// # Errors
+    /// [`CodecError::UnknownEvent`] for an event no handler takes, or the event's decode error.
+    pub(crate) fn decode(
+        &self,
+        envelope: Envelope,
+        redelivered: bool,
+        context: &Arc<str>,
+    ) -> Result<Decoded, CodecError> {
+        let route = self
+            .routes
+            .get(&envelope.meta.name)
+            .ok_or_else(|| CodecError::UnknownEvent(envelope.meta.name.clone()))?;
+        let (event, partition_key, identity) = (route.decode)(&envelope)?;
+        let dedupe_key = envelope.meta.id.clone().or(identity);
+        Ok(Decoded {
+            event,
+            partition_key,
+            handler: route.handler.clone(),
+            ctx: MessageContext {
+                meta: envelope.meta,
+                dedupe_key,
+                redelivered,
+                context: context.clone(),
+            },
+        })
+    }
+}
+
+fn decode<E: Event>(envelope: &Envelope) -> Result<(AnyEvent, String, Option<String>), CodecError> {
+    let event: E = envelope.decode()?;
+    let key = event.partition_key().into_owned();
+    let identity = event.identity().map(|id| id.into_owned());
+    Ok((Box::new(event), key, identity))
+}

@@ -1,0 +1,15 @@
+//! The actor system of one context: consumer -> dispatcher -> shards, under supervision.
+
+mod consumer;
+mod context;
+mod dispatcher;
+mod handler;
+mod mailbox;
+mod shard;
+mod shutdown;
+mod supervisor;
+
+pub use context::{Context, ContextBuilder};
+pub use handler::MessageContext;
+pub use mailbox::{mailbox_line, ActorSnapshot, ActorState, MAILBOX_TARGET};
+pub use shutdown::signal;

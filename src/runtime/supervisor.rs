@@ -1,0 +1,170 @@
+//! Restart policy: exponential backoff between restarts, and escalation when
+//! an actor restarts too often (DESIGN section 4).
+//!
+//! actix's `Supervisor` restarts an actor that stops itself, at once and
+//! forever. The runtime adds the backoff (the restarted actor waits it out in
+//! `started`, holding its mailbox) and the escalation (the context shuts down
+//! and the process exits non-zero, so systemd or Kubernetes take over).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::config::RuntimeSettings;
+
+/// Backoff and restart-rate bookkeeping of one actor.
+#[derive(Debug, Clone)]
+pub(crate) struct RestartPolicy {
+    min: Duration,
+    max: Duration,
+    max_restarts: usize,
+    window: Duration,
+    /// Restarts since the last success; sets the next backoff.
+    consecutive: u32,
+    recent: VecDeque<Instant>,
+}
+
+/// What the supervisor should do after a restart was recorded.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum RestartDecision {
+    /// Restart after this delay.
+    Backoff(Duration),
+    /// Too many restarts within the window: give up on the whole context.
+    Escalate { restarts: usize },
+}
+
+impl RestartPolicy {
+    pub(crate) fn new(settings: &RuntimeSettings) -> Self {
+        RestartPolicy {
+            min: settings.restart_backoff_min,
+            max: settings.restart_backoff_max,
+            max_restarts: settings.max_restarts,
+            window: settings.restart_window,
+            consecutive: 0,
+            recent: VecDeque::new(),
+        }
+    }
+
+    pub(crate) fn on_restart(&mut self, now: Instant) -> RestartDecision {
+        self.recent.push_back(now);
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > self.window)
+        {
+            self.recent.pop_front();
+        }
+        if self.recent.len() > self.max_restarts {
+            return RestartDecision::Escalate {
+                restarts: self.recent.len(),
+            };
+        }
+        let delay = self
+            .min
+            .saturating_mul(2u32.saturating_pow(self.consecutive))
+            .min(self.max);
+        self.consecutive = self.consecutive.saturating_add(1);
+        RestartDecision::Backoff(delay)
+    }
+
+    /// A message succeeded: the next failure starts from the shortest backoff.
+    pub(crate) fn on_success(&mut self) {
+        self.consecutive = 0;
+    }
+
+    pub(crate) fn window(&self) -> Duration {
+        self.window
+    }
+}
+
+/// Why a context stopped by itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Escalated {
+    pub(crate) actor: String,
+    pub(crate) restarts: usize,
+    pub(crate) window: Duration,
+}
+
+/// The channel an actor escalates through; the context watches the other end.
+#[derive(Debug, Clone)]
+pub(crate) struct Escalation {
+    tx: watch::Sender<Option<Escalated>>,
+}
+
+impl Escalation {
+    pub(crate) fn new() -> (Self, watch::Receiver<Option<Escalated>>) {
+        let (tx, rx) = watch::channel(None);
+        (Escalation { tx }, rx)
+    }
+
+    /// Records the first escalation; later ones change nothing.
+    pub(crate) fn escalate(&self, escalated: Escalated) {
+        self.tx.send_if_modified(|current| {
+            if current.is_some() {
+                return false;
+            }
+            log::error!(
+                target: "herald::supervisor",
+                "actor={} restarts={} window_s={} escalating: the context shuts down",
+                escalated.actor,
+                escalated.restarts,
+                escalated.window.as_secs()
+            );
+            *current = Some(escalated);
+            true
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(max_restarts: usize) -> RestartPolicy {
+        RestartPolicy::new(&RuntimeSettings {
+            restart_backoff_min: Duration::from_millis(100),
+            restart_backoff_max: Duration::from_secs(1),
+            max_restarts,
+            restart_window: Duration::from_secs(60),
+            ..RuntimeSettings::default()
+        })
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_resets_after_success() {
+        let mut p = policy(100);
+        let now = Instant::now();
+        let delays: Vec<_> = (0..6).map(|_| p.on_restart(now)).collect();
+        let ms = |d| RestartDecision::Backoff(Duration::from_millis(d));
+        assert_eq!(
+            delays,
+            [ms(100), ms(200), ms(400), ms(800), ms(1000), ms(1000)]
+        );
+        p.on_success();
+        assert_eq!(p.on_restart(now), ms(100));
+    }
+
+    #[test]
+    fn more_than_max_restarts_within_the_window_escalates() {
+        let mut p = policy(3);
+        let start = Instant::now();
+        for _ in 0..3 {
+            assert!(matches!(p.on_restart(start), RestartDecision::Backoff(_)));
+        }
+        assert_eq!(
+            p.on_restart(start),
+            RestartDecision::Escalate { restarts: 4 }
+        );
+    }
+
+    #[test]
+    fn restarts_outside_the_window_are_forgotten() {
+        let mut p = policy(2);
+        let start = Instant::now();
+        p.on_restart(start);
+        p.on_restart(start);
+        let later = start + Duration::from_secs(61);
+        assert!(matches!(p.on_restart(later), RestartDecision::Backoff(_)));
+    }
+}
