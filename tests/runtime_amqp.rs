@@ -352,3 +352,50 @@ async fn undecodable_and_unnamed_messages_are_dead_lettered_once_and_consumption
     assert_eq!(broker.queue_depth("strict").await.unwrap(), 0);
     context.shutdown().await.unwrap();
 }
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Retired {
+    id: String,
+}
+
+impl Event for Retired {
+    const NAME: &'static str = "retired";
+    fn partition_key(&self) -> Cow<'_, str> {
+        Cow::Borrowed(&self.id)
+    }
+}
+
+#[actix_rt::test]
+async fn bindings_for_events_no_longer_handled_are_removed_at_start() {
+    let vhost = TestVhost::new();
+    let broker = vhost.broker().await;
+    let retired = || {
+        Envelope::new(&Retired { id: "r".into() })
+            .unwrap()
+            .to_message()
+    };
+    let before = ContextBuilder::new(vhost.settings("evolving"))
+        .handle(|_: Step, _| async { Ok(()) })
+        .handle(|_: Retired, _| async { Ok(()) })
+        .start(&broker)
+        .await
+        .unwrap();
+    before.shutdown().await.unwrap();
+    broker
+        .publish(retired())
+        .await
+        .expect("bound while handled");
+
+    let after = ContextBuilder::new(vhost.settings("evolving"))
+        .handle(|_: Step, _| async { Ok(()) })
+        .start(&broker)
+        .await
+        .unwrap();
+    let error = broker.publish(retired()).await.unwrap_err();
+    assert!(
+        matches!(error, herald::BrokerError::Unroutable { .. }),
+        "{error}"
+    );
+    broker.publish(step("k", 1)).await.expect("still bound");
+    after.shutdown().await.unwrap();
+}

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::stream::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
     QueueBindOptions, QueueDeclareOptions,
 };
@@ -143,6 +143,70 @@ impl AmqpBroker {
 }
 
 impl Inner {
+    /// Binds the queue for every wanted key and unbinds the keys it bound
+    /// before but no longer wants. AMQP cannot list a queue's bindings, so the
+    /// runtime keeps its own record: the last binding set, as the single
+    /// message of the durable queue `<queue>.bindings` (`x-max-length = 1`).
+    /// Bindings made by others (the book's Go services) are never touched.
+    async fn sync_bindings(
+        &self,
+        channel: &Channel,
+        spec: &SubscribeSpec,
+    ) -> Result<(), BrokerError> {
+        let record = format!("{}.bindings", spec.queue);
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-max-length".into(), AMQPValue::LongInt(1));
+        channel
+            .queue_declare(
+                record.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                arguments,
+            )
+            .await?;
+        let previous: Vec<String> = channel
+            .basic_get(record.as_str().into(), BasicGetOptions { no_ack: true })
+            .await?
+            .and_then(|last| serde_json::from_slice(&last.delivery.data).ok())
+            .unwrap_or_default();
+        for binding in &spec.bindings {
+            channel
+                .queue_bind(
+                    spec.queue.as_str().into(),
+                    self.exchange.as_str().into(),
+                    binding.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        for stale in previous.iter().filter(|b| !spec.bindings.contains(b)) {
+            channel
+                .queue_unbind(
+                    spec.queue.as_str().into(),
+                    self.exchange.as_str().into(),
+                    stale.as_str().into(),
+                    FieldTable::default(),
+                )
+                .await?;
+            log::info!(
+                target: "herald::broker",
+                "queue={} unbound stale binding={}",
+                spec.queue,
+                crate::event::escape(stale)
+            );
+        }
+        let mut current = Message::new(
+            record.clone(),
+            serde_json::to_vec(&spec.bindings).unwrap_or_default(),
+        );
+        current.persistent = true;
+        current.content_type = Some(crate::event::CONTENT_TYPE_JSON.into());
+        self.publish("", &record, &current).await
+    }
+
     async fn publish(
         &self,
         exchange: &str,
@@ -302,17 +366,7 @@ impl Subscriber for AmqpBroker {
             declare_exchange(&channel, &inner.exchange).await?;
             declare_queue(&channel, &spec.queue).await?;
             declare_queue(&channel, &dead_letter_queue(&spec.queue)).await?;
-            for binding in &spec.bindings {
-                channel
-                    .queue_bind(
-                        spec.queue.as_str().into(),
-                        inner.exchange.as_str().into(),
-                        binding.as_str().into(),
-                        QueueBindOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await?;
-            }
+            inner.sync_bindings(&channel, &spec).await?;
             let consumer = channel
                 .basic_consume(
                     spec.queue.as_str().into(),
