@@ -115,3 +115,84 @@ fn decode<E: Event>(envelope: &Envelope) -> Result<(AnyEvent, String, Option<Str
     let identity = event.identity().map(|id| id.into_owned());
     Ok((Box::new(event), key, identity))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use serde::{Deserialize, Serialize};
+
+    use super::*;
+    use crate::broker::Message;
+    use crate::event::headers;
+
+    #[derive(Serialize, Deserialize)]
+    struct EventBooked {
+        #[serde(rename = "eventId")]
+        event_id: String,
+        #[serde(rename = "bookingId", default)]
+        booking_id: Option<String>,
+    }
+
+    impl Event for EventBooked {
+        const NAME: &'static str = "eventBooked";
+        fn partition_key(&self) -> Cow<'_, str> {
+            Cow::Borrowed(&self.event_id)
+        }
+        fn identity(&self) -> Option<Cow<'_, str>> {
+            self.booking_id.as_deref().map(Cow::Borrowed)
+        }
+    }
+
+    fn routes() -> Routes {
+        let mut routes = Routes::default();
+        routes.add(|_: EventBooked, _| async { Ok(()) });
+        routes
+    }
+
+    fn decoded(body: &str, message_id: Option<&str>) -> Decoded {
+        let mut message = Message::new("eventBooked".into(), body.as_bytes().to_vec());
+        message
+            .headers
+            .insert(headers::EVENT_NAME.into(), "eventBooked".into());
+        message.message_id = message_id.map(str::to_owned);
+        let envelope = Envelope::from_message(&message).unwrap();
+        routes()
+            .decode(envelope, false, &Arc::from("events"))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn dedupe_key_is_the_message_id_first() {
+        let d = decoded(r#"{"eventId":"e1","bookingId":"b1"}"#, Some("m1"));
+        assert_eq!(d.ctx.dedupe_key.as_deref(), Some("m1"));
+        assert_eq!(d.partition_key, "e1");
+    }
+
+    #[test]
+    fn dedupe_key_falls_back_to_the_event_identity() {
+        let d = decoded(r#"{"eventId":"e1","bookingId":"b1"}"#, None);
+        assert_eq!(d.ctx.dedupe_key.as_deref(), Some("b1"));
+    }
+
+    #[test]
+    fn identical_book_bodies_without_ids_have_no_dedupe_key() {
+        // The book's booking service sends the same body for different bookings:
+        // hashing the body would merge them.
+        let d = decoded(r#"{"eventId":"e1","userId":"someUserID"}"#, None);
+        assert_eq!(d.ctx.dedupe_key, None);
+    }
+
+    #[test]
+    fn an_event_nobody_handles_is_unknown() {
+        let mut message = Message::new("other".into(), b"{}".to_vec());
+        message
+            .headers
+            .insert(headers::EVENT_NAME.into(), "other".into());
+        let envelope = Envelope::from_message(&message).unwrap();
+        assert!(matches!(
+            routes().decode(envelope, false, &Arc::from("events")),
+            Err(CodecError::UnknownEvent(name)) if name == "other"
+        ));
+    }
+}
