@@ -29,6 +29,32 @@ pub struct Settings {
     pub admin: AdminSettings,
     #[serde(default)]
     pub database: DatabaseSettings,
+    #[serde(default)]
+    pub outbox: OutboxSettings,
+}
+
+/// The outbox relay and table retention.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutboxSettings {
+    /// Rows the relay reads per round.
+    pub batch: i64,
+    /// How often the relay looks for rows nobody told it about (after a crash).
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Published outbox rows and inbox entries older than this are pruned.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+impl Default for OutboxSettings {
+    fn default() -> Self {
+        OutboxSettings {
+            batch: 100,
+            poll_interval: Duration::from_secs(1),
+            retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -232,6 +258,7 @@ impl Settings {
             http: HttpSettings::default(),
             admin: AdminSettings::default(),
             database: DatabaseSettings::default(),
+            outbox: OutboxSettings::default(),
         }
     }
 
@@ -309,6 +336,12 @@ impl Settings {
         }
         if rt.max_restarts == 0 {
             return invalid("runtime.max_restarts", "must be at least 1");
+        }
+        if !(1..=10_000).contains(&self.outbox.batch) {
+            return invalid("outbox.batch", "must be between 1 and 10000");
+        }
+        if self.outbox.poll_interval.is_zero() {
+            return invalid("outbox.poll_interval", "must be above 0");
         }
         if rt.restart_window.is_zero() {
             return invalid("runtime.restart_window", "must be above 0");

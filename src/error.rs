@@ -18,6 +18,8 @@ pub enum Error {
         restarts: usize,
         window: Duration,
     },
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("context {context}: {reason}")]
     Context { context: String, reason: String },
 }
@@ -28,7 +30,7 @@ impl Error {
         match self {
             Error::Config(_) => 78, // EX_CONFIG
             Error::Escalated { .. } => 70,
-            Error::Broker(_) | Error::Context { .. } => 1,
+            Error::Broker(_) | Error::Store(_) | Error::Context { .. } => 1,
         }
     }
 }
@@ -123,5 +125,59 @@ impl HandlerError {
             message: error.to_string(),
             source: Some(Box::new(error)),
         }
+    }
+}
+
+/// Database failures, with the meaning the runtime acts on.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another writer won (unique or optimistic-concurrency violation).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// SQLite stayed locked past its busy timeout: retry later, never a conflict.
+    #[error("database busy: {0}")]
+    Busy(String),
+    #[error("not found")]
+    NotFound,
+    #[error("database: {0}")]
+    Database(diesel::result::Error),
+    #[error("database pool: {0}")]
+    Pool(String),
+    #[error("migrations: {0}")]
+    Migration(String),
+    /// The closure run on the database thread panicked; its connection was discarded.
+    #[error("database task panicked: {0}")]
+    Panicked(String),
+}
+
+impl StoreError {
+    /// Whether the same work can succeed if tried again.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Busy(_) | StoreError::Pool(_))
+    }
+}
+
+impl From<diesel::result::Error> for StoreError {
+    fn from(error: diesel::result::Error) -> Self {
+        use diesel::result::{DatabaseErrorKind, Error as D};
+        match error {
+            D::NotFound => StoreError::NotFound,
+            D::DatabaseError(DatabaseErrorKind::UniqueViolation, info) => {
+                StoreError::Conflict(info.message().to_owned())
+            }
+            D::DatabaseError(_, ref info)
+                if info.message().contains("database is locked")
+                    || info.message().contains("database is busy") =>
+            {
+                StoreError::Busy(info.message().to_owned())
+            }
+            other => StoreError::Database(other),
+        }
+    }
+}
+
+impl From<StoreError> for HandlerError {
+    fn from(error: StoreError) -> Self {
+        HandlerError::from_error(error)
     }
 }

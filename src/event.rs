@@ -85,6 +85,17 @@ pub struct Metadata {
     pub occurred_at: Option<DateTime<Utc>>,
 }
 
+impl Metadata {
+    /// The same metadata with `occurred_at` cut to milliseconds, as stored.
+    #[must_use]
+    pub fn with_ms_precision(mut self) -> Self {
+        self.occurred_at = self
+            .occurred_at
+            .and_then(|t| Utc.timestamp_millis_opt(t.timestamp_millis()).single());
+        self
+    }
+}
+
 /// One event on the wire: metadata and the raw JSON body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope {

@@ -33,6 +33,7 @@ pub mod event;
 
 mod broker;
 mod runtime;
+pub mod store;
 
 pub mod contexts;
 

@@ -10,11 +10,13 @@ use super::consumer::{Consumer, InFlight};
 use super::dispatcher::Dispatcher;
 use super::handler::{MessageContext, Routes};
 use super::mailbox::{ActorSnapshot, ActorStats, MailboxLogger};
-use super::supervisor::{Escalated, Escalation};
-use crate::broker::{SubscribeSpec, Subscriber, SubscriptionControl};
+use super::relay::{Relay, RelayParts};
+use super::supervisor::{Escalated, Escalation, RestartPolicy};
+use crate::broker::{Publisher, SubscribeSpec, Subscriber, SubscriptionControl};
 use crate::config::Settings;
 use crate::error::{Error, HandlerError};
 use crate::event::Event;
+use crate::store::{outbox, Db, OutboxStatus};
 
 /// Declares a context: its settings and a handler per event type it consumes.
 ///
@@ -42,6 +44,7 @@ use crate::event::Event;
 pub struct ContextBuilder {
     settings: Settings,
     routes: Routes,
+    store: Option<Db>,
 }
 
 impl ContextBuilder {
@@ -49,6 +52,7 @@ impl ContextBuilder {
         ContextBuilder {
             settings,
             routes: Routes::default(),
+            store: None,
         }
     }
 
@@ -66,12 +70,24 @@ impl ContextBuilder {
         self
     }
 
-    /// Starts shards, subscribes the context's queue and starts consuming.
-    /// Must run inside an actix `System`.
+    /// Gives the context a database: its outbox is published by a supervised
+    /// relay actor, and old outbox and inbox rows are pruned.
+    #[must_use]
+    pub fn store(mut self, db: Db) -> Self {
+        self.store = Some(db);
+        self
+    }
+
+    /// Starts shards (and the outbox relay), subscribes the context's queue
+    /// and starts consuming. Must run inside an actix `System`.
     ///
     /// # Errors
     /// The broker refused the topology or the subscription.
-    pub async fn start<S: Subscriber>(self, subscriber: &S) -> Result<Context, Error> {
+    pub async fn start<B>(self, broker: &B) -> Result<Context, Error>
+    where
+        B: Subscriber + Publisher + Clone,
+    {
+        let subscriber = broker;
         let settings = self.settings;
         let name: Arc<str> = Arc::from(settings.context.name.as_str());
         let rt = &settings.runtime;
@@ -113,6 +129,19 @@ impl ContextBuilder {
 
         let mut actors = vec![consumer_stats];
         actors.extend(dispatcher.stats().cloned());
+        let relay = self.store.map(|db| {
+            let stats = ActorStats::new(&name, format!("{name}.outbox-relay"), usize::MAX);
+            actors.push(stats.clone());
+            let parts = RelayParts {
+                context: name.clone(),
+                db: db.clone(),
+                publisher: Arc::new(broker.clone()),
+                settings: settings.outbox.clone(),
+                stats,
+            };
+            let relay = Relay::new(parts, RestartPolicy::new(rt), escalation.clone());
+            (db, Supervisor::start(move |_| relay))
+        });
         let logger = spawn_mailbox_logger(actors.clone(), rt.mailbox_log_interval);
         log::info!(
             target: "herald::context",
@@ -133,6 +162,7 @@ impl ContextBuilder {
             escalated,
             arbiters,
             logger,
+            relay,
         })
     }
 }
@@ -170,6 +200,7 @@ pub struct Context {
     escalated: watch::Receiver<Option<Escalated>>,
     arbiters: Vec<Arbiter>,
     logger: tokio::task::JoinHandle<()>,
+    relay: Option<(Db, Addr<Relay>)>,
 }
 
 impl Context {
@@ -233,7 +264,7 @@ impl Context {
     ///
     /// # Errors
     /// Never fails today; broker errors during shutdown are logged.
-    pub async fn shutdown(self) -> Result<(), Error> {
+    pub async fn shutdown(mut self) -> Result<(), Error> {
         let name = self.name.clone();
         log::info!(target: "herald::shutdown", "context={name} stopping intake");
         if let Err(error) = self.control.cancel().await {
@@ -249,6 +280,12 @@ impl Context {
         }
         self.dispatcher.close();
         self.consumer.do_send(StopConsumer);
+        if let Some((db, relay)) = self.relay.take() {
+            flush_outbox(&name, &db, drain).await;
+            // With its last address gone the supervisor does not restart it.
+            relay.do_send(StopRelay);
+            drop(relay);
+        }
         stop_arbiters(&self.arbiters);
         if let Err(error) = self.control.close().await {
             log::warn!(target: "herald::shutdown", "context={name} close failed: {error}");
@@ -264,6 +301,49 @@ impl Context {
         }
         log::info!(target: "herald::shutdown", "context={name} stopped");
         Ok(())
+    }
+}
+
+/// Gives the relay up to `timeout` to publish what handlers committed.
+async fn flush_outbox(name: &str, db: &Db, timeout: std::time::Duration) {
+    let pending = || {
+        let db = db.clone();
+        async move {
+            db.read(|c| outbox::count(c, OutboxStatus::Pending))
+                .await
+                .unwrap_or(0)
+        }
+    };
+    let start = std::time::Instant::now();
+    loop {
+        let left = pending().await;
+        if left == 0 {
+            return;
+        }
+        if start.elapsed() >= timeout {
+            log::warn!(
+                target: "herald::shutdown",
+                "context={name} {left} outbox rows still pending: published after the next start"
+            );
+            return;
+        }
+        // The relay wakes on every commit; its progress shows as commits too.
+        let _ = tokio::time::timeout(timeout.saturating_sub(start.elapsed()), db.committed()).await;
+    }
+}
+
+/// Stops the relay actor for good (no restart).
+struct StopRelay;
+
+impl Message for StopRelay {
+    type Result = ();
+}
+
+impl Handler<StopRelay> for Relay {
+    type Result = ();
+
+    fn handle(&mut self, _: StopRelay, ctx: &mut Self::Context) {
+        ctx.stop();
     }
 }
 

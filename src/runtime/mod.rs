@@ -5,6 +5,7 @@ mod context;
 mod dispatcher;
 mod handler;
 mod mailbox;
+mod relay;
 mod shard;
 mod shutdown;
 mod supervisor;

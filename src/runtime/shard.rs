@@ -12,7 +12,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
 use super::handler::Decoded;
 use super::mailbox::{ActorState, ActorStats};
-use super::supervisor::{Escalated, Escalation, RestartDecision, RestartPolicy};
+use super::supervisor::{on_restart, Escalation, RestartPolicy};
 use crate::event::escape;
 
 /// How one message's handler ended.
@@ -132,28 +132,7 @@ impl Actor for Shard {
 
 impl Supervised for Shard {
     fn restarting(&mut self, _: &mut Self::Context) {
-        let restarts = self.stats.restarted();
-        match self.policy.on_restart(Instant::now()) {
-            RestartDecision::Backoff(delay) => {
-                log::warn!(
-                    target: "herald::supervisor",
-                    "actor={} restarts={} backoff_ms={} restarting",
-                    self.stats.name(),
-                    restarts,
-                    delay.as_millis()
-                );
-                self.backoff = Some(delay);
-            }
-            RestartDecision::Escalate { restarts } => {
-                self.escalation.escalate(Escalated {
-                    actor: self.stats.name().to_owned(),
-                    restarts,
-                    window: self.policy.window(),
-                });
-                // Keep the shard parked while the context shuts down.
-                self.backoff = Some(self.policy.window());
-            }
-        }
+        self.backoff = Some(on_restart(&self.stats, &mut self.policy, &self.escalation));
     }
 }
 

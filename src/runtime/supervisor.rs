@@ -78,6 +78,37 @@ impl RestartPolicy {
     }
 }
 
+/// Records a restart of the actor behind `stats`: logs it, escalates when it
+/// is one too many, and returns the backoff to wait before running again.
+pub(crate) fn on_restart(
+    stats: &super::mailbox::ActorStats,
+    policy: &mut RestartPolicy,
+    escalation: &Escalation,
+) -> Duration {
+    let restarts = stats.restarted();
+    match policy.on_restart(Instant::now()) {
+        RestartDecision::Backoff(delay) => {
+            log::warn!(
+                target: "herald::supervisor",
+                "actor={} restarts={} backoff_ms={} restarting",
+                stats.name(),
+                restarts,
+                delay.as_millis()
+            );
+            delay
+        }
+        RestartDecision::Escalate { restarts } => {
+            escalation.escalate(Escalated {
+                actor: stats.name().to_owned(),
+                restarts,
+                window: policy.window(),
+            });
+            // Stay parked while the context shuts down.
+            policy.window()
+        }
+    }
+}
+
 /// Why a context stopped by itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Escalated {

@@ -1,0 +1,206 @@
+//! The outbox relay actor: publishes committed outbox rows with publisher
+//! confirms, in outbox order, and marks them published only after the broker
+//! confirmed. An unroutable row is kept as `unrouted` (WARN once per event
+//! name) and never blocks the rows behind it. It also prunes old rows.
+
+use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use futures_util::FutureExt;
+
+use super::mailbox::{ActorState, ActorStats};
+use super::supervisor::{on_restart, Escalation, RestartPolicy};
+use crate::broker::Publisher;
+use crate::config::OutboxSettings;
+use crate::error::BrokerError;
+use crate::event::escape;
+use crate::store::{inbox, now_ms, outbox, Db, OutboxStatus};
+
+/// How often old outbox and inbox rows are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+pub(crate) struct RelayParts {
+    pub(crate) context: Arc<str>,
+    pub(crate) db: Db,
+    pub(crate) publisher: Arc<dyn Publisher>,
+    pub(crate) settings: OutboxSettings,
+    pub(crate) stats: Arc<ActorStats>,
+}
+
+pub(crate) struct Relay {
+    parts: RelayParts,
+    policy: RestartPolicy,
+    escalation: Escalation,
+    backoff: Option<Duration>,
+}
+
+impl Relay {
+    pub(crate) fn new(parts: RelayParts, policy: RestartPolicy, escalation: Escalation) -> Self {
+        Relay {
+            parts,
+            policy,
+            escalation,
+            backoff: None,
+        }
+    }
+}
+
+impl Actor for Relay {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let parts = self.parts.clone();
+        let delay = self.backoff.take().unwrap_or_default();
+        self.parts.stats.set_state(if delay.is_zero() {
+            ActorState::Running
+        } else {
+            ActorState::Restarting
+        });
+        let run = async move {
+            tokio::time::sleep(delay).await;
+            parts.stats.set_state(ActorState::Running);
+            AssertUnwindSafe(relay(parts)).catch_unwind().await
+        };
+        ctx.spawn(run.into_actor(self).map(|result, act, ctx| {
+            if let Err(panic) = result {
+                log::error!(
+                    target: "herald::relay",
+                    "actor={} panicked: {:?}",
+                    act.parts.stats.name(),
+                    panic.downcast_ref::<&str>()
+                );
+                ctx.stop();
+            }
+        }));
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        self.parts.stats.set_state(ActorState::Stopped);
+    }
+}
+
+impl Supervised for Relay {
+    fn restarting(&mut self, _: &mut Self::Context) {
+        self.backoff = Some(on_restart(
+            &self.parts.stats,
+            &mut self.policy,
+            &self.escalation,
+        ));
+    }
+}
+
+/// The relay's loop; it only ends by panicking or with its actor.
+async fn relay(parts: RelayParts) {
+    let RelayParts {
+        context,
+        db,
+        publisher,
+        settings,
+        stats,
+    } = parts;
+    let mut backoff = BACKOFF_MIN;
+    let mut warned_unroutable: HashSet<String> = HashSet::new();
+    let mut last_prune = Instant::now() - PRUNE_EVERY;
+    loop {
+        if last_prune.elapsed() >= PRUNE_EVERY {
+            last_prune = Instant::now();
+            prune(&context, &db, settings.retention).await;
+        }
+        let batch = settings.batch;
+        let rows = match db.read(move |c| outbox::pending(c, batch)).await {
+            Ok(rows) => rows,
+            Err(error) => {
+                log::warn!(target: "herald::relay", "context={context} cannot read the outbox: {error}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        if rows.is_empty() {
+            tokio::select! {
+                _ = db.committed() => {}
+                _ = tokio::time::sleep(settings.poll_interval) => {}
+            }
+            continue;
+        }
+        let mut published = Vec::new();
+        let mut unrouted = Vec::new();
+        let mut failure = None;
+        for row in &rows {
+            stats.enqueued();
+            stats.started();
+            let started = Instant::now();
+            let result = publisher.publish(row.envelope().to_message()).await;
+            stats.finished(result.is_ok(), started.elapsed());
+            match result {
+                Ok(()) => published.push(row.position),
+                Err(BrokerError::Unroutable { .. }) => {
+                    if warned_unroutable.insert(row.event_name.clone()) {
+                        log::warn!(
+                            target: "herald::relay",
+                            "context={context} event={} unroutable: no queue is bound for it; kept as unrouted",
+                            escape(&row.event_name)
+                        );
+                    }
+                    unrouted.push(row.position);
+                }
+                Err(error) => {
+                    failure = Some(error);
+                    break;
+                }
+            }
+        }
+        let marked = db
+            .write(move |c| {
+                outbox::mark(c, &published, OutboxStatus::Published, None)?;
+                outbox::mark(c, &unrouted, OutboxStatus::Unrouted, Some("unroutable"))?;
+                Ok(())
+            })
+            .await;
+        if let Err(error) = marked {
+            // The rows stay pending and are published again: duplicates, which
+            // consumers absorb by message id, never a loss.
+            log::warn!(target: "herald::relay", "context={context} cannot mark rows: {error}");
+        }
+        match failure {
+            Some(error) => {
+                log::warn!(
+                    target: "herald::relay",
+                    "context={context} publish failed, retrying in {}ms: {error}",
+                    backoff.as_millis()
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+            None => backoff = BACKOFF_MIN,
+        }
+    }
+}
+
+async fn prune(context: &str, db: &Db, retention: Duration) {
+    let cutoff = now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    let pruned = db
+        .write(move |c| {
+            Ok((
+                outbox::prune_published(c, cutoff)?,
+                inbox::prune(c, cutoff)?,
+            ))
+        })
+        .await;
+    match pruned {
+        Ok((0, 0)) => {}
+        Ok((outbox_rows, inbox_rows)) => log::info!(
+            target: "herald::relay",
+            "context={context} pruned outbox_rows={outbox_rows} inbox_rows={inbox_rows}"
+        ),
+        Err(error) => {
+            log::warn!(target: "herald::relay", "context={context} prune failed: {error}")
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! diesel on SQLite: the connection pool, embedded migrations, and the
+//! runtime's tables (outbox, inbox, idempotency).
+//!
+//! Every query is a plain function taking `&mut SqliteConnection`; [`Db`]
+//! runs them on tokio's blocking pool, never on an actor or HTTP thread.
+//! Writes run in `BEGIN IMMEDIATE` transactions (a deferred transaction that
+//! upgrades to a write fails with BUSY at once instead of waiting).
+
+pub mod idempotency;
+pub mod inbox;
+pub mod outbox;
+pub(crate) mod schema;
+
+pub use outbox::{OutboxRow, OutboxStatus};
+
+use std::panic::AssertUnwindSafe;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection;
+use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool};
+use diesel::sqlite::SqliteConnection;
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+use tokio::sync::Notify;
+
+use crate::error::StoreError;
+
+const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+/// How long a writer waits for SQLite's lock before giving up with [`StoreError::Busy`].
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+struct Pragmas;
+
+impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for Pragmas {
+    fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
+        conn.batch_execute(&format!(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+             PRAGMA foreign_keys = ON; PRAGMA busy_timeout = {};",
+            BUSY_TIMEOUT.as_millis()
+        ))
+        .map_err(diesel::r2d2::Error::QueryError)
+    }
+}
+
+/// A context's database: a small connection pool over one SQLite file.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool<ConnectionManager<SqliteConnection>>,
+    /// Woken after every committed write: the outbox relay looks for new rows.
+    committed: Arc<Notify>,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db")
+            .field("state", &self.pool.state())
+            .finish()
+    }
+}
+
+impl Db {
+    /// Opens (creating it and its folder if needed) the SQLite database at
+    /// `url` (a path, `sqlite://path` or `file:path`) and runs pending
+    /// migrations. Blocking: call before the actor system or in `spawn_blocking`.
+    ///
+    /// # Errors
+    /// The file cannot be created or opened, or a migration fails.
+    pub fn open(url: &str) -> Result<Self, StoreError> {
+        let path = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+            .unwrap_or(url);
+        if let Some(dir) = Path::new(path)
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Pool(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let pool = Pool::builder()
+            .max_size(8)
+            .connection_customizer(Box::new(Pragmas))
+            .build(ConnectionManager::<SqliteConnection>::new(path))
+            .map_err(|e| StoreError::Pool(e.to_string()))?;
+        let mut conn = pool.get().map_err(|e| StoreError::Pool(e.to_string()))?;
+        let applied = conn
+            .run_pending_migrations(MIGRATIONS)
+            .map_err(|e| StoreError::Migration(e.to_string()))?;
+        if !applied.is_empty() {
+            log::info!(target: "herald::store", "database={path} applied_migrations={}", applied.len());
+        }
+        Ok(Db {
+            pool,
+            committed: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Runs `work` on a pooled connection on the blocking pool.
+    ///
+    /// # Errors
+    /// What `work` returns; [`StoreError::Pool`] without a connection;
+    /// [`StoreError::Panicked`] if it panicked (that connection is discarded).
+    pub async fn read<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut SqliteConnection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let mut conn = pool.get().map_err(|e| StoreError::Pool(e.to_string()))?;
+            match std::panic::catch_unwind(AssertUnwindSafe(|| work(&mut conn))) {
+                Ok(result) => result,
+                Err(panic) => {
+                    // diesel's transactions have no unwind guard: the connection may
+                    // still be inside BEGIN. The pool drops connections that report an
+                    // open transaction; make sure this one does not go back.
+                    let _ = conn.batch_execute("ROLLBACK");
+                    Err(StoreError::Panicked(panic_text(panic.as_ref())))
+                }
+            }
+        });
+        task.await
+            .map_err(|e| StoreError::Panicked(e.to_string()))?
+    }
+
+    /// Runs `work` in one `BEGIN IMMEDIATE` transaction, committed if it returns `Ok`.
+    ///
+    /// # Errors
+    /// As [`Db::read`]; [`StoreError::Busy`] when the write lock stayed taken.
+    pub async fn write<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut SqliteConnection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let result = self
+            .read(move |conn| conn.immediate_transaction(work))
+            .await;
+        if result.is_ok() {
+            self.committed.notify_one();
+        }
+        result
+    }
+
+    /// Resolves after the next committed write (or at once if one happened
+    /// since the last call).
+    pub async fn committed(&self) {
+        self.committed.notified().await;
+    }
+}
+
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".into())
+}
+
+/// Milliseconds since the Unix epoch, the time unit of every table.
+pub(crate) fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::Db;
+
+    /// A database file of its own, removed on drop.
+    pub(crate) struct TempDb {
+        pub(crate) db: Db,
+        dir: std::path::PathBuf,
+    }
+
+    impl TempDb {
+        pub(crate) fn new() -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("herald-db-{}", uuid::Uuid::new_v4().simple()));
+            let db = Db::open(dir.join("test.db").to_str().unwrap()).unwrap();
+            TempDb { db, dir }
+        }
+    }
+
+    impl Drop for TempDb {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::TempDb;
+    use super::*;
+    use crate::error::StoreError;
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Noted {
+        id: String,
+    }
+
+    impl crate::Event for Noted {
+        const NAME: &'static str = "noted";
+        fn partition_key(&self) -> std::borrow::Cow<'_, str> {
+            std::borrow::Cow::Borrowed(&self.id)
+        }
+    }
+
+    #[tokio::test]
+    async fn inbox_claims_a_key_once_per_consumer() {
+        let t = TempDb::new();
+        let claim = |consumer: &'static str, key: Option<&'static str>| {
+            t.db.write(move |c| inbox::claim(c, consumer, key, "noted"))
+        };
+        assert!(claim("booking", Some("m1")).await.unwrap());
+        assert!(!claim("booking", Some("m1")).await.unwrap());
+        assert!(claim("events", Some("m1")).await.unwrap(), "other consumer");
+        assert!(claim("booking", None).await.unwrap());
+        assert!(claim("booking", None).await.unwrap(), "no key: no dedupe");
+    }
+
+    #[tokio::test]
+    async fn outbox_rows_go_pending_published_or_unrouted_in_order() {
+        let t = TempDb::new();
+        let envelopes =
+            t.db.write(|c| {
+                (0..3)
+                    .map(|i| {
+                        outbox::append(
+                            c,
+                            &Noted {
+                                id: format!("n{i}"),
+                            },
+                            "ctx",
+                            None,
+                        )
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await
+            .unwrap();
+        let pending = t.db.read(|c| outbox::pending(c, 10)).await.unwrap();
+        let ids: Vec<_> = pending.iter().map(|r| r.event_id.clone()).collect();
+        let expected: Vec<_> = envelopes
+            .iter()
+            .map(|e| e.meta.id.clone().unwrap())
+            .collect();
+        assert_eq!(ids, expected, "outbox order");
+        assert_eq!(
+            pending[0].envelope().meta,
+            envelopes[0].meta.clone().with_ms_precision()
+        );
+        let (first, second) = (pending[0].position, pending[1].position);
+        t.db.write(move |c| {
+            outbox::mark(c, &[first], OutboxStatus::Published, None)?;
+            outbox::mark(c, &[second], OutboxStatus::Unrouted, Some("unroutable"))
+        })
+        .await
+        .unwrap();
+        let left = t.db.read(|c| outbox::pending(c, 10)).await.unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(t.db.write(outbox::republish_unrouted).await.unwrap(), 1);
+        assert_eq!(
+            t.db.read(|c| outbox::count(c, OutboxStatus::Pending))
+                .await
+                .unwrap(),
+            2
+        );
+        assert_eq!(
+            t.db.write(|c| outbox::prune_published(c, now_ms() + 1))
+                .await
+                .unwrap(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn a_panic_inside_a_transaction_rolls_back_and_the_pool_keeps_working() {
+        let t = TempDb::new();
+        let result: Result<(), StoreError> =
+            t.db.write(|c| {
+                outbox::append(c, &Noted { id: "lost".into() }, "ctx", None)?;
+                panic!("boom inside the transaction");
+            })
+            .await;
+        assert!(matches!(result, Err(StoreError::Panicked(ref m)) if m.contains("boom")));
+        // Every connection of the pool can still write: none is stuck inside BEGIN.
+        for i in 0..16 {
+            t.db.write(move |c| {
+                outbox::append(
+                    c,
+                    &Noted {
+                        id: format!("ok{i}"),
+                    },
+                    "ctx",
+                    None,
+                )
+            })
+            .await
+            .unwrap();
+        }
+        let pending = t.db.read(|c| outbox::pending(c, 100)).await.unwrap();
+        assert_eq!(pending.len(), 16, "the panicked append was rolled back");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writers_wait_for_the_lock_instead_of_failing() {
+        let t = TempDb::new();
+        let writers: Vec<_> = (0..8)
+            .map(|w| {
+                let db = t.db.clone();
+                tokio::spawn(async move {
+                    for i in 0..25 {
+                        db.write(move |c| {
+                            outbox::append(
+                                c,
+                                &Noted {
+                                    id: format!("{w}-{i}"),
+                                },
+                                "ctx",
+                                None,
+                            )
+                        })
+                        .await
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.await.unwrap();
+        }
+        assert_eq!(
+            t.db.read(|c| outbox::count(c, OutboxStatus::Pending))
+                .await
+                .unwrap(),
+            200
+        );
+    }
+}
