@@ -24,7 +24,10 @@ impl herald::Event for SeatBooked {
 
 #[actix::main]
 async fn main() -> herald::Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or(herald::DEFAULT_LOG_FILTER),
+    )
+    .init();
     let settings = herald::Settings::for_context("seats");
     let broker =
         herald::AmqpBroker::connect(&herald::AmqpOptions::new(&settings.broker.url)).await?;

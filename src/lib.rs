@@ -27,11 +27,16 @@
 
 #![forbid(unsafe_code)]
 
+/// The log filter binaries use when `RUST_LOG` is unset: INFO, without lapin's
+/// per-message dump of returned (unroutable) messages, which herald reports itself.
+pub const DEFAULT_LOG_FILTER: &str = "info,lapin::returned_messages=error";
+
 pub mod config;
 pub mod error;
 pub mod event;
 
 mod broker;
+pub mod http;
 mod runtime;
 pub mod store;
 

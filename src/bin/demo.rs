@@ -11,7 +11,10 @@ fn usage(problem: &str) -> ExitCode {
 
 #[actix::main]
 async fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or(herald::DEFAULT_LOG_FILTER),
+    )
+    .init();
     let mut config = PathBuf::from("config/demo.toml");
     let mut ping_every: Option<Duration> = None;
     let mut args = std::env::args().skip(1);

@@ -41,6 +41,16 @@ pub struct AmqpOptions {
 }
 
 impl AmqpOptions {
+    /// The options a context's settings describe; the connection is named after it.
+    pub fn from_settings(settings: &crate::Settings) -> Self {
+        AmqpOptions {
+            url: settings.broker.url.clone(),
+            exchange: settings.broker.exchange.clone(),
+            heartbeat_secs: u16::try_from(settings.broker.heartbeat.as_secs()).unwrap_or(u16::MAX),
+            connection_name: format!("herald:{}", settings.context.name),
+        }
+    }
+
     pub fn new(url: impl Into<String>) -> Self {
         AmqpOptions {
             url: url.into(),
@@ -61,6 +71,13 @@ struct Inner {
     connection: Connection,
     /// Publishes events and dead letters; in confirm mode.
     publisher: Channel,
+    /// Held from `basic.publish` until its confirm: one publish in flight.
+    ///
+    /// lapin hands a returned (unroutable) message to whichever pending confirm
+    /// completes next, not to the publish it belongs to. With several publishes
+    /// in flight a routable one could fail as `Unroutable` (and be retried into a
+    /// duplicate) while an unroutable one succeeded (and was lost).
+    publish_lock: tokio::sync::Mutex<()>,
     exchange: String,
 }
 
@@ -96,6 +113,7 @@ impl AmqpBroker {
             inner: Arc::new(Inner {
                 connection,
                 publisher,
+                publish_lock: tokio::sync::Mutex::new(()),
                 exchange: options.exchange.clone(),
             }),
         })
@@ -213,6 +231,10 @@ impl Inner {
         routing_key: &str,
         message: &Message,
     ) -> Result<(), BrokerError> {
+        let _in_flight = self.publish_lock.lock().await;
+        // A publish whose caller gave up before its confirm left that confirm
+        // pending: let it resolve first, so the next returned message is ours.
+        let _ = self.publisher.wait_for_confirms().await;
         let confirm = self
             .publisher
             .basic_publish(

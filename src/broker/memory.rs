@@ -92,13 +92,20 @@ impl MemoryBroker {
     }
 
     /// Returns false when the delivery is no longer outstanding (its consumer closed).
-    fn settle(&self, queue: &str, tag: u64, settlement: Settlement) -> bool {
+    ///
+    /// A requeued message keeps its tag, so the tag alone may already stand for a
+    /// later delivery of the same message to another consumer: only the consumer
+    /// it was delivered to can settle it.
+    fn settle(&self, queue: &str, tag: u64, consumer: u64, settlement: Settlement) -> bool {
         let handle = self.clone();
         let mut state = self.lock();
         let Some(q) = state.queues.get_mut(queue) else {
             return false;
         };
-        let Some((consumer, message)) = q.unacked.remove(&tag) else {
+        if !matches!(q.unacked.get(&tag), Some((owner, _)) if *owner == consumer) {
+            return false;
+        }
+        let Some((_, message)) = q.unacked.remove(&tag) else {
             return false;
         };
         if let Some(c) = q.consumers.iter_mut().find(|c| c.id == consumer) {
@@ -197,6 +204,7 @@ impl State {
                 broker: broker.clone(),
                 queue: queue.to_owned(),
                 tag,
+                consumer: consumer.id,
             };
             consumer.in_flight += 1;
             q.unacked.insert(tag, (consumer.id, message.clone()));
@@ -213,6 +221,8 @@ struct MemoryAcker {
     broker: MemoryBroker,
     queue: String,
     tag: u64,
+    /// The consumer the delivery went to.
+    consumer: u64,
 }
 
 impl Acknowledger for MemoryAcker {
@@ -221,7 +231,10 @@ impl Acknowledger for MemoryAcker {
         _message: Message,
         settlement: Settlement,
     ) -> BoxFuture<'static, Result<(), BrokerError>> {
-        let result = if self.broker.settle(&self.queue, self.tag, settlement) {
+        let result = if self
+            .broker
+            .settle(&self.queue, self.tag, self.consumer, settlement)
+        {
             Ok(())
         } else {
             // Like an ack on a closed AMQP channel: the message went back to the queue.

@@ -55,11 +55,7 @@ async fn on_pinged(ping: Pinged, meta: MessageContext) -> Result<(), HandlerErro
 /// # Errors
 /// The broker is unreachable at start, or a shard escalated.
 pub async fn run(settings: Settings, ping_every: Option<Duration>) -> Result<(), Error> {
-    let mut options = AmqpOptions::new(&settings.broker.url);
-    options.exchange = settings.broker.exchange.clone();
-    options.heartbeat_secs = u16::try_from(settings.broker.heartbeat.as_secs()).unwrap_or(u16::MAX);
-    options.connection_name = format!("herald:{}", settings.context.name);
-    let broker = AmqpBroker::connect(&options).await?;
+    let broker = AmqpBroker::connect(&AmqpOptions::from_settings(&settings)).await?;
     let producer = settings.context.name.clone();
     let context = ContextBuilder::new(settings)
         .handle(on_pinged)

@@ -1,3 +1,88 @@
 //! Contexts built on the runtime's public API, exactly as a user's own would be.
+//!
+//! - [`demo`]: a small example context (pings), for `make run` and the supervision test.
+//! - [`myevents`]: the events MyEvents' contexts exchange (the book's wire format).
+//! - [`events`]: locations and events, REST compatible with the book.
+//! - [`booking`]: bookings, with local copies of events and locations.
 
+pub mod booking;
 pub mod demo;
+pub mod events;
+pub mod myevents;
+
+use std::sync::Arc;
+
+use actix_web::web;
+
+use crate::store::Db;
+use crate::{AmqpBroker, AmqpOptions, ContextBuilder, Error, Settings};
+
+/// What REST handlers of a MyEvents context get: its database and its name
+/// (the `producer` of the events it emits).
+#[derive(Clone)]
+pub struct Service {
+    pub db: Db,
+    pub name: Arc<str>,
+}
+
+/// Runs a context with a REST API until Ctrl-C or SIGTERM: opens its
+/// database (migrations included), connects the broker, starts the context
+/// with `handlers` and the outbox relay, serves `routes`.
+///
+/// # Errors
+/// Start-up failures (database, broker, address in use) or an escalation.
+pub async fn run_service(
+    settings: Settings,
+    handlers: impl FnOnce(ContextBuilder, &Service) -> ContextBuilder,
+    routes: fn(&mut web::ServiceConfig),
+) -> Result<(), Error> {
+    let name: Arc<str> = Arc::from(settings.context.name.as_str());
+    let url = settings
+        .database
+        .url
+        .clone()
+        .unwrap_or_else(|| format!("data/{name}.db"));
+    let db = tokio::task::spawn_blocking(move || Db::open(&url))
+        .await
+        .map_err(|e| Error::Context {
+            context: name.to_string(),
+            reason: format!("opening the database: {e}"),
+        })??;
+    let service = Service {
+        db: db.clone(),
+        name: name.clone(),
+    };
+    let broker = AmqpBroker::connect(&AmqpOptions::from_settings(&settings)).await?;
+    // Bind first: a port in use fails the start before anything consumes.
+    let addr = settings.http.addr;
+    let data = web::Data::new(service.clone());
+    let (_, http) = crate::http::serve(&name, "REST API", addr, move |cfg| {
+        cfg.app_data(data.clone());
+        routes(cfg);
+    })
+    .map_err(|e| Error::Context {
+        context: name.to_string(),
+        reason: format!("cannot listen on http.addr {addr}: {e}"),
+    })?;
+    let started = handlers(ContextBuilder::new(settings).store(db), &service)
+        .start(&broker)
+        .await;
+    let context = match started {
+        Ok(context) => context,
+        Err(error) => {
+            http.stop(false).await;
+            return Err(error);
+        }
+    };
+    let stop_http = http.clone();
+    let result = context
+        .run_until(async move {
+            crate::shutdown_signal().await;
+            // Stop intake first: no new requests while the context drains.
+            stop_http.stop(true).await;
+        })
+        .await;
+    http.stop(true).await;
+    let _ = broker.close().await;
+    result
+}

@@ -291,8 +291,8 @@ impl Context {
             log::warn!(target: "herald::shutdown", "context={name} close failed: {error}");
         }
         self.logger.abort();
-        // The last numbers always reach the log.
-        for actor in &self.actors {
+        // The last numbers of every actor that did anything reach the log.
+        for actor in self.actors.iter().filter(|a| a.was_active()) {
             log::info!(
                 target: super::mailbox::MAILBOX_TARGET,
                 "{}",

@@ -149,6 +149,11 @@ impl ActorStats {
         self.state.store(state as u8, Relaxed);
     }
 
+    /// Whether the actor ever handled, failed or restarted.
+    pub(crate) fn was_active(&self) -> bool {
+        self.processed.load(Relaxed) + self.failed.load(Relaxed) + self.restarts.load(Relaxed) > 0
+    }
+
     pub fn snapshot(&self) -> ActorSnapshot {
         let oldest = self
             .waiting()

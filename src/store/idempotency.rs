@@ -46,3 +46,30 @@ pub fn remember(
         .execute(conn)?;
     Ok(())
 }
+
+/// Runs `command` once per `(scope, key)`: a repeat returns the stored first
+/// response and changes nothing. Without a key, `command` always runs.
+/// Call inside the transaction of the command's effects.
+///
+/// # Errors
+/// What `command` returns (its effects roll back with the transaction).
+pub fn once<F>(
+    conn: &mut SqliteConnection,
+    scope: &str,
+    key: Option<&str>,
+    command: F,
+) -> Result<StoredResponse, StoreError>
+where
+    F: FnOnce(&mut SqliteConnection) -> Result<StoredResponse, StoreError>,
+{
+    if let Some(key) = key {
+        if let Some(first) = lookup(conn, scope, key)? {
+            return Ok(first);
+        }
+    }
+    let response = command(conn)?;
+    if let Some(key) = key {
+        remember(conn, scope, key, &response)?;
+    }
+    Ok(response)
+}

@@ -144,6 +144,33 @@ impl Db {
         result
     }
 
+    /// Applies a consumed message's effects exactly once: the inbox entry and
+    /// `effects` commit together, and a duplicate (same consumer and dedupe
+    /// key) changes nothing. Returns whether the effects ran.
+    ///
+    /// # Errors
+    /// As [`Db::write`]; nothing is committed then.
+    pub async fn apply_once<F>(
+        &self,
+        message: &crate::MessageContext,
+        effects: F,
+    ) -> Result<bool, StoreError>
+    where
+        F: FnOnce(&mut SqliteConnection) -> Result<(), StoreError> + Send + 'static,
+    {
+        let consumer = message.context.to_string();
+        let key = message.dedupe_key.clone();
+        let name = message.meta.name.clone();
+        self.write(move |conn| {
+            if !inbox::claim(conn, &consumer, key.as_deref(), &name)? {
+                return Ok(false);
+            }
+            effects(conn)?;
+            Ok(true)
+        })
+        .await
+    }
+
     /// Resolves after the next committed write (or at once if one happened
     /// since the last call).
     pub async fn committed(&self) {

@@ -1,0 +1,146 @@
+//! The booking context's REST API.
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::{Deserialize, Serialize};
+
+use super::store::{self, BookingRow};
+use crate::contexts::myevents::{new_id, EventBooked};
+use crate::contexts::Service;
+use crate::http::{self as h, ApiError};
+use crate::store::{idempotency, outbox};
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/events/{event_id}/bookings", web::post().to(book))
+        .route("/events/{event_id}/bookings", web::get().to(list))
+        .route("/bookings/{id}", web::get().to(one));
+}
+
+/// A booking as the API shows it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct BookingJson {
+    #[serde(rename = "ID")]
+    pub id: String,
+    #[serde(rename = "EventID")]
+    pub event_id: String,
+    pub user: String,
+    pub seats: i64,
+    /// Unix seconds, as the book's `Booking.Date`.
+    pub date: i64,
+}
+
+impl From<&BookingRow> for BookingJson {
+    fn from(row: &BookingRow) -> Self {
+        BookingJson {
+            id: row.id.clone(),
+            event_id: row.event_id.clone(),
+            user: row.user_id.clone(),
+            seats: row.seats,
+            date: row.booked_at,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct NewBooking {
+    seats: i64,
+    #[serde(default)]
+    user: Option<String>,
+}
+
+/// The user of a booking without one.
+const ANONYMOUS: &str = "anonymous";
+
+async fn known(service: &Service, event_id: &str) -> Result<(), ApiError> {
+    let id = event_id.to_owned();
+    match service.db.read(move |c| store::event(c, &id)).await? {
+        Some(_) => Ok(()),
+        None => Err(ApiError::not_found(format!("event {event_id} not found"))),
+    }
+}
+
+async fn book(
+    service: web::Data<Service>,
+    event_id: web::Path<String>,
+    request: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let event_id = event_id.into_inner();
+    // As the book does: an unknown event is a 404 whatever the body says.
+    known(&service, &event_id).await?;
+    let key = h::idempotency_key(&request)?;
+    let body = h::read_body(payload).await?;
+    let new: NewBooking = h::parse_json(&body)?;
+    if new.seats < 1 {
+        return Err(ApiError::bad_request("seats must be a positive number"));
+    }
+    let user = new
+        .user
+        .map(|u| u.trim().to_owned())
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| ANONYMOUS.to_owned());
+    let producer = service.name.clone();
+    let scope = format!("POST /events/{event_id}/bookings");
+    let response = service
+        .db
+        .write(move |c| {
+            idempotency::once(c, &scope, key.as_deref(), |c| {
+                let Some(event) = store::event(c, &event_id)? else {
+                    return Ok(ApiError::not_found(format!("event {event_id} not found")).stored());
+                };
+                // The write lock is held from here to commit: no other booking can
+                // take the seats counted now (no overbooking under concurrency).
+                if let Some(left) = event.seats_left() {
+                    if new.seats > left {
+                        return Ok(ApiError::conflict(format!(
+                            "only {left} seats left for event {event_id}, {} asked",
+                            new.seats
+                        ))
+                        .stored());
+                    }
+                }
+                let booking = BookingRow {
+                    id: new_id(),
+                    event_id: event_id.clone(),
+                    user_id: user,
+                    seats: new.seats,
+                    booked_at: chrono::Utc::now().timestamp(),
+                };
+                store::book(c, &booking)?;
+                let booked = EventBooked {
+                    event_id: event_id.clone(),
+                    user_id: booking.user_id.clone(),
+                    booking_id: Some(booking.id.clone()),
+                    seats: Some(u32::try_from(booking.seats).unwrap_or(u32::MAX)),
+                };
+                outbox::append(c, &booked, &producer, None)?;
+                Ok(h::stored(StatusCode::CREATED, &BookingJson::from(&booking)))
+            })
+        })
+        .await?;
+    Ok(h::replay(&response))
+}
+
+async fn list(
+    service: web::Data<Service>,
+    event_id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let event_id = event_id.into_inner();
+    known(&service, &event_id).await?;
+    let rows = service
+        .db
+        .read(move |c| store::bookings_of(c, &event_id))
+        .await?;
+    let body: Vec<BookingJson> = rows.iter().map(BookingJson::from).collect();
+    Ok(h::json(StatusCode::OK, &body))
+}
+
+async fn one(service: web::Data<Service>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let id = id.into_inner();
+    let wanted = id.clone();
+    match service.db.read(move |c| store::booking(c, &wanted)).await? {
+        Some(row) => Ok(h::json(StatusCode::OK, &BookingJson::from(&row))),
+        None => Err(ApiError::not_found(format!("booking {id} not found"))),
+    }
+}
