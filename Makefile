@@ -4,16 +4,25 @@
 CARGO ?= cargo
 export RUST_BACKTRACE ?= 1
 
-.PHONY: services run test unit fmt lint bench check clean
+.PHONY: services run run-demo demo test fmt lint bench check clean
 
 ## Install (from Debian) and start RabbitMQ on loopback; wait until it answers.
 services:
 	./scripts/services.sh
 
-## The demo context: consumes and emits `pinged` events; Ctrl-C stops it.
+## MyEvents: the booking and events contexts; Ctrl-C stops both.
 run: services
+	$(CARGO) build --release --bin events --bin booking
+	./scripts/run.sh
+
+## A short scenario with curl against `make run` (in another terminal).
+demo:
+	./scripts/demo.sh
+
+## The small `demo` context: pings itself every second (supervision playground).
+run-demo: services
 	$(CARGO) build --release --bin demo
-	RUST_LOG=$${RUST_LOG:-info} ./target/release/demo --config config/demo.toml --ping-every 1s
+	./target/release/demo --config config/demo.toml --ping-every 1s
 
 ## Every test: unit, integration against the real RabbitMQ, doctests.
 test: services

@@ -28,8 +28,9 @@
 #![forbid(unsafe_code)]
 
 /// The log filter binaries use when `RUST_LOG` is unset: INFO, without lapin's
-/// per-message dump of returned (unroutable) messages, which herald reports itself.
-pub const DEFAULT_LOG_FILTER: &str = "info,lapin::returned_messages=error";
+/// per-message dump of returned (unroutable) messages (herald reports them
+/// itself) and without its tracing span lines.
+pub const DEFAULT_LOG_FILTER: &str = "info,lapin::returned_messages=error,tracing::span=warn";
 
 pub mod config;
 pub mod error;
