@@ -139,7 +139,16 @@ async fn relay(parts: RelayParts) {
             let result = publisher.publish(row.envelope().to_message()).await;
             stats.finished(result.is_ok(), started.elapsed());
             match result {
-                Ok(()) => published.push(row.position),
+                Ok(()) => {
+                    log::debug!(
+                        target: "herald::relay",
+                        "context={context} published event={} id={} key={}",
+                        escape(&row.event_name),
+                        row.event_id,
+                        escape(&row.partition_key)
+                    );
+                    published.push(row.position);
+                }
                 Err(BrokerError::Unroutable { .. }) => {
                     if warned_unroutable.insert(row.event_name.clone()) {
                         log::warn!(

@@ -8,6 +8,7 @@ mod store;
 
 use crate::contexts::myevents::{EventCreated, LocationCreated};
 use crate::contexts::{run_service, Service};
+use crate::event::escape;
 use crate::{ContextBuilder, Error, HandlerError, MessageContext, Settings};
 
 pub use rest::BookingJson;
@@ -21,19 +22,35 @@ pub fn handlers(builder: ContextBuilder, service: &Service) -> ContextBuilder {
             async move {
                 // Any capacity and location id are taken as given: the book's
                 // service sends no capacity (unlimited) and raw bytes as location.
-                db.apply_once(&message, move |c| store::remember_event(c, &created))
+                let (id, name, capacity) = (created.id.clone(), created.name.clone(), created.capacity);
+                let applied = db
+                    .apply_once(&message, move |c| store::remember_event(c, &created))
                     .await
-                    .map(drop)
-                    .map_err(HandlerError::from)
+                    .map_err(HandlerError::from)?;
+                if applied {
+                    log::info!(
+                        target: "herald::booking",
+                        "eventCreated id={} name={:?} capacity={} now on sale",
+                        escape(&id),
+                        escape(&name),
+                        capacity.map_or("unlimited".into(), |c| c.to_string())
+                    );
+                }
+                Ok(())
             }
         })
         .handle(move |location: LocationCreated, message: MessageContext| {
             let db = locations_db.clone();
             async move {
-                db.apply_once(&message, move |c| store::remember_location(c, &location))
+                let id = location.id.clone();
+                let applied = db
+                    .apply_once(&message, move |c| store::remember_location(c, &location))
                     .await
-                    .map(drop)
-                    .map_err(HandlerError::from)
+                    .map_err(HandlerError::from)?;
+                if applied {
+                    log::info!(target: "herald::booking", "locationCreated id={} recorded", escape(&id));
+                }
+                Ok(())
             }
         })
 }

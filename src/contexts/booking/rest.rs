@@ -119,6 +119,9 @@ async fn book(
             })
         })
         .await?;
+    if response.status == 201 {
+        log::info!(target: "herald::booking", "booked {}", response.body);
+    }
     Ok(h::replay(&response))
 }
 

@@ -20,6 +20,7 @@ pub fn handlers(builder: ContextBuilder, service: &Service) -> ContextBuilder {
         async move {
             let seats = booked.seats();
             let event_id = booked.event_id.clone();
+            let shown = event_id.clone();
             let applied = db
                 .apply_once(&message, move |c| {
                     if !store::add_seats(c, &event_id, seats)? {
@@ -33,7 +34,13 @@ pub fn handlers(builder: ContextBuilder, service: &Service) -> ContextBuilder {
                 })
                 .await
                 .map_err(HandlerError::from)?;
-            if !applied {
+            if applied {
+                log::info!(
+                    target: "herald::events",
+                    "eventBooked event={} seats={seats} counted",
+                    crate::event::escape(&shown)
+                );
+            } else {
                 log::debug!(target: "herald::events", "duplicate eventBooked skipped");
             }
             Ok(())
