@@ -6,6 +6,7 @@
 //! Writes run in `BEGIN IMMEDIATE` transactions (a deferred transaction that
 //! upgrades to a write fails with BUSY at once instead of waiting).
 
+pub mod event_store;
 pub mod idempotency;
 pub mod inbox;
 pub mod outbox;

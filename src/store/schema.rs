@@ -37,3 +37,35 @@ diesel::table! {
         created_at -> BigInt,
     }
 }
+
+diesel::table! {
+    event_store (position) {
+        position -> BigInt,
+        stream_id -> Text,
+        stream_version -> BigInt,
+        event_id -> Text,
+        event_name -> Text,
+        schema_version -> Integer,
+        payload -> Text,
+        metadata -> Text,
+        recorded_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    snapshots (stream_id) {
+        stream_id -> Text,
+        stream_version -> BigInt,
+        snapshot_version -> Integer,
+        state -> Text,
+        taken_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    checkpoints (projection) {
+        projection -> Text,
+        position -> BigInt,
+        updated_at -> BigInt,
+    }
+}
