@@ -145,6 +145,11 @@ pub fn stored<T: Serialize>(status: StatusCode, value: &T) -> StoredResponse {
     }
 }
 
+/// A route for GET and HEAD (actix routes HEAD separately; CORS allows both).
+pub fn get() -> actix_web::Route {
+    web::route().guard(actix_web::guard::Any(actix_web::guard::Get()).or(actix_web::guard::Head()))
+}
+
 /// The request's `Idempotency-Key`, if any.
 ///
 /// # Errors

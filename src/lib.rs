@@ -37,6 +37,7 @@ pub mod error;
 pub mod event;
 
 mod broker;
+mod fnv;
 pub mod http;
 mod runtime;
 pub mod store;

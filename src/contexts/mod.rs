@@ -53,25 +53,24 @@ pub async fn run_service(
         name: name.clone(),
     };
     let broker = AmqpBroker::connect(&AmqpOptions::from_settings(&settings)).await?;
-    // Bind first: a port in use fails the start before anything consumes.
     let addr = settings.http.addr;
-    let data = web::Data::new(service.clone());
-    let (_, http) = crate::http::serve(&name, "REST API", addr, move |cfg| {
+    let context = handlers(ContextBuilder::new(settings).store(db), &service)
+        .start(&broker)
+        .await?;
+    // Serve once the context consumes: clients never act on a half-started context.
+    let data = web::Data::new(service);
+    let served = crate::http::serve(&name, "REST API", addr, move |cfg| {
         cfg.app_data(data.clone());
         routes(cfg);
-    })
-    .map_err(|e| Error::Context {
-        context: name.to_string(),
-        reason: format!("cannot listen on http.addr {addr}: {e}"),
-    })?;
-    let started = handlers(ContextBuilder::new(settings).store(db), &service)
-        .start(&broker)
-        .await;
-    let context = match started {
-        Ok(context) => context,
-        Err(error) => {
-            http.stop(false).await;
-            return Err(error);
+    });
+    let http = match served {
+        Ok((_, http)) => http,
+        Err(e) => {
+            let _ = context.shutdown().await;
+            return Err(Error::Context {
+                context: name.to_string(),
+                reason: format!("cannot listen on http.addr {addr}: {e}"),
+            });
         }
     };
     let stop_http = http.clone();

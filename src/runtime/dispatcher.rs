@@ -104,14 +104,9 @@ impl Dispatcher {
     }
 }
 
-/// FNV-1a: stable across processes and Rust versions, unlike `DefaultHasher`.
+/// The same key picks the same shard in every process and build.
 pub(crate) fn shard_index(partition_key: &str, shards: usize) -> usize {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in partition_key.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    (hash % shards as u64) as usize
+    (crate::fnv::fnv1a(partition_key.as_bytes()) % shards as u64) as usize
 }
 
 #[cfg(test)]

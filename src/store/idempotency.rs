@@ -1,5 +1,6 @@
-//! `Idempotency-Key` support: the first response to a keyed request is stored
-//! in the transaction of its effects and returned for every repeat.
+//! `Idempotency-Key` support: the first successful response to a keyed
+//! request is stored in the transaction of its effects and returned for every
+//! repeat of the same request.
 
 use diesel::prelude::*;
 use diesel::sqlite::SqliteConnection;
@@ -15,61 +16,144 @@ pub struct StoredResponse {
     pub body: String,
 }
 
-pub fn lookup(
-    conn: &mut SqliteConnection,
-    scope: &str,
-    key: &str,
-) -> Result<Option<StoredResponse>, StoreError> {
-    idempotency::table
-        .filter(idempotency::scope.eq(scope))
-        .filter(idempotency::key.eq(key))
-        .select((idempotency::status, idempotency::body))
-        .first(conn)
-        .optional()
-        .map_err(StoreError::from)
+impl StoredResponse {
+    fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
 }
 
-pub fn remember(
-    conn: &mut SqliteConnection,
-    scope: &str,
-    key: &str,
-    response: &StoredResponse,
-) -> Result<(), StoreError> {
-    diesel::insert_into(idempotency::table)
-        .values((
-            idempotency::scope.eq(scope),
-            idempotency::key.eq(key),
-            idempotency::status.eq(response.status),
-            idempotency::body.eq(&response.body),
-            idempotency::created_at.eq(now_ms()),
-        ))
-        .execute(conn)?;
-    Ok(())
+/// A keyed request: where it goes, its key, and a fingerprint of what it asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keyed {
+    /// Method and path, e.g. `POST /events/{id}/bookings`.
+    pub scope: String,
+    pub key: String,
+    /// Identifies the request body; a repeat with another body is refused.
+    pub fingerprint: String,
 }
 
-/// Runs `command` once per `(scope, key)`: a repeat returns the stored first
-/// response and changes nothing. Without a key, `command` always runs.
-/// Call inside the transaction of the command's effects.
+impl Keyed {
+    pub fn new(scope: impl Into<String>, key: impl Into<String>, body: &[u8]) -> Self {
+        Keyed {
+            scope: scope.into(),
+            key: key.into(),
+            fingerprint: format!("{:016x}", crate::fnv::fnv1a(body)),
+        }
+    }
+}
+
+/// Runs `command` once per key: a repeat of the same request returns the
+/// stored first response and changes nothing; a repeat with another body gets
+/// a 422. Only successes are stored: a refused request changed nothing, so
+/// running it again is safe. Without a key, `command` always runs. Call inside
+/// the transaction of the command's effects.
 ///
 /// # Errors
 /// What `command` returns (its effects roll back with the transaction).
 pub fn once<F>(
     conn: &mut SqliteConnection,
-    scope: &str,
-    key: Option<&str>,
+    keyed: Option<&Keyed>,
     command: F,
 ) -> Result<StoredResponse, StoreError>
 where
     F: FnOnce(&mut SqliteConnection) -> Result<StoredResponse, StoreError>,
 {
-    if let Some(key) = key {
-        if let Some(first) = lookup(conn, scope, key)? {
-            return Ok(first);
+    let Some(keyed) = keyed else {
+        return command(conn);
+    };
+    let first: Option<(i32, String, String)> = idempotency::table
+        .filter(idempotency::scope.eq(&keyed.scope))
+        .filter(idempotency::key.eq(&keyed.key))
+        .select((
+            idempotency::status,
+            idempotency::body,
+            idempotency::fingerprint,
+        ))
+        .first(conn)
+        .optional()?;
+    if let Some((status, body, fingerprint)) = first {
+        if fingerprint != keyed.fingerprint {
+            return Ok(StoredResponse {
+                status: 422,
+                body: serde_json::json!({
+                    "error": "this Idempotency-Key was used for a different request"
+                })
+                .to_string(),
+            });
         }
+        return Ok(StoredResponse { status, body });
     }
     let response = command(conn)?;
-    if let Some(key) = key {
-        remember(conn, scope, key, &response)?;
+    if response.is_success() {
+        diesel::insert_into(idempotency::table)
+            .values((
+                idempotency::scope.eq(&keyed.scope),
+                idempotency::key.eq(&keyed.key),
+                idempotency::status.eq(response.status),
+                idempotency::body.eq(&response.body),
+                idempotency::created_at.eq(now_ms()),
+                idempotency::fingerprint.eq(&keyed.fingerprint),
+            ))
+            .execute(conn)?;
     }
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing::TempDb;
+
+    fn ok(n: u32) -> StoredResponse {
+        StoredResponse {
+            status: 201,
+            body: format!("{{\"n\":{n}}}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_repeat_returns_the_first_success_and_runs_nothing() {
+        let t = TempDb::new();
+        let keyed = Keyed::new("POST /x", "k1", b"{}");
+        let (a, b) = (keyed.clone(), keyed.clone());
+        let first =
+            t.db.write(move |c| once(c, Some(&a), |_| Ok(ok(1))))
+                .await
+                .unwrap();
+        let again =
+            t.db.write(move |c| once(c, Some(&b), |_| panic!("must not run again")))
+                .await
+                .unwrap();
+        assert_eq!((first.clone(), again), (ok(1), ok(1)));
+    }
+
+    #[tokio::test]
+    async fn failures_are_not_stored_and_other_bodies_are_refused() {
+        let t = TempDb::new();
+        let keyed = Keyed::new("POST /x", "k1", b"{\"a\":1}");
+        let refused = StoredResponse {
+            status: 400,
+            body: "{}".into(),
+        };
+        let (k1, k2) = (keyed.clone(), keyed.clone());
+        let r = refused.clone();
+        assert_eq!(
+            t.db.write(move |c| once(c, Some(&k1), |_| Ok(r)))
+                .await
+                .unwrap(),
+            refused
+        );
+        assert_eq!(
+            t.db.write(move |c| once(c, Some(&k2), |_| Ok(ok(2))))
+                .await
+                .unwrap(),
+            ok(2)
+        );
+        let other = Keyed::new("POST /x", "k1", b"{\"a\":2}");
+        let answer =
+            t.db.write(move |c| once(c, Some(&other), |_| Ok(ok(3))))
+                .await
+                .unwrap();
+        assert_eq!(answer.status, 422);
+    }
 }

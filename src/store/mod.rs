@@ -37,9 +37,10 @@ struct Pragmas;
 
 impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for Pragmas {
     fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
+        // busy_timeout first, so the rest waits for the lock instead of failing.
+        // WAL is a property of the file, set once in `Db::open`.
         conn.batch_execute(&format!(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-             PRAGMA foreign_keys = ON; PRAGMA busy_timeout = {};",
+            "PRAGMA busy_timeout = {}; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
             BUSY_TIMEOUT.as_millis()
         ))
         .map_err(diesel::r2d2::Error::QueryError)
@@ -80,6 +81,14 @@ impl Db {
         {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Pool(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        {
+            use diesel::Connection;
+            let mut first = SqliteConnection::establish(path)
+                .map_err(|e| StoreError::Pool(format!("cannot open {path}: {e}")))?;
+            first
+                .batch_execute("PRAGMA journal_mode = WAL;")
+                .map_err(StoreError::from)?;
         }
         let pool = Pool::builder()
             .max_size(8)

@@ -35,6 +35,7 @@ diesel::table! {
         status -> Integer,
         body -> Text,
         created_at -> BigInt,
+        fingerprint -> Text,
     }
 }
 

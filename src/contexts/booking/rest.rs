@@ -8,12 +8,13 @@ use super::store::{self, BookingRow};
 use crate::contexts::myevents::{new_id, EventBooked};
 use crate::contexts::Service;
 use crate::http::{self as h, ApiError};
-use crate::store::{idempotency, outbox};
+use crate::store::idempotency::{self, Keyed};
+use crate::store::outbox;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/events/{event_id}/bookings", web::post().to(book))
-        .route("/events/{event_id}/bookings", web::get().to(list))
-        .route("/bookings/{id}", web::get().to(one));
+        .route("/events/{event_id}/bookings", h::get().to(list))
+        .route("/bookings/{id}", h::get().to(one));
 }
 
 /// A booking as the API shows it.
@@ -69,11 +70,15 @@ async fn book(
     let event_id = event_id.into_inner();
     // As the book does: an unknown event is a 404 whatever the body says.
     known(&service, &event_id).await?;
-    let key = h::idempotency_key(&request)?;
     let body = h::read_body(payload).await?;
+    let scope = format!("POST /events/{event_id}/bookings");
+    let keyed = h::idempotency_key(&request)?.map(|k| Keyed::new(scope, k, &body));
     let new: NewBooking = h::parse_json(&body)?;
-    if new.seats < 1 {
-        return Err(ApiError::bad_request("seats must be a positive number"));
+    if !(1..=i64::from(i32::MAX)).contains(&new.seats) {
+        return Err(ApiError::bad_request(format!(
+            "seats must be a number from 1 to {}",
+            i32::MAX
+        )));
     }
     let user = new
         .user
@@ -81,11 +86,10 @@ async fn book(
         .filter(|u| !u.is_empty())
         .unwrap_or_else(|| ANONYMOUS.to_owned());
     let producer = service.name.clone();
-    let scope = format!("POST /events/{event_id}/bookings");
     let response = service
         .db
         .write(move |c| {
-            idempotency::once(c, &scope, key.as_deref(), |c| {
+            idempotency::once(c, keyed.as_ref(), |c| {
                 let Some(event) = store::event(c, &event_id)? else {
                     return Ok(ApiError::not_found(format!("event {event_id} not found")).stored());
                 };
@@ -112,7 +116,8 @@ async fn book(
                     event_id: event_id.clone(),
                     user_id: booking.user_id.clone(),
                     booking_id: Some(booking.id.clone()),
-                    seats: Some(u32::try_from(booking.seats).unwrap_or(u32::MAX)),
+                    // 1..=i32::MAX, checked above.
+                    seats: u32::try_from(booking.seats).ok(),
                 };
                 outbox::append(c, &booked, &producer, None)?;
                 Ok(h::stored(StatusCode::CREATED, &BookingJson::from(&booking)))

@@ -10,16 +10,17 @@ use super::store::{self, EventRow, LocationRow};
 use crate::contexts::myevents::{new_id, EventCreated, Hall, LocationCreated};
 use crate::contexts::Service;
 use crate::http::{self as h, ApiError};
-use crate::store::{idempotency, outbox};
+use crate::store::idempotency::{self, Keyed};
+use crate::store::outbox;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/locations", web::get().to(list_locations))
+    cfg.route("/locations", h::get().to(list_locations))
         .route("/locations", web::post().to(create_location))
-        .route("/events", web::get().to(list_events))
+        .route("/events", h::get().to(list_events))
         .route("/events", web::post().to(create_event))
-        .route("/events/{id}", web::get().to(event_by_id))
-        .route("/events/id/{id}", web::get().to(event_by_id))
-        .route("/events/name/{name}", web::get().to(event_by_name));
+        .route("/events/{id}", h::get().to(event_by_id))
+        .route("/events/id/{id}", h::get().to(event_by_id))
+        .route("/events/name/{name}", h::get().to(event_by_name));
 }
 
 #[derive(Debug, Serialize)]
@@ -110,6 +111,13 @@ impl NewLocation {
             if hall.name.trim().is_empty() {
                 return Err(ApiError::bad_request("every hall needs a name"));
             }
+            if i32::try_from(hall.capacity).is_err() {
+                return Err(ApiError::bad_request(format!(
+                    "hall {:?}: capacity must be at most {}",
+                    hall.name,
+                    i32::MAX
+                )));
+            }
             if !seen.insert(hall.name.as_str()) {
                 return Err(ApiError::bad_request(format!(
                     "hall {:?} is listed twice",
@@ -159,14 +167,14 @@ async fn create_location(
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let key = h::idempotency_key(&request)?;
     let body = h::read_body(payload).await?;
+    let keyed = h::idempotency_key(&request)?.map(|k| Keyed::new("POST /locations", k, &body));
     let row = h::parse_json::<NewLocation>(&body)?.validate()?;
     let producer = service.name.clone();
     let response = service
         .db
         .write(move |c| {
-            idempotency::once(c, "POST /locations", key.as_deref(), |c| {
+            idempotency::once(c, keyed.as_ref(), |c| {
                 store::insert_location(c, &row)?;
                 let created = LocationCreated {
                     id: row.id.clone(),
@@ -222,8 +230,8 @@ async fn create_event(
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let key = h::idempotency_key(&request)?;
     let body = h::read_body(payload).await?;
+    let keyed = h::idempotency_key(&request)?.map(|k| Keyed::new("POST /events", k, &body));
     let new: NewEvent = h::parse_json(&body)?;
     let name = new.name.trim().to_owned();
     if name.is_empty() {
@@ -249,7 +257,7 @@ async fn create_event(
     let response = service
         .db
         .write(move |c| {
-            idempotency::once(c, "POST /events", key.as_deref(), |c| {
+            idempotency::once(c, keyed.as_ref(), |c| {
                 let Some(location) = store::location(c, &new.location.id)? else {
                     return Ok(ApiError::bad_request(format!(
                         "location {} does not exist",
@@ -278,7 +286,8 @@ async fn create_event(
                     end_date: new.end_date,
                     location_id: location.id.clone(),
                     hall: new.hall.clone(),
-                    capacity: capacity.map(|c| i32::try_from(c).unwrap_or(i32::MAX)),
+                    // Halls are validated to fit.
+                    capacity: capacity.and_then(|c| i32::try_from(c).ok()),
                     seats_booked: 0,
                 };
                 store::insert_event(c, &row)?;
