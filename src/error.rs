@@ -145,6 +145,9 @@ pub enum StoreError {
     Pool(String),
     #[error("migrations: {0}")]
     Migration(String),
+    /// A stored row cannot be read back (an event without upcaster, a broken payload).
+    #[error("stored data cannot be decoded: {0}")]
+    Corrupt(String),
     /// The closure run on the database thread panicked; its connection was discarded.
     #[error("database task panicked: {0}")]
     Panicked(String),

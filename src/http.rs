@@ -98,7 +98,10 @@ impl From<StoreError> for ApiError {
                     ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy, try again")
                 }
             }
-            StoreError::Database(_) | StoreError::Migration(_) | StoreError::Panicked(_) => {
+            StoreError::Database(_)
+            | StoreError::Migration(_)
+            | StoreError::Panicked(_)
+            | StoreError::Corrupt(_) => {
                 log::error!(target: "herald::http", "store error: {error}");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
             }

@@ -32,6 +32,7 @@
 /// itself) and without its tracing span lines.
 pub const DEFAULT_LOG_FILTER: &str = "info,lapin::returned_messages=error,tracing::span=warn";
 
+pub mod aggregate;
 pub mod config;
 pub mod error;
 pub mod event;

@@ -1,0 +1,196 @@
+//! Event-sourced aggregates: deciding is separate from changing.
+//!
+//! An [`Aggregate`]'s `handle` decides which events a command causes (no I/O,
+//! no mutation); `apply` folds one event into the state (no decisions). The
+//! [`crate::store::repository`] loads an aggregate from its snapshot and
+//! newer events, runs a command and appends the new events at the version it
+//! loaded: a writer that lost the race gets a conflict and retries.
+//!
+//! Events are an enum serialized *adjacently tagged*
+//! (`#[serde(tag = "name", content = "payload")]`): the tag is the stored
+//! event name, the content the stored payload.
+
+use std::fmt::Debug;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::error::CodecError;
+
+/// A consistency boundary whose state is the fold of its events.
+pub trait Aggregate: Default + Clone + Serialize + DeserializeOwned + Send + 'static {
+    /// Stream ids are `<KIND>-<id>`.
+    const KIND: &'static str;
+    /// The layout of the serialized state; a snapshot of another version is
+    /// ignored (the aggregate is rebuilt from its events).
+    const SNAPSHOT_VERSION: u32 = 1;
+
+    type Command: Clone + Send + 'static;
+    /// Adjacently tagged enum: `#[serde(tag = "name", content = "payload")]`.
+    type Event: Serialize + DeserializeOwned + Clone + Debug + PartialEq + Send + 'static;
+    type Error: std::error::Error + Clone + PartialEq + Send + Sync + 'static;
+
+    /// Decides: the events `command` causes from the current state, or why not.
+    ///
+    /// # Errors
+    /// The command is refused by the domain (it changes nothing).
+    fn handle(&self, command: Self::Command) -> Result<Vec<Self::Event>, Self::Error>;
+
+    /// Changes: folds one event into the state.
+    fn apply(&mut self, event: &Self::Event);
+
+    /// The schema version events named `name` are written with.
+    fn schema_version(_name: &str) -> u32 {
+        1
+    }
+
+    /// Turns a stored payload of event `name` at schema version `from` into
+    /// version `from + 1`. Called until the current version is reached.
+    ///
+    /// # Errors
+    /// The payload cannot be upcast.
+    fn upcast(name: &str, from: u32, payload: Value) -> Result<Value, CodecError> {
+        let _ = payload;
+        Err(CodecError::UnsupportedSchemaVersion {
+            name: name.to_owned(),
+            found: from,
+            supported: Self::schema_version(name),
+        })
+    }
+
+    fn stream_id(id: &str) -> String {
+        format!("{}-{id}", Self::KIND)
+    }
+}
+
+/// Splits an event into its stored name and payload.
+///
+/// # Errors
+/// The event does not serialize as an adjacently tagged enum.
+pub fn encode_event<A: Aggregate>(event: &A::Event) -> Result<(String, u32, Value), CodecError> {
+    let tagged = serde_json::to_value(event).map_err(|source| CodecError::Encode {
+        name: A::KIND.to_owned(),
+        source,
+    })?;
+    let name = tagged
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| CodecError::InvalidHeader {
+            name: "name",
+            reason: format!(
+                "{} events must be #[serde(tag = \"name\", content = \"payload\")]",
+                A::KIND
+            ),
+        })?
+        .to_owned();
+    let payload = tagged.get("payload").cloned().unwrap_or(Value::Null);
+    let version = A::schema_version(&name);
+    Ok((name, version, payload))
+}
+
+/// Rebuilds an event from its stored name, schema version and payload,
+/// upcasting older versions to the current one.
+///
+/// # Errors
+/// A newer version than the aggregate knows, a failed upcast, or a payload
+/// that does not fit.
+pub fn decode_event<A: Aggregate>(
+    name: &str,
+    schema_version: u32,
+    mut payload: Value,
+) -> Result<A::Event, CodecError> {
+    let current = A::schema_version(name);
+    if schema_version > current {
+        return Err(CodecError::UnsupportedSchemaVersion {
+            name: name.to_owned(),
+            found: schema_version,
+            supported: current,
+        });
+    }
+    for from in schema_version..current {
+        payload = A::upcast(name, from, payload)?;
+    }
+    serde_json::from_value(serde_json::json!({ "name": name, "payload": payload })).map_err(
+        |source| CodecError::InvalidBody {
+            name: name.to_owned(),
+            source,
+        },
+    )
+}
+
+/// Given/when/then tests for aggregates: given past events, when a command,
+/// then these events or this error.
+///
+/// ```
+/// # use herald::aggregate::{Aggregate, Scenario};
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Default, Clone, Serialize, Deserialize)]
+/// # struct Counter { n: u32 }
+/// # #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// # #[serde(tag = "name", content = "payload")]
+/// # enum Counted { Incremented }
+/// # #[derive(Clone, Debug, PartialEq, thiserror::Error)]
+/// # #[error("full")] struct Full;
+/// # impl Aggregate for Counter {
+/// #     const KIND: &'static str = "counter";
+/// #     type Command = ();
+/// #     type Event = Counted;
+/// #     type Error = Full;
+/// #     fn handle(&self, _: ()) -> Result<Vec<Counted>, Full> {
+/// #         if self.n >= 2 { Err(Full) } else { Ok(vec![Counted::Incremented]) }
+/// #     }
+/// #     fn apply(&mut self, _: &Counted) { self.n += 1 }
+/// # }
+/// Scenario::<Counter>::given(vec![Counted::Incremented])
+///     .when(())
+///     .then(vec![Counted::Incremented]);
+/// Scenario::<Counter>::given(vec![Counted::Incremented; 2])
+///     .when(())
+///     .then_error(Full);
+/// ```
+pub struct Scenario<A: Aggregate> {
+    state: A,
+}
+
+/// The outcome of [`Scenario::when`], to be checked.
+pub struct Outcome<A: Aggregate> {
+    result: Result<Vec<A::Event>, A::Error>,
+}
+
+impl<A: Aggregate> Scenario<A> {
+    /// An aggregate that went through `events`.
+    pub fn given(events: Vec<A::Event>) -> Self {
+        let mut state = A::default();
+        for event in &events {
+            state.apply(event);
+        }
+        Scenario { state }
+    }
+
+    pub fn when(self, command: A::Command) -> Outcome<A> {
+        Outcome {
+            result: self.state.handle(command),
+        }
+    }
+}
+
+impl<A: Aggregate> Outcome<A> {
+    /// # Panics
+    /// When the command was refused or decided other events.
+    pub fn then(self, expected: Vec<A::Event>) {
+        match self.result {
+            Ok(events) => assert_eq!(events, expected, "decided events"),
+            Err(error) => panic!("expected events {expected:?}, the command was refused: {error}"),
+        }
+    }
+
+    /// # Panics
+    /// When the command was accepted or refused for another reason.
+    pub fn then_error(self, expected: A::Error) {
+        match self.result {
+            Ok(events) => panic!("expected error {expected}, the command decided {events:?}"),
+            Err(error) => assert_eq!(error, expected, "refusal"),
+        }
+    }
+}

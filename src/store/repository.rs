@@ -1,0 +1,436 @@
+//! Loading and saving event-sourced aggregates: snapshot plus newer events in,
+//! new events appended at the loaded version out (optimistic concurrency).
+
+use diesel::prelude::*;
+use diesel::sqlite::SqliteConnection;
+
+use super::event_store::{self, EventMetadata, NewEvent, RecordedEvent};
+use super::schema::snapshots;
+use super::{now_ms, Db};
+use crate::aggregate::{decode_event, encode_event, Aggregate};
+use crate::error::StoreError;
+
+/// An aggregate as loaded.
+#[derive(Debug, Clone)]
+pub struct Loaded<A> {
+    pub state: A,
+    /// The stream version the state includes (0: no events yet).
+    pub version: i64,
+    /// Events read from the store (after the snapshot, if one was used).
+    pub events_read: usize,
+    pub from_snapshot: bool,
+}
+
+/// Loads the aggregate `id` from its snapshot (when it has the aggregate's
+/// current snapshot version) and the events after it.
+///
+/// # Errors
+/// [`StoreError::Corrupt`] for a stored event that cannot be decoded.
+pub fn load<A: Aggregate>(conn: &mut SqliteConnection, id: &str) -> Result<Loaded<A>, StoreError> {
+    let stream = A::stream_id(id);
+    let snapshot: Option<(i64, i32, String)> = snapshots::table
+        .find(&stream)
+        .select((
+            snapshots::stream_version,
+            snapshots::snapshot_version,
+            snapshots::state,
+        ))
+        .first(conn)
+        .optional()?;
+    let (mut state, version, from_snapshot) = match snapshot {
+        Some((version, layout, state))
+            if u32::try_from(layout).ok() == Some(A::SNAPSHOT_VERSION) =>
+        {
+            match serde_json::from_str::<A>(&state) {
+                Ok(state) => (state, version, true),
+                Err(_) => (A::default(), 0, false),
+            }
+        }
+        _ => (A::default(), 0, false),
+    };
+    let events = event_store::load(conn, &stream, version)?;
+    let mut loaded_version = version;
+    for recorded in &events {
+        state.apply(&decode::<A>(recorded)?);
+        loaded_version = recorded.stream_version;
+    }
+    Ok(Loaded {
+        state,
+        version: loaded_version,
+        events_read: events.len(),
+        from_snapshot,
+    })
+}
+
+fn decode<A: Aggregate>(recorded: &RecordedEvent) -> Result<A::Event, StoreError> {
+    let payload = serde_json::from_str(&recorded.payload)
+        .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", recorded.event_id)))?;
+    let version = u32::try_from(recorded.schema_version).unwrap_or(0);
+    decode_event::<A>(&recorded.event_name, version, payload)
+        .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", recorded.event_id)))
+}
+
+/// Appends `events` (decided on the state loaded at `expected_version`) and
+/// writes a snapshot of `state_after` when the stream crosses a multiple of
+/// `snapshot_every` (0: never). Run inside a write transaction.
+///
+/// # Errors
+/// [`StoreError::Conflict`] when the stream moved on since it was loaded.
+pub fn save<A: Aggregate>(
+    conn: &mut SqliteConnection,
+    id: &str,
+    expected_version: i64,
+    state_after: &A,
+    events: &[A::Event],
+    metadata: &EventMetadata,
+    snapshot_every: u32,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    let stream = A::stream_id(id);
+    let new: Vec<NewEvent> = events
+        .iter()
+        .map(|event| {
+            let (name, schema_version, payload) =
+                encode_event::<A>(event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            Ok(NewEvent {
+                event_id: uuid::Uuid::new_v4().to_string(),
+                name,
+                schema_version,
+                payload: payload.to_string(),
+                metadata: metadata.clone(),
+            })
+        })
+        .collect::<Result<_, StoreError>>()?;
+    let recorded = event_store::append(conn, &stream, expected_version, &new)?;
+    let version = expected_version + recorded.len() as i64;
+    let every = i64::from(snapshot_every);
+    if every > 0 && version / every > expected_version / every {
+        write_snapshot(conn, &stream, version, state_after)?;
+    }
+    Ok(recorded)
+}
+
+fn write_snapshot<A: Aggregate>(
+    conn: &mut SqliteConnection,
+    stream: &str,
+    version: i64,
+    state: &A,
+) -> Result<(), StoreError> {
+    let state = serde_json::to_string(state).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let layout = i32::try_from(A::SNAPSHOT_VERSION).unwrap_or(i32::MAX);
+    diesel::insert_into(snapshots::table)
+        .values((
+            snapshots::stream_id.eq(stream),
+            snapshots::stream_version.eq(version),
+            snapshots::snapshot_version.eq(layout),
+            snapshots::state.eq(&state),
+            snapshots::taken_at.eq(now_ms()),
+        ))
+        .on_conflict(snapshots::stream_id)
+        .do_update()
+        .set((
+            snapshots::stream_version.eq(version),
+            snapshots::snapshot_version.eq(layout),
+            snapshots::state.eq(&state),
+            snapshots::taken_at.eq(now_ms()),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// A command's result, for the caller's effects in the same transaction.
+#[derive(Debug, Clone)]
+pub struct Executed<A: Aggregate> {
+    pub id: String,
+    /// The state after the new events.
+    pub state: A,
+    pub version: i64,
+    pub events: Vec<A::Event>,
+    pub recorded: Vec<RecordedEvent>,
+}
+
+/// Why a command did not go through.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError<E: std::error::Error + 'static> {
+    /// The aggregate refused it: a final answer (409, 400...).
+    #[error("refused: {0}")]
+    Rejected(E),
+    /// Other writers kept winning the race: retry later (503), never "refused".
+    #[error("the stream kept changing: gave up after {attempts} attempts")]
+    Contention { attempts: u32 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// How [`execute`] saves.
+#[derive(Debug, Clone, Default)]
+pub struct ExecuteOptions {
+    pub metadata: EventMetadata,
+    /// Snapshot every N events per stream (0: never).
+    pub snapshot_every: u32,
+    /// Attempts on conflict, the first included (0 counts as 1).
+    pub max_attempts: u32,
+}
+
+/// Runs `command` on aggregate `id`: loads it without holding a lock, decides,
+/// then in one write transaction appends at the loaded version and runs
+/// `effects` (read models, outbox rows). A conflict (another writer appended
+/// first) starts over, up to `max_attempts` times.
+///
+/// # Errors
+/// [`CommandError::Rejected`] when the aggregate refuses,
+/// [`CommandError::Contention`] when the retries ran out, or a store error.
+pub async fn execute<A, T, F>(
+    db: &Db,
+    id: &str,
+    command: A::Command,
+    options: &ExecuteOptions,
+    effects: F,
+) -> Result<T, CommandError<A::Error>>
+where
+    A: Aggregate,
+    T: Send + 'static,
+    F: Fn(&mut SqliteConnection, &Executed<A>) -> Result<T, StoreError> + Clone + Send + 'static,
+{
+    let attempts = options.max_attempts.max(1);
+    for _ in 0..attempts {
+        let wanted = id.to_owned();
+        let loaded = db.read(move |c| load::<A>(c, &wanted)).await?;
+        let events = loaded
+            .state
+            .handle(command.clone())
+            .map_err(CommandError::Rejected)?;
+        let mut state = loaded.state;
+        for event in &events {
+            state.apply(event);
+        }
+        let (id, options, effects) = (id.to_owned(), options.clone(), effects.clone());
+        let saved = db
+            .write(move |c| {
+                let recorded = save::<A>(
+                    c,
+                    &id,
+                    loaded.version,
+                    &state,
+                    &events,
+                    &options.metadata,
+                    options.snapshot_every,
+                )?;
+                let executed = Executed {
+                    id,
+                    version: loaded.version + recorded.len() as i64,
+                    state,
+                    events,
+                    recorded,
+                };
+                effects(c, &executed)
+            })
+            .await;
+        match saved {
+            Err(StoreError::Conflict(_)) => continue,
+            other => return other.map_err(CommandError::Store),
+        }
+    }
+    Err(CommandError::Contention { attempts })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::{Deserialize, Serialize};
+    use serde_json::Value;
+
+    use super::*;
+    use crate::error::CodecError;
+    use crate::store::testing::TempDb;
+
+    /// Adds amounts up to a limit. `Added` v1 had no `amount` (it meant 1).
+    #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+    struct Tally {
+        total: u64,
+        adds: u64,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(tag = "name", content = "payload")]
+    enum TallyEvent {
+        #[serde(rename = "added")]
+        Added { amount: u64 },
+    }
+
+    #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+    #[error("limit reached")]
+    struct LimitReached;
+
+    impl Aggregate for Tally {
+        const KIND: &'static str = "tally";
+        type Command = u64;
+        type Event = TallyEvent;
+        type Error = LimitReached;
+
+        fn handle(&self, amount: u64) -> Result<Vec<TallyEvent>, LimitReached> {
+            if self.total + amount > 1_000_000 {
+                return Err(LimitReached);
+            }
+            Ok(vec![TallyEvent::Added { amount }])
+        }
+
+        fn apply(&mut self, TallyEvent::Added { amount }: &TallyEvent) {
+            self.total += amount;
+            self.adds += 1;
+        }
+
+        fn schema_version(name: &str) -> u32 {
+            if name == "added" {
+                2
+            } else {
+                1
+            }
+        }
+
+        fn upcast(name: &str, from: u32, mut payload: Value) -> Result<Value, CodecError> {
+            match (name, from) {
+                ("added", 1) => {
+                    payload["amount"] = Value::from(1);
+                    Ok(payload)
+                }
+                _ => Err(CodecError::UnknownEvent(name.to_owned())),
+            }
+        }
+    }
+
+    /// The same aggregate after a change of its state layout.
+    #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+    struct TallyV2(Tally);
+
+    impl Aggregate for TallyV2 {
+        const KIND: &'static str = "tally";
+        const SNAPSHOT_VERSION: u32 = 2;
+        type Command = u64;
+        type Event = TallyEvent;
+        type Error = LimitReached;
+        fn handle(&self, amount: u64) -> Result<Vec<TallyEvent>, LimitReached> {
+            self.0.handle(amount)
+        }
+        fn apply(&mut self, event: &TallyEvent) {
+            self.0.apply(event);
+        }
+        fn schema_version(name: &str) -> u32 {
+            Tally::schema_version(name)
+        }
+    }
+
+    async fn add_many(t: &TempDb, id: &'static str, n: u64, snapshot_every: u32) {
+        t.db.write(move |c| {
+            let mut state = Tally::default();
+            for i in 0..n {
+                let events = state.handle(i % 7).unwrap();
+                let mut after = state.clone();
+                events.iter().for_each(|e| after.apply(e));
+                save(
+                    c,
+                    id,
+                    i as i64,
+                    &after,
+                    &events,
+                    &EventMetadata::default(),
+                    snapshot_every,
+                )?;
+                state = after;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn snapshots_bound_the_events_a_load_reads_and_give_the_same_state() {
+        let t = TempDb::new();
+        add_many(&t, "with", 10_000, 100).await;
+        add_many(&t, "without", 10_000, 0).await;
+        let with = t.db.read(|c| load::<Tally>(c, "with")).await.unwrap();
+        let without = t.db.read(|c| load::<Tally>(c, "without")).await.unwrap();
+        assert_eq!(with.state, without.state);
+        assert_eq!((with.version, without.version), (10_000, 10_000));
+        assert!(with.from_snapshot && with.events_read <= 100, "{with:?}");
+        assert_eq!(
+            (without.from_snapshot, without.events_read),
+            (false, 10_000)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_of_another_layout_is_ignored() {
+        let t = TempDb::new();
+        add_many(&t, "old", 250, 100).await;
+        let newer = t.db.read(|c| load::<TallyV2>(c, "old")).await.unwrap();
+        let older = t.db.read(|c| load::<Tally>(c, "old")).await.unwrap();
+        assert!(
+            !newer.from_snapshot,
+            "layout 1 snapshot must not feed layout 2"
+        );
+        assert_eq!(newer.events_read, 250);
+        assert_eq!(newer.state.0, older.state);
+    }
+
+    #[tokio::test]
+    async fn older_schema_versions_are_upcast_when_loaded() {
+        let t = TempDb::new();
+        t.db.write(|c| {
+            let old = NewEvent {
+                event_id: "e1".into(),
+                name: "added".into(),
+                schema_version: 1,
+                payload: "{}".into(),
+                metadata: EventMetadata::default(),
+            };
+            event_store::append(c, &Tally::stream_id("up"), 0, &[old])
+        })
+        .await
+        .unwrap();
+        let loaded = t.db.read(|c| load::<Tally>(c, "up")).await.unwrap();
+        assert_eq!(loaded.state, Tally { total: 1, adds: 1 });
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn racing_commands_retry_on_conflict_and_all_count() {
+        let t = TempDb::new();
+        let options = ExecuteOptions {
+            max_attempts: 100,
+            ..ExecuteOptions::default()
+        };
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let (db, options) = (t.db.clone(), options.clone());
+                tokio::spawn(async move {
+                    for _ in 0..10 {
+                        execute::<Tally, _, _>(&db, "race", 1, &options, |_, e| Ok(e.version))
+                            .await
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let loaded = t.db.read(|c| load::<Tally>(c, "race")).await.unwrap();
+        assert_eq!(
+            loaded.state,
+            Tally {
+                total: 80,
+                adds: 80
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_command_writes_nothing() {
+        let t = TempDb::new();
+        let options = ExecuteOptions::default();
+        let refused =
+            execute::<Tally, _, _>(&t.db, "cap", 2_000_000, &options, |_, _| Ok(())).await;
+        assert!(matches!(refused, Err(CommandError::Rejected(LimitReached))));
+        let loaded = t.db.read(|c| load::<Tally>(c, "cap")).await.unwrap();
+        assert_eq!(loaded.version, 0);
+    }
+}
