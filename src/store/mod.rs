@@ -10,6 +10,7 @@ pub mod event_store;
 pub mod idempotency;
 pub mod inbox;
 pub mod outbox;
+pub mod projection;
 pub mod repository;
 pub(crate) mod schema;
 

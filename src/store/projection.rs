@@ -1,0 +1,300 @@
+//! Projections: read models folded from the event store, each with a
+//! checkpoint (the last global position applied) written in the same
+//! transaction as its rows. Any projection can be rebuilt while the context
+//! runs: clearing and replaying happen in one write transaction, so readers
+//! see the old model until the new one is complete.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use diesel::prelude::*;
+use diesel::sqlite::SqliteConnection;
+use serde::Serialize;
+
+use super::event_store::{self, RecordedEvent};
+use super::schema::checkpoints;
+use super::{now_ms, Db};
+use crate::error::StoreError;
+
+/// Events read per batch while catching up or rebuilding.
+const BATCH: i64 = 1000;
+
+/// A read model fed from stored events.
+pub trait Projection: Send + Sync + 'static {
+    /// URL-safe, unique within the context.
+    fn name(&self) -> &'static str;
+    /// Deletes every row of the read model.
+    ///
+    /// # Errors
+    /// A database error.
+    fn reset(&self, conn: &mut SqliteConnection) -> Result<(), StoreError>;
+    /// Folds one stored event into the read model; events it does not care
+    /// about are ignored.
+    ///
+    /// # Errors
+    /// A database error, or an event it cannot read ([`StoreError::Corrupt`]).
+    fn apply(&self, conn: &mut SqliteConnection, event: &RecordedEvent) -> Result<(), StoreError>;
+}
+
+/// The last position `projection` applied (0: nothing yet).
+pub fn checkpoint(conn: &mut SqliteConnection, projection: &str) -> Result<i64, StoreError> {
+    let position: Option<i64> = checkpoints::table
+        .find(projection)
+        .select(checkpoints::position)
+        .first(conn)
+        .optional()?;
+    Ok(position.unwrap_or(0))
+}
+
+fn set_checkpoint(
+    conn: &mut SqliteConnection,
+    projection: &str,
+    position: i64,
+) -> Result<(), StoreError> {
+    diesel::insert_into(checkpoints::table)
+        .values((
+            checkpoints::projection.eq(projection),
+            checkpoints::position.eq(position),
+            checkpoints::updated_at.eq(now_ms()),
+        ))
+        .on_conflict(checkpoints::projection)
+        .do_update()
+        .set((
+            checkpoints::position.eq(position),
+            checkpoints::updated_at.eq(now_ms()),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Applies every event after the projection's checkpoint and moves the
+/// checkpoint, inside the caller's transaction; returns how many events it read.
+///
+/// # Errors
+/// What the projection's `apply` returns; nothing is committed then.
+pub fn catch_up(
+    conn: &mut SqliteConnection,
+    projection: &dyn Projection,
+) -> Result<u64, StoreError> {
+    let mut position = checkpoint(conn, projection.name())?;
+    let mut read = 0u64;
+    loop {
+        let batch = event_store::read_all(conn, position, BATCH)?;
+        let Some(last) = batch.last() else { break };
+        position = last.position;
+        for event in &batch {
+            projection.apply(conn, event)?;
+        }
+        read += batch.len() as u64;
+        if (batch.len() as i64) < BATCH {
+            break;
+        }
+    }
+    if read > 0 {
+        set_checkpoint(conn, projection.name(), position)?;
+    }
+    Ok(read)
+}
+
+/// Where a projection stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProjectionStatus {
+    pub name: &'static str,
+    pub checkpoint: i64,
+    /// The store's last position; `head - checkpoint` events are not applied yet.
+    pub head: i64,
+}
+
+/// What a rebuild did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RebuildReport {
+    pub name: &'static str,
+    pub replayed: u64,
+    #[serde(with = "humantime_serde")]
+    pub took: Duration,
+}
+
+/// A context's projections: kept up to date in the transactions that append
+/// events, listed and rebuilt on request (the admin API calls these).
+#[derive(Clone, Default)]
+pub struct Projections {
+    all: Vec<Arc<dyn Projection>>,
+}
+
+impl Projections {
+    #[must_use]
+    pub fn with(mut self, projection: impl Projection) -> Self {
+        self.all.push(Arc::new(projection));
+        self
+    }
+
+    /// Brings every projection up to the store's head. Call it in the
+    /// transaction that appended events: the read models then commit with them.
+    ///
+    /// # Errors
+    /// A projection failed; the transaction must roll back.
+    pub fn catch_up(&self, conn: &mut SqliteConnection) -> Result<(), StoreError> {
+        for projection in &self.all {
+            catch_up(conn, projection.as_ref())?;
+        }
+        Ok(())
+    }
+
+    /// # Errors
+    /// A database error.
+    pub async fn list(&self, db: &Db) -> Result<Vec<ProjectionStatus>, StoreError> {
+        let names: Vec<&'static str> = self.all.iter().map(|p| p.name()).collect();
+        db.read(move |c| {
+            let head = event_store::head(c)?;
+            names
+                .into_iter()
+                .map(|name| {
+                    Ok(ProjectionStatus {
+                        name,
+                        checkpoint: checkpoint(c, name)?,
+                        head,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// Clears projection `name` and replays every stored event into it, in one
+    /// write transaction (writers wait; readers see the old model until commit).
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] for an unknown name, or what the replay hit.
+    pub async fn rebuild(&self, db: &Db, name: &str) -> Result<RebuildReport, StoreError> {
+        let projection = self
+            .all
+            .iter()
+            .find(|p| p.name() == name)
+            .cloned()
+            .ok_or(StoreError::NotFound)?;
+        let name = projection.name();
+        let started = Instant::now();
+        let replayed = db
+            .write(move |c| {
+                projection.reset(c)?;
+                set_checkpoint(c, projection.name(), 0)?;
+                catch_up(c, projection.as_ref())
+            })
+            .await?;
+        let report = RebuildReport {
+            name,
+            replayed,
+            took: started.elapsed(),
+        };
+        log::info!(
+            target: "herald::projection",
+            "projection={} rebuilt replayed={} took_ms={}",
+            report.name,
+            report.replayed,
+            report.took.as_millis()
+        );
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use diesel::connection::SimpleConnection;
+    use diesel::sql_types::{BigInt, Text};
+
+    use super::*;
+    use crate::store::event_store::{EventMetadata, NewEvent};
+    use crate::store::testing::TempDb;
+
+    /// Per stream: how many events and the sum of their `n`.
+    struct Totals;
+
+    #[derive(QueryableByName, Debug, PartialEq)]
+    struct Checksum {
+        #[diesel(sql_type = Text)]
+        rows: String,
+    }
+
+    impl Projection for Totals {
+        fn name(&self) -> &'static str {
+            "totals"
+        }
+
+        fn reset(&self, conn: &mut SqliteConnection) -> Result<(), StoreError> {
+            conn.batch_execute("DELETE FROM test_totals")?;
+            Ok(())
+        }
+
+        fn apply(
+            &self,
+            conn: &mut SqliteConnection,
+            event: &RecordedEvent,
+        ) -> Result<(), StoreError> {
+            let n: serde_json::Value = serde_json::from_str(&event.payload)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            diesel::sql_query(
+                "INSERT INTO test_totals (stream, events, total) VALUES (?, 1, ?) \
+                 ON CONFLICT (stream) DO UPDATE SET events = events + 1, total = total + excluded.total",
+            )
+            .bind::<Text, _>(&event.stream_id)
+            .bind::<BigInt, _>(n["n"].as_i64().unwrap_or(0))
+            .execute(conn)?;
+            Ok(())
+        }
+    }
+
+    fn checksum(conn: &mut SqliteConnection) -> Result<String, StoreError> {
+        let rows: Vec<Checksum> = diesel::sql_query(
+            "SELECT group_concat(stream || ':' || events || ':' || total, ',') AS rows \
+             FROM (SELECT * FROM test_totals ORDER BY stream)",
+        )
+        .load(conn)?;
+        Ok(rows.into_iter().next().map(|c| c.rows).unwrap_or_default())
+    }
+
+    #[tokio::test]
+    async fn a_rebuild_from_100_000_events_replays_them_all_and_equals_the_live_model() {
+        let t = TempDb::new();
+        t.db.write(|c| {
+            c.batch_execute(
+                "CREATE TABLE test_totals (stream TEXT PRIMARY KEY, events BIGINT, total BIGINT)",
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let projections = Projections::default().with(Totals);
+        for batch in 0..100 {
+            let live = projections.clone();
+            t.db.write(move |c| {
+                for i in 0..1000 {
+                    let stream = format!("s-{}", (batch * 1000 + i) % 97);
+                    let version = event_store::stream_version(c, &stream)?;
+                    let event = NewEvent {
+                        event_id: uuid::Uuid::new_v4().to_string(),
+                        name: "noted".into(),
+                        schema_version: 1,
+                        payload: format!(r#"{{"n":{i}}}"#),
+                        metadata: EventMetadata::default(),
+                    };
+                    event_store::append(c, &stream, version, &[event])?;
+                }
+                // The live model commits with the events.
+                live.catch_up(c)
+            })
+            .await
+            .unwrap();
+        }
+        let live = t.db.read(checksum).await.unwrap();
+        let status = projections.list(&t.db).await.unwrap();
+        assert_eq!((status[0].checkpoint, status[0].head), (100_000, 100_000));
+
+        let report = projections.rebuild(&t.db, "totals").await.unwrap();
+        assert_eq!(report.replayed, 100_000);
+        assert_eq!(t.db.read(checksum).await.unwrap(), live);
+        assert!(matches!(
+            projections.rebuild(&t.db, "nope").await,
+            Err(StoreError::NotFound)
+        ));
+    }
+}

@@ -1,0 +1,764 @@
+//! Transport conformance suite, in the spirit of Watermill's universal Pub/Sub
+//! tests: every case runs unchanged against every transport, through the
+//! [`Publisher`] / [`Subscriber`] traits only.
+//!
+//! A transport test file provides a factory (an async fn returning a fresh
+//! [`Harness`]) and expands [`conformance_tests!`] with it:
+//!
+//! ```ignore
+//! mod conformance;
+//! async fn memory() -> conformance::Harness { /* ... */ }
+//! conformance::conformance_tests!(memory);
+//! ```
+//!
+//! Synchronisation is always on deliveries (under [`DEADLINE`]), never on
+//! sleeps. "Nothing else arrived" is shown with a fence: a last message
+//! published after everything else; it must be the next delivery.
+#![allow(dead_code)]
+
+use std::any::Any;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{TimeZone, Utc};
+use futures_util::stream::{self, StreamExt};
+use herald::event::headers;
+use herald::{
+    dead_letter_queue, BrokerError, Delivery, Envelope, Event, Message, Publisher, Settlement,
+    SubscribeSpec, Subscriber, Subscription,
+};
+use serde::{Deserialize, Serialize};
+
+/// A generous liveness deadline for every single wait.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// One case's transport: a publisher and a subscriber on the same broker, and
+/// names nobody else uses.
+pub struct Harness {
+    pub publisher: Arc<dyn Publisher>,
+    pub subscriber: Arc<dyn Subscriber>,
+    /// Unique per case, one topic word without dots.
+    prefix: String,
+    /// Whatever must outlive the case (a vhost deleted on drop). Dropped last.
+    _keep_alive: Box<dyn Any>,
+}
+
+impl Harness {
+    pub fn new(
+        publisher: impl Publisher,
+        subscriber: impl Subscriber,
+        keep_alive: impl Any,
+    ) -> Self {
+        Harness {
+            publisher: Arc::new(publisher),
+            subscriber: Arc::new(subscriber),
+            prefix: format!("c{}", uuid::Uuid::new_v4().simple()),
+            _keep_alive: Box::new(keep_alive),
+        }
+    }
+
+    /// A queue name of this case.
+    pub fn queue(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+
+    /// A routing key of this case: `<prefix>.<words>`.
+    pub fn key(&self, words: &str) -> String {
+        format!("{}.{words}", self.prefix)
+    }
+
+    async fn subscribe(
+        &self,
+        queue: &str,
+        bindings: &[impl AsRef<str>],
+        prefetch: u16,
+    ) -> Subscription {
+        let spec = SubscribeSpec {
+            queue: queue.to_owned(),
+            bindings: bindings.iter().map(|b| b.as_ref().to_owned()).collect(),
+            prefetch,
+        };
+        within(DEADLINE, "subscribe", self.subscriber.subscribe(spec))
+            .await
+            .unwrap_or_else(|e| panic!("subscribe to {queue}: {e}"))
+    }
+
+    async fn publish(&self, message: Message) {
+        let what = format!("publish {:?}", message.message_id);
+        within(DEADLINE, &what, self.publisher.publish(message))
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+    }
+
+    /// Publishes a fence to `routing_key` and asserts it is the next delivery of
+    /// `sub`: the queue held nothing else.
+    async fn assert_next_is_fence(&self, sub: &mut Subscription, routing_key: &str) {
+        let fence = format!("fence-{}", uuid::Uuid::new_v4().simple());
+        self.publish(message(routing_key, &fence)).await;
+        let delivery = next(sub, "the fence").await;
+        assert_eq!(
+            id(&delivery),
+            fence,
+            "expected the fence as next delivery, got {:?} (redelivered: {})",
+            delivery.message,
+            delivery.redelivered
+        );
+        assert!(!delivery.redelivered, "the fence is a first delivery");
+        delivery.ack().await.expect("ack the fence");
+    }
+}
+
+/// Builds a fresh [`Harness`] per case.
+pub trait Factory {
+    fn harness(&self) -> impl Future<Output = Harness>;
+}
+
+impl<F, Fut> Factory for F
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Harness>,
+{
+    fn harness(&self) -> impl Future<Output = Harness> {
+        self()
+    }
+}
+
+/// Expands to one `#[actix_rt::test]` per conformance case, each calling the
+/// case with `$factory` (an async fn returning a [`Harness`]).
+macro_rules! conformance_tests {
+    ($factory:path) => {
+        $crate::conformance::conformance_tests!(@cases $factory;
+            published_message_arrives_with_payload_and_metadata_intact,
+            messages_from_concurrent_publishers_all_arrive_exactly_once,
+            each_queue_receives_exactly_the_topics_it_is_bound_to,
+            requeued_delivery_comes_back_redelivered_and_nothing_else_is_lost,
+            competing_consumers_share_the_queue_without_duplicates,
+            single_consumer_receives_messages_in_publish_order,
+            unsettled_deliveries_go_to_the_next_consumer_when_a_subscriber_closes,
+            unsettled_deliveries_go_to_the_next_consumer_when_a_subscription_is_dropped,
+            unroutable_publish_fails_and_the_publisher_stays_usable,
+            concurrent_routable_and_unroutable_publishes_each_get_their_own_outcome,
+            dead_lettered_message_moves_to_the_dead_letter_queue_with_reason,
+        );
+    };
+    (@cases $factory:path; $($case:ident),+ $(,)?) => {
+        $(
+            #[actix_rt::test]
+            async fn $case() {
+                $crate::conformance::$case($factory).await;
+            }
+        )+
+    };
+}
+pub(crate) use conformance_tests;
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+async fn within<T>(deadline: Duration, what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(deadline, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not done within {deadline:?}"))
+}
+
+/// The next delivery of `sub`, or a panic naming what was awaited.
+async fn next(sub: &mut Subscription, what: &str) -> Delivery {
+    match tokio::time::timeout(DEADLINE, sub.deliveries.next()).await {
+        Ok(Some(Ok(delivery))) => delivery,
+        Ok(Some(Err(e))) => panic!("waiting for {what}: the delivery stream failed: {e}"),
+        Ok(None) => panic!("waiting for {what}: the delivery stream ended"),
+        Err(_) => panic!("waiting for {what}: nothing delivered within {DEADLINE:?}"),
+    }
+}
+
+/// A small message whose id is also its body.
+fn message(routing_key: &str, id: &str) -> Message {
+    let mut message = Message::new(routing_key.to_owned(), id.as_bytes().to_vec());
+    message.message_id = Some(id.to_owned());
+    message
+}
+
+fn id(delivery: &Delivery) -> String {
+    delivery
+        .message
+        .message_id
+        .clone()
+        .expect("every conformance message has an id")
+}
+
+fn ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i:04}")).collect()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct OrderPlaced {
+    #[serde(rename = "orderId")]
+    order_id: String,
+    note: String,
+    lines: Vec<u32>,
+}
+
+impl Event for OrderPlaced {
+    const NAME: &'static str = "orderPlaced";
+    fn partition_key(&self) -> Cow<'_, str> {
+        Cow::Borrowed(&self.order_id)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Cases
+// ---------------------------------------------------------------------------
+
+/// 1. Body bytes, message id and every piece of event metadata survive the trip.
+pub async fn published_message_arrives_with_payload_and_metadata_intact(factory: impl Factory) {
+    let h = factory.harness().await;
+    let queue = h.queue("placed");
+    let mut sub = h.subscribe(&queue, &[OrderPlaced::NAME], 10).await;
+
+    let parent = Envelope::new(&OrderPlaced {
+        order_id: "parent".into(),
+        note: String::new(),
+        lines: vec![],
+    })
+    .expect("encode parent")
+    .meta;
+    let event = OrderPlaced {
+        order_id: "o-1".into(),
+        // Non-ASCII, quotes, escapes and a line break: the body is opaque bytes.
+        note: "Oper\u{e4}-Nacht \"premi\u{e8}re\" \\ \u{1f3ad}\nline 2".into(),
+        lines: vec![1, 2, 3],
+    };
+    let envelope = Envelope::new(&event)
+        .expect("encode event")
+        .caused_by(&parent)
+        .with_producer("conformance");
+    let sent = envelope.to_message();
+    h.publish(sent.clone()).await;
+
+    let delivery = next(&mut sub, "the published event").await;
+    assert!(!delivery.redelivered, "first delivery is not redelivered");
+    let got = &delivery.message;
+    assert_eq!(got.body, sent.body, "body bytes are identical");
+    assert_eq!(got.message_id, sent.message_id, "message_id is kept");
+    assert_eq!(got.routing_key, sent.routing_key);
+    assert_eq!(got.content_type, sent.content_type);
+    assert_eq!(got.timestamp, sent.timestamp);
+    assert_eq!(got.persistent, sent.persistent);
+    assert_eq!(got.headers, sent.headers, "headers are kept, nothing added");
+    assert_eq!(*got, sent);
+
+    let back = Envelope::from_message(got).expect("decode the received envelope");
+    let mut expected = envelope.meta.clone();
+    // The wire carries whole seconds.
+    expected.occurred_at = expected
+        .occurred_at
+        .map(|t| Utc.timestamp_opt(t.timestamp(), 0).unwrap());
+    assert_eq!(back.meta, expected);
+    assert_eq!(back.meta.causation_id, parent.id);
+    assert_eq!(back.meta.correlation_id, parent.id);
+    assert_eq!(back.meta.producer.as_deref(), Some("conformance"));
+    assert_eq!(back.payload, envelope.payload);
+    assert_eq!(back.decode::<OrderPlaced>().expect("decode event"), event);
+
+    delivery.ack().await.expect("ack");
+    h.assert_next_is_fence(&mut sub, OrderPlaced::NAME).await;
+}
+
+/// 2. Publishers racing on one [`Publisher`]: every message arrives exactly once.
+pub async fn messages_from_concurrent_publishers_all_arrive_exactly_once(factory: impl Factory) {
+    const PUBLISHERS: usize = 8;
+    const PER_PUBLISHER: usize = 250;
+    let h = factory.harness().await;
+    let queue = h.queue("many");
+    let key = h.key("many");
+    let mut sub = h.subscribe(&queue, &[&key], 100).await;
+
+    let tasks: Vec<_> = (0..PUBLISHERS)
+        .map(|p| {
+            let publisher = Arc::clone(&h.publisher);
+            let key = key.clone();
+            tokio::spawn(async move {
+                for id in ids(&format!("p{p}"), PER_PUBLISHER) {
+                    let mut message = message(&key, &id);
+                    message.persistent = p % 2 == 0;
+                    publisher
+                        .publish(message)
+                        .await
+                        .unwrap_or_else(|e| panic!("publish {id}: {e}"));
+                }
+            })
+        })
+        .collect();
+
+    let total = PUBLISHERS * PER_PUBLISHER;
+    let mut seen = BTreeSet::new();
+    while seen.len() < total {
+        let delivery = next(&mut sub, &format!("message {} of {total}", seen.len() + 1)).await;
+        let id = id(&delivery);
+        assert!(!delivery.redelivered, "{id} redelivered");
+        assert!(seen.insert(id.clone()), "{id} delivered twice");
+        delivery.ack().await.expect("ack");
+    }
+    for task in tasks {
+        within(DEADLINE, "publisher task", task)
+            .await
+            .expect("publisher task");
+    }
+    let expected: BTreeSet<String> = (0..PUBLISHERS)
+        .flat_map(|p| ids(&format!("p{p}"), PER_PUBLISHER))
+        .collect();
+    assert_eq!(seen, expected);
+    h.assert_next_is_fence(&mut sub, &key).await;
+}
+
+/// 3. Queues bound to different topics (exact names, `*`, `#`) get exactly theirs.
+pub async fn each_queue_receives_exactly_the_topics_it_is_bound_to(factory: impl Factory) {
+    let h = factory.harness().await;
+    let created = h.key("order.created");
+    let cancelled = h.key("order.cancelled");
+    let shipped = h.key("order.shipped");
+    let late = h.key("order.shipped.late");
+    let paid = h.key("payment.received");
+    let one_word = h.key("order.*");
+    let everything = h.key("#");
+    // Every queue is also bound to the fence key, to prove it got nothing else.
+    let fence = h.key("fence");
+
+    let plan: [(&str, Vec<&str>); 4] = [
+        ("created", vec![created.as_str(), fence.as_str()]),
+        ("cancelled", vec![cancelled.as_str(), fence.as_str()]),
+        ("order-star", vec![one_word.as_str(), fence.as_str()]),
+        ("hash", vec![everything.as_str()]),
+    ];
+    let mut subs = Vec::new();
+    for (name, bindings) in &plan {
+        subs.push(h.subscribe(&h.queue(name), bindings, 50).await);
+    }
+
+    let keys = [&created, &cancelled, &shipped, &late, &paid];
+    let mut sent: BTreeMap<String, String> = BTreeMap::new();
+    for round in 0..6 {
+        for (k, key) in keys.iter().enumerate() {
+            let id = format!("m{round}-{k}");
+            h.publish(message(key, &id)).await;
+            sent.insert(id, (*key).clone());
+        }
+    }
+    let fence_id = "the-fence";
+    h.publish(message(&fence, fence_id)).await;
+
+    let expect = |accepts: &dyn Fn(&str) -> bool| -> Vec<String> {
+        sent.iter()
+            .filter(|(_, key)| accepts(key))
+            .map(|(id, _)| id.clone())
+            .collect()
+    };
+    let expected = [
+        expect(&|k| k == created),
+        expect(&|k| k == cancelled),
+        expect(&|k| k == created || k == cancelled || k == shipped),
+        expect(&|_| true),
+    ];
+
+    for ((sub, (name, _)), expected) in subs.iter_mut().zip(&plan).zip(expected) {
+        let mut got = Vec::new();
+        loop {
+            let delivery = next(sub, &format!("queue {name}: messages up to the fence")).await;
+            let id = id(&delivery);
+            assert_eq!(
+                delivery.message.routing_key,
+                sent.get(&id).map_or(fence.as_str(), |k| k),
+                "routing key of {id} in {name}"
+            );
+            delivery.ack().await.expect("ack");
+            if id == fence_id {
+                break;
+            }
+            got.push(id);
+        }
+        got.sort();
+        assert_eq!(got, expected, "queue {name} got exactly its topics");
+    }
+}
+
+/// 4. A delivery settled with `Requeue` comes back redelivered and can be acked.
+pub async fn requeued_delivery_comes_back_redelivered_and_nothing_else_is_lost(
+    factory: impl Factory,
+) {
+    let h = factory.harness().await;
+    let queue = h.queue("retry");
+    let key = h.key("retry");
+    let mut sub = h.subscribe(&queue, &[&key], 10).await;
+    let all = ids("r", 10);
+    let victim = all[3].clone();
+    for id in &all {
+        h.publish(message(&key, id)).await;
+    }
+
+    let mut seen: Vec<(String, bool)> = Vec::new();
+    let mut acked = BTreeSet::new();
+    while acked.len() < all.len() {
+        let delivery = next(&mut sub, &format!("{} acked of {}", acked.len(), all.len())).await;
+        let id = id(&delivery);
+        seen.push((id.clone(), delivery.redelivered));
+        if id == victim && !delivery.redelivered {
+            delivery.settle(Settlement::Requeue).await.expect("requeue");
+        } else {
+            assert!(acked.insert(id.clone()), "{id} delivered after its ack");
+            delivery.ack().await.expect("ack");
+        }
+    }
+
+    let victim_deliveries: Vec<bool> = seen
+        .iter()
+        .filter(|(id, _)| *id == victim)
+        .map(|(_, redelivered)| *redelivered)
+        .collect();
+    assert_eq!(
+        victim_deliveries,
+        [false, true],
+        "the requeued message came back exactly once, flagged redelivered"
+    );
+    for (id, redelivered) in &seen {
+        if *id != victim {
+            assert!(!redelivered, "{id} was never requeued");
+        }
+    }
+    assert_eq!(seen.len(), all.len() + 1);
+    assert_eq!(acked, all.iter().cloned().collect());
+    h.assert_next_is_fence(&mut sub, &key).await;
+}
+
+/// 5. Two consumers on one queue split the messages between them.
+pub async fn competing_consumers_share_the_queue_without_duplicates(factory: impl Factory) {
+    const N: usize = 200;
+    let h = factory.harness().await;
+    let queue = h.queue("workers");
+    let key = h.key("work");
+    let mut first = h.subscribe(&queue, &[&key], 5).await;
+    let mut second = h.subscribe(&queue, &[&key], 5).await;
+    let all = ids("w", N);
+    for id in &all {
+        h.publish(message(&key, id)).await;
+    }
+
+    let mut per_consumer = [BTreeSet::new(), BTreeSet::new()];
+    let mut union = BTreeSet::new();
+    {
+        let mut both = stream::select(
+            (&mut first.deliveries).map(|d| (0, d)),
+            (&mut second.deliveries).map(|d| (1, d)),
+        );
+        while union.len() < N {
+            let (consumer, delivery) =
+                within(DEADLINE, "a delivery on either consumer", both.next())
+                    .await
+                    .expect("both delivery streams ended");
+            let delivery = delivery.expect("delivery stream failed");
+            let id = id(&delivery);
+            assert!(!delivery.redelivered, "{id} redelivered");
+            assert!(union.insert(id.clone()), "{id} delivered twice");
+            per_consumer[consumer].insert(id);
+            delivery.ack().await.expect("ack");
+        }
+    }
+    assert!(
+        !per_consumer[0].is_empty() && !per_consumer[1].is_empty(),
+        "both consumers got work: {} and {}",
+        per_consumer[0].len(),
+        per_consumer[1].len()
+    );
+    assert_eq!(union, all.iter().cloned().collect());
+
+    // Nothing is left unsettled or queued behind them.
+    within(DEADLINE, "close", first.control.close())
+        .await
+        .expect("close first");
+    within(DEADLINE, "close", second.control.close())
+        .await
+        .expect("close second");
+    let mut third = h.subscribe(&queue, &[&key], 5).await;
+    h.assert_next_is_fence(&mut third, &key).await;
+}
+
+/// 6. One consumer sees messages in publish order (across two routing keys too).
+pub async fn single_consumer_receives_messages_in_publish_order(factory: impl Factory) {
+    const N: usize = 100;
+    let h = factory.harness().await;
+    let queue = h.queue("ordered");
+    let keys = [h.key("order.a"), h.key("order.b")];
+    let mut sub = h.subscribe(&queue, &[&keys[0], &keys[1]], 20).await;
+    let all = ids("o", N);
+    for (i, id) in all.iter().enumerate() {
+        let mut message = message(&keys[i % 3 % 2], id);
+        message.persistent = i % 2 == 0;
+        h.publish(message).await;
+    }
+    let mut got = Vec::new();
+    while got.len() < N {
+        let delivery = next(&mut sub, &format!("message {} of {N}", got.len() + 1)).await;
+        got.push(id(&delivery));
+        delivery.ack().await.expect("ack");
+    }
+    assert_eq!(got, all, "delivery order is publish order");
+    h.assert_next_is_fence(&mut sub, &keys[0]).await;
+}
+
+#[derive(Clone, Copy)]
+enum Release {
+    Close,
+    Drop,
+}
+
+/// 7a. `control.close()` with deliveries unsettled: the next consumer gets them.
+pub async fn unsettled_deliveries_go_to_the_next_consumer_when_a_subscriber_closes(
+    factory: impl Factory,
+) {
+    handover_after_release(factory, Release::Close).await;
+}
+
+/// 7b. Dropping the subscription with deliveries unsettled: the same.
+pub async fn unsettled_deliveries_go_to_the_next_consumer_when_a_subscription_is_dropped(
+    factory: impl Factory,
+) {
+    handover_after_release(factory, Release::Drop).await;
+}
+
+async fn handover_after_release(factory: impl Factory, release: Release) {
+    const N: usize = 20;
+    const ACKED: usize = N / 2;
+    const HELD: usize = 5;
+    let h = factory.harness().await;
+    let queue = h.queue("handover");
+    let key = h.key("handover");
+    let all = ids("h", N);
+    let mut first = h.subscribe(&queue, &[&key], N as u16).await;
+    for id in &all {
+        h.publish(message(&key, id)).await;
+    }
+
+    // Consumer 1 acks half, holds a few unsettled, and never looks at the rest.
+    let mut acked = BTreeSet::new();
+    for _ in 0..ACKED {
+        let delivery = next(&mut first, "consumer 1: a message to ack").await;
+        acked.insert(id(&delivery));
+        delivery.ack().await.expect("ack");
+    }
+    let mut held = Vec::new();
+    for _ in 0..HELD {
+        held.push(next(&mut first, "consumer 1: a message to hold").await);
+    }
+    let held_ids: BTreeSet<String> = held.iter().map(id).collect();
+    match release {
+        Release::Close => within(DEADLINE, "close consumer 1", first.control.close())
+            .await
+            .expect("close consumer 1"),
+        Release::Drop => drop(first),
+    }
+
+    // A delivery of the released consumer, settled right away: after an awaited
+    // close() the ack must fail. A dropped subscription releases in the
+    // background, so there the ack may still win the race; either way the
+    // outcome must be true (Ok = really acked, Err = goes to consumer 2).
+    let stale = held.pop().expect("held one");
+    let stale_id = id(&stale);
+    match (release, stale.ack().await) {
+        (_, Err(_)) => {}
+        (Release::Drop, Ok(())) => {
+            acked.insert(stale_id);
+        }
+        (Release::Close, Ok(())) => {
+            panic!("ack of {stale_id} after close() must fail")
+        }
+    }
+
+    let expected: BTreeSet<String> = all
+        .iter()
+        .filter(|id| !acked.contains(*id))
+        .cloned()
+        .collect();
+    let mut second = h.subscribe(&queue, &[&key], N as u16).await;
+    let mut got = BTreeMap::new();
+    while got.len() < expected.len() {
+        let delivery = next(
+            &mut second,
+            &format!(
+                "consumer 2: {} of {} unacked",
+                got.len() + 1,
+                expected.len()
+            ),
+        )
+        .await;
+        let id = id(&delivery);
+        assert!(
+            !acked.contains(&id),
+            "{id} came back although consumer 1 acked it"
+        );
+        if held_ids.contains(&id) {
+            assert!(
+                delivery.redelivered,
+                "{id} was delivered before: redelivered"
+            );
+        }
+        assert!(
+            got.insert(id.clone(), delivery).is_none(),
+            "{id} delivered twice"
+        );
+    }
+
+    // Once the messages sit with consumer 2, a stale delivery of consumer 1
+    // must neither settle successfully nor touch consumer 2's delivery.
+    for stale in held {
+        let stale_id = id(&stale);
+        assert!(
+            stale.ack().await.is_err(),
+            "ack of {stale_id} after its consumer was released must fail"
+        );
+    }
+    assert_eq!(got.keys().cloned().collect::<BTreeSet<_>>(), expected);
+    for (id, delivery) in got {
+        delivery
+            .ack()
+            .await
+            .unwrap_or_else(|e| panic!("consumer 2 acks {id}: {e}"));
+    }
+    h.assert_next_is_fence(&mut second, &key).await;
+}
+
+/// 8. A publish nobody is bound for fails as `Unroutable`; the publisher goes on.
+pub async fn unroutable_publish_fails_and_the_publisher_stays_usable(factory: impl Factory) {
+    let h = factory.harness().await;
+    let queue = h.queue("routed");
+    let routed = h.key("routed");
+    let nobody = h.key("nobody.listens");
+    let mut sub = h.subscribe(&queue, &[&routed], 10).await;
+
+    for round in 0..3 {
+        let lost = format!("lost-{round}");
+        match within(
+            DEADLINE,
+            "unroutable publish",
+            h.publisher.publish(message(&nobody, &lost)),
+        )
+        .await
+        {
+            Err(BrokerError::Unroutable { routing_key, .. }) => assert_eq!(routing_key, nobody),
+            other => panic!("publish to {nobody}: expected Unroutable, got {other:?}"),
+        }
+        let kept = format!("kept-{round}");
+        h.publish(message(&routed, &kept)).await;
+        let delivery = next(&mut sub, &kept).await;
+        assert_eq!(id(&delivery), kept);
+        delivery.ack().await.expect("ack");
+    }
+    h.assert_next_is_fence(&mut sub, &routed).await;
+}
+
+/// 8b. Routable and unroutable publishes in flight together: each caller learns
+/// the fate of its own message.
+pub async fn concurrent_routable_and_unroutable_publishes_each_get_their_own_outcome(
+    factory: impl Factory,
+) {
+    const N: usize = 400;
+    let h = factory.harness().await;
+    let queue = h.queue("mixed");
+    let routed = h.key("routed");
+    let nobody = h.key("nobody");
+    let mut sub = h.subscribe(&queue, &[&routed], 50).await;
+
+    let tasks: Vec<_> = (0..N)
+        .map(|i| {
+            let publisher = Arc::clone(&h.publisher);
+            let routable = i % 4 != 0;
+            let key = if routable {
+                routed.clone()
+            } else {
+                nobody.clone()
+            };
+            let id = format!("x-{i:04}");
+            tokio::spawn(async move {
+                let mut message = message(&key, &id);
+                message.persistent = i % 2 == 0;
+                let outcome = publisher.publish(message).await;
+                (id, routable, outcome)
+            })
+        })
+        .collect();
+
+    let mut expected = BTreeSet::new();
+    let mut wrong = Vec::new();
+    for task in tasks {
+        let (id, routable, outcome) = within(DEADLINE, "publish task", task)
+            .await
+            .expect("publish task");
+        match (routable, &outcome) {
+            (true, Ok(())) => {
+                expected.insert(id);
+            }
+            (false, Err(BrokerError::Unroutable { .. })) => {}
+            _ => wrong.push(format!("{id} (routable: {routable}): {outcome:?}")),
+        }
+    }
+    assert!(wrong.is_empty(), "wrong publish outcomes: {wrong:#?}");
+
+    let mut got = BTreeSet::new();
+    while got.len() < expected.len() {
+        let delivery = next(&mut sub, "a routable message").await;
+        let id = id(&delivery);
+        assert!(got.insert(id.clone()), "{id} delivered twice");
+        delivery.ack().await.expect("ack");
+    }
+    assert_eq!(got, expected);
+    h.assert_next_is_fence(&mut sub, &routed).await;
+}
+
+/// 9. `DeadLetter` moves the message to the group's dead-letter queue, annotated.
+pub async fn dead_lettered_message_moves_to_the_dead_letter_queue_with_reason(
+    factory: impl Factory,
+) {
+    let h = factory.harness().await;
+    let queue = h.queue("doomed");
+    let key = h.key("doomed");
+    let reason = "handler refused: \u{e9}v\u{e9}nement invalide";
+    let mut sub = h.subscribe(&queue, &[&key], 10).await;
+    let mut sent = message(&key, "poison");
+    sent.headers.insert("x-custom".into(), "kept".into());
+    sent.content_type = Some("application/json".into());
+    h.publish(sent.clone()).await;
+    h.publish(message(&key, "healthy")).await;
+
+    let poison = next(&mut sub, "the poison message").await;
+    assert_eq!(id(&poison), "poison");
+    poison
+        .settle(Settlement::DeadLetter {
+            reason: reason.into(),
+        })
+        .await
+        .expect("dead-letter");
+    let healthy = next(&mut sub, "the healthy message").await;
+    assert_eq!(id(&healthy), "healthy");
+    healthy.ack().await.expect("ack");
+
+    let dlq = dead_letter_queue(&queue);
+    let mut dead = h.subscribe(&dlq, &[] as &[&str], 10).await;
+    let letter = next(&mut dead, "the dead letter").await;
+    let m = &letter.message;
+    assert_eq!(m.message_id, sent.message_id);
+    assert_eq!(m.body, sent.body);
+    assert_eq!(m.content_type, sent.content_type);
+    assert_eq!(m.header(headers::ERROR), Some(reason));
+    assert_eq!(m.header(headers::ORIGINAL_ROUTING_KEY), Some(key.as_str()));
+    assert_eq!(m.header("x-custom"), Some("kept"));
+    letter.ack().await.expect("ack the dead letter");
+
+    // The original queue no longer holds it, not even as an unsettled delivery.
+    within(DEADLINE, "close", sub.control.close())
+        .await
+        .expect("close");
+    let mut again = h.subscribe(&queue, &[&key], 10).await;
+    h.assert_next_is_fence(&mut again, &key).await;
+}
