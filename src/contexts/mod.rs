@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use actix_web::web;
 
+use crate::store::projection::Projections;
 use crate::store::Db;
 use crate::{AmqpBroker, AmqpOptions, ContextBuilder, Error, Settings};
 
@@ -23,6 +24,8 @@ use crate::{AmqpBroker, AmqpOptions, ContextBuilder, Error, Settings};
 pub struct Service {
     pub db: Db,
     pub name: Arc<str>,
+    /// The context's read models, caught up in every append's transaction.
+    pub projections: Arc<Projections>,
 }
 
 /// Runs a context with a REST API until Ctrl-C or SIGTERM: opens its
@@ -33,6 +36,7 @@ pub struct Service {
 /// Start-up failures (database, broker, address in use) or an escalation.
 pub async fn run_service(
     settings: Settings,
+    projections: Projections,
     handlers: impl FnOnce(ContextBuilder, &Service) -> ContextBuilder,
     routes: fn(&mut web::ServiceConfig),
 ) -> Result<(), Error> {
@@ -51,6 +55,7 @@ pub async fn run_service(
     let service = Service {
         db: db.clone(),
         name: name.clone(),
+        projections: Arc::new(projections),
     };
     let broker = AmqpBroker::connect(&AmqpOptions::from_settings(&settings)).await?;
     let addr = settings.http.addr;

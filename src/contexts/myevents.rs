@@ -89,6 +89,8 @@ impl EventBooked {
 
 impl Event for EventBooked {
     const NAME: &'static str = "eventBooked";
+    /// Version 1 is the book's (no `seats`, no `bookingId`).
+    const SCHEMA_VERSION: u32 = 2;
     fn partition_key(&self) -> Cow<'_, str> {
         Cow::Borrowed(&self.event_id)
     }

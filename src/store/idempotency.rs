@@ -42,24 +42,17 @@ impl Keyed {
     }
 }
 
-/// Runs `command` once per key: a repeat of the same request returns the
-/// stored first response and changes nothing; a repeat with another body gets
-/// a 422. Only successes are stored: a refused request changed nothing, so
-/// running it again is safe. Without a key, `command` always runs. Call inside
-/// the transaction of the command's effects.
+/// The answer to replay for `keyed`, if this request was answered before: the
+/// stored first success, or a 422 when the key came with another body.
 ///
 /// # Errors
-/// What `command` returns (its effects roll back with the transaction).
-pub fn once<F>(
+/// A database error.
+pub fn replay(
     conn: &mut SqliteConnection,
     keyed: Option<&Keyed>,
-    command: F,
-) -> Result<StoredResponse, StoreError>
-where
-    F: FnOnce(&mut SqliteConnection) -> Result<StoredResponse, StoreError>,
-{
+) -> Result<Option<StoredResponse>, StoreError> {
     let Some(keyed) = keyed else {
-        return command(conn);
+        return Ok(None);
     };
     let first: Option<(i32, String, String)> = idempotency::table
         .filter(idempotency::scope.eq(&keyed.scope))
@@ -71,31 +64,68 @@ where
         ))
         .first(conn)
         .optional()?;
-    if let Some((status, body, fingerprint)) = first {
-        if fingerprint != keyed.fingerprint {
-            return Ok(StoredResponse {
+    Ok(first.map(|(status, body, fingerprint)| {
+        if fingerprint == keyed.fingerprint {
+            StoredResponse { status, body }
+        } else {
+            StoredResponse {
                 status: 422,
                 body: serde_json::json!({
                     "error": "this Idempotency-Key was used for a different request"
                 })
                 .to_string(),
-            });
+            }
         }
-        return Ok(StoredResponse { status, body });
+    }))
+}
+
+/// Stores `response` for `keyed` when it is a success (a refused request
+/// changed nothing, so running it again is safe). Call in the transaction of
+/// the request's effects.
+///
+/// # Errors
+/// A database error.
+pub fn remember(
+    conn: &mut SqliteConnection,
+    keyed: Option<&Keyed>,
+    response: &StoredResponse,
+) -> Result<(), StoreError> {
+    let Some(keyed) = keyed.filter(|_| response.is_success()) else {
+        return Ok(());
+    };
+    diesel::insert_into(idempotency::table)
+        .values((
+            idempotency::scope.eq(&keyed.scope),
+            idempotency::key.eq(&keyed.key),
+            idempotency::status.eq(response.status),
+            idempotency::body.eq(&response.body),
+            idempotency::created_at.eq(now_ms()),
+            idempotency::fingerprint.eq(&keyed.fingerprint),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Runs `command` once per key: a repeat of the same request returns the
+/// stored first response and changes nothing; a repeat with another body gets
+/// a 422. Without a key, `command` always runs. Call inside the transaction of
+/// the command's effects.
+///
+/// # Errors
+/// What `command` returns (its effects roll back with the transaction).
+pub fn once<F>(
+    conn: &mut SqliteConnection,
+    keyed: Option<&Keyed>,
+    command: F,
+) -> Result<StoredResponse, StoreError>
+where
+    F: FnOnce(&mut SqliteConnection) -> Result<StoredResponse, StoreError>,
+{
+    if let Some(answer) = replay(conn, keyed)? {
+        return Ok(answer);
     }
     let response = command(conn)?;
-    if response.is_success() {
-        diesel::insert_into(idempotency::table)
-            .values((
-                idempotency::scope.eq(&keyed.scope),
-                idempotency::key.eq(&keyed.key),
-                idempotency::status.eq(response.status),
-                idempotency::body.eq(&response.body),
-                idempotency::created_at.eq(now_ms()),
-                idempotency::fingerprint.eq(&keyed.fingerprint),
-            ))
-            .execute(conn)?;
-    }
+    remember(conn, keyed, &response)?;
     Ok(response)
 }
 

@@ -34,6 +34,26 @@ pub fn claim(
     Ok(inserted == 1)
 }
 
+/// Whether `consumer` already applied the message with `dedupe_key`.
+///
+/// # Errors
+/// A database error.
+pub fn seen(
+    conn: &mut SqliteConnection,
+    consumer: &str,
+    dedupe_key: Option<&str>,
+) -> Result<bool, StoreError> {
+    let Some(key) = dedupe_key else {
+        return Ok(false);
+    };
+    let found: i64 = inbox::table
+        .filter(inbox::consumer.eq(consumer))
+        .filter(inbox::dedupe_key.eq(key))
+        .count()
+        .get_result(conn)?;
+    Ok(found > 0)
+}
+
 /// Deletes entries older than `older_than_ms`; returns how many.
 pub fn prune(conn: &mut SqliteConnection, older_than_ms: i64) -> Result<usize, StoreError> {
     diesel::delete(inbox::table.filter(inbox::received_at.lt(older_than_ms)))

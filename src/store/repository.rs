@@ -51,7 +51,7 @@ pub fn load<A: Aggregate>(conn: &mut SqliteConnection, id: &str) -> Result<Loade
     let events = event_store::load(conn, &stream, version)?;
     let mut loaded_version = version;
     for recorded in &events {
-        state.apply(&decode::<A>(recorded)?);
+        state.apply(&decode_recorded::<A>(recorded)?);
         loaded_version = recorded.stream_version;
     }
     Ok(Loaded {
@@ -62,7 +62,11 @@ pub fn load<A: Aggregate>(conn: &mut SqliteConnection, id: &str) -> Result<Loade
     })
 }
 
-fn decode<A: Aggregate>(recorded: &RecordedEvent) -> Result<A::Event, StoreError> {
+/// Decodes a stored event of aggregate `A`, upcasting older schema versions.
+///
+/// # Errors
+/// [`StoreError::Corrupt`] when it cannot be read.
+pub fn decode_recorded<A: Aggregate>(recorded: &RecordedEvent) -> Result<A::Event, StoreError> {
     let payload = serde_json::from_str(&recorded.payload)
         .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", recorded.event_id)))?;
     let version = u32::try_from(recorded.schema_version).unwrap_or(0);
@@ -191,10 +195,43 @@ where
     T: Send + 'static,
     F: Fn(&mut SqliteConnection, &Executed<A>) -> Result<T, StoreError> + Clone + Send + 'static,
 {
+    execute_unless(db, id, command, options, |_| Ok(None), effects).await
+}
+
+/// As [`execute`], but first, inside the write transaction, asks `settled`
+/// whether the command already happened (an idempotency key seen before): an
+/// answer is returned as it is and nothing is appended.
+///
+/// # Errors
+/// As [`execute`].
+pub async fn execute_unless<A, T, G, F>(
+    db: &Db,
+    id: &str,
+    command: A::Command,
+    options: &ExecuteOptions,
+    settled: G,
+    effects: F,
+) -> Result<T, CommandError<A::Error>>
+where
+    A: Aggregate,
+    T: Send + 'static,
+    G: Fn(&mut SqliteConnection) -> Result<Option<T>, StoreError> + Clone + Send + 'static,
+    F: Fn(&mut SqliteConnection, &Executed<A>) -> Result<T, StoreError> + Clone + Send + 'static,
+{
     let attempts = options.max_attempts.max(1);
     for _ in 0..attempts {
         let wanted = id.to_owned();
-        let loaded = db.read(move |c| load::<A>(c, &wanted)).await?;
+        let check = settled.clone();
+        let loaded = db
+            .read(move |c| match check(c)? {
+                Some(answer) => Ok(Err(answer)),
+                None => load::<A>(c, &wanted).map(Ok),
+            })
+            .await?;
+        let loaded = match loaded {
+            Ok(loaded) => loaded,
+            Err(answer) => return Ok(answer),
+        };
         let events = loaded
             .state
             .handle(command.clone())
@@ -203,9 +240,13 @@ where
         for event in &events {
             state.apply(event);
         }
-        let (id, options, effects) = (id.to_owned(), options.clone(), effects.clone());
+        let (id, options) = (id.to_owned(), options.clone());
+        let (settled, effects) = (settled.clone(), effects.clone());
         let saved = db
             .write(move |c| {
+                if let Some(answer) = settled(c)? {
+                    return Ok(answer);
+                }
                 let recorded = save::<A>(
                     c,
                     &id,

@@ -4,12 +4,16 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 
+use super::ledger::{LedgerCommand, LedgerError, LedgerEvent, SeatLedger};
 use super::store::{self, BookingRow};
-use crate::contexts::myevents::{new_id, EventBooked};
+use crate::contexts::myevents::new_id;
 use crate::contexts::Service;
+use crate::error::StoreError;
 use crate::http::{self as h, ApiError};
+use crate::store::event_store::EventMetadata;
 use crate::store::idempotency::{self, Keyed};
 use crate::store::outbox;
+use crate::store::repository::{self, CommandError, ExecuteOptions};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/events/{event_id}/bookings", web::post().to(book))
@@ -85,45 +89,73 @@ async fn book(
         .map(|u| u.trim().to_owned())
         .filter(|u| !u.is_empty())
         .unwrap_or_else(|| ANONYMOUS.to_owned());
-    let producer = service.name.clone();
-    let response = service
-        .db
-        .write(move |c| {
-            idempotency::once(c, keyed.as_ref(), |c| {
-                let Some(event) = store::event(c, &event_id)? else {
-                    return Ok(ApiError::not_found(format!("event {event_id} not found")).stored());
-                };
-                // The write lock is held from here to commit: no other booking can
-                // take the seats counted now (no overbooking under concurrency).
-                if let Some(left) = event.seats_left() {
-                    if new.seats > left {
-                        return Ok(ApiError::conflict(format!(
-                            "only {left} seats left for event {event_id}, {} asked",
-                            new.seats
-                        ))
-                        .stored());
-                    }
-                }
-                let booking = BookingRow {
-                    id: new_id(),
-                    event_id: event_id.clone(),
-                    user_id: user,
-                    seats: new.seats,
-                    booked_at: chrono::Utc::now().timestamp(),
-                };
-                store::book(c, &booking)?;
-                let booked = EventBooked {
-                    event_id: event_id.clone(),
-                    user_id: booking.user_id.clone(),
-                    booking_id: Some(booking.id.clone()),
-                    // 1..=i32::MAX, checked above.
-                    seats: u32::try_from(booking.seats).ok(),
-                };
-                outbox::append(c, &booked, &producer, None)?;
-                Ok(h::stored(StatusCode::CREATED, &BookingJson::from(&booking)))
-            })
-        })
-        .await?;
+    let command = LedgerCommand::Book {
+        booking_id: new_id(),
+        user,
+        // 1..=i32::MAX, checked above.
+        seats: u32::try_from(new.seats).unwrap_or(u32::MAX),
+    };
+    let options = ExecuteOptions {
+        metadata: EventMetadata {
+            producer: Some(service.name.to_string()),
+            ..EventMetadata::default()
+        },
+        snapshot_every: super::SNAPSHOT_EVERY,
+        max_attempts: super::MAX_ATTEMPTS,
+    };
+    let (producer, views) = (service.name.clone(), service.projections.clone());
+    let replay_key = keyed.clone();
+    let outcome = repository::execute_unless::<SeatLedger, _, _, _>(
+        &service.db,
+        &event_id,
+        command,
+        &options,
+        move |c| idempotency::replay(c, replay_key.as_ref()),
+        move |c, executed| {
+            let (Some(LedgerEvent::Booked(booked)), Some(recorded)) =
+                (executed.events.first(), executed.recorded.first())
+            else {
+                return Err(StoreError::Corrupt(
+                    "a booking decided no eventBooked".into(),
+                ));
+            };
+            outbox::append(c, booked, &producer, None)?;
+            views.catch_up(c)?;
+            let response = h::stored(
+                StatusCode::CREATED,
+                &BookingJson {
+                    id: booked.booking_id.clone().unwrap_or_default(),
+                    event_id: booked.event_id.clone(),
+                    user: booked.user_id.clone(),
+                    seats: i64::from(booked.seats()),
+                    date: recorded.recorded_at / 1000,
+                },
+            );
+            idempotency::remember(c, keyed.as_ref(), &response)?;
+            Ok(response)
+        },
+    )
+    .await;
+    let response = match outcome {
+        Ok(response) => response,
+        Err(CommandError::Rejected(LedgerError::UnknownEvent)) => {
+            return Err(ApiError::not_found(format!("event {event_id} not found")))
+        }
+        Err(CommandError::Rejected(refused @ LedgerError::NotEnoughSeats { .. })) => {
+            return Err(ApiError::conflict(format!("event {event_id}: {refused}")))
+        }
+        Err(CommandError::Contention { attempts }) => {
+            log::warn!(target: "herald::booking", "event={event_id} booking gave up after {attempts} conflicts");
+            return Err(ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many concurrent bookings, try again",
+                )
+            });
+        }
+        Err(CommandError::Store(error)) => return Err(error.into()),
+    };
     if response.status == 201 {
         log::info!(target: "herald::booking", "booked {}", response.body);
     }

@@ -4,9 +4,15 @@ use diesel::prelude::*;
 use diesel::sqlite::SqliteConnection;
 use diesel::upsert::excluded;
 
+use super::ledger::{LedgerEvent, SeatLedger};
 use super::schema::{bookings, known_events, known_locations};
+use crate::aggregate::Aggregate;
 use crate::contexts::myevents::{EventCreated, LocationCreated};
 use crate::error::StoreError;
+use crate::store::event_store::RecordedEvent;
+use crate::store::projection::Projection;
+use crate::store::repository::decode_recorded;
+use crate::Event;
 
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
 #[diesel(table_name = known_events)]
@@ -22,13 +28,6 @@ pub struct KnownEvent {
     pub seats_booked: i64,
 }
 
-impl KnownEvent {
-    /// Seats still on sale; `None` when unlimited.
-    pub fn seats_left(&self) -> Option<i64> {
-        self.capacity.map(|c| (c - self.seats_booked).max(0))
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
 #[diesel(table_name = bookings)]
 pub struct BookingRow {
@@ -39,8 +38,77 @@ pub struct BookingRow {
     pub booked_at: i64,
 }
 
-/// Records (or refreshes) the local copy of an event; seats booked stay.
-pub fn remember_event(conn: &mut SqliteConnection, event: &EventCreated) -> Result<(), StoreError> {
+/// The booking context's read models, fed from its event store: events on
+/// sale with their seats (`known_events`) and the bookings (`bookings`).
+pub struct SeatsView;
+
+impl Projection for SeatsView {
+    fn name(&self) -> &'static str {
+        "seats"
+    }
+
+    fn reset(&self, conn: &mut SqliteConnection) -> Result<(), StoreError> {
+        diesel::delete(bookings::table).execute(conn)?;
+        diesel::delete(known_events::table).execute(conn)?;
+        Ok(())
+    }
+
+    fn apply(&self, conn: &mut SqliteConnection, event: &RecordedEvent) -> Result<(), StoreError> {
+        if !event.stream_id.starts_with(SeatLedger::KIND) {
+            return Ok(());
+        }
+        match decode_recorded::<SeatLedger>(event)? {
+            LedgerEvent::Opened(announced) => remember_event(conn, &announced),
+            LedgerEvent::Booked(booked) => {
+                let row = BookingRow {
+                    id: booked
+                        .booking_id
+                        .clone()
+                        .unwrap_or_else(|| format!("{}-{}", booked.event_id, event.position)),
+                    event_id: booked.event_id.clone(),
+                    user_id: booked.user_id.clone(),
+                    seats: i64::from(booked.seats()),
+                    booked_at: event.recorded_at / 1000,
+                };
+                diesel::insert_into(bookings::table)
+                    .values(&row)
+                    .execute(conn)?;
+                diesel::update(known_events::table.find(&row.event_id))
+                    .set(known_events::seats_booked.eq(known_events::seats_booked + row.seats))
+                    .execute(conn)?;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Locations heard of (`locationCreated`, recorded in the event store as heard).
+pub struct LocationsView;
+
+/// Streams of recorded `locationCreated` facts: `location-<id>`.
+pub const LOCATION_STREAM: &str = "location";
+
+impl Projection for LocationsView {
+    fn name(&self) -> &'static str {
+        "locations"
+    }
+
+    fn reset(&self, conn: &mut SqliteConnection) -> Result<(), StoreError> {
+        diesel::delete(known_locations::table).execute(conn)?;
+        Ok(())
+    }
+
+    fn apply(&self, conn: &mut SqliteConnection, event: &RecordedEvent) -> Result<(), StoreError> {
+        if event.event_name != LocationCreated::NAME {
+            return Ok(());
+        }
+        let location: LocationCreated = serde_json::from_str(&event.payload)
+            .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", event.event_id)))?;
+        remember_location(conn, &location)
+    }
+}
+
+fn remember_event(conn: &mut SqliteConnection, event: &EventCreated) -> Result<(), StoreError> {
     let row = KnownEvent {
         id: event.id.clone(),
         name: event.name.clone(),
@@ -67,7 +135,7 @@ pub fn remember_event(conn: &mut SqliteConnection, event: &EventCreated) -> Resu
     Ok(())
 }
 
-pub fn remember_location(
+fn remember_location(
     conn: &mut SqliteConnection,
     location: &LocationCreated,
 ) -> Result<(), StoreError> {
@@ -99,17 +167,6 @@ pub fn event(conn: &mut SqliteConnection, id: &str) -> Result<Option<KnownEvent>
         .first(conn)
         .optional()
         .map_err(StoreError::from)
-}
-
-/// Inserts the booking and counts its seats against the event.
-pub fn book(conn: &mut SqliteConnection, booking: &BookingRow) -> Result<(), StoreError> {
-    diesel::insert_into(bookings::table)
-        .values(booking)
-        .execute(conn)?;
-    diesel::update(known_events::table.find(&booking.event_id))
-        .set(known_events::seats_booked.eq(known_events::seats_booked + booking.seats))
-        .execute(conn)?;
-    Ok(())
 }
 
 pub fn bookings_of(

@@ -53,5 +53,5 @@ pub fn handlers(builder: ContextBuilder, service: &Service) -> ContextBuilder {
 /// # Errors
 /// Start-up failures or an escalation.
 pub async fn run(settings: Settings) -> Result<(), Error> {
-    run_service(settings, handlers, rest::routes).await
+    run_service(settings, Default::default(), handlers, rest::routes).await
 }
