@@ -109,6 +109,30 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// The answer for a command that did not go through: `refused` maps the
+/// domain's refusal; contention is a 503 with `Retry-After` (never a false
+/// refusal); store errors map as everywhere.
+pub fn command_error<E: std::error::Error>(
+    error: crate::store::repository::CommandError<E>,
+    refused: impl FnOnce(E) -> ApiError,
+) -> ApiError {
+    use crate::store::repository::CommandError;
+    match error {
+        CommandError::Rejected(reason) => refused(reason),
+        CommandError::Contention { attempts } => {
+            log::warn!(target: "herald::http", "command gave up after {attempts} conflicting attempts");
+            ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too much contention, try again",
+                )
+            }
+        }
+        CommandError::Store(error) => error.into(),
+    }
+}
+
 /// Parses a JSON body whatever its `Content-Type` says: browsers posting with
 /// `fetch` and no headers send `text/plain;charset=UTF-8`.
 ///

@@ -8,6 +8,7 @@ use std::borrow::Cow;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::error::CodecError;
 use crate::Event;
 
 /// A hall of a location, as in the book's `persistence.Hall`.
@@ -98,6 +99,30 @@ impl Event for EventBooked {
     /// bodies for different bookings.
     fn identity(&self) -> Option<Cow<'_, str>> {
         self.booking_id.as_deref().map(Cow::Borrowed)
+    }
+}
+
+/// Upcasts a stored `eventBooked` payload from schema version `from` to
+/// `from + 1`: version 1 is the book's, without `seats`, which meant one seat.
+///
+/// # Errors
+/// [`CodecError::UnsupportedSchemaVersion`] for any other version.
+pub fn upcast_event_booked(
+    from: u32,
+    mut payload: serde_json::Value,
+) -> Result<serde_json::Value, CodecError> {
+    match from {
+        1 => {
+            if payload.get("seats").is_none_or(serde_json::Value::is_null) {
+                payload["seats"] = serde_json::Value::from(1);
+            }
+            Ok(payload)
+        }
+        _ => Err(CodecError::UnsupportedSchemaVersion {
+            name: EventBooked::NAME.to_owned(),
+            found: from,
+            supported: EventBooked::SCHEMA_VERSION,
+        }),
     }
 }
 

@@ -141,6 +141,30 @@ fn write_snapshot<A: Aggregate>(
     Ok(())
 }
 
+/// Records a fact heard from another context in aggregate `id`'s stream, as
+/// received (name, schema version, payload): older versions stay as they
+/// are and are upcast whenever the stream is read. Run inside a write
+/// transaction.
+///
+/// # Errors
+/// [`StoreError::Corrupt`] when `A` cannot read the event (nothing is written).
+pub fn record<A: Aggregate>(
+    conn: &mut SqliteConnection,
+    id: &str,
+    event: NewEvent,
+) -> Result<RecordedEvent, StoreError> {
+    let payload: serde_json::Value = serde_json::from_str(&event.payload)
+        .map_err(|e| StoreError::Corrupt(format!("{}: {e}", event.name)))?;
+    decode_event::<A>(&event.name, event.schema_version, payload)
+        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let stream = A::stream_id(id);
+    let version = event_store::stream_version(conn, &stream)?;
+    let mut recorded = event_store::append(conn, &stream, version, &[event])?;
+    recorded
+        .pop()
+        .ok_or_else(|| StoreError::Corrupt("nothing recorded".into()))
+}
+
 /// A command's result, for the caller's effects in the same transaction.
 #[derive(Debug, Clone)]
 pub struct Executed<A: Aggregate> {

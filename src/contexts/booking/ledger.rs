@@ -7,8 +7,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::aggregate::Aggregate;
-use crate::contexts::myevents::{EventBooked, EventCreated};
+use crate::contexts::myevents::{upcast_event_booked, EventBooked, EventCreated};
 use crate::error::CodecError;
+use crate::Event as _;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SeatLedger {
@@ -95,25 +96,15 @@ impl Aggregate for SeatLedger {
 
     fn schema_version(name: &str) -> u32 {
         match name {
-            "eventBooked" => 2,
+            EventBooked::NAME => EventBooked::SCHEMA_VERSION,
             _ => 1,
         }
     }
 
-    /// `eventBooked` v1 is the book's: no `seats`, which meant one seat.
-    fn upcast(name: &str, from: u32, mut payload: Value) -> Result<Value, CodecError> {
-        match (name, from) {
-            ("eventBooked", 1) => {
-                if payload.get("seats").is_none_or(Value::is_null) {
-                    payload["seats"] = Value::from(1);
-                }
-                Ok(payload)
-            }
-            _ => Err(CodecError::UnsupportedSchemaVersion {
-                name: name.to_owned(),
-                found: from,
-                supported: Self::schema_version(name),
-            }),
+    fn upcast(name: &str, from: u32, payload: Value) -> Result<Value, CodecError> {
+        match name {
+            EventBooked::NAME => upcast_event_booked(from, payload),
+            _ => Err(CodecError::UnknownEvent(name.to_owned())),
         }
     }
 }

@@ -13,7 +13,7 @@ use crate::http::{self as h, ApiError};
 use crate::store::event_store::EventMetadata;
 use crate::store::idempotency::{self, Keyed};
 use crate::store::outbox;
-use crate::store::repository::{self, CommandError, ExecuteOptions};
+use crate::store::repository::{self, ExecuteOptions};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/events/{event_id}/bookings", web::post().to(book))
@@ -136,26 +136,14 @@ async fn book(
         },
     )
     .await;
-    let response = match outcome {
-        Ok(response) => response,
-        Err(CommandError::Rejected(LedgerError::UnknownEvent)) => {
-            return Err(ApiError::not_found(format!("event {event_id} not found")))
-        }
-        Err(CommandError::Rejected(refused @ LedgerError::NotEnoughSeats { .. })) => {
-            return Err(ApiError::conflict(format!("event {event_id}: {refused}")))
-        }
-        Err(CommandError::Contention { attempts }) => {
-            log::warn!(target: "herald::booking", "event={event_id} booking gave up after {attempts} conflicts");
-            return Err(ApiError {
-                retry_after: Some(1),
-                ..ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "too many concurrent bookings, try again",
-                )
-            });
-        }
-        Err(CommandError::Store(error)) => return Err(error.into()),
-    };
+    let response = outcome.map_err(|e| {
+        h::command_error(e, |refused| match refused {
+            LedgerError::UnknownEvent => ApiError::not_found(format!("event {event_id} not found")),
+            LedgerError::NotEnoughSeats { .. } => {
+                ApiError::conflict(format!("event {event_id}: {refused}"))
+            }
+        })
+    })?;
     if response.status == 201 {
         log::info!(target: "herald::booking", "booked {}", response.body);
     }

@@ -2,50 +2,75 @@
 //! It emits `locationCreated` and `eventCreated`, and consumes `eventBooked`
 //! to count the seats booked per event.
 
+pub mod model;
 mod rest;
 mod schema;
 mod store;
 
+use std::sync::Arc;
+
 use crate::contexts::myevents::EventBooked;
 use crate::contexts::{run_service, Service};
-use crate::{ContextBuilder, Error, HandlerError, MessageContext, Settings};
+use crate::store::event_store::{EventMetadata, NewEvent};
+use crate::store::projection::Projections;
+use crate::store::{repository, Db};
+use crate::{ContextBuilder, Error, Event, HandlerError, MessageContext, Settings};
 
 pub use rest::{EventJson, LocationJson};
 
+/// The events context's projections.
+pub fn projections() -> Projections {
+    Projections::default().with(store::EventsView)
+}
+
 /// Registers the events context's handlers.
 pub fn handlers(builder: ContextBuilder, service: &Service) -> ContextBuilder {
-    let db = service.db.clone();
+    let (db, views) = (service.db.clone(), service.projections.clone());
     builder.handle(move |booked: EventBooked, message: MessageContext| {
-        let db = db.clone();
-        async move {
-            let seats = booked.seats();
-            let event_id = booked.event_id.clone();
-            let shown = event_id.clone();
-            let applied = db
-                .apply_once(&message, move |c| {
-                    if !store::add_seats(c, &event_id, seats)? {
-                        log::warn!(
-                            target: "herald::events",
-                            "eventBooked for unknown event {}: ignored",
-                            crate::event::escape(&event_id)
-                        );
-                    }
-                    Ok(())
-                })
-                .await
-                .map_err(HandlerError::from)?;
-            if applied {
-                log::info!(
-                    target: "herald::events",
-                    "eventBooked event={} seats={seats} counted",
-                    crate::event::escape(&shown)
-                );
-            } else {
-                log::debug!(target: "herald::events", "duplicate eventBooked skipped");
-            }
-            Ok(())
-        }
+        let (db, views) = (db.clone(), views.clone());
+        async move { count_seats(&db, &views, booked, &message).await }
     })
+}
+
+/// Records a booking heard from booking in its event's stream, as received
+/// (a book-style v1 without seats stays v1 and counts one seat when read).
+async fn count_seats(
+    db: &Db,
+    views: &Arc<Projections>,
+    booked: EventBooked,
+    message: &MessageContext,
+) -> Result<(), HandlerError> {
+    let (event_id, seats) = (booked.event_id.clone(), booked.seats());
+    let fact = NewEvent {
+        event_id: uuid::Uuid::new_v4().to_string(),
+        name: EventBooked::NAME.to_owned(),
+        schema_version: message.meta.schema_version,
+        payload: serde_json::to_string(&booked).map_err(HandlerError::from_error)?,
+        metadata: EventMetadata {
+            correlation_id: message.meta.correlation_id.clone(),
+            causation_id: message.meta.id.clone(),
+            producer: message.meta.producer.clone(),
+        },
+    };
+    let views = views.clone();
+    let stream_of = event_id.clone();
+    let applied = db
+        .apply_once(message, move |c| {
+            repository::record::<model::Event>(c, &stream_of, fact)?;
+            views.catch_up(c)
+        })
+        .await
+        .map_err(HandlerError::from)?;
+    if applied {
+        log::info!(
+            target: "herald::events",
+            "eventBooked event={} seats={seats} counted",
+            crate::event::escape(&event_id)
+        );
+    } else {
+        log::debug!(target: "herald::events", "duplicate eventBooked skipped");
+    }
+    Ok(())
 }
 
 /// Runs the events context until Ctrl-C or SIGTERM.
@@ -53,5 +78,5 @@ pub fn handlers(builder: ContextBuilder, service: &Service) -> ContextBuilder {
 /// # Errors
 /// Start-up failures or an escalation.
 pub async fn run(settings: Settings) -> Result<(), Error> {
-    run_service(settings, Default::default(), handlers, rest::routes).await
+    run_service(settings, projections(), handlers, rest::routes).await
 }

@@ -6,12 +6,22 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::{TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
+use diesel::SqliteConnection;
+
+use super::model::{
+    Event, EventCommand, EventEvent, EventRecord, Location, LocationEvent, LocationRecord,
+    ModelError,
+};
 use super::store::{self, EventRow, LocationRow};
+use crate::aggregate::Aggregate;
 use crate::contexts::myevents::{new_id, EventCreated, Hall, LocationCreated};
 use crate::contexts::Service;
+use crate::error::StoreError;
 use crate::http::{self as h, ApiError};
-use crate::store::idempotency::{self, Keyed};
+use crate::store::event_store::EventMetadata;
+use crate::store::idempotency::{self, Keyed, StoredResponse};
 use crate::store::outbox;
+use crate::store::repository::{self, ExecuteOptions};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/locations", h::get().to(list_locations))
@@ -170,22 +180,23 @@ async fn create_location(
     let body = h::read_body(payload).await?;
     let keyed = h::idempotency_key(&request)?.map(|k| Keyed::new("POST /locations", k, &body));
     let row = h::parse_json::<NewLocation>(&body)?.validate()?;
-    let producer = service.name.clone();
-    let response = service
-        .db
-        .write(move |c| {
-            idempotency::once(c, keyed.as_ref(), |c| {
-                store::insert_location(c, &row)?;
-                let created = LocationCreated {
-                    id: row.id.clone(),
-                    name: row.name.clone(),
-                    address: row.address.clone(),
-                    country: row.country.clone(),
-                    halls: row.halls(),
-                };
-                outbox::append(c, &created, &producer, None)?;
-                Ok(h::stored(StatusCode::CREATED, &LocationJson::from(&row)))
-            })
+    let record = LocationRecord {
+        created: LocationCreated {
+            id: row.id.clone(),
+            name: row.name.clone(),
+            address: row.address.clone(),
+            country: row.country.clone(),
+            halls: row.halls(),
+        },
+        open_time: row.open_time,
+        close_time: row.close_time,
+    };
+    let response =
+        command::<Location, _>(&service, &row.id, record, keyed, |c, created, producer| {
+            let LocationEvent::Created(record) = created;
+            outbox::append(c, &record.created, producer, None)?;
+            let row = store::location(c, &record.created.id)?.ok_or(StoreError::NotFound)?;
+            Ok(h::stored(StatusCode::CREATED, &LocationJson::from(&row)))
         })
         .await?;
     Ok(h::replay(&response))
@@ -253,60 +264,110 @@ async fn create_event(
             "StartDate and EndDate must be Unix seconds",
         ));
     };
-    let producer = service.name.clone();
-    let response = service
+    let location_id = new.location.id.clone();
+    let location = service
         .db
-        .write(move |c| {
-            idempotency::once(c, keyed.as_ref(), |c| {
-                let Some(location) = store::location(c, &new.location.id)? else {
-                    return Ok(ApiError::bad_request(format!(
-                        "location {} does not exist",
-                        new.location.id
-                    ))
-                    .stored());
-                };
-                let capacity = match &new.hall {
-                    None => None,
-                    Some(hall) => match location.halls().into_iter().find(|h| &h.name == hall) {
-                        Some(found) => Some(found.capacity),
-                        None => {
-                            return Ok(ApiError::bad_request(format!(
-                                "location {} has no hall {hall:?}",
-                                location.id
-                            ))
-                            .stored())
-                        }
-                    },
-                };
-                let row = EventRow {
-                    id: new_id(),
-                    name,
-                    duration: new.duration,
-                    start_date: new.start_date,
-                    end_date: new.end_date,
-                    location_id: location.id.clone(),
-                    hall: new.hall.clone(),
-                    // Halls are validated to fit.
-                    capacity: capacity.and_then(|c| i32::try_from(c).ok()),
-                    seats_booked: 0,
-                };
-                store::insert_event(c, &row)?;
-                let created = EventCreated {
-                    id: row.id.clone(),
-                    name: row.name.clone(),
-                    location_id: row.location_id.clone(),
-                    start_date: start,
-                    end_date: end,
-                    hall: row.hall.clone(),
-                    capacity,
-                };
-                outbox::append(c, &created, &producer, None)?;
-                Ok(h::stored(
-                    StatusCode::CREATED,
-                    &EventJson::from(&(row, location)),
-                ))
-            })
-        })
-        .await?;
+        .read(move |c| store::location(c, &location_id))
+        .await?
+        .ok_or_else(|| {
+            ApiError::bad_request(format!("location {} does not exist", new.location.id))
+        })?;
+    let capacity = match &new.hall {
+        None => None,
+        Some(hall) => match location.halls().into_iter().find(|h| &h.name == hall) {
+            Some(found) => Some(found.capacity),
+            None => {
+                return Err(ApiError::bad_request(format!(
+                    "location {} has no hall {hall:?}",
+                    location.id
+                )))
+            }
+        },
+    };
+    let id = new_id();
+    let record = EventRecord {
+        created: EventCreated {
+            id: id.clone(),
+            name,
+            location_id: location.id.clone(),
+            start_date: start,
+            end_date: end,
+            hall: new.hall.clone(),
+            capacity,
+        },
+        duration: new.duration,
+    };
+    let response = command::<Event, _>(
+        &service,
+        &id,
+        EventCommand::Create(record),
+        keyed,
+        |c, created, producer| {
+            let EventEvent::Created(record) = created else {
+                return Err(StoreError::Corrupt(
+                    "creating an event decided no eventCreated".into(),
+                ));
+            };
+            outbox::append(c, &record.created, producer, None)?;
+            let row = store::event(c, &record.created.id)?.ok_or(StoreError::NotFound)?;
+            Ok(h::stored(StatusCode::CREATED, &EventJson::from(&row)))
+        },
+    )
+    .await?;
     Ok(h::replay(&response))
+}
+
+/// Runs a creating command on aggregate `id`. In the append's transaction the
+/// read models catch up, `respond` writes the outbox row and the answer, and
+/// the answer is remembered for the request's idempotency key.
+async fn command<A, F>(
+    service: &Service,
+    id: &str,
+    command: A::Command,
+    keyed: Option<Keyed>,
+    respond: F,
+) -> Result<StoredResponse, ApiError>
+where
+    A: Aggregate<Error = ModelError>,
+    F: Fn(&mut SqliteConnection, &A::Event, &str) -> Result<StoredResponse, StoreError>
+        + Clone
+        + Send
+        + 'static,
+{
+    let options = ExecuteOptions {
+        metadata: EventMetadata {
+            producer: Some(service.name.to_string()),
+            ..EventMetadata::default()
+        },
+        snapshot_every: 0,
+        max_attempts: 8,
+    };
+    let (producer, views, replay_key) = (
+        service.name.clone(),
+        service.projections.clone(),
+        keyed.clone(),
+    );
+    repository::execute_unless::<A, _, _, _>(
+        &service.db,
+        id,
+        command,
+        &options,
+        move |c| idempotency::replay(c, replay_key.as_ref()),
+        move |c, executed| {
+            views.catch_up(c)?;
+            let event = executed
+                .events
+                .first()
+                .ok_or_else(|| StoreError::Corrupt("the command decided no event".into()))?;
+            let response = respond(c, event, &producer)?;
+            idempotency::remember(c, keyed.as_ref(), &response)?;
+            Ok(response)
+        },
+    )
+    .await
+    .map_err(|e| {
+        h::command_error(e, |ModelError::Exists| {
+            ApiError::conflict(format!("{} {id} exists already", A::KIND))
+        })
+    })
 }

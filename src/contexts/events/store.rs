@@ -3,9 +3,14 @@
 use diesel::prelude::*;
 use diesel::sqlite::SqliteConnection;
 
+use super::model::{Event, EventEvent, Location, LocationEvent};
 use super::schema::{events, locations};
+use crate::aggregate::Aggregate;
 use crate::contexts::myevents::Hall;
 use crate::error::StoreError;
+use crate::store::event_store::RecordedEvent;
+use crate::store::projection::Projection;
+use crate::store::repository::decode_recorded;
 
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
 #[diesel(table_name = locations)]
@@ -40,13 +45,6 @@ pub struct EventRow {
     pub seats_booked: i64,
 }
 
-pub fn insert_location(conn: &mut SqliteConnection, row: &LocationRow) -> Result<(), StoreError> {
-    diesel::insert_into(locations::table)
-        .values(row)
-        .execute(conn)?;
-    Ok(())
-}
-
 pub fn location(conn: &mut SqliteConnection, id: &str) -> Result<Option<LocationRow>, StoreError> {
     locations::table
         .find(id)
@@ -62,13 +60,6 @@ pub fn all_locations(conn: &mut SqliteConnection) -> Result<Vec<LocationRow>, St
         .select(LocationRow::as_select())
         .load(conn)
         .map_err(StoreError::from)
-}
-
-pub fn insert_event(conn: &mut SqliteConnection, row: &EventRow) -> Result<(), StoreError> {
-    diesel::insert_into(events::table)
-        .values(row)
-        .execute(conn)?;
-    Ok(())
 }
 
 /// Events with their locations, by start date.
@@ -109,14 +100,67 @@ pub fn event_by_name(
         .map_err(StoreError::from)
 }
 
-/// Counts booked seats; false when the event is unknown here.
-pub fn add_seats(
-    conn: &mut SqliteConnection,
-    event_id: &str,
-    seats: u32,
-) -> Result<bool, StoreError> {
-    let updated = diesel::update(events::table.find(event_id))
-        .set(events::seats_booked.eq(events::seats_booked + i64::from(seats)))
-        .execute(conn)?;
-    Ok(updated == 1)
+/// The events context's read models (`locations`, `events` with their seats
+/// booked), projected from its event store.
+pub struct EventsView;
+
+impl Projection for EventsView {
+    fn name(&self) -> &'static str {
+        "events"
+    }
+
+    fn reset(&self, conn: &mut SqliteConnection) -> Result<(), StoreError> {
+        diesel::delete(events::table).execute(conn)?;
+        diesel::delete(locations::table).execute(conn)?;
+        Ok(())
+    }
+
+    fn apply(&self, conn: &mut SqliteConnection, event: &RecordedEvent) -> Result<(), StoreError> {
+        if event.stream_id.starts_with(Location::KIND) {
+            let LocationEvent::Created(record) = decode_recorded::<Location>(event)?;
+            let created = record.created;
+            let row = LocationRow {
+                id: created.id,
+                name: created.name,
+                address: created.address,
+                country: created.country,
+                open_time: record.open_time,
+                close_time: record.close_time,
+                halls: serde_json::to_string(&created.halls).unwrap_or_else(|_| "[]".into()),
+            };
+            diesel::insert_into(locations::table)
+                .values(&row)
+                .execute(conn)?;
+        } else if event.stream_id.starts_with(Event::KIND) {
+            match decode_recorded::<Event>(event)? {
+                EventEvent::Created(record) => {
+                    let created = record.created;
+                    let row = EventRow {
+                        id: created.id,
+                        name: created.name,
+                        duration: record.duration,
+                        start_date: created.start_date.timestamp(),
+                        end_date: created.end_date.timestamp(),
+                        location_id: created.location_id,
+                        hall: created.hall,
+                        capacity: created.capacity.and_then(|c| i32::try_from(c).ok()),
+                        seats_booked: 0,
+                    };
+                    diesel::insert_into(events::table)
+                        .values(&row)
+                        .execute(conn)?;
+                }
+                EventEvent::Booked(booked) => {
+                    // An event unknown here changes no row.
+                    diesel::update(events::table.find(&booked.event_id))
+                        .set(
+                            events::seats_booked
+                                .eq(events::seats_booked + i64::from(booked.seats())),
+                        )
+                        .execute(conn)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
