@@ -31,6 +31,27 @@ pub struct Settings {
     pub database: DatabaseSettings,
     #[serde(default)]
     pub outbox: OutboxSettings,
+    #[serde(default)]
+    pub event_store: EventStoreSettings,
+}
+
+/// Event-sourced aggregates.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventStoreSettings {
+    /// A snapshot every this many events per stream (0: never).
+    pub snapshot_every: u32,
+    /// Attempts of a command whose stream keeps changing under it; then 503.
+    pub command_attempts: u32,
+}
+
+impl Default for EventStoreSettings {
+    fn default() -> Self {
+        EventStoreSettings {
+            snapshot_every: 100,
+            command_attempts: 32,
+        }
+    }
 }
 
 /// The outbox relay and table retention.
@@ -259,6 +280,7 @@ impl Settings {
             admin: AdminSettings::default(),
             database: DatabaseSettings::default(),
             outbox: OutboxSettings::default(),
+            event_store: EventStoreSettings::default(),
         }
     }
 
@@ -342,6 +364,9 @@ impl Settings {
         }
         if self.outbox.poll_interval.is_zero() {
             return invalid("outbox.poll_interval", "must be above 0");
+        }
+        if self.event_store.command_attempts == 0 {
+            return invalid("event_store.command_attempts", "must be at least 1");
         }
         if rt.restart_window.is_zero() {
             return invalid("runtime.restart_window", "must be above 0");

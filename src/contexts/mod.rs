@@ -14,7 +14,10 @@ use std::sync::Arc;
 
 use actix_web::web;
 
+use crate::config::EventStoreSettings;
+use crate::store::event_store::EventMetadata;
 use crate::store::projection::Projections;
+use crate::store::repository::ExecuteOptions;
 use crate::store::Db;
 use crate::{AmqpBroker, AmqpOptions, ContextBuilder, Error, Settings};
 
@@ -26,6 +29,24 @@ pub struct Service {
     pub name: Arc<str>,
     /// The context's read models, caught up in every append's transaction.
     pub projections: Arc<Projections>,
+    pub event_store: EventStoreSettings,
+}
+
+impl Service {
+    /// How commands of this context save: produced by it, snapshots and
+    /// attempts as configured.
+    pub fn execute_options(&self, cause: Option<&crate::MessageContext>) -> ExecuteOptions {
+        ExecuteOptions {
+            metadata: EventMetadata {
+                correlation_id: cause
+                    .and_then(|m| m.meta.correlation_id.clone().or(m.meta.id.clone())),
+                causation_id: cause.and_then(|m| m.meta.id.clone()),
+                producer: Some(self.name.to_string()),
+            },
+            snapshot_every: self.event_store.snapshot_every,
+            max_attempts: self.event_store.command_attempts,
+        }
+    }
 }
 
 /// Runs a context with a REST API until Ctrl-C or SIGTERM: opens its
@@ -56,6 +77,7 @@ pub async fn run_service(
         db: db.clone(),
         name: name.clone(),
         projections: Arc::new(projections),
+        event_store: settings.event_store.clone(),
     };
     let broker = AmqpBroker::connect(&AmqpOptions::from_settings(&settings)).await?;
     let addr = settings.http.addr;

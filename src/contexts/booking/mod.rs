@@ -18,7 +18,7 @@ use crate::contexts::{run_service, Service};
 use crate::event::escape;
 use crate::store::event_store::{self, EventMetadata, NewEvent};
 use crate::store::projection::Projections;
-use crate::store::repository::{self, CommandError, ExecuteOptions};
+use crate::store::repository::{self, CommandError};
 use crate::store::{inbox, Db};
 use crate::{ContextBuilder, Error, Event, HandlerError, MessageContext, Settings};
 
@@ -26,24 +26,11 @@ use ledger::{LedgerCommand, SeatLedger};
 
 pub use rest::BookingJson;
 
-/// Attempts of a command whose ledger keeps changing under it.
-const MAX_ATTEMPTS: u32 = 32;
-/// Ledger snapshots every this many events.
-const SNAPSHOT_EVERY: u32 = 100;
-
 /// The booking context's projections.
 pub fn projections() -> Projections {
     Projections::default()
         .with(store::SeatsView)
         .with(store::LocationsView)
-}
-
-fn metadata(service: &Service, cause: Option<&MessageContext>) -> EventMetadata {
-    EventMetadata {
-        correlation_id: cause.and_then(|m| m.meta.correlation_id.clone().or(m.meta.id.clone())),
-        causation_id: cause.and_then(|m| m.meta.id.clone()),
-        producer: Some(service.name.to_string()),
-    }
 }
 
 /// Registers the booking context's handlers.
@@ -72,11 +59,7 @@ async fn open_ledger(
     message: &MessageContext,
 ) -> Result<(), HandlerError> {
     let (id, name, capacity) = (created.id.clone(), created.name.clone(), created.capacity);
-    let options = ExecuteOptions {
-        metadata: metadata(service, Some(message)),
-        snapshot_every: SNAPSHOT_EVERY,
-        max_attempts: MAX_ATTEMPTS,
-    };
+    let options = service.execute_options(Some(message));
     let (consumer, key) = (message.context.to_string(), message.dedupe_key.clone());
     let seen = {
         let (consumer, key) = (consumer.clone(), key.clone());

@@ -10,10 +10,9 @@ use crate::contexts::myevents::new_id;
 use crate::contexts::Service;
 use crate::error::StoreError;
 use crate::http::{self as h, ApiError};
-use crate::store::event_store::EventMetadata;
 use crate::store::idempotency::{self, Keyed};
 use crate::store::outbox;
-use crate::store::repository::{self, ExecuteOptions};
+use crate::store::repository;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/events/{event_id}/bookings", web::post().to(book))
@@ -95,14 +94,7 @@ async fn book(
         // 1..=i32::MAX, checked above.
         seats: u32::try_from(new.seats).unwrap_or(u32::MAX),
     };
-    let options = ExecuteOptions {
-        metadata: EventMetadata {
-            producer: Some(service.name.to_string()),
-            ..EventMetadata::default()
-        },
-        snapshot_every: super::SNAPSHOT_EVERY,
-        max_attempts: super::MAX_ATTEMPTS,
-    };
+    let options = service.execute_options(None);
     let (producer, views) = (service.name.clone(), service.projections.clone());
     let replay_key = keyed.clone();
     let outcome = repository::execute_unless::<SeatLedger, _, _, _>(

@@ -18,10 +18,9 @@ use crate::contexts::myevents::{new_id, EventCreated, Hall, LocationCreated};
 use crate::contexts::Service;
 use crate::error::StoreError;
 use crate::http::{self as h, ApiError};
-use crate::store::event_store::EventMetadata;
 use crate::store::idempotency::{self, Keyed, StoredResponse};
 use crate::store::outbox;
-use crate::store::repository::{self, ExecuteOptions};
+use crate::store::repository;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/locations", h::get().to(list_locations))
@@ -334,14 +333,7 @@ where
         + Send
         + 'static,
 {
-    let options = ExecuteOptions {
-        metadata: EventMetadata {
-            producer: Some(service.name.to_string()),
-            ..EventMetadata::default()
-        },
-        snapshot_every: 0,
-        max_attempts: 8,
-    };
+    let options = service.execute_options(None);
     let (producer, views, replay_key) = (
         service.name.clone(),
         service.projections.clone(),
