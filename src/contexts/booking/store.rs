@@ -189,3 +189,92 @@ pub fn booking(conn: &mut SqliteConnection, id: &str) -> Result<Option<BookingRo
         .optional()
         .map_err(StoreError::from)
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::{TimeZone, Utc};
+
+    use super::*;
+    use crate::contexts::booking::ledger::LedgerCommand;
+    use crate::store::projection::Projections;
+    use crate::store::repository::{self, ExecuteOptions};
+    use crate::store::testing::TempDb;
+
+    fn announced(id: &str, capacity: Option<u32>) -> EventCreated {
+        EventCreated {
+            id: id.into(),
+            name: format!("event {id}"),
+            location_id: "loc".into(),
+            start_date: Utc.timestamp_opt(1_800_000_000, 0).unwrap(),
+            end_date: Utc.timestamp_opt(1_800_003_600, 0).unwrap(),
+            hall: None,
+            capacity,
+        }
+    }
+
+    async fn rows(db: &crate::store::Db) -> (Vec<KnownEvent>, Vec<BookingRow>) {
+        db.read(|c| {
+            let events = known_events::table
+                .order(known_events::id)
+                .select(KnownEvent::as_select())
+                .load(c)?;
+            let bookings = bookings::table
+                .order(bookings::id)
+                .select(BookingRow::as_select())
+                .load(c)?;
+            Ok((events, bookings))
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_rebuilt_seats_view_equals_the_live_one() {
+        let t = TempDb::new();
+        let views = std::sync::Arc::new(Projections::default().with(SeatsView));
+        let options = ExecuteOptions {
+            snapshot_every: 10,
+            max_attempts: 3,
+            ..ExecuteOptions::default()
+        };
+        for (n, id) in ["e1", "e2", "e3"].iter().enumerate() {
+            let capacity = (n != 2).then_some(40);
+            let opener = views.clone();
+            repository::execute::<SeatLedger, _, _>(
+                &t.db,
+                id,
+                LedgerCommand::Open(announced(id, capacity)),
+                &options,
+                move |c, _| opener.catch_up(c),
+            )
+            .await
+            .unwrap();
+            for b in 0..25u32 {
+                let views = views.clone();
+                let command = LedgerCommand::Book {
+                    booking_id: format!("{id}-b{b}"),
+                    user: "ann".into(),
+                    seats: 1 + b % 2,
+                };
+                let outcome = repository::execute::<SeatLedger, _, _>(
+                    &t.db,
+                    id,
+                    command,
+                    &options,
+                    move |c, _| views.catch_up(c),
+                )
+                .await;
+                assert!(outcome.is_ok() || capacity.is_some(), "{outcome:?}");
+            }
+        }
+        let live = rows(&t.db).await;
+        assert!(live
+            .0
+            .iter()
+            .all(|e| e.capacity.is_none_or(|c| e.seats_booked <= c)));
+        let report = views.rebuild(&t.db, "seats").await.unwrap();
+        let head = t.db.read(crate::store::event_store::head).await.unwrap();
+        assert_eq!(report.replayed, head as u64);
+        assert_eq!(rows(&t.db).await, live);
+    }
+}
