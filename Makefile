@@ -35,9 +35,10 @@ fmt:
 lint:
 	$(CARGO) clippy --all-targets -- -D warnings
 
-## Throughput: herald vs a raw lapin consumer on the same queue settings.
+## Throughput (herald vs a raw lapin consumer) and the projection rebuild rate.
 bench: services
 	$(CARGO) bench --bench throughput
+	$(CARGO) bench --bench rebuild
 
 check: fmt lint test
 
