@@ -122,3 +122,80 @@ impl Aggregate for Event {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::{TimeZone, Utc};
+
+    use super::*;
+    use crate::aggregate::{decode_event, Scenario};
+
+    fn location() -> LocationRecord {
+        LocationRecord {
+            created: LocationCreated {
+                id: "l1".into(),
+                name: "Stadthalle".into(),
+                address: "Marktplatz 1".into(),
+                country: "Germany".into(),
+                halls: vec![],
+            },
+            open_time: 9,
+            close_time: 23,
+        }
+    }
+
+    fn event() -> EventRecord {
+        EventRecord {
+            created: EventCreated {
+                id: "e1".into(),
+                name: "Opera Night".into(),
+                location_id: "l1".into(),
+                start_date: Utc.timestamp_opt(1_800_000_000, 0).unwrap(),
+                end_date: Utc.timestamp_opt(1_800_003_600, 0).unwrap(),
+                hall: None,
+                capacity: Some(2),
+            },
+            duration: 60,
+        }
+    }
+
+    #[test]
+    fn a_location_is_created_once() {
+        Scenario::<Location>::given(vec![])
+            .when(location())
+            .then(vec![LocationEvent::Created(location())]);
+        Scenario::<Location>::given(vec![LocationEvent::Created(location())])
+            .when(location())
+            .then_error(ModelError::Exists);
+    }
+
+    #[test]
+    fn an_event_is_created_once() {
+        Scenario::<Event>::given(vec![])
+            .when(EventCommand::Create(event()))
+            .then(vec![EventEvent::Created(event())]);
+        Scenario::<Event>::given(vec![EventEvent::Created(event())])
+            .when(EventCommand::Create(event()))
+            .then_error(ModelError::Exists);
+    }
+
+    #[test]
+    fn recorded_bookings_count_their_seats_and_book_style_ones_count_one() {
+        let v1 = serde_json::json!({"eventId": "e1", "userId": "someUserID"});
+        let v2 =
+            serde_json::json!({"eventId": "e1", "userId": "ann", "bookingId": "b", "seats": 3});
+        let mut state = Event::default();
+        for (version, payload) in [(1, v1.clone()), (1, v1), (2, v2)] {
+            state.apply(&decode_event::<Event>("eventBooked", version, payload).unwrap());
+        }
+        assert_eq!(state.seats_booked, 5);
+    }
+
+    #[test]
+    fn stored_records_keep_the_public_fields_flat() {
+        let stored = serde_json::to_value(EventEvent::Created(event())).unwrap();
+        assert_eq!(stored["name"], "eventCreated");
+        assert_eq!(stored["payload"]["id"], "e1");
+        assert_eq!(stored["payload"]["duration"], 60);
+    }
+}
