@@ -33,6 +33,62 @@ pub struct Settings {
     pub outbox: OutboxSettings,
     #[serde(default)]
     pub event_store: EventStoreSettings,
+    #[serde(default)]
+    pub retry: RetrySettings,
+}
+
+/// Failed deliveries: retried through delay queues, then dead-lettered.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetrySettings {
+    /// Deliveries of one message at most, the first included.
+    pub max_attempts: u32,
+    /// The wait before the 2nd, 3rd ... delivery; the last repeats. One retry
+    /// queue per distinct delay (`<context>.retry.<delay>`).
+    #[serde(with = "humantime_list")]
+    pub delays: Vec<Duration>,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        RetrySettings {
+            max_attempts: 5,
+            delays: vec![
+                Duration::from_secs(1),
+                Duration::from_secs(5),
+                Duration::from_secs(30),
+            ],
+        }
+    }
+}
+
+impl RetrySettings {
+    /// The wait before the delivery after the `attempts`-th failed one.
+    pub fn delay_after(&self, attempts: u32) -> Duration {
+        let index = usize::try_from(attempts.saturating_sub(1)).unwrap_or(usize::MAX);
+        self.delays
+            .get(index)
+            .or(self.delays.last())
+            .copied()
+            .unwrap_or(Duration::from_secs(1))
+    }
+}
+
+/// `["1s", "5s"]` <-> `Vec<Duration>`.
+mod humantime_list {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|text| {
+                humantime_serde::re::humantime::parse_duration(text)
+                    .map_err(|e| serde::de::Error::custom(format!("{text:?}: {e}")))
+            })
+            .collect()
+    }
 }
 
 /// Event-sourced aggregates.
@@ -281,6 +337,7 @@ impl Settings {
             database: DatabaseSettings::default(),
             outbox: OutboxSettings::default(),
             event_store: EventStoreSettings::default(),
+            retry: RetrySettings::default(),
         }
     }
 
@@ -364,6 +421,15 @@ impl Settings {
         }
         if self.outbox.poll_interval.is_zero() {
             return invalid("outbox.poll_interval", "must be above 0");
+        }
+        if self.retry.max_attempts == 0 {
+            return invalid(
+                "retry.max_attempts",
+                "must be at least 1 (the first delivery)",
+            );
+        }
+        if self.retry.delays.is_empty() || self.retry.delays.iter().any(Duration::is_zero) {
+            return invalid("retry.delays", "must list at least one delay, each above 0");
         }
         if self.event_store.command_attempts == 0 {
             return invalid("event_store.command_attempts", "must be at least 1");

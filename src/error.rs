@@ -107,24 +107,41 @@ impl BrokerError {
 #[error("{message}")]
 pub struct HandlerError {
     message: String,
+    permanent: bool,
     #[source]
     source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
 impl HandlerError {
+    /// A failure that may heal: the delivery is retried after a delay.
     pub fn new(message: impl Into<String>) -> Self {
         HandlerError {
             message: message.into(),
+            permanent: false,
             source: None,
         }
     }
 
-    /// Wraps any error, keeping it as the source.
+    /// A failure no retry can heal (the message is invalid for this handler):
+    /// the message goes to the dead-letter queue at once.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        HandlerError {
+            permanent: true,
+            ..Self::new(message)
+        }
+    }
+
+    /// Wraps any error, keeping it as the source; retried like [`HandlerError::new`].
     pub fn from_error(error: impl std::error::Error + Send + Sync + 'static) -> Self {
         HandlerError {
             message: error.to_string(),
+            permanent: false,
             source: Some(Box::new(error)),
         }
+    }
+
+    pub fn is_permanent(&self) -> bool {
+        self.permanent
     }
 }
 
@@ -180,7 +197,13 @@ impl From<diesel::result::Error> for StoreError {
 }
 
 impl From<StoreError> for HandlerError {
+    /// Data that cannot be read will not heal: dead-letter at once. The rest
+    /// (busy, pool, conflicts) is retried.
     fn from(error: StoreError) -> Self {
-        HandlerError::from_error(error)
+        let permanent = matches!(error, StoreError::Corrupt(_));
+        HandlerError {
+            permanent,
+            ..HandlerError::from_error(error)
+        }
     }
 }

@@ -26,6 +26,8 @@ pub mod headers {
     pub const ATTEMPTS: &str = "x-herald-attempts";
     pub const ORIGINAL_ROUTING_KEY: &str = "x-herald-original-routing-key";
     pub const FIRST_FAILURE: &str = "x-herald-first-failure";
+    /// The error of the last failed attempt, on a message waiting to be retried.
+    pub const LAST_ERROR: &str = "x-herald-last-error";
 }
 
 /// The content type of every body herald writes.

@@ -46,7 +46,7 @@ pub mod store;
 pub mod contexts;
 
 pub use broker::{
-    dead_letter_queue, topic_matches, Acknowledger, AmqpBroker, AmqpOptions, Delivery,
+    dead_letter_queue, retry_queue, topic_matches, Acknowledger, AmqpBroker, AmqpOptions, Delivery,
     DeliveryStream, MemoryBroker, Message, Publisher, Settlement, SubscribeSpec, Subscriber,
     Subscription, SubscriptionControl,
 };

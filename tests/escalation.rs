@@ -69,6 +69,9 @@ max_restarts = 3
 restart_window = "60s"
 restart_backoff_min = "10ms"
 restart_backoff_max = "50ms"
+[retry]
+max_attempts = 100
+delays = ["20ms"]
 "#,
         vhost.url
     ));
@@ -106,7 +109,7 @@ restart_backoff_max = "50ms"
         stderr.contains("context=demo stopped"),
         "ordered shutdown ran:\n{stderr}"
     );
-    // The poison message was requeued, not lost.
+    // The poison message was retried, not lost: it comes back to the queue.
     assert!(
         eventually(LIVENESS, || async {
             broker.queue_depth("demo").await.unwrap() == 1

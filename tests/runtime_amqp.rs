@@ -176,14 +176,14 @@ async fn a_message_whose_handler_never_finished_is_handled_by_the_next_instance(
 }
 
 #[actix_rt::test]
-async fn handler_panics_restart_the_shard_and_the_message_is_redelivered_at_once() {
+async fn handler_panics_restart_the_shard_and_the_message_is_retried() {
     const MESSAGES: u32 = 200;
     let vhost = TestVhost::new();
     let broker = vhost.broker().await;
     let settings = vhost.settings("panicky");
     let chosen: HashSet<u32> = (0..MESSAGES).filter(|seq| seq % 40 == 7).collect();
     let panicked = Arc::new(Mutex::new(HashSet::new()));
-    let (tx, mut rx) = mpsc::unbounded_channel::<(u32, bool)>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<(u32, u32)>();
     let (c, p) = (chosen.clone(), panicked.clone());
     let context = ContextBuilder::new(settings)
         .handle(move |step: Step, meta: MessageContext| {
@@ -193,7 +193,7 @@ async fn handler_panics_restart_the_shard_and_the_message_is_redelivered_at_once
                 if first_time {
                     panic!("chosen message {} panics on its first delivery", step.seq);
                 }
-                tx.send((step.seq, meta.redelivered))
+                tx.send((step.seq, meta.attempt))
                     .map_err(HandlerError::from_error)
             }
         })
@@ -209,10 +209,12 @@ async fn handler_panics_restart_the_shard_and_the_message_is_redelivered_at_once
     let handled = recv_n(&mut rx, MESSAGES as usize).await;
     let seqs: HashSet<u32> = handled.iter().map(|(seq, _)| *seq).collect();
     assert_eq!(seqs.len(), MESSAGES as usize, "each message handled once");
-    for (seq, redelivered) in &handled {
-        if chosen.contains(seq) {
-            assert!(redelivered, "message {seq} came back after its panic");
-        }
+    for (seq, attempt) in &handled {
+        let expected = if chosen.contains(seq) { 2 } else { 1 };
+        assert_eq!(
+            *attempt, expected,
+            "message {seq}: a panic costs one attempt"
+        );
     }
     assert_eq!(*panicked.lock().unwrap(), chosen);
     assert_eq!(total_restarts(&context), chosen.len() as u64);
@@ -398,4 +400,108 @@ async fn bindings_for_events_no_longer_handled_are_removed_at_start() {
     );
     broker.publish(step("k", 1)).await.expect("still bound");
     after.shutdown().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn a_message_that_always_fails_is_tried_max_attempts_times_then_dead_lettered() {
+    const MESSAGES: u32 = 1000;
+    const POISON: u32 = 500;
+    let vhost = TestVhost::new();
+    let broker = vhost.broker().await;
+    let mut settings = vhost.settings("doomed");
+    settings.retry.max_attempts = 4;
+    let tries = Arc::new(AtomicUsize::new(0));
+    let (tx, mut rx) = mpsc::unbounded_channel::<u32>();
+    let t = tries.clone();
+    let context = ContextBuilder::new(settings)
+        .handle(move |step: Step, meta: MessageContext| {
+            let (tx, tries) = (tx.clone(), t.clone());
+            async move {
+                if step.seq == POISON {
+                    tries.fetch_add(1, Ordering::SeqCst);
+                    return Err(HandlerError::new(format!("attempt {} fails", meta.attempt)));
+                }
+                tx.send(step.seq).map_err(HandlerError::from_error)
+            }
+        })
+        .start(&broker)
+        .await
+        .unwrap();
+    for seq in 0..MESSAGES {
+        broker
+            .publish(step(format!("key-{}", seq % 10), seq))
+            .await
+            .unwrap();
+    }
+    let handled: HashSet<u32> = recv_n(&mut rx, MESSAGES as usize - 1)
+        .await
+        .into_iter()
+        .collect();
+    assert_eq!(handled.len(), MESSAGES as usize - 1);
+    assert!(!handled.contains(&POISON));
+    assert!(
+        eventually(LIVENESS, || async {
+            broker.queue_depth("doomed.dead-letter").await.unwrap() == 1
+        })
+        .await,
+        "the poison message reached the dead-letter queue"
+    );
+    assert_eq!(
+        tries.load(Ordering::SeqCst),
+        4,
+        "delivered exactly max_attempts times"
+    );
+
+    let connection = vhost.lapin().await;
+    let channel = connection.create_channel().await.unwrap();
+    let dead = channel
+        .basic_get(
+            "doomed.dead-letter".into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .expect("one dead letter");
+    let headers = dead.delivery.properties.headers().clone().unwrap();
+    let text = |name: &str| match headers.inner().get(name) {
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        other => panic!("header {name}: {other:?}"),
+    };
+    assert_eq!(text("x-herald-attempts"), "4");
+    assert_eq!(text("x-herald-error"), "attempt 4 fails");
+    assert_eq!(text("x-herald-original-routing-key"), "step");
+    assert!(chrono::DateTime::parse_from_rfc3339(&text("x-herald-first-failure")).is_ok());
+    let body: Step = serde_json::from_slice(&dead.delivery.data).unwrap();
+    assert_eq!(body.seq, POISON);
+    assert!(eventually(LIVENESS, || async { context.in_flight() == 0 }).await);
+    assert_eq!(broker.queue_depth("doomed").await.unwrap(), 0);
+    context.shutdown().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn a_permanent_handler_error_dead_letters_at_once() {
+    let vhost = TestVhost::new();
+    let broker = vhost.broker().await;
+    let tries = Arc::new(AtomicUsize::new(0));
+    let t = tries.clone();
+    let context = ContextBuilder::new(vhost.settings("invalid"))
+        .handle(move |_: Step, _| {
+            let tries = t.clone();
+            async move {
+                tries.fetch_add(1, Ordering::SeqCst);
+                Err(HandlerError::permanent("seats must be positive"))
+            }
+        })
+        .start(&broker)
+        .await
+        .unwrap();
+    broker.publish(step("k", 1)).await.unwrap();
+    assert!(
+        eventually(LIVENESS, || async {
+            broker.queue_depth("invalid.dead-letter").await.unwrap() == 1
+        })
+        .await
+    );
+    assert_eq!(tries.load(Ordering::SeqCst), 1);
+    context.shutdown().await.unwrap();
 }

@@ -6,6 +6,7 @@
 //! other arguments), bound per handled event name; `<queue>.dead-letter` beside it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::stream::StreamExt;
@@ -21,8 +22,8 @@ use lapin::{
 };
 
 use super::{
-    dead_letter_queue, Acknowledger, Delivery, Message, Publisher, Settlement, SubscribeSpec,
-    Subscriber, Subscription, SubscriptionControl,
+    dead_letter_queue, retry_queue, Acknowledger, Delivery, Message, Publisher, Settlement,
+    SubscribeSpec, Subscriber, Subscription, SubscriptionControl,
 };
 use crate::config::redact_url;
 use crate::error::BrokerError;
@@ -300,6 +301,38 @@ async fn declare_queue(channel: &Channel, queue: &str) -> Result<(), BrokerError
     Ok(())
 }
 
+/// A retry queue: messages wait `delay` (queue-level TTL: one delay per queue,
+/// so nothing blocks at its head), then dead-letter through the default
+/// exchange straight into `queue`, never back through the topic exchange.
+async fn declare_retry_queue(
+    channel: &Channel,
+    queue: &str,
+    delay: Duration,
+) -> Result<(), BrokerError> {
+    let mut arguments = FieldTable::default();
+    let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+    arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+    arguments.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    arguments.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(queue.into()),
+    );
+    channel
+        .queue_declare(
+            retry_queue(queue, delay).as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await?;
+    Ok(())
+}
+
 fn properties(message: &Message) -> BasicProperties {
     let mut headers = FieldTable::default();
     for (name, value) in &message.headers {
@@ -388,6 +421,9 @@ impl Subscriber for AmqpBroker {
             declare_exchange(&channel, &inner.exchange).await?;
             declare_queue(&channel, &spec.queue).await?;
             declare_queue(&channel, &dead_letter_queue(&spec.queue)).await?;
+            for delay in &spec.retry_delays {
+                declare_retry_queue(&channel, &spec.queue, *delay).await?;
+            }
             inner.sync_bindings(&channel, &spec).await?;
             let consumer = channel
                 .basic_consume(
@@ -456,8 +492,20 @@ impl Acknowledger for AmqpAcker {
                         })
                         .await?
                 }
-                Settlement::DeadLetter { reason } => {
-                    let dead = super::dead_letter_message(message, reason);
+                Settlement::Retry {
+                    delay,
+                    attempts,
+                    reason,
+                } => {
+                    let again = super::retry_message(message, reason, attempts);
+                    // Publish first, ack after the confirm (as for dead letters).
+                    self.broker
+                        .send_to_queue(&retry_queue(&self.queue, delay), &again)
+                        .await?;
+                    self.acker.ack(BasicAckOptions::default()).await?
+                }
+                Settlement::DeadLetter { reason, attempts } => {
+                    let dead = super::dead_letter_message(message, reason, attempts);
                     // Publish first and ack only after the confirm: a crash in between
                     // leaves a duplicate dead letter, never a lost message.
                     self.broker

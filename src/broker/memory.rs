@@ -10,8 +10,8 @@ use futures_util::stream::StreamExt;
 use tokio::sync::mpsc;
 
 use super::{
-    dead_letter_message, dead_letter_queue, topic_matches, Acknowledger, Delivery, Message,
-    Publisher, Settlement, SubscribeSpec, Subscriber, Subscription, SubscriptionControl,
+    dead_letter_message, dead_letter_queue, retry_message, topic_matches, Acknowledger, Delivery,
+    Message, Publisher, Settlement, SubscribeSpec, Subscriber, Subscription, SubscriptionControl,
 };
 use crate::error::BrokerError;
 
@@ -114,9 +114,22 @@ impl MemoryBroker {
         match settlement {
             Settlement::Ack => {}
             Settlement::Requeue => q.requeue(tag, message),
-            Settlement::DeadLetter { reason } => {
+            Settlement::Retry {
+                delay,
+                attempts,
+                reason,
+            } => {
+                // Like a TTL retry queue dead-lettering back into the queue.
+                let (broker, queue) = (self.clone(), queue.to_owned());
+                let message = retry_message(message, reason, attempts);
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    broker.send_to_queue(&queue, message);
+                });
+            }
+            Settlement::DeadLetter { reason, attempts } => {
                 let dlq = dead_letter_queue(queue);
-                state.enqueue(&dlq, dead_letter_message(message, reason));
+                state.enqueue(&dlq, dead_letter_message(message, reason, attempts));
                 state.pump(&dlq, &handle);
             }
         }

@@ -11,6 +11,7 @@ mod topic;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
@@ -73,8 +74,15 @@ pub enum Settlement {
     Ack,
     /// Put it back for another attempt (redelivered at once).
     Requeue,
+    /// Deliver it again after `delay` through the group's retry queue for that
+    /// delay; `attempts` deliveries have failed so far. The original is removed.
+    Retry {
+        delay: Duration,
+        attempts: u32,
+        reason: String,
+    },
     /// Move it to the group's dead-letter queue with the reason, then remove it.
-    DeadLetter { reason: String },
+    DeadLetter { reason: String, attempts: u32 },
 }
 
 /// The transport's side of one delivery's settlement.
@@ -121,6 +129,7 @@ impl Delivery {
     pub async fn dead_letter(self, reason: impl Into<String>) -> Result<(), BrokerError> {
         self.settle(Settlement::DeadLetter {
             reason: reason.into(),
+            attempts: 1,
         })
         .await
     }
@@ -145,11 +154,21 @@ pub struct SubscribeSpec {
     pub bindings: Vec<String>,
     /// Unsettled deliveries this consumer holds at most.
     pub prefetch: u16,
+    /// Delay levels of the retry queues (`<queue>.retry.<delay>`).
+    pub retry_delays: Vec<Duration>,
 }
 
 /// The dead-letter queue of a subscriber group.
 pub fn dead_letter_queue(queue: &str) -> String {
     format!("{queue}.dead-letter")
+}
+
+/// The retry queue of a subscriber group for one delay, e.g. `booking.retry.5s`.
+pub fn retry_queue(queue: &str, delay: Duration) -> String {
+    format!(
+        "{queue}.retry.{}",
+        humantime_serde::re::humantime::format_duration(delay)
+    )
 }
 
 /// A stream of deliveries. It ends when the subscription is cancelled.
@@ -185,20 +204,36 @@ pub trait Subscriber: Send + Sync + 'static {
     fn subscribe(&self, spec: SubscribeSpec) -> BoxFuture<'_, Result<Subscription, BrokerError>>;
 }
 
-/// The message as it goes to a dead-letter queue: the original with the reason
-/// and where it came from in `x-herald-*` headers.
-pub(crate) fn dead_letter_message(mut message: Message, reason: String) -> Message {
+/// The message as it goes to a dead-letter queue: the original with the reason,
+/// the attempts, where it first came from and when it first failed, in
+/// `x-herald-*` headers.
+pub(crate) fn dead_letter_message(message: Message, reason: String, attempts: u32) -> Message {
+    let mut message = failed_message(message, reason, attempts);
+    message.headers.remove(crate::event::headers::LAST_ERROR);
+    message
+}
+
+/// The message as it goes to a retry queue: attempts so far, the last error,
+/// the first failure and the original routing key kept for its dead letter.
+pub(crate) fn retry_message(message: Message, reason: String, attempts: u32) -> Message {
+    let mut message = failed_message(message, reason, attempts);
+    let h = &mut message.headers;
+    if let Some(error) = h.remove(crate::event::headers::ERROR) {
+        h.insert(crate::event::headers::LAST_ERROR.into(), error);
+    }
+    message
+}
+
+fn failed_message(mut message: Message, reason: String, attempts: u32) -> Message {
     use crate::event::headers;
     let h = &mut message.headers;
     h.insert(headers::ERROR.into(), reason);
-    h.insert(
-        headers::ORIGINAL_ROUTING_KEY.into(),
-        message.routing_key.clone(),
-    );
+    h.insert(headers::ATTEMPTS.into(), attempts.to_string());
+    // After a retry round trip the routing key is the queue's: keep the first.
+    h.entry(headers::ORIGINAL_ROUTING_KEY.into())
+        .or_insert_with(|| message.routing_key.clone());
     h.entry(headers::FIRST_FAILURE.into())
         .or_insert_with(|| chrono::Utc::now().to_rfc3339());
-    h.entry(headers::ATTEMPTS.into())
-        .or_insert_with(|| "1".into());
     message.persistent = true;
     message
 }

@@ -15,8 +15,9 @@ use super::handler::{Decoded, Routes};
 use super::mailbox::{ActorState, ActorStats};
 use super::shard::Outcome;
 use crate::broker::{Delivery, DeliveryStream, Settlement};
+use crate::config::RetrySettings;
 use crate::error::BrokerError;
-use crate::event::{escape, Envelope};
+use crate::event::{escape, headers, Envelope};
 
 /// Counts unsettled deliveries so shutdown can wait for them.
 #[derive(Clone, Default)]
@@ -59,6 +60,7 @@ impl Drop for InFlightGuard {
 
 pub(crate) struct Consumer {
     context: Arc<str>,
+    retry: Arc<RetrySettings>,
     routes: Arc<Routes>,
     dispatcher: Arc<Dispatcher>,
     in_flight: InFlight,
@@ -69,6 +71,7 @@ pub(crate) struct Consumer {
 impl Consumer {
     pub(crate) fn new(
         context: Arc<str>,
+        retry: Arc<RetrySettings>,
         routes: Arc<Routes>,
         dispatcher: Arc<Dispatcher>,
         in_flight: InFlight,
@@ -77,6 +80,7 @@ impl Consumer {
     ) -> Self {
         Consumer {
             context,
+            retry,
             routes,
             dispatcher,
             in_flight,
@@ -86,9 +90,10 @@ impl Consumer {
     }
 
     fn accept(&mut self, delivery: Delivery, ctx: &mut Context<Self>) {
+        let attempt = attempt_of(&delivery);
         let decoded = Envelope::from_message(&delivery.message).and_then(|envelope| {
             self.routes
-                .decode(envelope, delivery.redelivered, &self.context)
+                .decode(envelope, delivery.redelivered, attempt, &self.context)
         });
         let decoded = match decoded {
             Ok(decoded) => decoded,
@@ -107,7 +112,11 @@ impl Consumer {
                         escape(delivery.message.message_id.as_deref().unwrap_or("-")),
                         escape(&reason)
                     );
-                    let ok = settle(&context, delivery, Settlement::DeadLetter { reason }).await;
+                    let dead = Settlement::DeadLetter {
+                        reason,
+                        attempts: attempt,
+                    };
+                    let ok = settle(&context, delivery, dead).await;
                     stats.finished(ok, Duration::ZERO);
                     drop(guard);
                 });
@@ -140,6 +149,7 @@ impl Consumer {
         let reply = shard.send(decoded, slot);
         actix::spawn(settle_when_done(
             self.context.clone(),
+            self.retry.clone(),
             self.stats.clone(),
             delivery,
             reply,
@@ -159,30 +169,82 @@ impl Consumer {
     }
 }
 
+/// Which delivery of its message this is: failed attempts travel in a header.
+fn attempt_of(delivery: &Delivery) -> u32 {
+    delivery
+        .message
+        .header(headers::ATTEMPTS)
+        .and_then(|n| n.trim().parse::<u32>().ok())
+        .unwrap_or(0)
+        .saturating_add(1)
+}
+
+/// What a failed delivery becomes: another attempt after a delay while
+/// attempts remain and the failure can heal, else a dead letter.
+pub(crate) fn after_failure(
+    retry: &RetrySettings,
+    attempt: u32,
+    reason: String,
+    permanent: bool,
+) -> Settlement {
+    if permanent || attempt >= retry.max_attempts {
+        Settlement::DeadLetter {
+            reason,
+            attempts: attempt,
+        }
+    } else {
+        Settlement::Retry {
+            delay: retry.delay_after(attempt),
+            attempts: attempt,
+            reason,
+        }
+    }
+}
+
 async fn settle_when_done(
     context: Arc<str>,
+    retry: Arc<RetrySettings>,
     stats: Arc<ActorStats>,
     delivery: Delivery,
     reply: oneshot::Receiver<Outcome>,
     _guard: InFlightGuard,
 ) {
-    let settlement = match reply.await {
-        Ok(Outcome::Done) => Settlement::Ack,
-        // Until retry queues exist, every failure goes back to the queue.
-        Ok(_) => Settlement::Requeue,
+    let attempt = attempt_of(&delivery);
+    let (reason, permanent) = match reply.await {
+        Ok(Outcome::Done) => {
+            let settled = settle(&context, delivery, Settlement::Ack).await;
+            stats.finished(settled, Duration::ZERO);
+            return;
+        }
+        Ok(Outcome::Failed { reason, permanent }) => (reason, permanent),
+        Ok(Outcome::Panicked(reason)) => (reason, false),
+        Ok(Outcome::TimedOut(after)) => (format!("handler timed out after {after:?}"), false),
+        // The shard stopped with the message (its mailbox closed): not the
+        // message's fault, so it goes back to the queue without costing an attempt.
         Err(_) => {
             log::warn!(
                 target: "herald::consumer",
-                "context={} id={} the shard dropped the message (it stopped): requeued",
+                "context={} id={} the shard dropped the message: requeued",
                 context,
                 escape(delivery.message.message_id.as_deref().unwrap_or("-"))
             );
-            Settlement::Requeue
+            settle(&context, delivery, Settlement::Requeue).await;
+            stats.finished(false, Duration::ZERO);
+            return;
         }
     };
-    let ok = settlement == Settlement::Ack;
-    let settled = settle(&context, delivery, settlement).await;
-    stats.finished(ok && settled, Duration::ZERO);
+    let settlement = after_failure(&retry, attempt, reason, permanent);
+    if let Settlement::DeadLetter { reason, attempts } = &settlement {
+        log::warn!(
+            target: "herald::consumer",
+            "context={} id={} dead-lettered after {attempts} attempts: {}",
+            context,
+            escape(delivery.message.message_id.as_deref().unwrap_or("-")),
+            escape(reason)
+        );
+    }
+    settle(&context, delivery, settlement).await;
+    stats.finished(false, Duration::ZERO);
 }
 
 /// Settles a delivery; a failure only logs: the broker redelivers what it did not hear about.

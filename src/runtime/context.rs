@@ -102,6 +102,7 @@ impl ContextBuilder {
                 queue: name.to_string(),
                 bindings: bindings.clone(),
                 prefetch: settings.broker.prefetch,
+                retry_delays: distinct(&settings.retry.delays),
             })
             .await
         {
@@ -119,6 +120,7 @@ impl ContextBuilder {
         let in_flight = InFlight::default();
         let consumer = Consumer::new(
             name.clone(),
+            Arc::new(settings.retry.clone()),
             Arc::new(self.routes),
             dispatcher.clone(),
             in_flight.clone(),
@@ -165,6 +167,14 @@ impl ContextBuilder {
             relay,
         })
     }
+}
+
+/// Each delay once: one retry queue per delay.
+fn distinct(delays: &[std::time::Duration]) -> Vec<std::time::Duration> {
+    let mut unique = delays.to_vec();
+    unique.sort();
+    unique.dedup();
+    unique
 }
 
 fn spawn_mailbox_logger(

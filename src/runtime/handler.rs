@@ -20,6 +20,8 @@ pub struct MessageContext {
     pub dedupe_key: Option<String>,
     /// The broker delivered this message before without a settlement.
     pub redelivered: bool,
+    /// Which delivery this is, counting retries: 1 for the first.
+    pub attempt: u32,
     /// The consuming context's name.
     pub context: Arc<str>,
 }
@@ -87,6 +89,7 @@ impl Routes {
         &self,
         envelope: Envelope,
         redelivered: bool,
+        attempt: u32,
         context: &Arc<str>,
     ) -> Result<Decoded, CodecError> {
         let route = self
@@ -103,6 +106,7 @@ impl Routes {
                 meta: envelope.meta,
                 dedupe_key,
                 redelivered,
+                attempt,
                 context: context.clone(),
             },
         })
@@ -158,7 +162,7 @@ mod tests {
         message.message_id = message_id.map(str::to_owned);
         let envelope = Envelope::from_message(&message).unwrap();
         routes()
-            .decode(envelope, false, &Arc::from("events"))
+            .decode(envelope, false, 1, &Arc::from("events"))
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
@@ -191,7 +195,7 @@ mod tests {
             .insert(headers::EVENT_NAME.into(), "other".into());
         let envelope = Envelope::from_message(&message).unwrap();
         assert!(matches!(
-            routes().decode(envelope, false, &Arc::from("events")),
+            routes().decode(envelope, false, 1, &Arc::from("events")),
             Err(CodecError::UnknownEvent(name)) if name == "other"
         ));
     }

@@ -20,7 +20,10 @@ use crate::event::escape;
 pub(crate) enum Outcome {
     Done,
     /// The handler returned an error: a failed delivery, no restart.
-    Failed(String),
+    Failed {
+        reason: String,
+        permanent: bool,
+    },
     /// The handler panicked: a failed delivery, and the shard restarts.
     Panicked(String),
     TimedOut(Duration),
@@ -176,7 +179,10 @@ impl Handler<Work> for Shard {
                     {
                         Err(_) => Outcome::TimedOut(timeout),
                         Ok(Err(panic)) => Outcome::Panicked(panic_message(panic.as_ref())),
-                        Ok(Ok(Err(error))) => Outcome::Failed(error.to_string()),
+                        Ok(Ok(Err(error))) => Outcome::Failed {
+                            reason: error.to_string(),
+                            permanent: error.is_permanent(),
+                        },
                         Ok(Ok(Ok(()))) => Outcome::Done,
                     }
                 }

@@ -45,6 +45,7 @@ impl TestVhost {
         settings.runtime.restart_backoff_min = Duration::from_millis(10);
         settings.runtime.restart_backoff_max = Duration::from_millis(100);
         settings.runtime.drain_timeout = Duration::from_secs(5);
+        settings.retry.delays = vec![Duration::from_millis(50), Duration::from_millis(200)];
         settings
     }
 }

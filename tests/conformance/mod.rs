@@ -80,6 +80,7 @@ impl Harness {
             queue: queue.to_owned(),
             bindings: bindings.iter().map(|b| b.as_ref().to_owned()).collect(),
             prefetch,
+            retry_delays: vec![RETRY_DELAY],
         };
         within(DEADLINE, "subscribe", self.subscriber.subscribe(spec))
             .await
@@ -142,6 +143,7 @@ macro_rules! conformance_tests {
             unroutable_publish_fails_and_the_publisher_stays_usable,
             concurrent_routable_and_unroutable_publishes_each_get_their_own_outcome,
             dead_lettered_message_moves_to_the_dead_letter_queue_with_reason,
+            retried_message_comes_back_to_its_own_queue_only_after_the_delay,
         );
     };
     (@cases $factory:path; $($case:ident),+ $(,)?) => {
@@ -736,6 +738,7 @@ pub async fn dead_lettered_message_moves_to_the_dead_letter_queue_with_reason(
     poison
         .settle(Settlement::DeadLetter {
             reason: reason.into(),
+            attempts: 3,
         })
         .await
         .expect("dead-letter");
@@ -753,6 +756,10 @@ pub async fn dead_lettered_message_moves_to_the_dead_letter_queue_with_reason(
     assert_eq!(m.header(headers::ERROR), Some(reason));
     assert_eq!(m.header(headers::ORIGINAL_ROUTING_KEY), Some(key.as_str()));
     assert_eq!(m.header("x-custom"), Some("kept"));
+    assert_eq!(m.header(headers::ATTEMPTS), Some("3"));
+    assert!(m
+        .header(headers::FIRST_FAILURE)
+        .is_some_and(|t| chrono::DateTime::parse_from_rfc3339(t).is_ok()));
     letter.ack().await.expect("ack the dead letter");
 
     // The original queue no longer holds it, not even as an unsettled delivery.
@@ -761,4 +768,52 @@ pub async fn dead_lettered_message_moves_to_the_dead_letter_queue_with_reason(
         .expect("close");
     let mut again = h.subscribe(&queue, &[&key], 10).await;
     h.assert_next_is_fence(&mut again, &key).await;
+}
+
+/// The delay of the one retry queue every case's subscription declares.
+const RETRY_DELAY: Duration = Duration::from_millis(300);
+
+/// A retried message waits in the retry queue, then comes back to its own
+/// queue only (not through the exchange to other subscribers), with the
+/// attempts so far and the last error in headers.
+pub async fn retried_message_comes_back_to_its_own_queue_only_after_the_delay(
+    factory: impl Factory,
+) {
+    let h = factory.harness().await;
+    let (mine, other) = (h.queue("retrying"), h.queue("bystander"));
+    let key = h.key("flaky");
+    let mut sub = h.subscribe(&mine, &[&key], 10).await;
+    let mut bystander = h.subscribe(&other, &[&key], 10).await;
+    h.publish(message(&key, "flaky")).await;
+    let first = next(&mut sub, "the first delivery").await;
+    next(&mut bystander, "the bystander's copy")
+        .await
+        .ack()
+        .await
+        .expect("ack");
+    let retried_at = std::time::Instant::now();
+    first
+        .settle(Settlement::Retry {
+            delay: RETRY_DELAY,
+            attempts: 1,
+            reason: "try later".into(),
+        })
+        .await
+        .expect("retry");
+    let again = next(&mut sub, "the retried delivery").await;
+    assert!(
+        retried_at.elapsed() >= RETRY_DELAY,
+        "came back before its delay"
+    );
+    assert_eq!(id(&again), "flaky");
+    assert_eq!(again.message.header(headers::ATTEMPTS), Some("1"));
+    assert_eq!(again.message.header(headers::LAST_ERROR), Some("try later"));
+    assert_eq!(
+        again.message.header(headers::ORIGINAL_ROUTING_KEY),
+        Some(key.as_str())
+    );
+    again.ack().await.expect("ack");
+    // The bystander got its copy once: a fence published now is its next message.
+    h.publish(message(&key, "fence")).await;
+    assert_eq!(id(&next(&mut bystander, "the fence").await), "fence");
 }
