@@ -5,8 +5,11 @@
 //! services declare `booking` that way and RabbitMQ refuses a redeclare with
 //! other arguments), bound per handled event name; `<queue>.dead-letter` beside it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::watch;
 
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::stream::StreamExt;
@@ -62,12 +65,27 @@ impl AmqpOptions {
     }
 }
 
-/// One connection to RabbitMQ: a publisher (confirm mode) and a subscriber factory.
+/// A RabbitMQ client: a publisher (confirm mode) and a subscriber factory
+/// over one connection, re-opened on demand after the broker dropped it.
+/// Clones share the connection.
 #[derive(Clone)]
 pub struct AmqpBroker {
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
 }
 
+struct Shared {
+    options: AmqpOptions,
+    link: std::sync::Mutex<Arc<Inner>>,
+    /// One reconnect at a time; the others wait for its outcome.
+    reconnecting: tokio::sync::Mutex<()>,
+    /// Set while the connection is down, so the loss is logged once.
+    lost: AtomicBool,
+    closed: AtomicBool,
+    /// The broker's resource alarm (`connection.blocked`): publishing waits.
+    blocked: watch::Sender<bool>,
+}
+
+/// One live connection and its publishing channel.
 struct Inner {
     connection: Connection,
     /// Publishes events and dead letters; in confirm mode.
@@ -82,12 +100,11 @@ struct Inner {
     exchange: String,
 }
 
-impl AmqpBroker {
-    /// Connects, opens a confirm-mode publishing channel and declares the exchange.
-    ///
-    /// # Errors
-    /// [`BrokerError::Amqp`] when the broker cannot be reached or refuses us.
-    pub async fn connect(options: &AmqpOptions) -> Result<Self, BrokerError> {
+impl Inner {
+    async fn open(
+        options: &AmqpOptions,
+        blocked: &watch::Sender<bool>,
+    ) -> Result<Self, BrokerError> {
         let mut uri: AMQPUri = options.url.parse().map_err(|reason: String| {
             BrokerError::Amqp(lapin::Error::from(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
@@ -98,11 +115,59 @@ impl AmqpBroker {
         let properties = ConnectionProperties::default()
             .with_connection_name(options.connection_name.clone().into());
         let connection = Connection::connect_uri(uri, properties).await?;
+        watch_alarms(&connection, blocked.clone());
         let publisher = connection.create_channel().await?;
         publisher
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         declare_exchange(&publisher, &options.exchange).await?;
+        Ok(Inner {
+            connection,
+            publisher,
+            publish_lock: tokio::sync::Mutex::new(()),
+            exchange: options.exchange.clone(),
+        })
+    }
+
+    fn is_open(&self) -> bool {
+        self.connection.status().connected() && self.publisher.status().connected()
+    }
+}
+
+/// Logs the broker's resource alarms and tells publishers to wait them out.
+fn watch_alarms(connection: &Connection, blocked: watch::Sender<bool>) {
+    let mut events = connection.events_listener();
+    tokio::spawn(async move {
+        while let Some(event) = events.next().await {
+            match event {
+                lapin::Event::ConnectionBlocked(reason) => {
+                    log::warn!(
+                        target: "herald::broker",
+                        "broker blocked publishing (resource alarm): {}",
+                        crate::event::escape(&reason)
+                    );
+                    blocked.send_replace(true);
+                }
+                lapin::Event::ConnectionUnblocked => {
+                    log::info!(target: "herald::broker", "broker unblocked publishing");
+                    blocked.send_replace(false);
+                }
+                _ => {}
+            }
+        }
+        // The connection is gone: whatever it said about alarms is void.
+        blocked.send_replace(false);
+    });
+}
+
+impl AmqpBroker {
+    /// Connects, opens a confirm-mode publishing channel and declares the exchange.
+    ///
+    /// # Errors
+    /// [`BrokerError::Amqp`] when the broker cannot be reached or refuses us.
+    pub async fn connect(options: &AmqpOptions) -> Result<Self, BrokerError> {
+        let (blocked, _) = watch::channel(false);
+        let inner = Inner::open(options, &blocked).await?;
         log::info!(
             target: "herald::broker",
             "connected url={} exchange={} heartbeat_s={}",
@@ -111,25 +176,79 @@ impl AmqpBroker {
             options.heartbeat_secs
         );
         Ok(AmqpBroker {
-            inner: Arc::new(Inner {
-                connection,
-                publisher,
-                publish_lock: tokio::sync::Mutex::new(()),
-                exchange: options.exchange.clone(),
+            shared: Arc::new(Shared {
+                options: options.clone(),
+                link: std::sync::Mutex::new(Arc::new(inner)),
+                reconnecting: tokio::sync::Mutex::new(()),
+                lost: AtomicBool::new(false),
+                closed: AtomicBool::new(false),
+                blocked,
             }),
         })
     }
 
-    /// Closes the connection; the broker requeues every unsettled delivery.
+    fn current(&self) -> Arc<Inner> {
+        self.shared
+            .link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The live connection, reconnecting (one attempt) when the broker dropped
+    /// it. Callers retry with their own backoff.
+    async fn link(&self) -> Result<Arc<Inner>, BrokerError> {
+        let current = self.current();
+        if current.is_open() {
+            return Ok(current);
+        }
+        if self.shared.closed.load(Ordering::SeqCst) {
+            return Err(BrokerError::Closed);
+        }
+        let _single = self.shared.reconnecting.lock().await;
+        let current = self.current();
+        if current.is_open() {
+            return Ok(current);
+        }
+        let options = &self.shared.options;
+        if !self.shared.lost.swap(true, Ordering::SeqCst) {
+            log::warn!(
+                target: "herald::broker",
+                "connection to {} lost; reconnecting",
+                redact_url(&options.url)
+            );
+        }
+        match Inner::open(options, &self.shared.blocked).await {
+            Ok(fresh) => {
+                let fresh = Arc::new(fresh);
+                *self.shared.link.lock().unwrap_or_else(|p| p.into_inner()) = fresh.clone();
+                self.shared.lost.store(false, Ordering::SeqCst);
+                log::info!(
+                    target: "herald::broker",
+                    "reconnected url={}",
+                    redact_url(&options.url)
+                );
+                Ok(fresh)
+            }
+            Err(error) => {
+                log::debug!(target: "herald::broker", "reconnect failed: {error}");
+                Err(error)
+            }
+        }
+    }
+
+    /// Closes the connection for good; the broker requeues every unsettled delivery.
     pub async fn close(&self) -> Result<(), BrokerError> {
-        if self.inner.connection.status().connected() {
-            self.inner.connection.close(200, "bye".into()).await?;
+        self.shared.closed.store(true, Ordering::SeqCst);
+        let current = self.current();
+        if current.connection.status().connected() {
+            current.connection.close(200, "bye".into()).await?;
         }
         Ok(())
     }
 
     pub fn is_connected(&self) -> bool {
-        self.inner.connection.status().connected()
+        self.current().is_open()
     }
 
     /// Messages ready in `queue` (passive declare). Unsettled ones are not counted.
@@ -137,7 +256,7 @@ impl AmqpBroker {
     /// # Errors
     /// The queue does not exist, or the broker is unreachable.
     pub async fn queue_depth(&self, queue: &str) -> Result<u32, BrokerError> {
-        let channel = self.inner.connection.create_channel().await?;
+        let channel = self.link().await?.connection.create_channel().await?;
         let result = channel
             .queue_declare(
                 queue.into(),
@@ -157,7 +276,23 @@ impl AmqpBroker {
     /// # Errors
     /// As [`Publisher::publish`].
     pub async fn send_to_queue(&self, queue: &str, message: &Message) -> Result<(), BrokerError> {
-        self.inner.publish("", queue, message).await
+        self.publish_via(Some(queue), message).await
+    }
+
+    /// Publishes on the live connection once any resource alarm is over:
+    /// straight into `queue` (default exchange), or without one to the event
+    /// exchange with the message's routing key.
+    async fn publish_via(&self, queue: Option<&str>, message: &Message) -> Result<(), BrokerError> {
+        let mut blocked = self.shared.blocked.subscribe();
+        let _ = blocked.wait_for(|b| !*b).await;
+        let link = self.link().await?;
+        match queue {
+            Some(queue) => link.publish("", queue, message).await,
+            None => {
+                link.publish(&link.exchange, &message.routing_key, message)
+                    .await
+            }
+        }
     }
 }
 
@@ -400,20 +535,14 @@ fn header_text(value: &AMQPValue) -> Option<String> {
 
 impl Publisher for AmqpBroker {
     fn publish(&self, message: Message) -> BoxFuture<'_, Result<(), BrokerError>> {
-        async move {
-            let inner = &self.inner;
-            inner
-                .publish(&inner.exchange, &message.routing_key, &message)
-                .await
-        }
-        .boxed()
+        async move { self.publish_via(None, &message).await }.boxed()
     }
 }
 
 impl Subscriber for AmqpBroker {
     fn subscribe(&self, spec: SubscribeSpec) -> BoxFuture<'_, Result<Subscription, BrokerError>> {
         async move {
-            let inner = &self.inner;
+            let inner = self.link().await?;
             let channel = inner.connection.create_channel().await?;
             channel
                 .basic_qos(spec.prefetch.max(1), BasicQosOptions::default())

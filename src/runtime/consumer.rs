@@ -58,6 +58,18 @@ impl Drop for InFlightGuard {
     }
 }
 
+/// What every consumer actor of a context shares (intake starts a new one
+/// after each resubscription).
+#[derive(Clone)]
+pub(crate) struct ConsumerParts {
+    pub(crate) context: Arc<str>,
+    pub(crate) retry: Arc<RetrySettings>,
+    pub(crate) routes: Arc<Routes>,
+    pub(crate) dispatcher: Arc<Dispatcher>,
+    pub(crate) in_flight: InFlight,
+    pub(crate) stats: Arc<ActorStats>,
+}
+
 pub(crate) struct Consumer {
     context: Arc<str>,
     retry: Arc<RetrySettings>,
@@ -66,26 +78,25 @@ pub(crate) struct Consumer {
     in_flight: InFlight,
     stats: Arc<ActorStats>,
     deliveries: Option<DeliveryStream>,
+    /// Fired when the actor stops: intake decides whether to resubscribe.
+    stopped: Option<oneshot::Sender<()>>,
 }
 
 impl Consumer {
     pub(crate) fn new(
-        context: Arc<str>,
-        retry: Arc<RetrySettings>,
-        routes: Arc<Routes>,
-        dispatcher: Arc<Dispatcher>,
-        in_flight: InFlight,
-        stats: Arc<ActorStats>,
+        parts: ConsumerParts,
         deliveries: DeliveryStream,
+        stopped: oneshot::Sender<()>,
     ) -> Self {
         Consumer {
-            context,
-            retry,
-            routes,
-            dispatcher,
-            in_flight,
-            stats,
+            context: parts.context,
+            retry: parts.retry,
+            routes: parts.routes,
+            dispatcher: parts.dispatcher,
+            in_flight: parts.in_flight,
+            stats: parts.stats,
             deliveries: Some(deliveries),
+            stopped: Some(stopped),
         }
     }
 
@@ -253,7 +264,7 @@ async fn settle(context: &str, delivery: Delivery, settlement: Settlement) -> bo
     match delivery.settle(settlement).await {
         Ok(()) => true,
         Err(error) => {
-            log::warn!(
+            log::debug!(
                 target: "herald::consumer",
                 "context={} id={} settlement failed (the broker will redeliver): {error}",
                 context,
@@ -276,6 +287,9 @@ impl Actor for Consumer {
 
     fn stopped(&mut self, _: &mut Self::Context) {
         self.stats.set_state(ActorState::Stopped);
+        if let Some(stopped) = self.stopped.take() {
+            let _ = stopped.send(());
+        }
     }
 }
 
@@ -288,16 +302,17 @@ impl StreamHandler<Result<Delivery, BrokerError>> for Consumer {
                 self.stats.started();
                 self.accept(delivery, ctx);
             }
-            Err(error) => log::error!(
+            // The stream ends right after; intake logs the loss once and resubscribes.
+            Err(error) => log::debug!(
                 target: "herald::consumer",
-                "context={} consumer failed: {error}",
+                "context={} consumer stream failed: {error}",
                 self.context
             ),
         }
     }
 
     fn finished(&mut self, ctx: &mut Self::Context) {
-        log::info!(target: "herald::consumer", "context={} consumer stopped", self.context);
+        log::debug!(target: "herald::consumer", "context={} delivery stream ended", self.context);
         ctx.stop();
     }
 }

@@ -6,13 +6,14 @@ use std::sync::Arc;
 use actix::prelude::*;
 use tokio::sync::watch;
 
-use super::consumer::{Consumer, InFlight};
+use super::consumer::{ConsumerParts, InFlight};
 use super::dispatcher::Dispatcher;
 use super::handler::{MessageContext, Routes};
+use super::intake::Intake;
 use super::mailbox::{ActorSnapshot, ActorStats, MailboxLogger};
 use super::relay::{Relay, RelayParts};
 use super::supervisor::{Escalated, Escalation, RestartPolicy};
-use crate::broker::{Publisher, SubscribeSpec, Subscriber, SubscriptionControl};
+use crate::broker::{Publisher, SubscribeSpec, Subscriber};
 use crate::config::Settings;
 use crate::error::{Error, HandlerError};
 use crate::event::Event;
@@ -87,7 +88,6 @@ impl ContextBuilder {
     where
         B: Subscriber + Publisher + Clone,
     {
-        let subscriber = broker;
         let settings = self.settings;
         let name: Arc<str> = Arc::from(settings.context.name.as_str());
         let rt = &settings.runtime;
@@ -97,20 +97,11 @@ impl ContextBuilder {
         let dispatcher = Arc::new(Dispatcher::start(&name, rt, &escalation, &handles));
 
         let bindings = self.routes.names();
-        let subscription = match subscriber
-            .subscribe(SubscribeSpec {
-                queue: name.to_string(),
-                bindings: bindings.clone(),
-                prefetch: settings.broker.prefetch,
-                retry_delays: distinct(&settings.retry.delays),
-            })
-            .await
-        {
-            Ok(subscription) => subscription,
-            Err(error) => {
-                stop_arbiters(&arbiters);
-                return Err(error.into());
-            }
+        let spec = SubscribeSpec {
+            queue: name.to_string(),
+            bindings: bindings.clone(),
+            prefetch: settings.broker.prefetch,
+            retry_delays: distinct(&settings.retry.delays),
         };
         let consumer_stats = ActorStats::new(
             &name,
@@ -118,17 +109,21 @@ impl ContextBuilder {
             usize::from(settings.broker.prefetch),
         );
         let in_flight = InFlight::default();
-        let consumer = Consumer::new(
-            name.clone(),
-            Arc::new(settings.retry.clone()),
-            Arc::new(self.routes),
-            dispatcher.clone(),
-            in_flight.clone(),
-            consumer_stats.clone(),
-            subscription.deliveries,
-        )
-        .start();
-
+        let parts = ConsumerParts {
+            context: name.clone(),
+            retry: Arc::new(settings.retry.clone()),
+            routes: Arc::new(self.routes),
+            dispatcher: dispatcher.clone(),
+            in_flight: in_flight.clone(),
+            stats: consumer_stats.clone(),
+        };
+        let intake = match Intake::start(broker.clone(), spec, parts).await {
+            Ok(intake) => intake,
+            Err(error) => {
+                stop_arbiters(&arbiters);
+                return Err(error.into());
+            }
+        };
         let mut actors = vec![consumer_stats];
         actors.extend(dispatcher.stats().cloned());
         let relay = self.store.map(|db| {
@@ -158,8 +153,7 @@ impl ContextBuilder {
             settings,
             actors,
             dispatcher,
-            control: subscription.control,
-            consumer,
+            intake,
             in_flight,
             escalated,
             arbiters,
@@ -204,8 +198,7 @@ pub struct Context {
     settings: Settings,
     actors: Vec<Arc<ActorStats>>,
     dispatcher: Arc<Dispatcher>,
-    control: Box<dyn SubscriptionControl>,
-    consumer: Addr<Consumer>,
+    intake: Intake,
     in_flight: InFlight,
     escalated: watch::Receiver<Option<Escalated>>,
     arbiters: Vec<Arbiter>,
@@ -225,6 +218,17 @@ impl Context {
     /// Every actor's counters: the consumer first, then the shards.
     pub fn actors(&self) -> Vec<ActorSnapshot> {
         self.actors.iter().map(|a| a.snapshot()).collect()
+    }
+
+    /// Whether the context consumes right now (false while it resubscribes
+    /// after a lost connection, and after shutdown began).
+    pub fn is_consuming(&self) -> bool {
+        self.intake.is_consuming()
+    }
+
+    /// How often the subscription was lost and made again.
+    pub fn resubscriptions(&self) -> u64 {
+        self.intake.resubscriptions()
     }
 
     /// Deliveries taken from the broker and not yet settled.
@@ -277,9 +281,7 @@ impl Context {
     pub async fn shutdown(mut self) -> Result<(), Error> {
         let name = self.name.clone();
         log::info!(target: "herald::shutdown", "context={name} stopping intake");
-        if let Err(error) = self.control.cancel().await {
-            log::warn!(target: "herald::shutdown", "context={name} cancel failed: {error}");
-        }
+        self.intake.cancel().await;
         let drain = self.settings.runtime.drain_timeout;
         if !self.in_flight.drained(drain).await {
             log::warn!(
@@ -289,7 +291,6 @@ impl Context {
             );
         }
         self.dispatcher.close();
-        self.consumer.do_send(StopConsumer);
         if let Some((db, relay)) = self.relay.take() {
             flush_outbox(&name, &db, drain).await;
             // With its last address gone the supervisor does not restart it.
@@ -297,9 +298,7 @@ impl Context {
             drop(relay);
         }
         stop_arbiters(&self.arbiters);
-        if let Err(error) = self.control.close().await {
-            log::warn!(target: "herald::shutdown", "context={name} close failed: {error}");
-        }
+        self.intake.close().await;
         self.logger.abort();
         // The last numbers of every actor that did anything reach the log.
         for actor in self.actors.iter().filter(|a| a.was_active()) {
@@ -353,21 +352,6 @@ impl Handler<StopRelay> for Relay {
     type Result = ();
 
     fn handle(&mut self, _: StopRelay, ctx: &mut Self::Context) {
-        ctx.stop();
-    }
-}
-
-/// Stops the consumer actor (its stream is already cancelled).
-struct StopConsumer;
-
-impl Message for StopConsumer {
-    type Result = ();
-}
-
-impl Handler<StopConsumer> for Consumer {
-    type Result = ();
-
-    fn handle(&mut self, _: StopConsumer, ctx: &mut Self::Context) {
         ctx.stop();
     }
 }

@@ -4,6 +4,7 @@ mod consumer;
 mod context;
 mod dispatcher;
 mod handler;
+mod intake;
 mod mailbox;
 mod relay;
 mod shard;
