@@ -46,9 +46,9 @@ pub mod store;
 pub mod contexts;
 
 pub use broker::{
-    dead_letter_queue, retry_queue, topic_matches, Acknowledger, AmqpBroker, AmqpOptions, Delivery,
-    DeliveryStream, MemoryBroker, Message, Publisher, Settlement, SubscribeSpec, Subscriber,
-    Subscription, SubscriptionControl,
+    dead_letter_queue, retry_queue, topic_matches, Acknowledger, AmqpBroker, AmqpOptions,
+    DeadLetters, Delivery, DeliveryStream, MemoryBroker, Message, Publisher, Settlement,
+    SubscribeSpec, Subscriber, Subscription, SubscriptionControl,
 };
 pub use config::Settings;
 pub use error::{BrokerError, CodecError, ConfigError, Error, HandlerError, Result};

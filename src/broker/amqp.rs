@@ -25,8 +25,8 @@ use lapin::{
 };
 
 use super::{
-    dead_letter_queue, retry_queue, Acknowledger, Delivery, Message, Publisher, Settlement,
-    SubscribeSpec, Subscriber, Subscription, SubscriptionControl,
+    dead_letter_queue, redriven, retry_queue, Acknowledger, DeadLetters, Delivery, Message,
+    Publisher, Settlement, SubscribeSpec, Subscriber, Subscription, SubscriptionControl,
 };
 use crate::config::redact_url;
 use crate::error::BrokerError;
@@ -536,6 +536,78 @@ fn header_text(value: &AMQPValue) -> Option<String> {
 impl Publisher for AmqpBroker {
     fn publish(&self, message: Message) -> BoxFuture<'_, Result<(), BrokerError>> {
         async move { self.publish_via(None, &message).await }.boxed()
+    }
+}
+
+impl DeadLetters for AmqpBroker {
+    fn list(&self, queue: &str, limit: usize) -> BoxFuture<'_, Result<Vec<Message>, BrokerError>> {
+        let dlq = dead_letter_queue(queue);
+        async move {
+            let channel = self.link().await?.connection.create_channel().await?;
+            let mut letters = Vec::new();
+            // Held unacked, then all requeued together: nothing is lost and the
+            // broker puts them back in their order.
+            while letters.len() < limit {
+                let got = channel
+                    .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: false })
+                    .await?;
+                match got {
+                    Some(letter) => letters.push(message_from(&letter.delivery)),
+                    None => break,
+                }
+            }
+            channel.close(200, "listed".into()).await?;
+            Ok(letters)
+        }
+        .boxed()
+    }
+
+    fn redrive<'a>(
+        &'a self,
+        queue: &'a str,
+        message_id: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<usize, BrokerError>> {
+        async move {
+            let dlq = dead_letter_queue(queue);
+            let channel = self.link().await?.connection.create_channel().await?;
+            let mut moved = 0;
+            while let Some(letter) = channel
+                .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: false })
+                .await?
+            {
+                let message = message_from(&letter.delivery);
+                if message_id.is_some() && message.message_id.as_deref() != message_id {
+                    continue; // stays unacked: requeued when the channel closes
+                }
+                // Into the queue first, then off the dead-letter queue.
+                self.send_to_queue(queue, &redriven(message)).await?;
+                letter
+                    .delivery
+                    .acker
+                    .ack(BasicAckOptions::default())
+                    .await?;
+                moved += 1;
+            }
+            channel.close(200, "redriven".into()).await?;
+            Ok(moved)
+        }
+        .boxed()
+    }
+
+    fn purge(&self, queue: &str) -> BoxFuture<'_, Result<usize, BrokerError>> {
+        let dlq = dead_letter_queue(queue);
+        async move {
+            let channel = self.link().await?.connection.create_channel().await?;
+            let purged = channel
+                .queue_purge(
+                    dlq.as_str().into(),
+                    lapin::options::QueuePurgeOptions::default(),
+                )
+                .await?;
+            channel.close(200, "purged".into()).await?;
+            Ok(purged as usize)
+        }
+        .boxed()
     }
 }
 

@@ -10,8 +10,9 @@ use futures_util::stream::StreamExt;
 use tokio::sync::mpsc;
 
 use super::{
-    dead_letter_message, dead_letter_queue, retry_message, topic_matches, Acknowledger, Delivery,
-    Message, Publisher, Settlement, SubscribeSpec, Subscriber, Subscription, SubscriptionControl,
+    dead_letter_message, dead_letter_queue, redriven, retry_message, topic_matches, Acknowledger,
+    DeadLetters, Delivery, Message, Publisher, Settlement, SubscribeSpec, Subscriber, Subscription,
+    SubscriptionControl,
 };
 use crate::error::BrokerError;
 
@@ -284,6 +285,56 @@ impl Publisher for MemoryBroker {
             Ok(())
         };
         future::ready(result).boxed()
+    }
+}
+
+impl DeadLetters for MemoryBroker {
+    fn list(&self, queue: &str, limit: usize) -> BoxFuture<'_, Result<Vec<Message>, BrokerError>> {
+        let state = self.lock();
+        let letters = state
+            .queues
+            .get(&dead_letter_queue(queue))
+            .map(|q| {
+                q.ready
+                    .iter()
+                    .take(limit)
+                    .map(|(_, m, _)| m.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        future::ready(Ok(letters)).boxed()
+    }
+
+    fn redrive<'a>(
+        &'a self,
+        queue: &'a str,
+        message_id: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<usize, BrokerError>> {
+        let handle = self.clone();
+        let mut state = self.lock();
+        let dlq = dead_letter_queue(queue);
+        let chosen: Vec<Message> = match state.queues.get_mut(&dlq) {
+            Some(q) => {
+                let (chosen, kept): (VecDeque<_>, VecDeque<_>) =
+                    q.ready.drain(..).partition(|(_, m, _)| {
+                        message_id.is_none() || m.message_id.as_deref() == message_id
+                    });
+                q.ready = kept;
+                chosen.into_iter().map(|(_, m, _)| m).collect()
+            }
+            None => Vec::new(),
+        };
+        let moved = chosen.len();
+        for message in chosen {
+            state.enqueue(queue, redriven(message));
+        }
+        state.pump(queue, &handle);
+        future::ready(Ok(moved)).boxed()
+    }
+
+    fn purge(&self, queue: &str) -> BoxFuture<'_, Result<usize, BrokerError>> {
+        let purged = self.drain(&dead_letter_queue(queue)).len();
+        future::ready(Ok(purged)).boxed()
     }
 }
 

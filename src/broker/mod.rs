@@ -198,6 +198,32 @@ pub trait Publisher: Send + Sync + 'static {
     fn publish(&self, message: Message) -> BoxFuture<'_, Result<(), BrokerError>>;
 }
 
+/// A group's dead-letter queue (`<queue>.dead-letter`) as an operator sees it.
+pub trait DeadLetters: Send + Sync + 'static {
+    /// Up to `limit` dead letters, oldest first; they stay where they are, in order.
+    fn list(&self, queue: &str, limit: usize) -> BoxFuture<'_, Result<Vec<Message>, BrokerError>>;
+    /// Moves dead letters (all, or the one with `message_id`) back into `queue`
+    /// itself, with fresh attempts; returns how many moved.
+    fn redrive<'a>(
+        &'a self,
+        queue: &'a str,
+        message_id: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<usize, BrokerError>>;
+    /// Deletes every dead letter; returns how many.
+    fn purge(&self, queue: &str) -> BoxFuture<'_, Result<usize, BrokerError>>;
+}
+
+/// The message a redrive puts back: the failure headers cleared (it gets a full
+/// set of attempts); the original routing key and first failure stay in headers
+/// (through the default exchange the routing key is the queue's name).
+pub(crate) fn redriven(mut message: Message) -> Message {
+    use crate::event::headers;
+    for name in [headers::ERROR, headers::ATTEMPTS, headers::LAST_ERROR] {
+        message.headers.remove(name);
+    }
+    message
+}
+
 /// Consumes messages from a group's queue.
 pub trait Subscriber: Send + Sync + 'static {
     /// Declares the group's queue and bindings (and its dead-letter queue), then consumes.

@@ -13,7 +13,7 @@ use super::intake::Intake;
 use super::mailbox::{ActorSnapshot, ActorStats, MailboxLogger};
 use super::relay::{Relay, RelayParts};
 use super::supervisor::{Escalated, Escalation, RestartPolicy};
-use crate::broker::{Publisher, SubscribeSpec, Subscriber};
+use crate::broker::{DeadLetters, Publisher, SubscribeSpec, Subscriber};
 use crate::config::Settings;
 use crate::error::{Error, HandlerError};
 use crate::event::Event;
@@ -86,7 +86,7 @@ impl ContextBuilder {
     /// The broker refused the topology or the subscription.
     pub async fn start<B>(self, broker: &B) -> Result<Context, Error>
     where
-        B: Subscriber + Publisher + Clone,
+        B: Subscriber + Publisher + DeadLetters + Clone,
     {
         let settings = self.settings;
         let name: Arc<str> = Arc::from(settings.context.name.as_str());
@@ -154,6 +154,7 @@ impl ContextBuilder {
             actors,
             dispatcher,
             intake,
+            dead_letters: Arc::new(broker.clone()),
             in_flight,
             escalated,
             arbiters,
@@ -199,6 +200,7 @@ pub struct Context {
     actors: Vec<Arc<ActorStats>>,
     dispatcher: Arc<Dispatcher>,
     intake: Intake,
+    dead_letters: Arc<dyn DeadLetters>,
     in_flight: InFlight,
     escalated: watch::Receiver<Option<Escalated>>,
     arbiters: Vec<Arbiter>,
@@ -229,6 +231,58 @@ impl Context {
     /// How often the subscription was lost and made again.
     pub fn resubscriptions(&self) -> u64 {
         self.intake.resubscriptions()
+    }
+
+    /// Up to `limit` of the context's dead letters, oldest first, left in place.
+    ///
+    /// # Errors
+    /// The broker is unreachable.
+    pub async fn dead_letters(&self, limit: usize) -> Result<Vec<crate::Message>, Error> {
+        Ok(self.dead_letters.list(&self.name, limit).await?)
+    }
+
+    /// Moves dead letters (all, or the one with `message_id`) back to the
+    /// context's own queue with fresh attempts; returns how many.
+    ///
+    /// # Errors
+    /// The broker is unreachable.
+    pub async fn redrive(&self, message_id: Option<&str>) -> Result<usize, Error> {
+        let moved = self.dead_letters.redrive(&self.name, message_id).await?;
+        log::info!(target: "herald::context", "context={} redrove dead_letters={moved}", self.name);
+        Ok(moved)
+    }
+
+    /// Deletes the context's dead letters; returns how many.
+    ///
+    /// # Errors
+    /// The broker is unreachable.
+    pub async fn purge_dead_letters(&self) -> Result<usize, Error> {
+        let purged = self.dead_letters.purge(&self.name).await?;
+        log::info!(target: "herald::context", "context={} purged dead_letters={purged}", self.name);
+        Ok(purged)
+    }
+
+    /// Puts the outbox rows kept as unrouted back to pending (once a queue is
+    /// bound for them); returns how many. 0 for a context without a store.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn republish_unrouted(&self) -> Result<usize, Error> {
+        match &self.relay {
+            Some((db, _)) => Ok(db.write(outbox::republish_unrouted).await?),
+            None => Ok(0),
+        }
+    }
+
+    /// Outbox rows waiting to be published (0 without a store).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn outbox_pending(&self) -> Result<i64, Error> {
+        match &self.relay {
+            Some((db, _)) => Ok(db.read(|c| outbox::count(c, OutboxStatus::Pending)).await?),
+            None => Ok(0),
+        }
     }
 
     /// Deliveries taken from the broker and not yet settled.

@@ -27,8 +27,8 @@ use chrono::{TimeZone, Utc};
 use futures_util::stream::{self, StreamExt};
 use herald::event::headers;
 use herald::{
-    dead_letter_queue, BrokerError, Delivery, Envelope, Event, Message, Publisher, Settlement,
-    SubscribeSpec, Subscriber, Subscription,
+    dead_letter_queue, BrokerError, DeadLetters, Delivery, Envelope, Event, Message, Publisher,
+    Settlement, SubscribeSpec, Subscriber, Subscription,
 };
 use serde::{Deserialize, Serialize};
 
@@ -40,6 +40,7 @@ pub const DEADLINE: Duration = Duration::from_secs(30);
 pub struct Harness {
     pub publisher: Arc<dyn Publisher>,
     pub subscriber: Arc<dyn Subscriber>,
+    pub dead_letters: Arc<dyn DeadLetters>,
     /// Unique per case, one topic word without dots.
     prefix: String,
     /// Whatever must outlive the case (a vhost deleted on drop). Dropped last.
@@ -47,13 +48,13 @@ pub struct Harness {
 }
 
 impl Harness {
-    pub fn new(
-        publisher: impl Publisher,
-        subscriber: impl Subscriber,
-        keep_alive: impl Any,
-    ) -> Self {
+    pub fn new<S>(publisher: impl Publisher, subscriber: S, keep_alive: impl Any) -> Self
+    where
+        S: Subscriber + DeadLetters + Clone,
+    {
         Harness {
             publisher: Arc::new(publisher),
+            dead_letters: Arc::new(subscriber.clone()),
             subscriber: Arc::new(subscriber),
             prefix: format!("c{}", uuid::Uuid::new_v4().simple()),
             _keep_alive: Box::new(keep_alive),
@@ -144,6 +145,7 @@ macro_rules! conformance_tests {
             concurrent_routable_and_unroutable_publishes_each_get_their_own_outcome,
             dead_lettered_message_moves_to_the_dead_letter_queue_with_reason,
             retried_message_comes_back_to_its_own_queue_only_after_the_delay,
+            dead_letters_are_listed_in_place_redriven_and_purged_with_counts,
         );
     };
     (@cases $factory:path; $($case:ident),+ $(,)?) => {
@@ -816,4 +818,90 @@ pub async fn retried_message_comes_back_to_its_own_queue_only_after_the_delay(
     // The bystander got its copy once: a fence published now is its next message.
     h.publish(message(&key, "fence")).await;
     assert_eq!(id(&next(&mut bystander, "the fence").await), "fence");
+}
+
+/// Dead letters can be listed without losing or reordering them, redriven one
+/// or all back to their queue (with fresh attempts), and purged.
+pub async fn dead_letters_are_listed_in_place_redriven_and_purged_with_counts(
+    factory: impl Factory,
+) {
+    let h = factory.harness().await;
+    let queue = h.queue("troubled");
+    let key = h.key("troubled");
+    let mut sub = h.subscribe(&queue, &[&key], 10).await;
+    for n in 0..4 {
+        h.publish(message(&key, &format!("m{n}"))).await;
+    }
+    for n in 0..4 {
+        let delivery = next(&mut sub, "a message to dead-letter").await;
+        assert_eq!(id(&delivery), format!("m{n}"));
+        delivery
+            .settle(Settlement::DeadLetter {
+                reason: format!("broken {n}"),
+                attempts: 5,
+            })
+            .await
+            .expect("dead-letter");
+    }
+    let ids = |letters: &[Message]| -> Vec<String> {
+        letters
+            .iter()
+            .map(|m| m.message_id.clone().unwrap_or_default())
+            .collect()
+    };
+    let listed = within(DEADLINE, "list", h.dead_letters.list(&queue, 100))
+        .await
+        .unwrap();
+    assert_eq!(ids(&listed), ["m0", "m1", "m2", "m3"]);
+    assert_eq!(listed[2].header(headers::ERROR), Some("broken 2"));
+    let again = within(DEADLINE, "list again", h.dead_letters.list(&queue, 2))
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(&again),
+        ["m0", "m1"],
+        "listing lost or reordered nothing"
+    );
+
+    let one = within(
+        DEADLINE,
+        "redrive one",
+        h.dead_letters.redrive(&queue, Some("m2")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(one, 1);
+    let back = next(&mut sub, "the redriven message").await;
+    assert_eq!(id(&back), "m2");
+    assert_eq!(
+        back.message.header(headers::ATTEMPTS),
+        None,
+        "fresh attempts"
+    );
+    assert_eq!(
+        back.message.header(headers::ORIGINAL_ROUTING_KEY),
+        Some(key.as_str())
+    );
+    back.ack().await.expect("ack");
+    let left = within(DEADLINE, "list", h.dead_letters.list(&queue, 100))
+        .await
+        .unwrap();
+    assert_eq!(ids(&left), ["m0", "m1", "m3"]);
+
+    let purged = within(DEADLINE, "purge", h.dead_letters.purge(&queue))
+        .await
+        .unwrap();
+    assert_eq!(purged, 3);
+    let none = within(DEADLINE, "list", h.dead_letters.list(&queue, 100))
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    let nothing = within(
+        DEADLINE,
+        "redrive all",
+        h.dead_letters.redrive(&queue, None),
+    )
+    .await
+    .unwrap();
+    assert_eq!(nothing, 0);
 }
