@@ -151,6 +151,8 @@ pub struct BrokerSettings {
     pub prefetch: u16,
     #[serde(with = "humantime_serde")]
     pub heartbeat: Duration,
+    /// A delivered body larger than this is dead-lettered unread.
+    pub max_body_bytes: usize,
 }
 
 impl Default for BrokerSettings {
@@ -160,6 +162,7 @@ impl Default for BrokerSettings {
             exchange: "events".into(),
             prefetch: 256,
             heartbeat: Duration::from_secs(30),
+            max_body_bytes: 1024 * 1024,
         }
     }
 }
@@ -171,6 +174,7 @@ impl std::fmt::Debug for BrokerSettings {
             .field("exchange", &self.exchange)
             .field("prefetch", &self.prefetch)
             .field("heartbeat", &self.heartbeat)
+            .field("max_body_bytes", &self.max_body_bytes)
             .finish()
     }
 }
@@ -375,6 +379,9 @@ impl Settings {
         }
         if self.broker.prefetch == 0 {
             return invalid("broker.prefetch", "must be at least 1");
+        }
+        if self.broker.max_body_bytes == 0 {
+            return invalid("broker.max_body_bytes", "must be above 0");
         }
         if self.broker.heartbeat.as_secs() > u64::from(u16::MAX) {
             return invalid("broker.heartbeat", "must be at most 65535 s");

@@ -49,6 +49,8 @@ pub enum ConfigError {
 /// None of these heal by retrying: the message goes to the dead-letter queue at once.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
+    #[error("body of {size} bytes exceeds broker.max_body_bytes ({limit})")]
+    TooLarge { size: usize, limit: usize },
     #[error("missing header {0}")]
     MissingHeader(&'static str),
     #[error("invalid header {name}: {reason}")]

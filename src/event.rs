@@ -208,7 +208,8 @@ impl Envelope {
                 .filter(|v| *v >= 1)
                 .ok_or_else(|| CodecError::InvalidHeader {
                     name: headers::SCHEMA_VERSION,
-                    reason: format!("expected a positive integer, got {:?}", escape(raw)),
+                    // Debug formatting escapes control characters.
+                    reason: format!("expected a positive integer, got {raw:?}"),
                 })?,
         };
         let header = |name| message.header(name).map(str::to_owned);

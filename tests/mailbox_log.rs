@@ -3,56 +3,14 @@
 mod common;
 
 use std::borrow::Cow;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
+use common::capture::{capture, lines_with};
 use common::{eventually, TestVhost, LIVENESS};
 use herald::{ContextBuilder, Envelope, Event, HandlerError, Publisher};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Semaphore};
-
-/// Keeps every `herald` record at DEBUG and above, as `LEVEL target message`.
-struct Capture(Mutex<Vec<String>>);
-
-impl log::Log for Capture {
-    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
-        metadata.target().starts_with("herald") && metadata.level() <= log::Level::Debug
-    }
-
-    fn log(&self, record: &log::Record<'_>) {
-        if self.enabled(record.metadata()) {
-            self.0.lock().unwrap().push(format!(
-                "{} {} {}",
-                record.level(),
-                record.target(),
-                record.args()
-            ));
-        }
-    }
-
-    fn flush(&self) {}
-}
-
-fn capture() -> &'static Capture {
-    static CAPTURE: OnceLock<&'static Capture> = OnceLock::new();
-    CAPTURE.get_or_init(|| {
-        let capture: &'static Capture = Box::leak(Box::new(Capture(Mutex::new(Vec::new()))));
-        log::set_logger(capture).expect("no other logger in this test binary");
-        log::set_max_level(log::LevelFilter::Debug);
-        capture
-    })
-}
-
-fn lines_with(needle: &str) -> Vec<String> {
-    capture()
-        .0
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|line| line.contains(needle))
-        .cloned()
-        .collect()
-}
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Tick {

@@ -16,7 +16,7 @@ use super::mailbox::{ActorState, ActorStats};
 use super::shard::Outcome;
 use crate::broker::{Delivery, DeliveryStream, Settlement};
 use crate::config::RetrySettings;
-use crate::error::BrokerError;
+use crate::error::{BrokerError, CodecError};
 use crate::event::{escape, headers, Envelope};
 
 /// Counts unsettled deliveries so shutdown can wait for them.
@@ -63,6 +63,7 @@ impl Drop for InFlightGuard {
 #[derive(Clone)]
 pub(crate) struct ConsumerParts {
     pub(crate) context: Arc<str>,
+    pub(crate) max_body_bytes: usize,
     pub(crate) retry: Arc<RetrySettings>,
     pub(crate) routes: Arc<Routes>,
     pub(crate) dispatcher: Arc<Dispatcher>,
@@ -72,6 +73,7 @@ pub(crate) struct ConsumerParts {
 
 pub(crate) struct Consumer {
     context: Arc<str>,
+    max_body_bytes: usize,
     retry: Arc<RetrySettings>,
     routes: Arc<Routes>,
     dispatcher: Arc<Dispatcher>,
@@ -90,6 +92,7 @@ impl Consumer {
     ) -> Self {
         Consumer {
             context: parts.context,
+            max_body_bytes: parts.max_body_bytes,
             retry: parts.retry,
             routes: parts.routes,
             dispatcher: parts.dispatcher,
@@ -102,7 +105,16 @@ impl Consumer {
 
     fn accept(&mut self, delivery: Delivery, ctx: &mut Context<Self>) {
         let attempt = attempt_of(&delivery);
-        let decoded = Envelope::from_message(&delivery.message).and_then(|envelope| {
+        let size = delivery.message.body.len();
+        let decoded = if size > self.max_body_bytes {
+            Err(CodecError::TooLarge {
+                size,
+                limit: self.max_body_bytes,
+            })
+        } else {
+            Envelope::from_message(&delivery.message)
+        };
+        let decoded = decoded.and_then(|envelope| {
             self.routes
                 .decode(envelope, delivery.redelivered, attempt, &self.context)
         });

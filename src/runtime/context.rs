@@ -111,6 +111,7 @@ impl ContextBuilder {
         let in_flight = InFlight::default();
         let parts = ConsumerParts {
             context: name.clone(),
+            max_body_bytes: settings.broker.max_body_bytes,
             retry: Arc::new(settings.retry.clone()),
             routes: Arc::new(self.routes),
             dispatcher: dispatcher.clone(),

@@ -1,6 +1,8 @@
 //! Shared test support: a fresh RabbitMQ vhost per test, and waiting for conditions.
 #![allow(dead_code)]
 
+pub mod capture;
+
 use std::future::Future;
 use std::process::Command;
 use std::time::{Duration, Instant};
