@@ -28,6 +28,9 @@ impl Event for Note {
     }
 }
 
+/// The reason expected in `x-herald-error`, the body, the headers.
+type Case<'a> = (&'a str, Vec<u8>, Vec<(&'a str, &'a [u8])>);
+
 async fn publish(channel: &lapin::Channel, body: &[u8], headers: &[(&str, &[u8])]) {
     let mut table = FieldTable::default();
     for (name, value) in headers {
@@ -77,7 +80,7 @@ async fn each_hostile_message_is_dead_lettered_once_with_its_reason() {
         "]".repeat(1000)
     );
     let huge = format!(r#"{{"key":"k","text":"{}"}}"#, "a".repeat(10_000));
-    let cases: Vec<(&str, Vec<u8>, Vec<(&str, &[u8])>)> = vec![
+    let cases: Vec<Case> = vec![
         ("not valid JSON", b"{not json".to_vec(), named.to_vec()),
         (
             "exceeds broker.max_body_bytes",
