@@ -219,6 +219,17 @@ impl Service {
         self.lines.lock().unwrap().join("\n")
     }
 
+    /// SIGKILL: no shutdown of any kind (a crash, a power cut).
+    pub async fn kill9(mut self) {
+        self.child.kill().await.expect("SIGKILL the service");
+        self.finish_reading().await;
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// SIGTERM, then waits for the exit; asserts an orderly (zero) exit.
     pub async fn terminate(mut self) {
         let name = self.kind.name();
@@ -647,4 +658,26 @@ pub async fn wait_until_settled(vhost: &TestVhost, queue: &str) {
         "queue {queue} still holds {:?} messages",
         queue_messages(vhost, queue).await
     );
+}
+
+/// A context's database file, opened beside the running binary (SQLite WAL
+/// lets both read and write).
+pub fn database(dir: &DataDir, kind: Kind) -> herald::store::Db {
+    let path = dir.path().join(format!("{}.db", kind.name()));
+    herald::store::Db::open(path.to_str().unwrap()).expect("open the context database")
+}
+
+/// Counts rows with a query of the form `SELECT count(*) AS n ...`.
+pub async fn count(db: &herald::store::Db, sql: &'static str) -> i64 {
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    db.read(move |c| {
+        use diesel::RunQueryDsl;
+        Ok(diesel::sql_query(sql).get_result::<Count>(c)?.n)
+    })
+    .await
+    .expect("count rows")
 }

@@ -1,0 +1,86 @@
+//! Fault injection: `kill -9` of the booking binary, twice, during a stream
+//! of 10,000 events. Counted in booking's database and in the broker.
+
+mod common;
+mod myevents_support;
+
+use chrono::{TimeZone, Utc};
+use common::{eventually, TestVhost, LIVENESS};
+use herald::contexts::myevents::EventCreated;
+use herald::{Envelope, Publisher};
+use myevents_support::*;
+
+const EVENTS: i64 = 10_000;
+
+fn announcement(n: i64) -> herald::Message {
+    Envelope::new(&EventCreated {
+        id: format!("{n:024x}"),
+        name: format!("event {n}"),
+        location_id: "000000000000000000000001".into(),
+        start_date: Utc.timestamp_opt(1_800_000_000, 0).unwrap(),
+        end_date: Utc.timestamp_opt(1_800_003_600, 0).unwrap(),
+        hall: None,
+        capacity: Some(100),
+    })
+    .unwrap()
+    .with_producer("events")
+    .to_message()
+}
+
+/// Publishes, trying again while the broker is unreachable.
+async fn publish_until_confirmed(broker: &herald::AmqpBroker, message: herald::Message) {
+    let published = eventually(LIVENESS, || {
+        let (broker, message) = (broker.clone(), message.clone());
+        async move { broker.publish(message).await.is_ok() }
+    })
+    .await;
+    assert!(published, "a message was never confirmed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn booking_killed_twice_mid_stream_applies_every_event_exactly_once() {
+    let vhost = TestVhost::new();
+    let dir = DataDir::new();
+    let mut booking = Service::start(Kind::Booking, &vhost, &dir).await;
+    let db = database(&dir, Kind::Booking);
+    let broker = vhost.broker().await;
+    let publisher = {
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            for n in 0..EVENTS {
+                publish_until_confirmed(&broker, announcement(n)).await;
+            }
+        })
+    };
+    let known = || count(&db, "SELECT count(*) AS n FROM known_events");
+    for threshold in [EVENTS / 4, EVENTS * 3 / 5] {
+        assert!(
+            eventually(LIVENESS * 2, || async { known().await >= threshold }).await,
+            "booking reached {threshold}"
+        );
+        booking.kill9().await;
+        booking = Service::start(Kind::Booking, &vhost, &dir).await;
+    }
+    publisher.await.unwrap();
+    assert!(
+        eventually(LIVENESS * 2, || async { known().await == EVENTS }).await,
+        "only {} of {EVENTS} applied",
+        known().await
+    );
+    let opened = count(
+        &db,
+        "SELECT count(*) AS n FROM event_store WHERE event_name = 'ledgerOpened'",
+    )
+    .await;
+    assert_eq!(opened, EVENTS, "each event applied exactly once");
+    let inbox = count(
+        &db,
+        "SELECT count(*) AS n FROM inbox WHERE consumer = 'booking'",
+    )
+    .await;
+    assert_eq!(inbox, EVENTS);
+    wait_until_settled(&vhost, "booking").await;
+    assert_eq!(queue_messages(&vhost, "booking.dead-letter").await, Some(0));
+    assert!(booking.is_running());
+    booking.terminate().await;
+}
