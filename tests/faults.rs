@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use common::{eventually, rabbitmqctl, TestVhost, LIVENESS};
-use herald::{ContextBuilder, Envelope, Event, HandlerError, Publisher};
+use herald::{ContextBuilder, Envelope, Event, HandlerError, Publisher, Subscriber};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -112,4 +112,123 @@ async fn the_context_resubscribes_after_each_dropped_connection_and_loses_nothin
         .await
     );
     context.shutdown().await.unwrap();
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Counted {
+    seq: u32,
+}
+
+impl Event for Counted {
+    const NAME: &'static str = "counted";
+    fn partition_key(&self) -> Cow<'_, str> {
+        Cow::Owned(self.seq.to_string())
+    }
+}
+
+/// Each of 1,000 messages delivered twice with the same `message_id`: the
+/// inbox lets one through, so 1,000 effects and 1,000 downstream events.
+#[actix_rt::test]
+async fn duplicates_with_the_same_message_id_change_state_once_and_emit_once() {
+    use diesel::connection::SimpleConnection;
+    const MESSAGES: u32 = 1000;
+    let vhost = TestVhost::new();
+    let broker = vhost.broker().await;
+    let dir = std::env::temp_dir().join(format!("herald-dup-{}", uuid::Uuid::new_v4().simple()));
+    let db = herald::store::Db::open(dir.join("dup.db").to_str().unwrap()).unwrap();
+    db.write(|c| {
+        c.batch_execute("CREATE TABLE effects (seq INTEGER NOT NULL)")?;
+        Ok(())
+    })
+    .await
+    .unwrap();
+    // Somebody downstream listens for what the context emits.
+    let listener = broker
+        .subscribe(herald::SubscribeSpec {
+            queue: "downstream".into(),
+            bindings: vec!["counted".into()],
+            prefetch: 1,
+            retry_delays: vec![],
+        })
+        .await
+        .unwrap();
+    listener.control.cancel().await.unwrap();
+
+    let handler_db = db.clone();
+    let context = ContextBuilder::new(vhost.settings("dedupe"))
+        .store(db.clone())
+        .handle(move |tick: Tick, meta: herald::MessageContext| {
+            let db = handler_db.clone();
+            async move {
+                let cause = meta.meta.clone();
+                db.apply_once(&meta, move |c| {
+                    c.batch_execute(&format!("INSERT INTO effects (seq) VALUES ({})", tick.seq))?;
+                    herald::store::outbox::append(
+                        c,
+                        &Counted { seq: tick.seq },
+                        "dedupe",
+                        Some(&cause),
+                    )?;
+                    Ok(())
+                })
+                .await
+                .map(drop)
+                .map_err(HandlerError::from)
+            }
+        })
+        .start(&broker)
+        .await
+        .unwrap();
+    for seq in 0..MESSAGES {
+        let message = Envelope::new(&Tick {
+            key: format!("k{}", seq % 8),
+            seq,
+        })
+        .unwrap()
+        .to_message();
+        broker.publish(message.clone()).await.unwrap();
+        broker.publish(message).await.unwrap();
+    }
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let effects = || {
+        let db = db.clone();
+        async move {
+            db.read(|c| {
+                use diesel::RunQueryDsl;
+                Ok(diesel::sql_query("SELECT count(*) AS n FROM effects")
+                    .get_result::<Count>(c)?
+                    .n)
+            })
+            .await
+            .unwrap()
+        }
+    };
+    assert!(
+        eventually(LIVENESS, || async {
+            context.in_flight() == 0 && broker.queue_depth("dedupe").await.unwrap() == 0
+        })
+        .await
+    );
+    assert!(
+        eventually(LIVENESS, || async {
+            broker.queue_depth("downstream").await.unwrap() == MESSAGES
+        })
+        .await,
+        "{} downstream events",
+        broker.queue_depth("downstream").await.unwrap()
+    );
+    assert_eq!(effects().await, i64::from(MESSAGES));
+    let processed: u64 = context.actors()[1..].iter().map(|a| a.processed).sum();
+    assert!(
+        processed >= u64::from(2 * MESSAGES),
+        "every duplicate was handled (and skipped)"
+    );
+    assert_eq!(context.outbox_pending().await.unwrap(), 0);
+    context.shutdown().await.unwrap();
+    drop(listener);
+    let _ = std::fs::remove_dir_all(dir);
 }
