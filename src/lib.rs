@@ -12,12 +12,21 @@
 //! - [`error`]: one error enum per layer; [`Result`].
 //! - [`config`]: [`Settings`] from TOML plus environment overrides, validated.
 //! - [`event`]: the [`Event`] trait, [`Envelope`] and [`Metadata`], the wire codec.
-//! - `broker/`: the [`Publisher`] / [`Subscriber`] seam, [`AmqpBroker`] (lapin)
-//!   and [`MemoryBroker`] (in-process, same routing semantics).
-//! - `runtime/`: [`ContextBuilder`] and [`Context`]; the consumer actor, the
+//! - [`aggregate`]: event-sourced aggregates (decide / apply), upcasting, the
+//!   given/when/then [`aggregate::Scenario`].
+//! - `broker/`: the [`Publisher`] / [`Subscriber`] / [`DeadLetters`] seam,
+//!   [`AmqpBroker`] (lapin: topology, confirms, retry and dead-letter queues,
+//!   reconnect) and [`MemoryBroker`] (in-process, same semantics).
+//! - `runtime/`: [`ContextBuilder`] and [`Context`]; intake (subscription kept
+//!   alive) and the consumer actor that settles every delivery, the
 //!   dispatcher, shard actors, supervision, mailbox counters and log lines,
-//!   shutdown.
-//! - `src/bin/`: thin binaries; `demo` is a small example context.
+//!   the outbox relay actor, shutdown.
+//! - [`store`]: SQLite through diesel: [`store::Db`], the event store,
+//!   repository, projections, outbox, inbox, idempotency keys.
+//! - [`http`]: REST plumbing shared by contexts (JSON errors, CORS, bodies).
+//! - [`contexts`]: contexts built on the public API: `demo`, and MyEvents'
+//!   `events` and `booking`.
+//! - `src/bin/`: thin binaries, one per context.
 //!
 //! # Write your own context
 //!
