@@ -3,7 +3,7 @@
 //! calls the events context; each booking emits `eventBooked`.
 //!
 //! Event-sourced: each event's [`ledger::SeatLedger`] decides bookings; the
-//! read models ([`store::SeatsView`], [`store::LocationsView`]) are
+//! read models (`SeatsView`, `LocationsView` in `store.rs`) are
 //! projections of the event store, updated in the transaction of each append.
 
 pub mod ledger;
