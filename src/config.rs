@@ -10,12 +10,12 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::error::ConfigError;
 
 /// Everything one context needs to run.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     pub context: ContextSettings,
@@ -38,7 +38,7 @@ pub struct Settings {
 }
 
 /// Failed deliveries: retried through delay queues, then dead-lettered.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetrySettings {
     /// Deliveries of one message at most, the first included.
@@ -80,6 +80,14 @@ mod humantime_list {
 
     use serde::{Deserialize, Deserializer};
 
+    pub fn serialize<S: serde::Serializer>(delays: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(
+            delays
+                .iter()
+                .map(|d| humantime_serde::re::humantime::format_duration(*d).to_string()),
+        )
+    }
+
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
         Vec::<String>::deserialize(d)?
             .iter()
@@ -92,7 +100,7 @@ mod humantime_list {
 }
 
 /// Event-sourced aggregates.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EventStoreSettings {
     /// A snapshot every this many events per stream (0: never).
@@ -111,7 +119,7 @@ impl Default for EventStoreSettings {
 }
 
 /// The outbox relay and table retention.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OutboxSettings {
     /// Rows the relay reads per round.
@@ -134,17 +142,18 @@ impl Default for OutboxSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ContextSettings {
     /// The context's name: its queue, its actor names' prefix. URL-safe.
     pub name: String,
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerSettings {
     /// Secret: contains the password. Use [`redact_url`] to print it.
+    #[serde(serialize_with = "redacted_url")]
     pub url: String,
     pub exchange: String,
     /// Unsettled deliveries the context holds at most.
@@ -180,7 +189,7 @@ impl std::fmt::Debug for BrokerSettings {
 }
 
 /// The actor system of one context.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeSettings {
     /// Shard actors; events of one partition key always reach the same shard.
@@ -229,7 +238,7 @@ impl Default for RuntimeSettings {
 }
 
 /// The context's public REST listener.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpSettings {
     pub addr: SocketAddr,
@@ -244,11 +253,12 @@ impl Default for HttpSettings {
 }
 
 /// The admin listener.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminSettings {
     pub addr: SocketAddr,
     /// Secret: never logged.
+    #[serde(serialize_with = "redacted_secret")]
     pub token: Option<String>,
 }
 
@@ -270,10 +280,11 @@ impl std::fmt::Debug for AdminSettings {
     }
 }
 
-#[derive(Clone, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseSettings {
     /// Secret for PostgreSQL URLs: printed through [`redact_url`].
+    #[serde(serialize_with = "redacted_optional_url")]
     pub url: Option<String>,
 }
 
@@ -445,6 +456,24 @@ impl Settings {
             return invalid("runtime.restart_window", "must be above 0");
         }
         Ok(())
+    }
+}
+
+fn redacted_url<S: Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_url(url))
+}
+
+fn redacted_optional_url<S: Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(url) => s.serialize_some(&redact_url(url)),
+        None => s.serialize_none(),
+    }
+}
+
+fn redacted_secret<S: Serializer>(secret: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match secret {
+        Some(_) => s.serialize_some("***"),
+        None => s.serialize_none(),
     }
 }
 

@@ -41,6 +41,7 @@
 /// itself) and without its tracing span lines.
 pub const DEFAULT_LOG_FILTER: &str = "info,lapin::returned_messages=error,tracing::span=warn";
 
+pub mod admin;
 pub mod aggregate;
 pub mod config;
 pub mod error;
@@ -64,5 +65,5 @@ pub use error::{BrokerError, CodecError, ConfigError, Error, HandlerError, Resul
 pub use event::{Envelope, Event, Metadata};
 pub use runtime::{
     mailbox_line, signal as shutdown_signal, ActorSnapshot, ActorState, Context, ContextBuilder,
-    MessageContext, MAILBOX_TARGET,
+    ContextHandle, MessageContext, MAILBOX_TARGET,
 };

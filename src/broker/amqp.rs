@@ -569,12 +569,18 @@ impl DeadLetters for AmqpBroker {
     ) -> BoxFuture<'a, Result<usize, BrokerError>> {
         async move {
             let dlq = dead_letter_queue(queue);
+            // Only the letters there now: one that fails again comes back at the
+            // tail and must not be redriven in a loop.
+            let present = self.queue_depth(&dlq).await?;
             let channel = self.link().await?.connection.create_channel().await?;
             let mut moved = 0;
-            while let Some(letter) = channel
-                .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: false })
-                .await?
-            {
+            for _ in 0..present {
+                let Some(letter) = channel
+                    .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: false })
+                    .await?
+                else {
+                    break;
+                };
                 let message = message_from(&letter.delivery);
                 if message_id.is_some() && message.message_id.as_deref() != message_id {
                     continue; // stays unacked: requeued when the channel closes

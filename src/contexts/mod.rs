@@ -81,10 +81,12 @@ pub async fn run_service(
     };
     let broker = AmqpBroker::connect(&AmqpOptions::from_settings(&settings)).await?;
     let addr = settings.http.addr;
+    let admin_settings = settings.admin.clone();
     let context = handlers(ContextBuilder::new(settings).store(db), &service)
         .start(&broker)
         .await?;
     // Serve once the context consumes: clients never act on a half-started context.
+    let service_projections = service.projections.clone();
     let data = web::Data::new(service);
     let served = crate::http::serve(&name, "REST API", addr, move |cfg| {
         cfg.app_data(data.clone());
@@ -100,6 +102,24 @@ pub async fn run_service(
             });
         }
     };
+    let admin = crate::admin::Admin {
+        context: context.handle(),
+        projections: service_projections,
+    };
+    let admin = match crate::admin::serve(admin, &admin_settings) {
+        Ok((_, admin)) => admin,
+        Err(e) => {
+            http.stop(false).await;
+            let _ = context.shutdown().await;
+            return Err(Error::Context {
+                context: name.to_string(),
+                reason: format!(
+                    "cannot start the admin API on admin.addr {}: {e}",
+                    admin_settings.addr
+                ),
+            });
+        }
+    };
     let stop_http = http.clone();
     let result = context
         .run_until(async move {
@@ -109,6 +129,7 @@ pub async fn run_service(
         })
         .await;
     http.stop(true).await;
+    admin.stop(true).await;
     let _ = broker.close().await;
     result
 }

@@ -1,5 +1,6 @@
 //! Building and running one context: its handlers, its shards, its consumer.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -149,14 +150,23 @@ impl ContextBuilder {
             rt.workers,
             bindings
         );
+        let mut restartable: BTreeMap<String, Recipient<Restart>> =
+            dispatcher.restartable().collect();
+        if let Some((_, relay)) = &relay {
+            restartable.insert(format!("{name}.outbox-relay"), relay.clone().recipient());
+        }
         Ok(Context {
-            name,
-            settings,
-            actors,
+            handle: ContextHandle {
+                name,
+                settings: Arc::new(settings),
+                actors,
+                intake,
+                dead_letters: Arc::new(broker.clone()),
+                in_flight,
+                store: relay.as_ref().map(|(db, _)| db.clone()),
+                restartable: Arc::new(restartable),
+            },
             dispatcher,
-            intake,
-            dead_letters: Arc::new(broker.clone()),
-            in_flight,
             escalated,
             arbiters,
             logger,
@@ -195,21 +205,49 @@ fn stop_arbiters(arbiters: &[Arbiter]) {
 }
 
 /// A running context.
+///
+/// It dereferences to its [`ContextHandle`]: what operators (the admin API)
+/// can read and do while it runs.
 pub struct Context {
-    name: Arc<str>,
-    settings: Settings,
-    actors: Vec<Arc<ActorStats>>,
+    handle: ContextHandle,
     dispatcher: Arc<Dispatcher>,
-    intake: Intake,
-    dead_letters: Arc<dyn DeadLetters>,
-    in_flight: InFlight,
     escalated: watch::Receiver<Option<Escalated>>,
     arbiters: Vec<Arbiter>,
     logger: tokio::task::JoinHandle<()>,
     relay: Option<(Db, Addr<Relay>)>,
 }
 
-impl Context {
+/// A cheap, cloneable view of a running context: counters, readiness, dead
+/// letters, the outbox, restarting actors, pausing intake.
+#[derive(Clone)]
+pub struct ContextHandle {
+    name: Arc<str>,
+    settings: Arc<Settings>,
+    actors: Vec<Arc<ActorStats>>,
+    intake: Intake,
+    dead_letters: Arc<dyn DeadLetters>,
+    in_flight: InFlight,
+    store: Option<Db>,
+    restartable: Arc<BTreeMap<String, Recipient<Restart>>>,
+}
+
+impl std::ops::Deref for Context {
+    type Target = ContextHandle;
+
+    fn deref(&self) -> &ContextHandle {
+        &self.handle
+    }
+}
+
+/// Asks a supervised actor to restart: it stops, and its supervisor starts it
+/// again (counted, re-initialised, after the usual backoff).
+pub(crate) struct Restart;
+
+impl Message for Restart {
+    type Result = ();
+}
+
+impl ContextHandle {
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -269,8 +307,8 @@ impl Context {
     /// # Errors
     /// A database error.
     pub async fn republish_unrouted(&self) -> Result<usize, Error> {
-        match &self.relay {
-            Some((db, _)) => Ok(db.write(outbox::republish_unrouted).await?),
+        match &self.store {
+            Some(db) => Ok(db.write(outbox::republish_unrouted).await?),
             None => Ok(0),
         }
     }
@@ -280,8 +318,8 @@ impl Context {
     /// # Errors
     /// A database error.
     pub async fn outbox_pending(&self) -> Result<i64, Error> {
-        match &self.relay {
-            Some((db, _)) => Ok(db.read(|c| outbox::count(c, OutboxStatus::Pending)).await?),
+        match &self.store {
+            Some(db) => Ok(db.read(|c| outbox::count(c, OutboxStatus::Pending)).await?),
             None => Ok(0),
         }
     }
@@ -289,6 +327,49 @@ impl Context {
     /// Deliveries taken from the broker and not yet settled.
     pub fn in_flight(&self) -> usize {
         self.in_flight.count()
+    }
+
+    /// Restarts the actor `name` through its supervisor; `false` when no
+    /// restartable actor has that name.
+    pub fn restart_actor(&self, name: &str) -> bool {
+        match self.restartable.get(name) {
+            Some(actor) => {
+                log::warn!(target: "herald::supervisor", "actor={name} restart requested");
+                actor.do_send(Restart);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Stops taking deliveries (the broker consumer is cancelled) until
+    /// [`ContextHandle::resume`]; a paused context still counts as ready.
+    pub async fn pause(&self) -> bool {
+        self.intake.pause().await
+    }
+
+    /// Registers the broker consumer again after [`ContextHandle::pause`].
+    ///
+    /// # Errors
+    /// The broker refused the subscription.
+    pub async fn resume(&self) -> Result<bool, Error> {
+        Ok(self.intake.resume().await?)
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.intake.is_paused()
+    }
+
+    /// The context's database, if it has one.
+    pub fn store(&self) -> Option<&Db> {
+        self.store.as_ref()
+    }
+}
+
+impl Context {
+    /// A cloneable view for operators (the admin API).
+    pub fn handle(&self) -> ContextHandle {
+        self.handle.clone()
     }
 
     /// Resolves when an actor has restarted too often (the context should stop).

@@ -96,6 +96,15 @@ impl Dispatcher {
         self.shards.iter().map(|s| &s.stats)
     }
 
+    /// Every shard by actor name, to restart on request.
+    pub(crate) fn restartable(
+        &self,
+    ) -> impl Iterator<Item = (String, Recipient<super::context::Restart>)> + '_ {
+        self.shards
+            .iter()
+            .map(|s| (s.stats.name().to_owned(), s.addr.clone().recipient()))
+    }
+
     /// Closes every shard's slots: consumers waiting for one give up.
     pub(crate) fn close(&self) {
         for shard in &self.shards {

@@ -4,7 +4,7 @@
 //! topology) and starts a fresh consumer actor. The loss and the recovery are
 //! logged once each.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,7 +29,9 @@ pub(crate) struct Intake {
     name: Arc<str>,
     current: Arc<Mutex<Option<Current>>>,
     stopping: watch::Sender<bool>,
-    consuming: Arc<AtomicBool>,
+    /// Deliberately paused by an operator: no consumer, no resubscription.
+    paused: watch::Sender<bool>,
+    consuming: watch::Sender<bool>,
     resubscriptions: Arc<AtomicU64>,
 }
 
@@ -48,11 +50,13 @@ impl Intake {
     {
         let (current, done) = open(&subscriber, &spec, &parts).await?;
         let (stopping, _) = watch::channel(false);
+        let (paused, _) = watch::channel(false);
         let intake = Intake {
             name: parts.context.clone(),
             current: Arc::new(Mutex::new(Some(current))),
             stopping,
-            consuming: Arc::new(AtomicBool::new(true)),
+            paused,
+            consuming: watch::Sender::new(true),
             resubscriptions: Arc::new(AtomicU64::new(0)),
         };
         actix::spawn(keep_consuming(
@@ -67,7 +71,44 @@ impl Intake {
 
     /// Whether a consumer is subscribed right now.
     pub(crate) fn is_consuming(&self) -> bool {
-        self.consuming.load(Ordering::SeqCst)
+        *self.consuming.borrow()
+    }
+
+    pub(crate) fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// Cancels the broker consumer until [`Intake::resume`]; false if already paused.
+    pub(crate) async fn pause(&self) -> bool {
+        if self.paused.send_replace(true) {
+            return false;
+        }
+        let current = self.take();
+        if let Some(current) = &current {
+            if let Err(error) = current.control.cancel().await {
+                log::warn!(target: "herald::consumer", "context={} pause: cancel failed: {error}", self.name);
+            }
+        }
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = current;
+        log::info!(target: "herald::consumer", "context={} consumer paused", self.name);
+        true
+    }
+
+    /// Registers the consumer again; resolves once it consumes (or after a
+    /// liveness deadline). False if it was not paused.
+    pub(crate) async fn resume(&self) -> Result<bool, BrokerError> {
+        if !self.paused.send_replace(false) {
+            return Ok(false);
+        }
+        let mut consuming = self.consuming.subscribe();
+        let back = tokio::time::timeout(BACKOFF_MAX * 3, consuming.wait_for(|c| *c)).await;
+        match back {
+            Ok(Ok(_)) => {
+                log::info!(target: "herald::consumer", "context={} consumer resumed", self.name);
+                Ok(true)
+            }
+            _ => Err(BrokerError::Closed),
+        }
     }
 
     /// How often the subscription was lost and made again.
@@ -116,7 +157,7 @@ impl Intake {
                 log::warn!(target: "herald::shutdown", "context={} close failed: {error}", self.name);
             }
         }
-        self.consuming.store(false, Ordering::SeqCst);
+        self.consuming.send_replace(false);
     }
 }
 
@@ -145,19 +186,37 @@ async fn keep_consuming<S: Subscriber>(
     mut stopped: oneshot::Receiver<()>,
 ) {
     let mut stopping = intake.stopping.subscribe();
+    let mut paused = intake.paused.subscribe();
     loop {
         let _ = (&mut stopped).await;
-        intake.consuming.store(false, Ordering::SeqCst);
+        intake.consuming.send_replace(false);
         if *stopping.borrow() {
             return;
         }
-        log::warn!(
-            target: "herald::consumer",
-            "context={} consumer lost (connection or channel closed, or cancelled by the broker); resubscribing",
-            intake.name
-        );
         let lost_at = Instant::now();
-        let mut backoff = BACKOFF_MIN;
+        let deliberate = *paused.borrow();
+        if deliberate {
+            tokio::select! {
+                _ = paused.wait_for(|p| !*p) => {}
+                _ = stopping.wait_for(|stop| *stop) => return,
+            }
+        } else {
+            log::warn!(
+                target: "herald::consumer",
+                "context={} consumer lost (connection or channel closed, or cancelled by the broker); resubscribing",
+                intake.name
+            );
+        }
+        // Deliveries of the old consumer settle on its channel first.
+        parts.in_flight.drained(BACKOFF_MAX).await;
+        if let Some(old) = intake.take() {
+            let _ = old.control.close().await;
+        }
+        let mut backoff = if deliberate {
+            Duration::ZERO
+        } else {
+            BACKOFF_MIN
+        };
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
@@ -165,26 +224,23 @@ async fn keep_consuming<S: Subscriber>(
             }
             match open(&subscriber, &spec, &parts).await {
                 Ok((current, next)) => {
-                    let old = intake
-                        .current
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .replace(current);
-                    drop(old);
+                    *intake.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(current);
                     stopped = next;
-                    intake.consuming.store(true, Ordering::SeqCst);
-                    intake.resubscriptions.fetch_add(1, Ordering::SeqCst);
-                    log::info!(
-                        target: "herald::consumer",
-                        "context={} consumer back after {} ms",
-                        intake.name,
-                        lost_at.elapsed().as_millis()
-                    );
+                    intake.consuming.send_replace(true);
+                    if !deliberate {
+                        intake.resubscriptions.fetch_add(1, Ordering::SeqCst);
+                        log::info!(
+                            target: "herald::consumer",
+                            "context={} consumer back after {} ms",
+                            intake.name,
+                            lost_at.elapsed().as_millis()
+                        );
+                    }
                     break;
                 }
                 Err(error) => {
                     log::debug!(target: "herald::consumer", "context={} resubscribe failed: {error}", intake.name);
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    backoff = (backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
                 }
             }
         }

@@ -11,7 +11,7 @@ mod shard;
 mod shutdown;
 mod supervisor;
 
-pub use context::{Context, ContextBuilder};
+pub use context::{Context, ContextBuilder, ContextHandle};
 pub use handler::MessageContext;
 pub use mailbox::{mailbox_line, ActorSnapshot, ActorState, MAILBOX_TARGET};
 pub use shutdown::signal;

@@ -213,3 +213,11 @@ async fn prune(context: &str, db: &Db, retention: Duration) {
         }
     }
 }
+
+impl Handler<super::context::Restart> for Relay {
+    type Result = ();
+
+    fn handle(&mut self, _: super::context::Restart, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}

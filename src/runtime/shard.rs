@@ -237,3 +237,12 @@ fn panic_message(panic: &(dyn Any + Send)) -> String {
         .unwrap_or_else(|| "non-string panic payload".into());
     format!("handler panicked: {}", escape(&text))
 }
+
+impl Handler<super::context::Restart> for Shard {
+    type Result = ();
+
+    /// Stops between messages (the mailbox waits); the supervisor restarts it.
+    fn handle(&mut self, _: super::context::Restart, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}

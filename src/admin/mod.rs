@@ -1,0 +1,390 @@
+//! The admin API: a separate actix-web listener to operate a running context.
+//!
+//! Every route but `/health` needs `Authorization: Bearer <admin.token>`
+//! (compared in constant time; a missing or wrong token gets a bare 401).
+//! Without a token the listener only binds to a loopback address. Errors are
+//! JSON, bodies are size-limited, slow clients time out.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServerHandle, ServiceRequest, ServiceResponse};
+use actix_web::http::{header, StatusCode};
+use actix_web::middleware::{from_fn, Next};
+use actix_web::{web, App, HttpResponse, HttpServer, ResponseError};
+use serde::{Deserialize, Serialize};
+
+use crate::config::AdminSettings;
+use crate::event::headers;
+use crate::http::{self as h, ApiError};
+use crate::store::projection::Projections;
+use crate::{ContextHandle, Message};
+
+/// What the admin routes operate on.
+#[derive(Clone)]
+pub struct Admin {
+    pub context: ContextHandle,
+    pub projections: Arc<Projections>,
+}
+
+struct Token(Option<String>);
+
+/// Starts the admin listener on `settings.addr` and logs the bound address.
+///
+/// # Errors
+/// The address cannot be bound, or it is not loopback and no token is set.
+pub fn serve(
+    admin: Admin,
+    settings: &AdminSettings,
+) -> std::io::Result<(SocketAddr, ServerHandle)> {
+    let token = settings.token.clone().filter(|t| !t.is_empty());
+    if token.is_none() && !settings.addr.ip().is_loopback() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "admin.addr {} is not a loopback address and admin.token is not set",
+                settings.addr
+            ),
+        ));
+    }
+    let name = admin.context.name().to_owned();
+    let token = web::Data::new(Token(token));
+    let admin = web::Data::new(admin);
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(admin.clone())
+            .app_data(token.clone())
+            .configure(routes)
+            .default_service(web::to(|| async {
+                ApiError::not_found("no such route").error_response()
+            }))
+    })
+    .workers(1)
+    .disable_signals()
+    .client_request_timeout(Duration::from_secs(5))
+    .client_disconnect_timeout(Duration::from_secs(1))
+    .bind(settings.addr)?;
+    let bound = server.addrs().first().copied().unwrap_or(settings.addr);
+    let server = server.run();
+    let handle = server.handle();
+    actix::spawn(async move {
+        if let Err(error) = server.await {
+            log::error!(target: "herald::admin", "admin server stopped: {error}");
+        }
+    });
+    log::info!(target: "herald::admin", "context={name} admin API listening on http://{bound}");
+    Ok((bound, handle))
+}
+
+/// The admin routes (also used by in-process tests).
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/health", web::get().to(health)).service(
+        web::scope("")
+            .wrap(from_fn(authorize))
+            .route("/ready", web::get().to(ready))
+            .route("/actors", web::get().to(actors))
+            .route("/actors/{name}/restart", web::post().to(restart))
+            .route("/consumers/{name}/pause", web::post().to(pause))
+            .route("/consumers/{name}/resume", web::post().to(resume))
+            .route("/dead-letters", web::get().to(dead_letters))
+            .route("/dead-letters", web::delete().to(purge))
+            .route("/dead-letters/redrive", web::post().to(redrive))
+            .route("/outbox/unrouted/republish", web::post().to(republish))
+            .route("/projections", web::get().to(projections))
+            .route("/projections/{name}/rebuild", web::post().to(rebuild))
+            .route("/config", web::get().to(config)),
+    );
+}
+
+/// Lengths are not secret; the bytes are compared without an early exit.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn authorize(
+    request: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let expected = request
+        .app_data::<web::Data<Token>>()
+        .and_then(|t| t.0.clone());
+    if let Some(expected) = expected {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+            return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized").into());
+        }
+    }
+    next.call(request)
+        .await
+        .map(ServiceResponse::map_into_boxed_body)
+}
+
+async fn health() -> HttpResponse {
+    h::json(StatusCode::OK, &serde_json::json!({ "status": "ok" }))
+}
+
+#[derive(Serialize)]
+struct Readiness {
+    ready: bool,
+    consumer: &'static str,
+    database: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+async fn ready(admin: web::Data<Admin>) -> HttpResponse {
+    let context = &admin.context;
+    let consumer = if context.is_paused() {
+        "paused"
+    } else if context.is_consuming() {
+        "consuming"
+    } else {
+        "reconnecting"
+    };
+    let database = match context.store() {
+        None => "none",
+        Some(db) => match db
+            .read(|c| crate::store::outbox::count(c, crate::store::OutboxStatus::Pending))
+            .await
+        {
+            Ok(_) => "ok",
+            Err(_) => "failing",
+        },
+    };
+    let error = match (consumer, database) {
+        ("reconnecting", _) => Some(format!(
+            "consumer {}.consumer is not subscribed",
+            context.name()
+        )),
+        (_, "failing") => Some("database does not answer".to_owned()),
+        _ => None,
+    };
+    let status = if error.is_some() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    h::json(
+        status,
+        &Readiness {
+            ready: error.is_none(),
+            consumer,
+            database,
+            error,
+        },
+    )
+}
+
+async fn actors(admin: web::Data<Admin>) -> HttpResponse {
+    h::json(StatusCode::OK, &admin.context.actors())
+}
+
+async fn restart(
+    admin: web::Data<Admin>,
+    name: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    if admin.context.restart_actor(&name) {
+        Ok(h::json(
+            StatusCode::ACCEPTED,
+            &serde_json::json!({ "restarting": *name }),
+        ))
+    } else {
+        Err(ApiError::not_found(format!(
+            "no restartable actor {name:?}"
+        )))
+    }
+}
+
+fn consumer_name(admin: &Admin, name: &str) -> Result<(), ApiError> {
+    let expected = format!("{}.consumer", admin.context.name());
+    if name == expected {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(format!(
+            "no consumer {name:?} (this context has {expected:?})"
+        )))
+    }
+}
+
+async fn pause(admin: web::Data<Admin>, name: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    consumer_name(&admin, &name)?;
+    let changed = admin.context.pause().await;
+    Ok(h::json(
+        StatusCode::OK,
+        &serde_json::json!({ "consumer": *name, "state": "paused", "changed": changed }),
+    ))
+}
+
+async fn resume(
+    admin: web::Data<Admin>,
+    name: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    consumer_name(&admin, &name)?;
+    let changed = admin.context.resume().await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot resume: {e}"),
+        )
+    })?;
+    Ok(h::json(
+        StatusCode::OK,
+        &serde_json::json!({ "consumer": *name, "state": "consuming", "changed": changed }),
+    ))
+}
+
+#[derive(Deserialize)]
+struct Limit {
+    limit: Option<usize>,
+}
+
+/// A dead letter as operators read it.
+#[derive(Serialize)]
+struct DeadLetter {
+    message_id: Option<String>,
+    event_name: Option<String>,
+    error: Option<String>,
+    attempts: Option<String>,
+    original_routing_key: Option<String>,
+    first_failure: Option<String>,
+    /// The body as text (lossy), cut at 4 KiB.
+    body: String,
+}
+
+impl From<&Message> for DeadLetter {
+    fn from(m: &Message) -> Self {
+        let header = |name| m.header(name).map(str::to_owned);
+        let mut body = String::from_utf8_lossy(&m.body).into_owned();
+        if body.len() > 4096 {
+            let mut cut = 4096;
+            while !body.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            body.truncate(cut);
+        }
+        DeadLetter {
+            message_id: m.message_id.clone(),
+            event_name: header(headers::EVENT_NAME),
+            error: header(headers::ERROR),
+            attempts: header(headers::ATTEMPTS),
+            original_routing_key: header(headers::ORIGINAL_ROUTING_KEY),
+            first_failure: header(headers::FIRST_FAILURE),
+            body,
+        }
+    }
+}
+
+fn broker_error(error: crate::Error) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("broker: {error}"))
+}
+
+async fn dead_letters(
+    admin: web::Data<Admin>,
+    query: web::Query<Limit>,
+) -> Result<HttpResponse, ApiError> {
+    let limit = query.limit.unwrap_or(100).min(10_000);
+    let letters = admin
+        .context
+        .dead_letters(limit)
+        .await
+        .map_err(broker_error)?;
+    let body: Vec<DeadLetter> = letters.iter().map(DeadLetter::from).collect();
+    Ok(h::json(
+        StatusCode::OK,
+        &serde_json::json!({ "count": body.len(), "dead_letters": body }),
+    ))
+}
+
+#[derive(Deserialize, Default)]
+struct RedriveRequest {
+    message_id: Option<String>,
+}
+
+async fn redrive(admin: web::Data<Admin>, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    let body = h::read_body(payload).await?;
+    let request: RedriveRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        RedriveRequest::default()
+    } else {
+        h::parse_json(&body)?
+    };
+    let moved = admin
+        .context
+        .redrive(request.message_id.as_deref())
+        .await
+        .map_err(broker_error)?;
+    Ok(h::json(
+        StatusCode::OK,
+        &serde_json::json!({ "redriven": moved }),
+    ))
+}
+
+async fn purge(admin: web::Data<Admin>) -> Result<HttpResponse, ApiError> {
+    let purged = admin
+        .context
+        .purge_dead_letters()
+        .await
+        .map_err(broker_error)?;
+    Ok(h::json(
+        StatusCode::OK,
+        &serde_json::json!({ "purged": purged }),
+    ))
+}
+
+async fn republish(admin: web::Data<Admin>) -> Result<HttpResponse, ApiError> {
+    let republished = admin
+        .context
+        .republish_unrouted()
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    Ok(h::json(
+        StatusCode::OK,
+        &serde_json::json!({ "republished": republished }),
+    ))
+}
+
+async fn projections(admin: web::Data<Admin>) -> Result<HttpResponse, ApiError> {
+    let Some(db) = admin.context.store() else {
+        return Ok(h::json(StatusCode::OK, &serde_json::json!([])));
+    };
+    let list = admin.projections.list(db).await?;
+    Ok(h::json(StatusCode::OK, &list))
+}
+
+async fn rebuild(
+    admin: web::Data<Admin>,
+    name: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let Some(db) = admin.context.store() else {
+        return Err(ApiError::not_found("this context has no projections"));
+    };
+    match admin.projections.rebuild(db, &name).await {
+        Ok(report) => Ok(h::json(StatusCode::OK, &report)),
+        Err(crate::error::StoreError::NotFound) => {
+            Err(ApiError::not_found(format!("no projection {name:?}")))
+        }
+        Err(other) => Err(other.into()),
+    }
+}
+
+async fn config(admin: web::Data<Admin>) -> HttpResponse {
+    h::json(StatusCode::OK, admin.context.settings())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_comparison_needs_every_byte() {
+        assert!(constant_time_eq(b"s3cret", b"s3cret"));
+        assert!(!constant_time_eq(b"s3cret", b"s3creT"));
+        assert!(!constant_time_eq(b"s3cret", b"s3cre"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+}
