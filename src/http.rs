@@ -6,14 +6,19 @@
 use std::net::SocketAddr;
 
 use actix_cors::Cors;
-use actix_web::dev::{Server, ServerHandle};
+use std::sync::Arc;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{Server, ServerHandle, ServiceRequest, ServiceResponse};
 use actix_web::http::{header, StatusCode};
+use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer, ResponseError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::StoreError;
 use crate::store::idempotency::StoredResponse;
+use crate::Metrics;
 
 /// Request bodies larger than this are refused with 413.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -234,6 +239,22 @@ pub async fn read_body(mut payload: web::Payload) -> Result<web::BytesMut, ApiEr
     Ok(body)
 }
 
+/// Counts every request by its route pattern (never the raw path) and status.
+async fn count_requests(
+    request: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let metrics = request.app_data::<web::Data<Metrics>>().cloned();
+    let route = request
+        .match_pattern()
+        .unwrap_or_else(|| "unmatched".into());
+    let response = next.call(request).await?;
+    if let Some(metrics) = metrics {
+        metrics.http_request(&route, response.status().as_u16());
+    }
+    Ok(response)
+}
+
 /// Binds `addr` (port 0 allowed), logs the bound address and serves the
 /// routes `configure` adds, with CORS and JSON 404s. Signals are left to the
 /// context, which stops the server in order.
@@ -244,13 +265,17 @@ pub fn serve<C>(
     context: &str,
     what: &str,
     addr: SocketAddr,
+    metrics: Arc<Metrics>,
     configure: C,
 ) -> std::io::Result<(SocketAddr, ServerHandle)>
 where
     C: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
 {
+    let metrics = web::Data::from(metrics);
     let server = HttpServer::new(move || {
         App::new()
+            .app_data(metrics.clone())
+            .wrap(from_fn(count_requests))
             .wrap(cors())
             .configure(configure.clone())
             .default_service(web::to(no_route))

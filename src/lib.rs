@@ -65,5 +65,5 @@ pub use error::{BrokerError, CodecError, ConfigError, Error, HandlerError, Resul
 pub use event::{Envelope, Event, Metadata};
 pub use runtime::{
     mailbox_line, signal as shutdown_signal, ActorSnapshot, ActorState, Context, ContextBuilder,
-    ContextHandle, MessageContext, MAILBOX_TARGET,
+    ContextHandle, MessageContext, Metrics, MAILBOX_TARGET,
 };

@@ -988,3 +988,21 @@ async fn bad_input_to_events_is_a_4xx_with_a_json_error_never_a_500() {
         events.stderr()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_requests_are_counted_by_route_and_status_in_the_admin_metrics() {
+    let vhost = TestVhost::new();
+    let dir = DataDir::new();
+    let booking = Service::start(Kind::Booking, &vhost, &dir).await;
+    let unknown = fresh_id();
+    let answer = book(&booking.api, &unknown, 1).await;
+    assert_eq!(answer.status, 404);
+    let health = booking.admin.get("/health").await;
+    assert_eq!(health.status, 200);
+    let ready = booking.admin.get("/ready").await;
+    assert_eq!(ready.status, 200, "{ready:?}");
+    let metrics = booking.admin.get("/metrics").await.text();
+    let line = r#"herald_http_requests_total{route="/events/{event_id}/bookings",status="404"} 1"#;
+    assert!(metrics.contains(line), "{line} missing in:\n{metrics}");
+    booking.terminate().await;
+}

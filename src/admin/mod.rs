@@ -84,6 +84,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         web::scope("")
             .wrap(from_fn(authorize))
             .route("/ready", web::get().to(ready))
+            .route("/metrics", web::get().to(metrics))
             .route("/actors", web::get().to(actors))
             .route("/actors/{name}/restart", web::post().to(restart))
             .route("/consumers/{name}/pause", web::post().to(pause))
@@ -141,13 +142,7 @@ struct Readiness {
 
 async fn ready(admin: web::Data<Admin>) -> HttpResponse {
     let context = &admin.context;
-    let consumer = if context.is_paused() {
-        "paused"
-    } else if context.is_consuming() {
-        "consuming"
-    } else {
-        "reconnecting"
-    };
+    let consumer = context.consumer_state();
     let database = match context.store() {
         None => "none",
         Some(db) => match db
@@ -180,6 +175,12 @@ async fn ready(admin: web::Data<Admin>) -> HttpResponse {
             error,
         },
     )
+}
+
+async fn metrics(admin: web::Data<Admin>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(admin.context.metrics_text().await)
 }
 
 async fn actors(admin: web::Data<Admin>) -> HttpResponse {

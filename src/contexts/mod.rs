@@ -88,7 +88,7 @@ pub async fn run_service(
     // Serve once the context consumes: clients never act on a half-started context.
     let service_projections = service.projections.clone();
     let data = web::Data::new(service);
-    let served = crate::http::serve(&name, "REST API", addr, move |cfg| {
+    let served = crate::http::serve(&name, "REST API", addr, context.metrics(), move |cfg| {
         cfg.app_data(data.clone());
         routes(cfg);
     });

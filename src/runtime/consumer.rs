@@ -13,6 +13,7 @@ use tokio::sync::{oneshot, Notify};
 use super::dispatcher::{Dispatcher, ShardHandle};
 use super::handler::{Decoded, Routes};
 use super::mailbox::{ActorState, ActorStats};
+use super::metrics::{Fate, Metrics};
 use super::shard::Outcome;
 use crate::broker::{Delivery, DeliveryStream, Settlement};
 use crate::config::RetrySettings;
@@ -63,6 +64,7 @@ impl Drop for InFlightGuard {
 #[derive(Clone)]
 pub(crate) struct ConsumerParts {
     pub(crate) context: Arc<str>,
+    pub(crate) metrics: Arc<Metrics>,
     pub(crate) max_body_bytes: usize,
     pub(crate) retry: Arc<RetrySettings>,
     pub(crate) routes: Arc<Routes>,
@@ -73,6 +75,7 @@ pub(crate) struct ConsumerParts {
 
 pub(crate) struct Consumer {
     context: Arc<str>,
+    metrics: Arc<Metrics>,
     max_body_bytes: usize,
     retry: Arc<RetrySettings>,
     routes: Arc<Routes>,
@@ -92,6 +95,7 @@ impl Consumer {
     ) -> Self {
         Consumer {
             context: parts.context,
+            metrics: parts.metrics,
             max_body_bytes: parts.max_body_bytes,
             retry: parts.retry,
             routes: parts.routes,
@@ -105,6 +109,11 @@ impl Consumer {
 
     fn accept(&mut self, delivery: Delivery, ctx: &mut Context<Self>) {
         let attempt = attempt_of(&delivery);
+        // Only known names become label values: the header is untrusted input.
+        let event = self
+            .routes
+            .label(delivery.message.header(headers::EVENT_NAME));
+        self.metrics.received(event);
         let size = delivery.message.body.len();
         let decoded = if size > self.max_body_bytes {
             Err(CodecError::TooLarge {
@@ -125,6 +134,7 @@ impl Consumer {
                 let guard = self.in_flight.enter();
                 let stats = self.stats.clone();
                 let context = self.context.clone();
+                self.metrics.settled(event, Fate::DeadLettered);
                 actix::spawn(async move {
                     let reason = error.to_string();
                     log::warn!(
@@ -169,9 +179,11 @@ impl Consumer {
         delivery: Delivery,
     ) {
         let guard = self.in_flight.enter();
+        let event = decoded.name;
         let reply = shard.send(decoded, slot);
         actix::spawn(settle_when_done(
             self.context.clone(),
+            (self.metrics.clone(), event),
             self.retry.clone(),
             self.stats.clone(),
             delivery,
@@ -226,6 +238,7 @@ pub(crate) fn after_failure(
 
 async fn settle_when_done(
     context: Arc<str>,
+    (metrics, event): (Arc<Metrics>, &'static str),
     retry: Arc<RetrySettings>,
     stats: Arc<ActorStats>,
     delivery: Delivery,
@@ -235,6 +248,7 @@ async fn settle_when_done(
     let attempt = attempt_of(&delivery);
     let (reason, permanent) = match reply.await {
         Ok(Outcome::Done) => {
+            metrics.settled(event, Fate::Acked);
             let settled = settle(&context, delivery, Settlement::Ack).await;
             stats.finished(settled, Duration::ZERO);
             return;
@@ -256,7 +270,15 @@ async fn settle_when_done(
             return;
         }
     };
+    metrics.settled(event, Fate::Failed);
     let settlement = after_failure(&retry, attempt, reason, permanent);
+    metrics.settled(
+        event,
+        match settlement {
+            Settlement::DeadLetter { .. } => Fate::DeadLettered,
+            _ => Fate::Retried,
+        },
+    );
     if let Settlement::DeadLetter { reason, attempts } = &settlement {
         log::warn!(
             target: "herald::consumer",

@@ -12,6 +12,7 @@ use super::dispatcher::Dispatcher;
 use super::handler::{MessageContext, Routes};
 use super::intake::Intake;
 use super::mailbox::{ActorSnapshot, ActorStats, MailboxLogger};
+use super::metrics::Metrics;
 use super::relay::{Relay, RelayParts};
 use super::supervisor::{Escalated, Escalation, RestartPolicy};
 use crate::broker::{DeadLetters, Publisher, SubscribeSpec, Subscriber};
@@ -95,7 +96,14 @@ impl ContextBuilder {
         let arbiters: Vec<Arbiter> = (0..rt.workers).map(|_| Arbiter::new()).collect();
         let handles: Vec<ArbiterHandle> = arbiters.iter().map(Arbiter::handle).collect();
         let (escalation, escalated) = Escalation::new();
-        let dispatcher = Arc::new(Dispatcher::start(&name, rt, &escalation, &handles));
+        let metrics = Arc::new(Metrics::new(&name));
+        let dispatcher = Arc::new(Dispatcher::start(
+            &name,
+            &metrics,
+            rt,
+            &escalation,
+            &handles,
+        ));
 
         let bindings = self.routes.names();
         let spec = SubscribeSpec {
@@ -112,6 +120,7 @@ impl ContextBuilder {
         let in_flight = InFlight::default();
         let parts = ConsumerParts {
             context: name.clone(),
+            metrics: metrics.clone(),
             max_body_bytes: settings.broker.max_body_bytes,
             retry: Arc::new(settings.retry.clone()),
             routes: Arc::new(self.routes),
@@ -165,6 +174,7 @@ impl ContextBuilder {
                 in_flight,
                 store: relay.as_ref().map(|(db, _)| db.clone()),
                 restartable: Arc::new(restartable),
+                metrics,
             },
             dispatcher,
             escalated,
@@ -229,6 +239,7 @@ pub struct ContextHandle {
     in_flight: InFlight,
     store: Option<Db>,
     restartable: Arc<BTreeMap<String, Recipient<Restart>>>,
+    metrics: Arc<Metrics>,
 }
 
 impl std::ops::Deref for Context {
@@ -358,6 +369,46 @@ impl ContextHandle {
 
     pub fn is_paused(&self) -> bool {
         self.intake.is_paused()
+    }
+
+    /// The context's metrics (REST servers count their requests into it).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// The Prometheus text exposition of the context, gauges read now.
+    pub async fn metrics_text(&self) -> String {
+        let outbox = match &self.store {
+            Some(db) => db
+                .read(|c| {
+                    Ok((
+                        outbox::count(c, OutboxStatus::Pending)?,
+                        outbox::count(c, OutboxStatus::Unrouted)?,
+                    ))
+                })
+                .await
+                .ok(),
+            None => None,
+        };
+        let actors = self.actors();
+        let relay = format!("{}.outbox-relay", self.name);
+        let publish_failures = actors
+            .iter()
+            .find(|a| a.name == relay)
+            .map_or(0, |a| a.failed);
+        self.metrics
+            .render(&actors, outbox, self.consumer_state(), publish_failures)
+    }
+
+    /// `consuming`, `paused` (deliberately) or `reconnecting`.
+    pub fn consumer_state(&self) -> &'static str {
+        if self.is_paused() {
+            "paused"
+        } else if self.is_consuming() {
+            "consuming"
+        } else {
+            "reconnecting"
+        }
     }
 
     /// The context's database, if it has one.

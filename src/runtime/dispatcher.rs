@@ -8,6 +8,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::handler::Decoded;
 use super::mailbox::ActorStats;
+use super::metrics::Metrics;
 use super::shard::{Outcome, Shard, Work};
 use super::supervisor::{Escalation, RestartPolicy};
 use crate::config::RuntimeSettings;
@@ -58,6 +59,7 @@ impl Dispatcher {
     /// Starts `settings.shards` supervised shards spread over `arbiters`.
     pub(crate) fn start(
         context: &str,
+        metrics: &Arc<Metrics>,
         settings: &RuntimeSettings,
         escalation: &Escalation,
         arbiters: &[ArbiterHandle],
@@ -71,6 +73,7 @@ impl Dispatcher {
                 );
                 let shard = Shard::new(
                     stats.clone(),
+                    metrics.clone(),
                     RestartPolicy::new(settings),
                     escalation.clone(),
                     settings.handler_timeout,

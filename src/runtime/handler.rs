@@ -37,12 +37,15 @@ pub(crate) type HandlerFn = Arc<
 type DecodeFn = fn(&Envelope) -> Result<(AnyEvent, String, Option<String>), CodecError>;
 
 struct Route {
+    name: &'static str,
     decode: DecodeFn,
     handler: HandlerFn,
 }
 
 /// A delivery decoded and ready for its shard.
 pub(crate) struct Decoded {
+    /// The registered event name (a metric label).
+    pub(crate) name: &'static str,
     pub(crate) event: AnyEvent,
     pub(crate) partition_key: String,
     pub(crate) handler: HandlerFn,
@@ -53,6 +56,8 @@ pub(crate) struct Decoded {
 #[derive(Default)]
 pub(crate) struct Routes {
     routes: BTreeMap<String, Route>,
+    /// `E::NAME` of every registered event.
+    labels: Vec<&'static str>,
 }
 
 impl Routes {
@@ -71,12 +76,24 @@ impl Routes {
             }
         });
         let route = Route {
+            name: E::NAME,
             decode: decode::<E>,
             handler,
         };
+        if !self.labels.contains(&E::NAME) {
+            self.labels.push(E::NAME);
+        }
         if self.routes.insert(E::NAME.to_owned(), route).is_some() {
             log::warn!(target: "herald::context", "event={} handler replaced", E::NAME);
         }
+    }
+
+    /// A metric label for an event name: the registered name itself, or
+    /// `unknown` (untrusted names never become label values).
+    pub(crate) fn label(&self, name: Option<&str>) -> &'static str {
+        name.and_then(|name| self.labels.iter().find(|known| **known == name))
+            .copied()
+            .unwrap_or("unknown")
     }
 
     pub(crate) fn names(&self) -> Vec<String> {
@@ -99,6 +116,7 @@ impl Routes {
         let (event, partition_key, identity) = (route.decode)(&envelope)?;
         let dedupe_key = envelope.meta.id.clone().or(identity);
         Ok(Decoded {
+            name: route.name,
             event,
             partition_key,
             handler: route.handler.clone(),

@@ -12,6 +12,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
 use super::handler::Decoded;
 use super::mailbox::{ActorState, ActorStats};
+use super::metrics::Metrics;
 use super::supervisor::{on_restart, Escalation, RestartPolicy};
 use crate::event::escape;
 
@@ -80,6 +81,7 @@ impl Message for Work {
 
 pub(crate) struct Shard {
     stats: Arc<ActorStats>,
+    metrics: Arc<Metrics>,
     policy: RestartPolicy,
     escalation: Escalation,
     handler_timeout: Duration,
@@ -90,6 +92,7 @@ pub(crate) struct Shard {
 impl Shard {
     pub(crate) fn new(
         stats: Arc<ActorStats>,
+        metrics: Arc<Metrics>,
         policy: RestartPolicy,
         escalation: Escalation,
         handler_timeout: Duration,
@@ -97,6 +100,7 @@ impl Shard {
     ) -> Self {
         Shard {
             stats,
+            metrics,
             policy,
             escalation,
             handler_timeout,
@@ -146,6 +150,7 @@ impl Handler<Work> for Shard {
         let Work {
             decoded:
                 Decoded {
+                    name: label,
                     event,
                     partition_key,
                     handler,
@@ -194,6 +199,7 @@ impl Handler<Work> for Shard {
         ctx.wait(run.into_actor(self).map(move |(outcome, took), act, ctx| {
             let ok = outcome == Outcome::Done;
             act.stats.finished(ok, took);
+            act.metrics.handled(label, took.as_secs_f64());
             log::debug!(
                 target: "herald::shard",
                 "done actor={} event={} id={} took_ms={} outcome={:?}",

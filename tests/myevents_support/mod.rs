@@ -108,6 +108,8 @@ poll_interval = "200ms"
 pub struct Service {
     pub kind: Kind,
     pub api: Api,
+    /// The admin API (no token in test configs: loopback only).
+    pub admin: Api,
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
     reader: Option<JoinHandle<()>>,
@@ -165,6 +167,7 @@ impl Service {
         let mut service = Service {
             kind,
             api: Api { port: 0 },
+            admin: Api { port: 0 },
             child,
             lines,
             reader: Some(reader),
@@ -177,19 +180,27 @@ impl Service {
         let name = self.kind.name();
         let started = format!("context={name} started");
         let listening = format!("context={name} REST API listening on http://");
+        let admin = format!("context={name} admin API listening on http://");
         let deadline = Instant::now() + LIVENESS;
         loop {
-            let (port, consuming) = {
+            let (port, admin_port, consuming) = {
                 let lines = self.lines.lock().unwrap();
-                let port = lines.iter().find_map(|line| {
-                    let (_, addr) = line.split_once(&listening)?;
-                    let (_, port) = addr.trim().rsplit_once(':')?;
-                    port.parse::<u16>().ok()
-                });
-                (port, lines.iter().any(|line| line.contains(&started)))
+                let port_after = |marker: &str| {
+                    lines.iter().find_map(|line| {
+                        let (_, addr) = line.split_once(marker)?;
+                        let (_, port) = addr.trim().rsplit_once(':')?;
+                        port.parse::<u16>().ok()
+                    })
+                };
+                (
+                    port_after(&listening),
+                    port_after(&admin),
+                    lines.iter().any(|line| line.contains(&started)),
+                )
             };
-            if let (Some(port), true) = (port, consuming) {
+            if let (Some(port), Some(admin), true) = (port, admin_port, consuming) {
                 self.api = Api { port };
+                self.admin = Api { port: admin };
                 return;
             }
             if let Some(status) = self.child.try_wait().expect("poll the child") {
