@@ -4,7 +4,7 @@
 CARGO ?= cargo
 export RUST_BACKTRACE ?= 1
 
-.PHONY: services run run-demo demo test fmt lint bench check clean
+.PHONY: services test-tools run run-demo demo test fmt lint bench check clean
 
 ## Install (from Debian) and start RabbitMQ on loopback; wait until it answers.
 services:
@@ -24,8 +24,13 @@ run-demo: services
 	$(CARGO) build --release --bin demo
 	./target/release/demo --config config/demo.toml --ping-every 1s
 
+## The official AsyncAPI parser, for validating /asyncapi.json in tests.
+test-tools:
+	@test -d target/asyncapi/node_modules/@asyncapi/parser || \
+		npm install --silent --no-audit --no-fund --prefix target/asyncapi @asyncapi/parser@3
+
 ## Every test: unit, integration against the real RabbitMQ, doctests.
-test: services
+test: services test-tools
 	$(CARGO) test --all-targets
 	$(CARGO) test --doc
 

@@ -39,7 +39,7 @@ pub const CONTENT_TYPE_JSON: &str = "application/json";
 /// use std::borrow::Cow;
 /// use serde::{Deserialize, Serialize};
 ///
-/// #[derive(Serialize, Deserialize)]
+/// #[derive(Serialize, Deserialize, schemars::JsonSchema)]
 /// struct EventBooked {
 ///     #[serde(rename = "eventId")]
 ///     event_id: String,
@@ -57,7 +57,8 @@ pub const CONTENT_TYPE_JSON: &str = "application/json";
 ///     }
 /// }
 /// ```
-pub trait Event: Serialize + DeserializeOwned + Send + 'static {
+/// The JSON Schema (from `schemars`) documents the payload in `/asyncapi.json`.
+pub trait Event: Serialize + DeserializeOwned + schemars::JsonSchema + Send + 'static {
     /// The event name: routing key and `x-event-name` header.
     const NAME: &'static str;
     /// The newest schema version this type reads and writes.
@@ -245,7 +246,7 @@ mod tests {
     use super::*;
     use serde::Deserialize;
 
-    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    #[derive(Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
     struct EventCreated {
         id: String,
         name: String,

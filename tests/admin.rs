@@ -16,7 +16,7 @@ use serde_json::json;
 
 const TOKEN: &str = "s3cret-admin-token";
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
 struct Job {
     key: String,
     ok: bool,
@@ -238,4 +238,75 @@ fn without_a_token_the_admin_api_refuses_a_non_loopback_address() {
         error
     });
     assert!(error.to_string().contains("admin.token"), "{error}");
+}
+
+/// The AsyncAPI documents of both MyEvents contexts pass the official parser
+/// (`make test-tools` installs it) and list what each publishes and consumes.
+#[actix_rt::test]
+async fn the_asyncapi_documents_of_myevents_are_valid_and_complete() {
+    let dir =
+        std::env::temp_dir().join(format!("herald-asyncapi-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let broker = herald::MemoryBroker::new();
+    let mut files = Vec::new();
+    for name in ["events", "booking"] {
+        let settings = herald::Settings::for_context(name);
+        let db = herald::store::Db::open(dir.join(format!("{name}.db")).to_str().unwrap()).unwrap();
+        let service = herald::contexts::Service {
+            db: db.clone(),
+            name: Arc::from(name),
+            projections: Arc::new(Projections::default()),
+            event_store: settings.event_store.clone(),
+        };
+        let builder = ContextBuilder::new(settings.clone()).store(db);
+        let builder = match name {
+            "events" => herald::contexts::events::handlers(builder, &service),
+            _ => herald::contexts::booking::handlers(builder, &service),
+        };
+        let context = builder.start(&broker).await.unwrap();
+        let document = context.asyncapi().clone();
+        let channels = document["channels"].as_object().unwrap();
+        let operation = |event: &str, op: &str| channels[event].get(op).is_some();
+        match name {
+            "events" => {
+                assert!(
+                    operation("eventCreated", "subscribe")
+                        && operation("locationCreated", "subscribe")
+                );
+                assert!(operation("eventBooked", "publish"));
+            }
+            _ => {
+                assert!(operation("eventBooked", "subscribe"));
+                assert!(
+                    operation("eventCreated", "publish") && operation("locationCreated", "publish")
+                );
+            }
+        }
+        let payload = &document["components"]["messages"]["eventCreated"]["payload"];
+        assert_eq!(
+            payload["properties"]["start_date"]["format"], "date-time",
+            "{payload}"
+        );
+        assert!(payload["required"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("location_id")));
+        let file = dir.join(format!("{name}.asyncapi.json"));
+        std::fs::write(&file, serde_json::to_vec_pretty(&document).unwrap()).unwrap();
+        files.push(file);
+        context.shutdown().await.unwrap();
+    }
+    let output = std::process::Command::new("node")
+        .arg("scripts/asyncapi-validate.mjs")
+        .args(&files)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("node runs (make test-tools installs the parser)");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        output.status.success(),
+        "AsyncAPI validation failed (run `make test-tools` first):\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

@@ -11,7 +11,7 @@ use common::{eventually, rabbitmqctl, TestVhost, LIVENESS};
 use herald::{ContextBuilder, Envelope, Event, HandlerError, Publisher, Subscriber};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 struct Tick {
     key: String,
     seq: u32,
@@ -114,7 +114,7 @@ async fn the_context_resubscribes_after_each_dropped_connection_and_loses_nothin
     context.shutdown().await.unwrap();
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 struct Counted {
     seq: u32,
 }

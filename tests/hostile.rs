@@ -15,7 +15,7 @@ use lapin::BasicProperties;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
 struct Note {
     key: String,
     text: String,

@@ -12,7 +12,7 @@ use herald::{ContextBuilder, Envelope, Event, HandlerError, Publisher};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Semaphore};
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
 struct Tick {
     key: String,
 }

@@ -95,7 +95,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("/outbox/unrouted/republish", web::post().to(republish))
             .route("/projections", web::get().to(projections))
             .route("/projections/{name}/rebuild", web::post().to(rebuild))
-            .route("/config", web::get().to(config)),
+            .route("/config", web::get().to(config))
+            .route("/asyncapi.json", web::get().to(asyncapi)),
     );
 }
 
@@ -371,6 +372,10 @@ async fn rebuild(
         }
         Err(other) => Err(other.into()),
     }
+}
+
+async fn asyncapi(admin: web::Data<Admin>) -> HttpResponse {
+    h::json(StatusCode::OK, admin.context.asyncapi())
 }
 
 async fn config(admin: web::Data<Admin>) -> HttpResponse {

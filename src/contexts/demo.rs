@@ -11,7 +11,7 @@ use crate::broker::{AmqpBroker, AmqpOptions, Publisher};
 use crate::{ContextBuilder, Envelope, Error, Event, HandlerError, MessageContext, Settings};
 
 /// One ping. Pings of the same key are handled in order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Pinged {
     pub key: String,
     pub seq: u64,

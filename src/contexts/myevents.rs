@@ -12,7 +12,7 @@ use crate::error::CodecError;
 use crate::Event;
 
 /// A hall of a location, as in the book's `persistence.Hall`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Hall {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -20,7 +20,7 @@ pub struct Hall {
     pub capacity: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct LocationCreated {
     /// Hex ObjectId from herald; the book's Go service sends raw bytes.
     pub id: String,
@@ -41,7 +41,7 @@ impl Event for LocationCreated {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct EventCreated {
     pub id: String,
     pub name: String,
@@ -68,7 +68,7 @@ impl Event for EventCreated {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct EventBooked {
     #[serde(rename = "eventId")]
     pub event_id: String,

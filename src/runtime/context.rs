@@ -7,6 +7,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use tokio::sync::watch;
 
+use super::asyncapi::{self, Documented};
 use super::consumer::{ConsumerParts, InFlight};
 use super::dispatcher::Dispatcher;
 use super::handler::{MessageContext, Routes};
@@ -25,7 +26,7 @@ use crate::store::{outbox, Db, OutboxStatus};
 ///
 /// ```no_run
 /// # use std::borrow::Cow;
-/// # #[derive(serde::Serialize, serde::Deserialize)]
+/// # #[derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 /// # struct EventCreated { id: String }
 /// # impl herald::Event for EventCreated {
 /// #     const NAME: &'static str = "eventCreated";
@@ -48,6 +49,8 @@ pub struct ContextBuilder {
     settings: Settings,
     routes: Routes,
     store: Option<Db>,
+    publishes: Vec<Documented>,
+    consumes: Vec<Documented>,
 }
 
 impl ContextBuilder {
@@ -56,6 +59,8 @@ impl ContextBuilder {
             settings,
             routes: Routes::default(),
             store: None,
+            publishes: Vec::new(),
+            consumes: Vec::new(),
         }
     }
 
@@ -70,6 +75,17 @@ impl ContextBuilder {
         Fut: Future<Output = Result<(), HandlerError>> + 'static,
     {
         self.routes.add::<E, F, Fut>(handler);
+        self.consumes.retain(|d| d.name != E::NAME);
+        self.consumes.push(Documented::of::<E>());
+        self
+    }
+
+    /// Declares that the context emits `E` (through its outbox), for its
+    /// AsyncAPI document.
+    #[must_use]
+    pub fn publishes<E: Event>(mut self) -> Self {
+        self.publishes.retain(|d| d.name != E::NAME);
+        self.publishes.push(Documented::of::<E>());
         self
     }
 
@@ -164,6 +180,7 @@ impl ContextBuilder {
         if let Some((_, relay)) = &relay {
             restartable.insert(format!("{name}.outbox-relay"), relay.clone().recipient());
         }
+        let document = asyncapi::document(&settings, &self.publishes, &self.consumes);
         Ok(Context {
             handle: ContextHandle {
                 name,
@@ -175,6 +192,7 @@ impl ContextBuilder {
                 store: relay.as_ref().map(|(db, _)| db.clone()),
                 restartable: Arc::new(restartable),
                 metrics,
+                asyncapi: Arc::new(document),
             },
             dispatcher,
             escalated,
@@ -240,6 +258,7 @@ pub struct ContextHandle {
     store: Option<Db>,
     restartable: Arc<BTreeMap<String, Recipient<Restart>>>,
     metrics: Arc<Metrics>,
+    asyncapi: Arc<serde_json::Value>,
 }
 
 impl std::ops::Deref for Context {
@@ -369,6 +388,11 @@ impl ContextHandle {
 
     pub fn is_paused(&self) -> bool {
         self.intake.is_paused()
+    }
+
+    /// The AsyncAPI 2.6 document of the events this context publishes and consumes.
+    pub fn asyncapi(&self) -> &serde_json::Value {
+        &self.asyncapi
     }
 
     /// The context's metrics (REST servers count their requests into it).

@@ -148,7 +148,7 @@ mod tests {
     use crate::broker::Message;
     use crate::event::headers;
 
-    #[derive(Serialize, Deserialize)]
+    #[derive(Serialize, Deserialize, schemars::JsonSchema)]
     struct EventBooked {
         #[serde(rename = "eventId")]
         event_id: String,

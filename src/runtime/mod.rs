@@ -1,5 +1,6 @@
 //! The actor system of one context: consumer -> dispatcher -> shards, under supervision.
 
+mod asyncapi;
 mod consumer;
 mod context;
 mod dispatcher;

@@ -235,7 +235,7 @@ mod tests {
     use super::*;
     use crate::error::StoreError;
 
-    #[derive(serde::Serialize, serde::Deserialize)]
+    #[derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
     struct Noted {
         id: String,
     }

@@ -39,6 +39,7 @@ pub fn handlers(builder: ContextBuilder, service: &Service) -> ContextBuilder {
     let (events_service, events_views) = (service.clone(), views.clone());
     let locations_db = service.db.clone();
     builder
+        .publishes::<crate::contexts::myevents::EventBooked>()
         .handle(move |created: EventCreated, message: MessageContext| {
             let (service, views) = (events_service.clone(), events_views.clone());
             async move { open_ledger(&service, &views, created, &message).await }

@@ -9,7 +9,7 @@ mod store;
 
 use std::sync::Arc;
 
-use crate::contexts::myevents::EventBooked;
+use crate::contexts::myevents::{EventBooked, EventCreated, LocationCreated};
 use crate::contexts::{run_service, Service};
 use crate::store::event_store::{EventMetadata, NewEvent};
 use crate::store::projection::Projections;
@@ -26,10 +26,13 @@ pub fn projections() -> Projections {
 /// Registers the events context's handlers.
 pub fn handlers(builder: ContextBuilder, service: &Service) -> ContextBuilder {
     let (db, views) = (service.db.clone(), service.projections.clone());
-    builder.handle(move |booked: EventBooked, message: MessageContext| {
-        let (db, views) = (db.clone(), views.clone());
-        async move { count_seats(&db, &views, booked, &message).await }
-    })
+    builder
+        .publishes::<LocationCreated>()
+        .publishes::<EventCreated>()
+        .handle(move |booked: EventBooked, message: MessageContext| {
+            let (db, views) = (db.clone(), views.clone());
+            async move { count_seats(&db, &views, booked, &message).await }
+        })
 }
 
 /// Records a booking heard from booking in its event's stream, as received
