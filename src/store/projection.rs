@@ -298,3 +298,74 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod restart_tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::store::event_store::{EventMetadata, NewEvent};
+    use crate::store::testing::TempDb;
+
+    /// Counts the events it is given, so re-applied or skipped ones show.
+    struct Tally(Arc<AtomicUsize>);
+
+    impl Projection for Tally {
+        fn name(&self) -> &'static str {
+            "tally"
+        }
+        fn reset(&self, _: &mut SqliteConnection) -> Result<(), StoreError> {
+            self.0.store(0, Ordering::SeqCst);
+            Ok(())
+        }
+        fn apply(&self, _: &mut SqliteConnection, _: &RecordedEvent) -> Result<(), StoreError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    async fn append(db: &Db, n: usize) {
+        db.write(move |c| {
+            for _ in 0..n {
+                let version = event_store::stream_version(c, "s")?;
+                let event = NewEvent {
+                    event_id: uuid::Uuid::new_v4().to_string(),
+                    name: "noted".into(),
+                    schema_version: 1,
+                    payload: "{}".into(),
+                    metadata: EventMetadata::default(),
+                };
+                event_store::append(c, "s", version, &[event])?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_restarted_projection_resumes_at_its_checkpoint() {
+        let t = TempDb::new();
+        let before = Arc::new(AtomicUsize::new(0));
+        let first = Projections::default().with(Tally(before.clone()));
+        append(&t.db, 7).await;
+        let p = first.clone();
+        t.db.write(move |c| p.catch_up(c)).await.unwrap();
+        assert_eq!(before.load(Ordering::SeqCst), 7);
+
+        // "Restart": a fresh projection value, its rows and checkpoint in the database.
+        append(&t.db, 5).await;
+        let after = Arc::new(AtomicUsize::new(0));
+        let second = Projections::default().with(Tally(after.clone()));
+        let p = second.clone();
+        t.db.write(move |c| p.catch_up(c)).await.unwrap();
+        assert_eq!(
+            after.load(Ordering::SeqCst),
+            5,
+            "only the 5 new events, none again, none skipped"
+        );
+        let status = second.list(&t.db).await.unwrap();
+        assert_eq!((status[0].checkpoint, status[0].head), (12, 12));
+    }
+}

@@ -164,3 +164,111 @@ impl Projection for EventsView {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::{TimeZone, Utc};
+
+    use super::*;
+    use crate::contexts::events::model::{EventCommand, EventRecord, LocationRecord};
+    use crate::contexts::myevents::{EventCreated, LocationCreated};
+    use crate::store::event_store::{EventMetadata, NewEvent};
+    use crate::store::projection::Projections;
+    use crate::store::repository::{self, ExecuteOptions};
+    use crate::store::testing::TempDb;
+
+    /// v1 `eventBooked` facts (the book's, without seats) replay into the v2
+    /// read model with one seat each; v2 facts count their seats.
+    #[tokio::test]
+    async fn v1_event_booked_facts_replay_with_one_seat_each() {
+        let t = TempDb::new();
+        let views = std::sync::Arc::new(Projections::default().with(EventsView));
+        let options = ExecuteOptions::default();
+        let location = LocationRecord {
+            created: LocationCreated {
+                id: "l1".into(),
+                name: "Stadthalle".into(),
+                address: String::new(),
+                country: String::new(),
+                halls: vec![],
+            },
+            open_time: 0,
+            close_time: 0,
+        };
+        let v = views.clone();
+        repository::execute::<Location, _, _>(&t.db, "l1", location, &options, move |c, _| {
+            v.catch_up(c)
+        })
+        .await
+        .unwrap();
+        let record = EventRecord {
+            created: EventCreated {
+                id: "e1".into(),
+                name: "Opera".into(),
+                location_id: "l1".into(),
+                start_date: Utc.timestamp_opt(1_800_000_000, 0).unwrap(),
+                end_date: Utc.timestamp_opt(1_800_003_600, 0).unwrap(),
+                hall: None,
+                capacity: None,
+            },
+            duration: 0,
+        };
+        let v = views.clone();
+        repository::execute::<Event, _, _>(
+            &t.db,
+            "e1",
+            EventCommand::Create(record),
+            &options,
+            move |c, _| v.catch_up(c),
+        )
+        .await
+        .unwrap();
+        let facts = [
+            (1, r#"{"eventId":"e1","userId":"someUserID"}"#),
+            (1, r#"{"eventId":"e1","userId":"someUserID"}"#),
+            (
+                2,
+                r#"{"eventId":"e1","userId":"ann","bookingId":"b1","seats":4}"#,
+            ),
+        ];
+        for (version, payload) in facts {
+            let v = views.clone();
+            t.db.write(move |c| {
+                let fact = NewEvent {
+                    event_id: uuid::Uuid::new_v4().to_string(),
+                    name: "eventBooked".into(),
+                    schema_version: version,
+                    payload: payload.into(),
+                    metadata: EventMetadata::default(),
+                };
+                repository::record::<Event>(c, "e1", fact)?;
+                v.catch_up(c)
+            })
+            .await
+            .unwrap();
+        }
+        let seats = |db: crate::store::Db| async move {
+            db.read(|c| Ok(super::event(c, "e1")?.map(|(row, _)| row.seats_booked)))
+                .await
+        };
+        assert_eq!(seats(t.db.clone()).await.unwrap(), Some(6));
+        let stored_v1: i64 =
+            t.db.read(|c| {
+                use crate::store::schema::event_store::dsl::*;
+                Ok(event_store
+                    .filter(event_name.eq("eventBooked").and(schema_version.eq(1)))
+                    .count()
+                    .get_result(c)?)
+            })
+            .await
+            .unwrap();
+        assert_eq!(stored_v1, 2, "the facts stay v1 in the store");
+        let report = views.rebuild(&t.db, "events").await.unwrap();
+        assert_eq!(report.replayed, 5);
+        assert_eq!(
+            seats(t.db.clone()).await.unwrap(),
+            Some(6),
+            "replay upcasts v1 to one seat"
+        );
+    }
+}
