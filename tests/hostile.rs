@@ -180,3 +180,78 @@ async fn each_hostile_message_is_dead_lettered_once_with_its_reason() {
         .all(|l| !l.contains('\n') && !l.contains('\r')));
     context.shutdown().await.unwrap();
 }
+
+/// 100 hostile messages among 900 good ones: 900 applied, 100 dead-lettered,
+/// no restart, nothing looping.
+#[actix_rt::test]
+async fn a_hundred_hostile_messages_among_nine_hundred_good_ones() {
+    let vhost = TestVhost::new();
+    let broker = vhost.broker().await;
+    let mut settings = vhost.settings("mixed");
+    settings.broker.max_body_bytes = 4096;
+    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    let context = ContextBuilder::new(settings)
+        .handle(move |note: Note, _| {
+            let tx = tx.clone();
+            async move { tx.send(note.text).map_err(HandlerError::from_error) }
+        })
+        .start(&broker)
+        .await
+        .unwrap();
+    let connection = vhost.lapin().await;
+    let channel = connection.create_channel().await.unwrap();
+    let named: &[(&str, &[u8])] = &[("x-event-name", b"note")];
+    let huge = format!(r#"{{"key":"k","text":"{}"}}"#, "a".repeat(5000));
+    let hostile: Vec<(Vec<u8>, Vec<(&str, &[u8])>)> = vec![
+        (b"{not json".to_vec(), named.to_vec()),
+        (huge.into_bytes(), named.to_vec()),
+        (vec![b'{', 0xff, b'}'], named.to_vec()),
+        (
+            br#"{"key":"k","text":"x"}"#.to_vec(),
+            vec![("x-event-name", b"other")],
+        ),
+        (br#"{"key":"k","text":"x"}"#.to_vec(), vec![]),
+        (
+            br#"{"key":"k","text":"x"}"#.to_vec(),
+            vec![("x-event-name", b"note"), ("x-schema-version", b"7")],
+        ),
+    ];
+    let (mut good, mut bad) = (0, 0);
+    for n in 0..1000 {
+        if n % 10 == 3 {
+            let (body, headers) = &hostile[bad % hostile.len()];
+            publish(&channel, body, headers).await;
+            bad += 1;
+        } else {
+            let body = format!(r#"{{"key":"k{}","text":"good {n}"}}"#, n % 7);
+            publish(&channel, body.as_bytes(), named).await;
+            good += 1;
+        }
+    }
+    assert_eq!((good, bad), (900, 100));
+    let mut handled = std::collections::HashSet::new();
+    while handled.len() < good {
+        match tokio::time::timeout(LIVENESS, rx.recv()).await {
+            Ok(Some(text)) => {
+                assert!(text.starts_with("good "), "{text}");
+                handled.insert(text);
+            }
+            other => panic!("only {} of {good} applied: {other:?}", handled.len()),
+        }
+    }
+    assert!(
+        eventually(LIVENESS, || async {
+            broker.queue_depth("mixed.dead-letter").await.unwrap() == 100
+        })
+        .await,
+        "100 dead letters"
+    );
+    assert!(eventually(LIVENESS, || async { context.in_flight() == 0 }).await);
+    assert_eq!(broker.queue_depth("mixed").await.unwrap(), 0);
+    assert_eq!(
+        context.actors().iter().map(|a| a.restarts).sum::<u64>(),
+        0,
+        "0 panics"
+    );
+    context.shutdown().await.unwrap();
+}
