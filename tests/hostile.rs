@@ -31,6 +31,9 @@ impl Event for Note {
 /// The reason expected in `x-herald-error`, the body, the headers.
 type Case<'a> = (&'a str, Vec<u8>, Vec<(&'a str, &'a [u8])>);
 
+/// A body and its headers, as published.
+type Raw<'a> = (Vec<u8>, Vec<(&'a str, &'a [u8])>);
+
 async fn publish(channel: &lapin::Channel, body: &[u8], headers: &[(&str, &[u8])]) {
     let mut table = FieldTable::default();
     for (name, value) in headers {
@@ -202,7 +205,7 @@ async fn a_hundred_hostile_messages_among_nine_hundred_good_ones() {
     let channel = connection.create_channel().await.unwrap();
     let named: &[(&str, &[u8])] = &[("x-event-name", b"note")];
     let huge = format!(r#"{{"key":"k","text":"{}"}}"#, "a".repeat(5000));
-    let hostile: Vec<(Vec<u8>, Vec<(&str, &[u8])>)> = vec![
+    let hostile: Vec<Raw> = vec![
         (b"{not json".to_vec(), named.to_vec()),
         (huge.into_bytes(), named.to_vec()),
         (vec![b'{', 0xff, b'}'], named.to_vec()),
