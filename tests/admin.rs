@@ -310,3 +310,24 @@ async fn the_asyncapi_documents_of_myevents_are_valid_and_complete() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// One more registered event type shows up in the document: nothing to edit.
+#[actix_rt::test]
+async fn a_newly_registered_event_type_appears_in_the_asyncapi_document() {
+    let broker = herald::MemoryBroker::new();
+    let context = ContextBuilder::new(herald::Settings::for_context("extended"))
+        .handle(|_: Job, _| async { Ok(()) })
+        .publishes::<herald::contexts::myevents::EventBooked>()
+        .start(&broker)
+        .await
+        .unwrap();
+    let document = context.asyncapi();
+    assert!(
+        document["channels"]["job"]["publish"].is_object(),
+        "{document}"
+    );
+    assert!(document["channels"]["eventBooked"]["subscribe"].is_object());
+    let job = &document["components"]["messages"]["job"]["payload"];
+    assert_eq!(job["properties"]["ok"]["type"], "boolean", "{job}");
+    context.shutdown().await.unwrap();
+}

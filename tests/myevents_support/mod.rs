@@ -65,6 +65,15 @@ impl Kind {
     }
 }
 
+/// What a test changes in a service's start: secrets in the environment
+/// (as operators pass them) and the log level.
+#[derive(Default, Clone)]
+pub struct Extra {
+    pub amqp_url: Option<String>,
+    pub admin_token: Option<String>,
+    pub rust_log: Option<String>,
+}
+
 /// Writes (again) the config of `kind` in `dir`: the vhost, port 0, the
 /// database in `dir`. Returns its path.
 fn write_config(kind: Kind, vhost: &TestVhost, dir: &DataDir) -> PathBuf {
@@ -87,7 +96,7 @@ addr = "127.0.0.1:0"
 url = '{database}'
 
 [runtime]
-mailbox_log_interval = "5s"
+mailbox_log_interval = "1s"
 restart_backoff_min = "10ms"
 restart_backoff_max = "100ms"
 drain_timeout = "5s"
@@ -119,12 +128,25 @@ impl Service {
     /// Starts `kind` with its config in `dir` and waits until its REST API
     /// listens and its context consumes (its queue is bound).
     pub async fn start(kind: Kind, vhost: &TestVhost, dir: &DataDir) -> Service {
+        Self::start_with(kind, vhost, dir, &Extra::default()).await
+    }
+
+    /// As [`Service::start`], with secrets passed through the environment.
+    pub async fn start_with(
+        kind: Kind,
+        vhost: &TestVhost,
+        dir: &DataDir,
+        extra: &Extra,
+    ) -> Service {
         let config = write_config(kind, vhost, dir);
         let mut command = Command::new(kind.exe());
         command
             .arg("--config")
             .arg(&config)
-            .env("RUST_LOG", "info,lapin=warn")
+            .env(
+                "RUST_LOG",
+                extra.rust_log.as_deref().unwrap_or("info,lapin=warn"),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -143,6 +165,12 @@ impl Service {
             if var.to_string_lossy().starts_with("HERALD__") {
                 command.env_remove(var);
             }
+        }
+        if let Some(url) = &extra.amqp_url {
+            command.env("AMQP_URL", url);
+        }
+        if let Some(token) = &extra.admin_token {
+            command.env("ADMIN_TOKEN", token);
         }
         let mut child = command
             .spawn()
@@ -239,6 +267,14 @@ impl Service {
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// As [`Service::terminate`], then hands the whole stderr to `check`.
+    pub async fn terminate_and_check(self, check: impl FnOnce(&str)) {
+        let lines = self.lines.clone();
+        self.terminate().await;
+        let stderr = lines.lock().unwrap().join("\n");
+        check(&stderr);
     }
 
     /// SIGTERM, then waits for the exit; asserts an orderly (zero) exit.
