@@ -128,3 +128,56 @@ async fn sigterm_under_load_exits_cleanly_and_loses_nothing() {
     wait_until_settled(&vhost, "booking").await;
     booking.terminate().await;
 }
+
+/// Five dropped connections (`close_all_connections` on the test's vhost)
+/// during 2,000 events: five reconnects in booking's log, each event applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_dropped_connections_reconnect_five_times_and_apply_everything_once() {
+    const TOTAL: i64 = 2_000;
+    let vhost = TestVhost::new();
+    let dir = DataDir::new();
+    let booking = Service::start(Kind::Booking, &vhost, &dir).await;
+    let db = database(&dir, Kind::Booking);
+    let broker = vhost.broker().await;
+    let publisher = {
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            for n in 0..TOTAL {
+                publish_until_confirmed(&broker, announcement(n)).await;
+            }
+        })
+    };
+    let known = || count(&db, "SELECT count(*) AS n FROM known_events");
+    let reconnects = || booking.stderr().matches("consumer back after").count();
+    for drop in 1..=5 {
+        let threshold = TOTAL * drop / 6;
+        assert!(eventually(LIVENESS, || async { known().await >= threshold }).await);
+        common::rabbitmqctl(&[
+            "close_all_connections",
+            "-p",
+            &vhost.name,
+            "fault injection",
+        ]);
+        assert!(
+            eventually(LIVENESS, || async { reconnects() >= drop as usize }).await,
+            "reconnect {drop} logged"
+        );
+    }
+    publisher.await.unwrap();
+    assert!(
+        eventually(LIVENESS * 2, || async { known().await == TOTAL }).await,
+        "only {} of {TOTAL} applied",
+        known().await
+    );
+    assert_eq!(reconnects(), 5, "five reconnects in the log");
+    let lost = booking.stderr().matches("consumer lost").count();
+    assert_eq!(lost, 5, "each loss logged once");
+    let opened = count(
+        &db,
+        "SELECT count(*) AS n FROM event_store WHERE event_name = 'ledgerOpened'",
+    )
+    .await;
+    assert_eq!(opened, TOTAL, "each event applied exactly once");
+    wait_until_settled(&vhost, "booking").await;
+    booking.terminate().await;
+}
