@@ -26,6 +26,7 @@
 //! - [`http`]: REST plumbing shared by contexts (JSON errors, CORS, bodies).
 //! - [`contexts`]: contexts built on the public API: `demo`, and MyEvents'
 //!   `events` and `booking`.
+//! - [`cli`]: what every binary does around its context (logging, `--config`, exit codes).
 //! - `src/bin/`: thin binaries, one per context.
 //!
 //! # Write your own context
@@ -43,6 +44,7 @@ pub const DEFAULT_LOG_FILTER: &str = "info,lapin::returned_messages=error,tracin
 
 pub mod admin;
 pub mod aggregate;
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod event;

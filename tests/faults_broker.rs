@@ -6,27 +6,10 @@
 mod common;
 mod myevents_support;
 
-use chrono::{TimeZone, Utc};
 use common::{eventually, rabbitmqctl, TestVhost, LIVENESS};
-use herald::contexts::myevents::EventCreated;
-use herald::{Envelope, Publisher};
 use myevents_support::*;
 
 const EVENTS: i64 = 10_000;
-
-fn announcement(n: i64) -> herald::Message {
-    Envelope::new(&EventCreated {
-        id: format!("{n:024x}"),
-        name: format!("event {n}"),
-        location_id: "000000000000000000000001".into(),
-        start_date: Utc.timestamp_opt(1_800_000_000, 0).unwrap(),
-        end_date: Utc.timestamp_opt(1_800_003_600, 0).unwrap(),
-        hall: None,
-        capacity: None,
-    })
-    .unwrap()
-    .to_message()
-}
 
 /// Starts the broker app again even when an assertion fails mid-test.
 struct RestartOnDrop;
@@ -50,14 +33,8 @@ async fn booking_survives_two_broker_restarts_and_applies_every_event_once() {
         let broker = broker.clone();
         tokio::spawn(async move {
             for n in 0..EVENTS {
-                let message = announcement(n);
-                // The broker is down for a while: keep trying, a minute at most.
-                let published = eventually(LIVENESS * 2, || {
-                    let (broker, message) = (broker.clone(), message.clone());
-                    async move { broker.publish(message).await.is_ok() }
-                })
-                .await;
-                assert!(published, "message {n} never confirmed");
+                // The broker is down for a while: keep trying.
+                publish_until_confirmed(&broker, announcement(n, None)).await;
             }
         })
     };

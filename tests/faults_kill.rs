@@ -4,38 +4,10 @@
 mod common;
 mod myevents_support;
 
-use chrono::{TimeZone, Utc};
 use common::{eventually, TestVhost, LIVENESS};
-use herald::contexts::myevents::EventCreated;
-use herald::{Envelope, Publisher};
 use myevents_support::*;
 
 const EVENTS: i64 = 10_000;
-
-fn announcement(n: i64) -> herald::Message {
-    Envelope::new(&EventCreated {
-        id: format!("{n:024x}"),
-        name: format!("event {n}"),
-        location_id: "000000000000000000000001".into(),
-        start_date: Utc.timestamp_opt(1_800_000_000, 0).unwrap(),
-        end_date: Utc.timestamp_opt(1_800_003_600, 0).unwrap(),
-        hall: None,
-        capacity: Some(100),
-    })
-    .unwrap()
-    .with_producer("events")
-    .to_message()
-}
-
-/// Publishes, trying again while the broker is unreachable.
-async fn publish_until_confirmed(broker: &herald::AmqpBroker, message: herald::Message) {
-    let published = eventually(LIVENESS, || {
-        let (broker, message) = (broker.clone(), message.clone());
-        async move { broker.publish(message).await.is_ok() }
-    })
-    .await;
-    assert!(published, "a message was never confirmed");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn booking_killed_twice_mid_stream_applies_every_event_exactly_once() {
@@ -48,7 +20,7 @@ async fn booking_killed_twice_mid_stream_applies_every_event_exactly_once() {
         let broker = broker.clone();
         tokio::spawn(async move {
             for n in 0..EVENTS {
-                publish_until_confirmed(&broker, announcement(n)).await;
+                publish_until_confirmed(&broker, announcement(n, Some(100))).await;
             }
         })
     };
@@ -99,7 +71,7 @@ async fn sigterm_under_load_exits_cleanly_and_loses_nothing() {
         let broker = broker.clone();
         tokio::spawn(async move {
             for n in 0..TOTAL {
-                publish_until_confirmed(&broker, announcement(n)).await;
+                publish_until_confirmed(&broker, announcement(n, Some(100))).await;
             }
         })
     };
@@ -143,7 +115,7 @@ async fn five_dropped_connections_reconnect_five_times_and_apply_everything_once
         let broker = broker.clone();
         tokio::spawn(async move {
             for n in 0..TOTAL {
-                publish_until_confirmed(&broker, announcement(n)).await;
+                publish_until_confirmed(&broker, announcement(n, Some(100))).await;
             }
         })
     };

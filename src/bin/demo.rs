@@ -11,10 +11,7 @@ fn usage(problem: &str) -> ExitCode {
 
 #[actix::main]
 async fn main() -> ExitCode {
-    env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or(herald::DEFAULT_LOG_FILTER),
-    )
-    .init();
+    herald::cli::init_logging();
     let mut config = PathBuf::from("config/demo.toml");
     let mut ping_every: Option<Duration> = None;
     let mut args = std::env::args().skip(1);
@@ -30,18 +27,12 @@ async fn main() -> ExitCode {
             (other, _) => return usage(&format!("unexpected argument {other:?}")),
         }
     }
-    let settings = match herald::Settings::load(&config) {
+    let settings = match herald::cli::load(&config) {
         Ok(settings) => settings,
-        Err(error) => {
-            log::error!("{}: {error}", config.display());
-            return ExitCode::from(78);
-        }
+        Err(code) => return code,
     };
-    match herald::contexts::demo::run(settings, ping_every).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            log::error!("demo stopped: {error}");
-            ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(1))
-        }
-    }
+    herald::cli::exit(
+        "demo",
+        herald::contexts::demo::run(settings, ping_every).await,
+    )
 }

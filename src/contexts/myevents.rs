@@ -102,6 +102,29 @@ impl Event for EventBooked {
     }
 }
 
+/// The schema version MyEvents aggregates store events named `name` with.
+pub fn stored_schema_version(name: &str) -> u32 {
+    match name {
+        EventBooked::NAME => EventBooked::SCHEMA_VERSION,
+        _ => 1,
+    }
+}
+
+/// Upcasts a stored MyEvents payload one version (see [`upcast_event_booked`]).
+///
+/// # Errors
+/// An event without older versions, or an unknown version.
+pub fn upcast(
+    name: &str,
+    from: u32,
+    payload: serde_json::Value,
+) -> Result<serde_json::Value, CodecError> {
+    match name {
+        EventBooked::NAME => upcast_event_booked(from, payload),
+        _ => Err(CodecError::UnknownEvent(name.to_owned())),
+    }
+}
+
 /// Upcasts a stored `eventBooked` payload from schema version `from` to
 /// `from + 1`: version 1 is the book's, without `seats`, which meant one seat.
 ///

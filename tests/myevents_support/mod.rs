@@ -728,3 +728,32 @@ pub async fn count(db: &herald::store::Db, sql: &'static str) -> i64 {
     .await
     .expect("count rows")
 }
+
+/// The `eventCreated` number `n` of a stream, as herald's events context
+/// publishes it (message id, producer).
+pub fn announcement(n: i64, capacity: Option<u32>) -> herald::Message {
+    use chrono::TimeZone;
+    herald::Envelope::new(&herald::contexts::myevents::EventCreated {
+        id: format!("{n:024x}"),
+        name: format!("event {n}"),
+        location_id: "000000000000000000000001".into(),
+        start_date: chrono::Utc.timestamp_opt(1_800_000_000, 0).unwrap(),
+        end_date: chrono::Utc.timestamp_opt(1_800_003_600, 0).unwrap(),
+        hall: None,
+        capacity,
+    })
+    .unwrap()
+    .with_producer("events")
+    .to_message()
+}
+
+/// Publishes, trying again while the broker is unreachable (a minute at most).
+pub async fn publish_until_confirmed(broker: &herald::AmqpBroker, message: herald::Message) {
+    use herald::Publisher;
+    let published = eventually(LIVENESS * 2, || {
+        let (broker, message) = (broker.clone(), message.clone());
+        async move { broker.publish(message).await.is_ok() }
+    })
+    .await;
+    assert!(published, "a message was never confirmed");
+}

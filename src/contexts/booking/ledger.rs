@@ -7,9 +7,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::aggregate::Aggregate;
-use crate::contexts::myevents::{upcast_event_booked, EventBooked, EventCreated};
+use crate::contexts::myevents::{self, EventBooked, EventCreated};
 use crate::error::CodecError;
-use crate::Event as _;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SeatLedger {
@@ -95,17 +94,11 @@ impl Aggregate for SeatLedger {
     }
 
     fn schema_version(name: &str) -> u32 {
-        match name {
-            EventBooked::NAME => EventBooked::SCHEMA_VERSION,
-            _ => 1,
-        }
+        myevents::stored_schema_version(name)
     }
 
     fn upcast(name: &str, from: u32, payload: Value) -> Result<Value, CodecError> {
-        match name {
-            EventBooked::NAME => upcast_event_booked(from, payload),
-            _ => Err(CodecError::UnknownEvent(name.to_owned())),
-        }
+        myevents::upcast(name, from, payload)
     }
 }
 
