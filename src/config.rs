@@ -377,11 +377,13 @@ impl Settings {
             );
         }
         if let Err(reason) = self.broker.url.parse::<lapin::uri::AMQPUri>() {
+            let url = &self.broker.url;
             return Err(ConfigError::Invalid {
                 key: "broker.url",
                 reason: format!(
-                    "not an AMQP URL ({reason}): {}",
-                    redact_url(&self.broker.url)
+                    "not an AMQP URL ({}): {}",
+                    redact_in(&reason, url),
+                    redact_url(url)
                 ),
             });
         }
@@ -478,19 +480,36 @@ fn redacted_secret<S: Serializer>(secret: &Option<String>, s: S) -> Result<S::Ok
 }
 
 /// `scheme://user:***@host/...`: the URL without its password, for logs.
+/// Whatever stands before the last `@` of the authority is treated as
+/// credentials, also in URLs too malformed to parse.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), url),
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority_end = if scheme.is_empty() {
+        // No `//`: the userinfo can hold `/`; redact up to the last `@`.
+        rest.rfind('@').map_or(0, |at| at + 1)
+    } else {
+        rest.find('/').unwrap_or(rest.len())
+    };
     let (authority, path) = rest.split_at(authority_end);
     match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
+        Some((userinfo, host)) if !scheme.is_empty() => {
             let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-            format!("{scheme}://{user}:***@{host}{path}")
+            format!("{scheme}{user}:***@{host}{path}")
         }
+        Some((_, host)) => format!("***@{host}{path}"),
         None => url.to_owned(),
     }
+}
+
+/// A parser's message about `url` with the URL in it redacted.
+pub fn redact_in(message: &str, url: &str) -> String {
+    if url.is_empty() {
+        return message.to_owned();
+    }
+    message.replace(url, &redact_url(url))
 }
 
 #[cfg(test)]
@@ -605,6 +624,20 @@ mod tests {
             .to_string();
         assert!(error.contains("broker.url"), "{error}");
         assert!(!error.contains("hunter2"), "{error}");
+    }
+
+    #[test]
+    fn a_malformed_url_never_shows_its_password() {
+        let url = "amqp:guest:s3cret@rabbit/%2f";
+        assert_eq!(redact_url(url), "***@rabbit/%2f");
+        let f = file("[context]\nname = \"booking\"\n");
+        let error = Settings::load_with_env(&f.0, env(&[("AMQP_URL", url)]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("broker.url") && !error.contains("s3cret"),
+            "{error}"
+        );
     }
 
     #[test]

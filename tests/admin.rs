@@ -331,3 +331,36 @@ async fn a_newly_registered_event_type_appears_in_the_asyncapi_document() {
     assert_eq!(job["properties"]["ok"]["type"], "boolean", "{job}");
     context.shutdown().await.unwrap();
 }
+
+/// Without a token (loopback only), local tools operate the context but a web
+/// page in a local browser cannot: its requests carry an `Origin`.
+#[actix_rt::test]
+async fn without_a_token_browser_requests_are_refused() {
+    let broker = herald::MemoryBroker::new();
+    let settings = herald::Settings::for_context("local");
+    let admin_settings = settings.admin.clone();
+    let context = ContextBuilder::new(settings)
+        .handle(|_: Job, _| async { Ok(()) })
+        .start(&broker)
+        .await
+        .unwrap();
+    let admin = Admin {
+        context: context.handle(),
+        projections: Arc::new(Projections::default()),
+    };
+    let (addr, server) = serve(admin, &admin_settings).unwrap();
+    let api = Api { port: addr.port() };
+    assert_eq!(api.get("/actors").await.status, 200);
+    let from_page = api
+        .request(
+            "POST",
+            "/consumers/local.consumer/pause",
+            &[("Origin", "http://evil.example")],
+            None,
+        )
+        .await;
+    assert_eq!(from_page.status, 403);
+    assert!(!context.is_paused());
+    server.stop(true).await;
+    context.shutdown().await.unwrap();
+}

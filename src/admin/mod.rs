@@ -112,6 +112,15 @@ async fn authorize(
     let expected = request
         .app_data::<web::Data<Token>>()
         .and_then(|t| t.0.clone());
+    if expected.is_none() && request.headers().contains_key(header::ORIGIN) {
+        // Without a token only local tools may operate the context: a web page
+        // in a local browser must not (its cross-site POSTs carry an Origin).
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "browser requests need admin.token to be set",
+        )
+        .into());
+    }
     if let Some(expected) = expected {
         let given = request
             .headers()

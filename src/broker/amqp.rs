@@ -108,7 +108,11 @@ impl Inner {
         let mut uri: AMQPUri = options.url.parse().map_err(|reason: String| {
             BrokerError::Amqp(lapin::Error::from(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
-                format!("invalid broker url {}: {reason}", redact_url(&options.url)),
+                format!(
+                    "invalid broker url {}: {}",
+                    redact_url(&options.url),
+                    crate::config::redact_in(&reason, &options.url)
+                ),
             )))
         })?;
         uri.query.heartbeat = Some(options.heartbeat_secs);
@@ -682,6 +686,30 @@ struct AmqpAcker {
     queue: String,
 }
 
+impl AmqpAcker {
+    /// Publishes `copy` into `queue`, then acks the original: a crash in
+    /// between leaves a duplicate, never a loss. A failed publish requeues the
+    /// original (it must never stay unsettled until the consumer timeout), and
+    /// nothing is copied for a delivery whose channel is already gone (the
+    /// broker requeued it).
+    async fn move_to(&self, queue: &str, copy: &Message) -> Result<bool, BrokerError> {
+        if !self.acker.usable() {
+            return Ok(false);
+        }
+        if let Err(error) = self.broker.send_to_queue(queue, copy).await {
+            let _ = self
+                .acker
+                .nack(BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                })
+                .await;
+            return Err(error);
+        }
+        Ok(self.acker.ack(BasicAckOptions::default()).await?)
+    }
+}
+
 impl Acknowledger for AmqpAcker {
     fn settle(
         self: Box<Self>,
@@ -705,20 +733,12 @@ impl Acknowledger for AmqpAcker {
                     reason,
                 } => {
                     let again = super::retry_message(message, reason, attempts);
-                    // Publish first, ack after the confirm (as for dead letters).
-                    self.broker
-                        .send_to_queue(&retry_queue(&self.queue, delay), &again)
-                        .await?;
-                    self.acker.ack(BasicAckOptions::default()).await?
+                    self.move_to(&retry_queue(&self.queue, delay), &again)
+                        .await?
                 }
                 Settlement::DeadLetter { reason, attempts } => {
                     let dead = super::dead_letter_message(message, reason, attempts);
-                    // Publish first and ack only after the confirm: a crash in between
-                    // leaves a duplicate dead letter, never a lost message.
-                    self.broker
-                        .send_to_queue(&dead_letter_queue(&self.queue), &dead)
-                        .await?;
-                    self.acker.ack(BasicAckOptions::default()).await?
+                    self.move_to(&dead_letter_queue(&self.queue), &dead).await?
                 }
             };
             if done {

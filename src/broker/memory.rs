@@ -224,8 +224,13 @@ impl State {
             q.unacked.insert(tag, (consumer.id, message.clone()));
             let delivery = Delivery::new(message, redelivered, Box::new(acker));
             if consumer.tx.send(delivery).is_err() {
-                // The stream was dropped between the check and now: it is a close.
+                // The stream was dropped between the check and now: it is a
+                // close, and the message goes back at once.
                 consumer.cancelled = true;
+                consumer.in_flight -= 1;
+                if let Some((_, message)) = q.unacked.remove(&tag) {
+                    q.requeue(tag, message);
+                }
             }
         }
     }

@@ -175,10 +175,13 @@ impl ContextBuilder {
             rt.workers,
             bindings
         );
-        let mut restartable: BTreeMap<String, Recipient<Restart>> =
+        let mut restartable: BTreeMap<String, actix::WeakRecipient<Restart>> =
             dispatcher.restartable().collect();
         if let Some((_, relay)) = &relay {
-            restartable.insert(format!("{name}.outbox-relay"), relay.clone().recipient());
+            restartable.insert(
+                format!("{name}.outbox-relay"),
+                relay.downgrade().recipient(),
+            );
         }
         let document = asyncapi::document(&settings, &self.publishes, &self.consumes);
         Ok(Context {
@@ -256,7 +259,8 @@ pub struct ContextHandle {
     dead_letters: Arc<dyn DeadLetters>,
     in_flight: InFlight,
     store: Option<Db>,
-    restartable: Arc<BTreeMap<String, Recipient<Restart>>>,
+    /// Weak: an actor that shut down must not be kept (and restarted) by a handle.
+    restartable: Arc<BTreeMap<String, actix::WeakRecipient<Restart>>>,
     metrics: Arc<Metrics>,
     asyncapi: Arc<serde_json::Value>,
 }
@@ -362,7 +366,11 @@ impl ContextHandle {
     /// Restarts the actor `name` through its supervisor; `false` when no
     /// restartable actor has that name.
     pub fn restart_actor(&self, name: &str) -> bool {
-        match self.restartable.get(name) {
+        match self
+            .restartable
+            .get(name)
+            .and_then(actix::WeakRecipient::upgrade)
+        {
             Some(actor) => {
                 log::warn!(target: "herald::supervisor", "actor={name} restart requested");
                 actor.do_send(Restart);

@@ -102,10 +102,10 @@ impl Dispatcher {
     /// Every shard by actor name, to restart on request.
     pub(crate) fn restartable(
         &self,
-    ) -> impl Iterator<Item = (String, Recipient<super::context::Restart>)> + '_ {
+    ) -> impl Iterator<Item = (String, actix::WeakRecipient<super::context::Restart>)> + '_ {
         self.shards
             .iter()
-            .map(|s| (s.stats.name().to_owned(), s.addr.clone().recipient()))
+            .map(|s| (s.stats.name().to_owned(), s.addr.downgrade().recipient()))
     }
 
     /// Closes every shard's slots: consumers waiting for one give up.

@@ -222,8 +222,18 @@ async fn keep_consuming<S: Subscriber>(
                 _ = tokio::time::sleep(backoff) => {}
                 _ = stopping.wait_for(|stop| *stop) => return,
             }
+            // Paused while reconnecting: wait for the resume first.
+            tokio::select! {
+                _ = paused.wait_for(|p| !*p) => {}
+                _ = stopping.wait_for(|stop| *stop) => return,
+            }
             match open(&subscriber, &spec, &parts).await {
                 Ok((current, next)) => {
+                    if *paused.borrow() {
+                        // Paused while subscribing: stop this consumer at once;
+                        // the outer loop then waits for the resume.
+                        let _ = current.control.cancel().await;
+                    }
                     *intake.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(current);
                     stopped = next;
                     intake.consuming.send_replace(true);

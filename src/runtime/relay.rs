@@ -17,7 +17,7 @@ use crate::broker::Publisher;
 use crate::config::OutboxSettings;
 use crate::error::BrokerError;
 use crate::event::escape;
-use crate::store::{inbox, now_ms, outbox, Db, OutboxStatus};
+use crate::store::{idempotency, inbox, now_ms, outbox, Db, OutboxStatus};
 
 /// How often old outbox and inbox rows are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
@@ -106,10 +106,10 @@ async fn relay(parts: RelayParts) {
     } = parts;
     let mut backoff = BACKOFF_MIN;
     let mut warned_unroutable: HashSet<String> = HashSet::new();
-    let mut last_prune = Instant::now() - PRUNE_EVERY;
+    let mut last_prune: Option<Instant> = None;
     loop {
-        if last_prune.elapsed() >= PRUNE_EVERY {
-            last_prune = Instant::now();
+        if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+            last_prune = Some(Instant::now());
             prune(&context, &db, settings.retention).await;
         }
         let batch = settings.batch;
@@ -137,7 +137,9 @@ async fn relay(parts: RelayParts) {
             stats.started();
             let started = Instant::now();
             let result = publisher.publish(row.envelope().to_message()).await;
-            stats.finished(result.is_ok(), started.elapsed());
+            // An unroutable row is parked, not a publish failure.
+            let failed = matches!(&result, Err(e) if !matches!(e, BrokerError::Unroutable { .. }));
+            stats.finished(!failed, started.elapsed());
             match result {
                 Ok(()) => {
                     log::debug!(
@@ -199,14 +201,15 @@ async fn prune(context: &str, db: &Db, retention: Duration) {
             Ok((
                 outbox::prune_published(c, cutoff)?,
                 inbox::prune(c, cutoff)?,
+                idempotency::prune(c, cutoff)?,
             ))
         })
         .await;
     match pruned {
-        Ok((0, 0)) => {}
-        Ok((outbox_rows, inbox_rows)) => log::info!(
+        Ok((0, 0, 0)) => {}
+        Ok((outbox_rows, inbox_rows, answers)) => log::info!(
             target: "herald::relay",
-            "context={context} pruned outbox_rows={outbox_rows} inbox_rows={inbox_rows}"
+            "context={context} pruned outbox_rows={outbox_rows} inbox_rows={inbox_rows} idempotency_rows={answers}"
         ),
         Err(error) => {
             log::warn!(target: "herald::relay", "context={context} prune failed: {error}")

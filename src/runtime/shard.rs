@@ -39,6 +39,8 @@ pub(crate) struct Work {
 /// The reply channel and the mailbox slot of one message.
 struct Ticket {
     reply: Option<oneshot::Sender<Outcome>>,
+    /// Set once the handler's outcome is counted.
+    finished: bool,
     /// Freed when the message is done or dropped.
     _permit: OwnedSemaphorePermit,
     stats: Arc<ActorStats>,
@@ -57,6 +59,7 @@ impl Work {
             decoded,
             ticket: Ticket {
                 reply: Some(reply),
+                finished: false,
                 _permit: permit,
                 stats,
                 started: false,
@@ -71,6 +74,10 @@ impl Drop for Ticket {
         // reply channel close and fails the delivery.
         if !self.started {
             self.stats.abandoned();
+        } else if !self.finished {
+            // The handler's future was dropped (its arbiter stopped): count it
+            // as failed so the in-flight gauge comes back down.
+            self.stats.finished(false, Duration::ZERO);
         }
     }
 }
@@ -199,6 +206,7 @@ impl Handler<Work> for Shard {
         ctx.wait(run.into_actor(self).map(move |(outcome, took), act, ctx| {
             let ok = outcome == Outcome::Done;
             act.stats.finished(ok, took);
+            ticket.finished = true;
             act.metrics.handled(label, took.as_secs_f64());
             log::debug!(
                 target: "herald::shard",

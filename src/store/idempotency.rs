@@ -129,6 +129,16 @@ where
     Ok(response)
 }
 
+/// Deletes remembered answers older than `older_than_ms`; returns how many.
+///
+/// # Errors
+/// A database error.
+pub fn prune(conn: &mut SqliteConnection, older_than_ms: i64) -> Result<usize, StoreError> {
+    diesel::delete(idempotency::table.filter(idempotency::created_at.lt(older_than_ms)))
+        .execute(conn)
+        .map_err(StoreError::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
