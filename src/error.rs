@@ -93,6 +93,8 @@ pub enum BrokerError {
     Nacked { routing_key: String },
     #[error("the transport is closed")]
     Closed,
+    #[error("no publisher confirm within {0:?}")]
+    ConfirmTimeout(Duration),
     #[error("amqp: {0}")]
     Amqp(#[from] lapin::Error),
 }

@@ -85,6 +85,9 @@ struct Shared {
     blocked: watch::Sender<bool>,
 }
 
+/// How long a publish waits for its confirm before giving up.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// One live connection and its publishing channel.
 struct Inner {
     connection: Connection,
@@ -372,23 +375,29 @@ impl Inner {
         message: &Message,
     ) -> Result<(), BrokerError> {
         let _in_flight = self.publish_lock.lock().await;
-        // A publish whose caller gave up before its confirm left that confirm
-        // pending: let it resolve first, so the next returned message is ours.
-        let _ = self.publisher.wait_for_confirms().await;
-        let confirm = self
-            .publisher
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
-                &message.body,
-                properties(message),
-            )
-            .await?
-            .await?;
+        let confirmed = async {
+            // A publish whose caller gave up before its confirm left that confirm
+            // pending: let it resolve first, so the next returned message is ours.
+            let _ = self.publisher.wait_for_confirms().await;
+            self.publisher
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    &message.body,
+                    properties(message),
+                )
+                .await?
+                .await
+        };
+        // A confirm that never comes (a stuck connection) must not hold every
+        // later publish behind the lock: the caller retries with its backoff.
+        let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, confirmed)
+            .await
+            .map_err(|_| BrokerError::ConfirmTimeout(CONFIRM_TIMEOUT))??;
         match confirm {
             // An unroutable mandatory publish is acked *with* the returned message.
             Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => {
