@@ -232,3 +232,38 @@ async fn duplicates_with_the_same_message_id_change_state_once_and_emit_once() {
     drop(listener);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The broker cancels the consumer (its queue was deleted): the context
+/// resubscribes, re-declaring the queue and its bindings, and consumes again.
+#[actix_rt::test]
+async fn a_consumer_cancelled_by_the_broker_resubscribes_and_declares_again() {
+    let vhost = TestVhost::new();
+    let broker = vhost.broker().await;
+    let seen = Arc::new(Mutex::new(HashSet::new()));
+    let s = seen.clone();
+    let context = ContextBuilder::new(vhost.settings("cancelled"))
+        .handle(move |tick: Tick, _| {
+            let seen = s.clone();
+            async move {
+                seen.lock().unwrap().insert(tick.seq);
+                Ok::<(), HandlerError>(())
+            }
+        })
+        .start(&broker)
+        .await
+        .unwrap();
+    publish_until_confirmed(&broker, 1).await;
+    assert!(eventually(LIVENESS, || async { seen.lock().unwrap().contains(&1) }).await);
+    rabbitmqctl(&["delete_queue", "-p", &vhost.name, "cancelled"]);
+    assert!(
+        eventually(LIVENESS, || async { context.resubscriptions() == 1 }).await,
+        "resubscribed after the broker cancelled the consumer"
+    );
+    publish_until_confirmed(&broker, 2).await;
+    assert!(
+        eventually(LIVENESS, || async { seen.lock().unwrap().contains(&2) }).await,
+        "the re-declared, re-bound queue is consumed"
+    );
+    assert!(context.is_consuming());
+    context.shutdown().await.unwrap();
+}

@@ -379,3 +379,25 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod url_tests {
+    use super::Db;
+
+    #[test]
+    fn database_urls_may_be_paths_or_sqlite_urls() {
+        let dir =
+            std::env::temp_dir().join(format!("herald-url-{}", uuid::Uuid::new_v4().simple()));
+        for url in [
+            format!("{}/plain.db", dir.display()),
+            format!("sqlite://{}/scheme.db", dir.display()),
+            format!("sqlite:{}/short.db", dir.display()),
+        ] {
+            Db::open(&url).unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
+        for file in ["plain.db", "scheme.db", "short.db"] {
+            assert!(dir.join(file).exists(), "{file}");
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
