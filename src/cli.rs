@@ -26,7 +26,7 @@ pub fn settings(name: &str) -> Result<Settings, ExitCode> {
         (None, _, _) => PathBuf::from(format!("config/{name}.toml")),
         (Some("--config"), Some(path), None) => PathBuf::from(path),
         _ => {
-            eprintln!("usage: {name} [--config PATH]");
+            log::error!("usage: {name} [--config PATH]");
             return Err(ExitCode::from(64));
         }
     };
