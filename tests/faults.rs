@@ -41,15 +41,15 @@ async fn publish_until_confirmed(broker: &herald::AmqpBroker, seq: u32) {
     assert!(published, "message {seq} never confirmed");
 }
 
-#[actix_rt::test]
-async fn the_context_resubscribes_after_each_dropped_connection_and_loses_nothing() {
-    const MESSAGES: u32 = 2000;
-    const DROPS: u64 = 5;
-    let vhost = TestVhost::new();
-    let broker = vhost.broker().await;
+/// A context `name` that records the `seq` of every tick it handles.
+async fn recording_context(
+    vhost: &TestVhost,
+    broker: &herald::AmqpBroker,
+    name: &str,
+) -> (herald::Context, Arc<Mutex<HashSet<u32>>>) {
     let seen = Arc::new(Mutex::new(HashSet::new()));
     let s = seen.clone();
-    let context = ContextBuilder::new(vhost.settings("sturdy"))
+    let context = ContextBuilder::new(vhost.settings(name))
         .handle(move |tick: Tick, _| {
             let seen = s.clone();
             async move {
@@ -57,9 +57,19 @@ async fn the_context_resubscribes_after_each_dropped_connection_and_loses_nothin
                 Ok::<(), HandlerError>(())
             }
         })
-        .start(&broker)
+        .start(broker)
         .await
         .unwrap();
+    (context, seen)
+}
+
+#[actix_rt::test]
+async fn the_context_resubscribes_after_each_dropped_connection_and_loses_nothing() {
+    const MESSAGES: u32 = 2000;
+    const DROPS: u64 = 5;
+    let vhost = TestVhost::new();
+    let broker = vhost.broker().await;
+    let (context, seen) = recording_context(&vhost, &broker, "sturdy").await;
 
     let publisher = {
         let broker = broker.clone();
@@ -239,19 +249,7 @@ async fn duplicates_with_the_same_message_id_change_state_once_and_emit_once() {
 async fn a_consumer_cancelled_by_the_broker_resubscribes_and_declares_again() {
     let vhost = TestVhost::new();
     let broker = vhost.broker().await;
-    let seen = Arc::new(Mutex::new(HashSet::new()));
-    let s = seen.clone();
-    let context = ContextBuilder::new(vhost.settings("cancelled"))
-        .handle(move |tick: Tick, _| {
-            let seen = s.clone();
-            async move {
-                seen.lock().unwrap().insert(tick.seq);
-                Ok::<(), HandlerError>(())
-            }
-        })
-        .start(&broker)
-        .await
-        .unwrap();
+    let (context, seen) = recording_context(&vhost, &broker, "cancelled").await;
     publish_until_confirmed(&broker, 1).await;
     assert!(eventually(LIVENESS, || async { seen.lock().unwrap().contains(&1) }).await);
     rabbitmqctl(&["delete_queue", "-p", &vhost.name, "cancelled"]);

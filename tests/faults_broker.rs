@@ -29,16 +29,8 @@ async fn booking_survives_two_broker_restarts_and_applies_every_event_once() {
     let mut booking = Service::start(Kind::Booking, &vhost, &dir).await;
     let db = database(&dir, Kind::Booking);
     let broker = vhost.broker().await;
-    let publisher = {
-        let broker = broker.clone();
-        tokio::spawn(async move {
-            for n in 0..EVENTS {
-                // The broker is down for a while: keep trying.
-                publish_until_confirmed(&broker, announcement(n, None)).await;
-            }
-        })
-    };
-    let known = || count(&db, "SELECT count(*) AS n FROM known_events");
+    let publisher = spawn_announcements(&broker, EVENTS, None);
+    let known = || known_events(&db);
     let _guard = RestartOnDrop;
     for threshold in [EVENTS / 4, EVENTS * 3 / 5] {
         assert!(
@@ -60,11 +52,7 @@ async fn booking_survives_two_broker_restarts_and_applies_every_event_once() {
         "only {} of {EVENTS} applied",
         known().await
     );
-    let opened = count(
-        &db,
-        "SELECT count(*) AS n FROM event_store WHERE event_name = 'ledgerOpened'",
-    )
-    .await;
+    let opened = ledgers_opened(&db).await;
     assert_eq!(opened, EVENTS, "each event applied exactly once");
     wait_until_settled(&vhost, "booking").await;
     let reconnects = booking.stderr().matches("consumer back after").count();

@@ -16,15 +16,8 @@ async fn booking_killed_twice_mid_stream_applies_every_event_exactly_once() {
     let mut booking = Service::start(Kind::Booking, &vhost, &dir).await;
     let db = database(&dir, Kind::Booking);
     let broker = vhost.broker().await;
-    let publisher = {
-        let broker = broker.clone();
-        tokio::spawn(async move {
-            for n in 0..EVENTS {
-                publish_until_confirmed(&broker, announcement(n, Some(100))).await;
-            }
-        })
-    };
-    let known = || count(&db, "SELECT count(*) AS n FROM known_events");
+    let publisher = spawn_announcements(&broker, EVENTS, Some(100));
+    let known = || known_events(&db);
     for threshold in [EVENTS / 4, EVENTS * 3 / 5] {
         assert!(
             eventually(LIVENESS * 2, || async { known().await >= threshold }).await,
@@ -39,11 +32,7 @@ async fn booking_killed_twice_mid_stream_applies_every_event_exactly_once() {
         "only {} of {EVENTS} applied",
         known().await
     );
-    let opened = count(
-        &db,
-        "SELECT count(*) AS n FROM event_store WHERE event_name = 'ledgerOpened'",
-    )
-    .await;
+    let opened = ledgers_opened(&db).await;
     assert_eq!(opened, EVENTS, "each event applied exactly once");
     let inbox = count(
         &db,
@@ -67,15 +56,8 @@ async fn sigterm_under_load_exits_cleanly_and_loses_nothing() {
     let booking = Service::start(Kind::Booking, &vhost, &dir).await;
     let db = database(&dir, Kind::Booking);
     let broker = vhost.broker().await;
-    let publisher = {
-        let broker = broker.clone();
-        tokio::spawn(async move {
-            for n in 0..TOTAL {
-                publish_until_confirmed(&broker, announcement(n, Some(100))).await;
-            }
-        })
-    };
-    let known = || count(&db, "SELECT count(*) AS n FROM known_events");
+    let publisher = spawn_announcements(&broker, TOTAL, Some(100));
+    let known = || known_events(&db);
     assert!(eventually(LIVENESS, || async { known().await >= TOTAL / 3 }).await);
     let stopping = std::time::Instant::now();
     booking.terminate().await; // asserts exit status 0
@@ -91,11 +73,7 @@ async fn sigterm_under_load_exits_cleanly_and_loses_nothing() {
         "only {} of {TOTAL} applied",
         known().await
     );
-    let opened = count(
-        &db,
-        "SELECT count(*) AS n FROM event_store WHERE event_name = 'ledgerOpened'",
-    )
-    .await;
+    let opened = ledgers_opened(&db).await;
     assert_eq!(opened, TOTAL, "each event applied exactly once");
     wait_until_settled(&vhost, "booking").await;
     booking.terminate().await;
@@ -111,15 +89,8 @@ async fn five_dropped_connections_reconnect_five_times_and_apply_everything_once
     let booking = Service::start(Kind::Booking, &vhost, &dir).await;
     let db = database(&dir, Kind::Booking);
     let broker = vhost.broker().await;
-    let publisher = {
-        let broker = broker.clone();
-        tokio::spawn(async move {
-            for n in 0..TOTAL {
-                publish_until_confirmed(&broker, announcement(n, Some(100))).await;
-            }
-        })
-    };
-    let known = || count(&db, "SELECT count(*) AS n FROM known_events");
+    let publisher = spawn_announcements(&broker, TOTAL, Some(100));
+    let known = || known_events(&db);
     let reconnects = || booking.stderr().matches("consumer back after").count();
     for drop in 1..=5 {
         let threshold = TOTAL * drop / 6;
@@ -144,11 +115,7 @@ async fn five_dropped_connections_reconnect_five_times_and_apply_everything_once
     assert_eq!(reconnects(), 5, "five reconnects in the log");
     let lost = booking.stderr().matches("consumer lost").count();
     assert_eq!(lost, 5, "each loss logged once");
-    let opened = count(
-        &db,
-        "SELECT count(*) AS n FROM event_store WHERE event_name = 'ledgerOpened'",
-    )
-    .await;
+    let opened = ledgers_opened(&db).await;
     assert_eq!(opened, TOTAL, "each event applied exactly once");
     wait_until_settled(&vhost, "booking").await;
     booking.terminate().await;

@@ -123,17 +123,6 @@ impl Intake {
             .take()
     }
 
-    fn with_current(&self, f: impl FnOnce(&Current)) {
-        if let Some(current) = self
-            .current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            f(current);
-        }
-    }
-
     /// Stops intake: no more deliveries, no resubscription. Deliveries already
     /// taken can still be settled.
     pub(crate) async fn cancel(&self) {
@@ -151,8 +140,8 @@ impl Intake {
     /// Stops the consumer actor and releases the subscription: what is still
     /// unsettled goes back to the queue.
     pub(crate) async fn close(&self) {
-        self.with_current(|current| current.consumer.do_send(StopConsumer));
         if let Some(current) = self.take() {
+            current.consumer.do_send(StopConsumer);
             if let Err(error) = current.control.close().await {
                 log::warn!(target: "herald::shutdown", "context={} close failed: {error}", self.name);
             }

@@ -757,3 +757,32 @@ pub async fn publish_until_confirmed(broker: &herald::AmqpBroker, message: heral
     .await;
     assert!(published, "a message was never confirmed");
 }
+
+/// Publishes announcements `0..total` in the background, each until confirmed.
+pub fn spawn_announcements(
+    broker: &herald::AmqpBroker,
+    total: i64,
+    capacity: Option<u32>,
+) -> tokio::task::JoinHandle<()> {
+    let broker = broker.clone();
+    tokio::spawn(async move {
+        for n in 0..total {
+            publish_until_confirmed(&broker, announcement(n, capacity)).await;
+        }
+    })
+}
+
+/// Events booking knows (its `known_events` read model).
+pub async fn known_events(db: &herald::store::Db) -> i64 {
+    count(db, "SELECT count(*) AS n FROM known_events").await
+}
+
+/// Ledgers opened in booking's event store: more than announced means an
+/// event was applied twice.
+pub async fn ledgers_opened(db: &herald::store::Db) -> i64 {
+    count(
+        db,
+        "SELECT count(*) AS n FROM event_store WHERE event_name = 'ledgerOpened'",
+    )
+    .await
+}
