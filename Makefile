@@ -12,7 +12,7 @@ services:
 
 ## MyEvents: the booking and events contexts; Ctrl-C stops both.
 run: services
-	$(CARGO) build --release --bin events --bin booking
+	$(CARGO) build --release -p myevents --bin events --bin booking
 	./scripts/run.sh
 
 ## A short scenario with curl against `make run` (in another terminal).
@@ -21,7 +21,7 @@ demo:
 
 ## The small `demo` context: pings itself every second (supervision playground).
 run-demo: services
-	$(CARGO) build --release --bin demo
+	$(CARGO) build --release -p myevents --bin demo
 	./target/release/demo --config config/demo.toml --ping-every 1s
 
 ## The official AsyncAPI parser, for validating /asyncapi.json in tests.
@@ -31,19 +31,21 @@ test-tools:
 
 ## Every test: unit, integration against the real RabbitMQ, doctests.
 test: services test-tools
-	$(CARGO) test --all-targets
-	$(CARGO) test --doc
+	$(CARGO) test --workspace --all-targets
+	$(CARGO) test --workspace --doc
 
 fmt:
 	$(CARGO) fmt --check
 
 lint:
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) fmt --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps -p herald
 
 ## Throughput (herald vs a raw lapin consumer) and the projection rebuild rate.
 bench: services
-	$(CARGO) bench --bench throughput
-	$(CARGO) bench --bench rebuild
+	$(CARGO) bench -p herald --bench throughput
+	$(CARGO) bench -p myevents --bench rebuild
 
 check: fmt lint test
 

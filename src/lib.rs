@@ -24,10 +24,7 @@
 //! - [`store`]: SQLite through diesel: [`store::Db`], the event store,
 //!   repository, projections, outbox, inbox, idempotency keys.
 //! - [`http`]: REST plumbing shared by contexts (JSON errors, CORS, bodies).
-//! - [`contexts`]: contexts built on the public API: `demo`, and MyEvents'
-//!   `events` and `booking`.
 //! - [`cli`]: what every binary does around its context (logging, `--config`, exit codes).
-//! - `src/bin/`: thin binaries, one per context.
 //!
 //! # Write your own context
 //!
@@ -55,8 +52,6 @@ pub mod http;
 mod runtime;
 pub mod store;
 
-pub mod contexts;
-
 pub use broker::{
     dead_letter_queue, retry_queue, topic_matches, Acknowledger, AmqpBroker, AmqpOptions,
     DeadLetters, Delivery, DeliveryStream, MemoryBroker, Message, Publisher, Settlement,
@@ -69,3 +64,7 @@ pub use runtime::{
     mailbox_line, signal as shutdown_signal, ActorSnapshot, ActorState, Context, ContextBuilder,
     ContextHandle, MessageContext, Metrics, MAILBOX_TARGET,
 };
+/// The JSON Schema derive the [`Event`] trait requires, re-exported so a
+/// context needs no `schemars` dependency of its own: derive
+/// `herald::JsonSchema` and add `#[schemars(crate = "herald::schemars")]`.
+pub use schemars::{self, JsonSchema};

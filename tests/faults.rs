@@ -1,14 +1,12 @@
 //! Faults on the real RabbitMQ: dropped connections. Each test has a vhost of
 //! its own; `rabbitmqctl close_all_connections -p <vhost>` only touches it.
 
-mod common;
-
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
-use common::{eventually, rabbitmqctl, TestVhost, LIVENESS};
 use herald::{ContextBuilder, Envelope, Event, HandlerError, Publisher, Subscriber};
+use herald_testkit::{eventually, rabbitmqctl, TestVhost, LIVENESS};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]

@@ -2,13 +2,11 @@
 //! dead-letter queue exactly once with its reason; the context never panics,
 //! never loops on it, and untrusted text never reaches a log line raw.
 
-mod common;
-
 use std::borrow::Cow;
 
-use common::capture::{capture, lines_with};
-use common::{eventually, TestVhost, LIVENESS};
 use herald::{ContextBuilder, Event, HandlerError};
+use herald_testkit::capture::{capture, lines_with};
+use herald_testkit::{eventually, TestVhost, LIVENESS};
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::BasicProperties;

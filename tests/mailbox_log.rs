@@ -1,14 +1,12 @@
 //! Mailbox lines in the log (DESIGN section 8), captured from the real runtime.
 
-mod common;
-
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::capture::{capture, lines_with};
-use common::{eventually, TestVhost, LIVENESS};
 use herald::{ContextBuilder, Envelope, Event, HandlerError, Publisher};
+use herald_testkit::capture::{capture, lines_with};
+use herald_testkit::{eventually, TestVhost, LIVENESS};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Semaphore};
 

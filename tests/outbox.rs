@@ -1,14 +1,12 @@
 //! The outbox relay under failure, on the real RabbitMQ: rows committed before
 //! a crash go out after the restart, unroutable rows wait without blocking.
 
-mod common;
-
 use std::borrow::Cow;
 
-use common::{eventually, TestVhost, LIVENESS};
 use herald::store::outbox;
 use herald::store::Db;
 use herald::{ContextBuilder, Event, Subscriber};
+use herald_testkit::{eventually, TestVhost, LIVENESS};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]

@@ -1,16 +1,14 @@
 //! The runtime against the real RabbitMQ: order, parallelism, settlement,
 //! supervision and dead letters. Each test has a vhost of its own.
 
-mod common;
-
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{eventually, TestVhost, LIVENESS};
 use herald::{ContextBuilder, Envelope, Event, HandlerError, MessageContext, Publisher};
+use herald_testkit::{eventually, TestVhost, LIVENESS};
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::BasicProperties;

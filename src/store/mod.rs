@@ -97,17 +97,36 @@ impl Db {
             .connection_customizer(Box::new(Pragmas))
             .build(ConnectionManager::<SqliteConnection>::new(path))
             .map_err(|e| StoreError::Pool(e.to_string()))?;
-        let mut conn = pool.get().map_err(|e| StoreError::Pool(e.to_string()))?;
-        let applied = conn
-            .run_pending_migrations(MIGRATIONS)
-            .map_err(|e| StoreError::Migration(e.to_string()))?;
-        if !applied.is_empty() {
-            log::info!(target: "herald::store", "database={path} applied_migrations={}", applied.len());
-        }
-        Ok(Db {
+        let db = Db {
             pool,
             committed: Arc::new(Notify::new()),
-        })
+        };
+        db.migrate(MIGRATIONS)?;
+        Ok(db)
+    }
+
+    /// Runs the pending migrations of `source`: a crate's own tables, beside
+    /// the runtime's (which [`Db::open`] runs). All migrations share diesel's
+    /// one bookkeeping table, so versions must be unique across sources.
+    /// Blocking, like [`Db::open`]. Returns how many were applied.
+    ///
+    /// # Errors
+    /// [`StoreError::Migration`] when one fails (its transaction is rolled back).
+    pub fn migrate<S>(&self, source: S) -> Result<usize, StoreError>
+    where
+        S: diesel::migration::MigrationSource<diesel::sqlite::Sqlite>,
+    {
+        let mut conn = self
+            .pool
+            .get()
+            .map_err(|e| StoreError::Pool(e.to_string()))?;
+        let applied = conn
+            .run_pending_migrations(source)
+            .map_err(|e| StoreError::Migration(e.to_string()))?;
+        if !applied.is_empty() {
+            log::info!(target: "herald::store", "applied_migrations={}", applied.len());
+        }
+        Ok(applied.len())
     }
 
     /// Runs `work` on a pooled connection on the blocking pool.
@@ -207,24 +226,18 @@ pub(crate) fn now_ms() -> i64 {
 pub(crate) mod testing {
     use super::Db;
 
-    /// A database file of its own, removed on drop.
+    /// A database in a folder of its own, removed on drop.
     pub(crate) struct TempDb {
         pub(crate) db: Db,
-        dir: std::path::PathBuf,
+        _dir: tempfile::TempDir,
     }
 
     impl TempDb {
         pub(crate) fn new() -> Self {
-            let dir =
-                std::env::temp_dir().join(format!("herald-db-{}", uuid::Uuid::new_v4().simple()));
-            let db = Db::open(dir.join("test.db").to_str().unwrap()).unwrap();
-            TempDb { db, dir }
-        }
-    }
-
-    impl Drop for TempDb {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.dir);
+            let dir = tempfile::tempdir().expect("a temporary folder");
+            let db = Db::open(&dir.path().join("test.db").to_string_lossy())
+                .expect("open the test database");
+            TempDb { db, _dir: dir }
         }
     }
 }

@@ -1,0 +1,280 @@
+//! The booking context's queries: plain functions on a connection.
+
+use diesel::prelude::*;
+use diesel::sqlite::SqliteConnection;
+use diesel::upsert::excluded;
+
+use super::ledger::{LedgerEvent, SeatLedger};
+use super::schema::{bookings, known_events, known_locations};
+use crate::contract::{EventCreated, LocationCreated};
+use herald::aggregate::Aggregate;
+use herald::error::StoreError;
+use herald::store::event_store::RecordedEvent;
+use herald::store::projection::Projection;
+use herald::store::repository::decode_recorded;
+use herald::Event;
+
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
+#[diesel(table_name = known_events)]
+pub struct KnownEvent {
+    pub id: String,
+    pub name: String,
+    pub location_id: String,
+    pub start_date: String,
+    pub end_date: String,
+    pub hall: Option<String>,
+    /// `None`: unlimited.
+    pub capacity: Option<i64>,
+    pub seats_booked: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
+#[diesel(table_name = bookings)]
+pub struct BookingRow {
+    pub id: String,
+    pub event_id: String,
+    pub user_id: String,
+    pub seats: i64,
+    pub booked_at: i64,
+}
+
+/// The booking context's read models, fed from its event store: events on
+/// sale with their seats (`known_events`) and the bookings (`bookings`).
+pub struct SeatsView;
+
+impl Projection for SeatsView {
+    fn name(&self) -> &'static str {
+        "seats"
+    }
+
+    fn reset(&self, conn: &mut SqliteConnection) -> Result<(), StoreError> {
+        diesel::delete(bookings::table).execute(conn)?;
+        diesel::delete(known_events::table).execute(conn)?;
+        Ok(())
+    }
+
+    fn apply(&self, conn: &mut SqliteConnection, event: &RecordedEvent) -> Result<(), StoreError> {
+        if !event.stream_id.starts_with(SeatLedger::KIND) {
+            return Ok(());
+        }
+        match decode_recorded::<SeatLedger>(event)? {
+            LedgerEvent::Opened(announced) => remember_event(conn, &announced),
+            LedgerEvent::Booked(booked) => {
+                let row = BookingRow {
+                    id: booked
+                        .booking_id
+                        .clone()
+                        .unwrap_or_else(|| format!("{}-{}", booked.event_id, event.position)),
+                    event_id: booked.event_id.clone(),
+                    user_id: booked.user_id.clone(),
+                    seats: i64::from(booked.seats()),
+                    booked_at: event.recorded_at / 1000,
+                };
+                diesel::insert_into(bookings::table)
+                    .values(&row)
+                    .execute(conn)?;
+                diesel::update(known_events::table.find(&row.event_id))
+                    .set(known_events::seats_booked.eq(known_events::seats_booked + row.seats))
+                    .execute(conn)?;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Locations heard of (`locationCreated`, recorded in the event store as heard).
+pub struct LocationsView;
+
+/// Streams of recorded `locationCreated` facts: `location-<id>`.
+pub const LOCATION_STREAM: &str = "location";
+
+impl Projection for LocationsView {
+    fn name(&self) -> &'static str {
+        "locations"
+    }
+
+    fn reset(&self, conn: &mut SqliteConnection) -> Result<(), StoreError> {
+        diesel::delete(known_locations::table).execute(conn)?;
+        Ok(())
+    }
+
+    fn apply(&self, conn: &mut SqliteConnection, event: &RecordedEvent) -> Result<(), StoreError> {
+        if event.event_name != LocationCreated::NAME {
+            return Ok(());
+        }
+        let location: LocationCreated = serde_json::from_str(&event.payload)
+            .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", event.event_id)))?;
+        remember_location(conn, &location)
+    }
+}
+
+fn remember_event(conn: &mut SqliteConnection, event: &EventCreated) -> Result<(), StoreError> {
+    let row = KnownEvent {
+        id: event.id.clone(),
+        name: event.name.clone(),
+        location_id: event.location_id.clone(),
+        start_date: event.start_date.to_rfc3339(),
+        end_date: event.end_date.to_rfc3339(),
+        hall: event.hall.clone(),
+        capacity: event.capacity.map(i64::from),
+        seats_booked: 0,
+    };
+    diesel::insert_into(known_events::table)
+        .values(&row)
+        .on_conflict(known_events::id)
+        .do_update()
+        .set((
+            known_events::name.eq(excluded(known_events::name)),
+            known_events::location_id.eq(excluded(known_events::location_id)),
+            known_events::start_date.eq(excluded(known_events::start_date)),
+            known_events::end_date.eq(excluded(known_events::end_date)),
+            known_events::hall.eq(excluded(known_events::hall)),
+            known_events::capacity.eq(excluded(known_events::capacity)),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+fn remember_location(
+    conn: &mut SqliteConnection,
+    location: &LocationCreated,
+) -> Result<(), StoreError> {
+    let halls = serde_json::to_string(&location.halls).unwrap_or_else(|_| "[]".into());
+    diesel::insert_into(known_locations::table)
+        .values((
+            known_locations::id.eq(&location.id),
+            known_locations::name.eq(&location.name),
+            known_locations::address.eq(&location.address),
+            known_locations::country.eq(&location.country),
+            known_locations::halls.eq(&halls),
+        ))
+        .on_conflict(known_locations::id)
+        .do_update()
+        .set((
+            known_locations::name.eq(&location.name),
+            known_locations::address.eq(&location.address),
+            known_locations::country.eq(&location.country),
+            known_locations::halls.eq(&halls),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+pub fn event(conn: &mut SqliteConnection, id: &str) -> Result<Option<KnownEvent>, StoreError> {
+    known_events::table
+        .find(id)
+        .select(KnownEvent::as_select())
+        .first(conn)
+        .optional()
+        .map_err(StoreError::from)
+}
+
+pub fn bookings_of(
+    conn: &mut SqliteConnection,
+    event_id: &str,
+) -> Result<Vec<BookingRow>, StoreError> {
+    bookings::table
+        .filter(bookings::event_id.eq(event_id))
+        .order((bookings::booked_at, bookings::id))
+        .select(BookingRow::as_select())
+        .load(conn)
+        .map_err(StoreError::from)
+}
+
+pub fn booking(conn: &mut SqliteConnection, id: &str) -> Result<Option<BookingRow>, StoreError> {
+    bookings::table
+        .find(id)
+        .select(BookingRow::as_select())
+        .first(conn)
+        .optional()
+        .map_err(StoreError::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{TimeZone, Utc};
+
+    use super::*;
+    use crate::booking::ledger::LedgerCommand;
+    use crate::service::TempDb;
+    use herald::store::projection::Projections;
+    use herald::store::repository::{self, ExecuteOptions};
+
+    fn announced(id: &str, capacity: Option<u32>) -> EventCreated {
+        EventCreated {
+            id: id.into(),
+            name: format!("event {id}"),
+            location_id: "loc".into(),
+            start_date: Utc.timestamp_opt(1_800_000_000, 0).unwrap(),
+            end_date: Utc.timestamp_opt(1_800_003_600, 0).unwrap(),
+            hall: None,
+            capacity,
+        }
+    }
+
+    async fn rows(db: &herald::store::Db) -> (Vec<KnownEvent>, Vec<BookingRow>) {
+        db.read(|c| {
+            let events = known_events::table
+                .order(known_events::id)
+                .select(KnownEvent::as_select())
+                .load(c)?;
+            let bookings = bookings::table
+                .order(bookings::id)
+                .select(BookingRow::as_select())
+                .load(c)?;
+            Ok((events, bookings))
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_rebuilt_seats_view_equals_the_live_one() {
+        let t = TempDb::new();
+        let views = std::sync::Arc::new(Projections::default().with(SeatsView));
+        let options = ExecuteOptions {
+            snapshot_every: 10,
+            max_attempts: 3,
+            ..ExecuteOptions::default()
+        };
+        for (n, id) in ["e1", "e2", "e3"].iter().enumerate() {
+            let capacity = (n != 2).then_some(40);
+            let opener = views.clone();
+            repository::execute::<SeatLedger, _, _>(
+                &t.db,
+                id,
+                LedgerCommand::Open(announced(id, capacity)),
+                &options,
+                move |c, _| opener.catch_up(c),
+            )
+            .await
+            .unwrap();
+            for b in 0..25u32 {
+                let views = views.clone();
+                let command = LedgerCommand::Book {
+                    booking_id: format!("{id}-b{b}"),
+                    user: "ann".into(),
+                    seats: 1 + b % 2,
+                };
+                let outcome = repository::execute::<SeatLedger, _, _>(
+                    &t.db,
+                    id,
+                    command,
+                    &options,
+                    move |c, _| views.catch_up(c),
+                )
+                .await;
+                assert!(outcome.is_ok() || capacity.is_some(), "{outcome:?}");
+            }
+        }
+        let live = rows(&t.db).await;
+        assert!(live
+            .0
+            .iter()
+            .all(|e| e.capacity.is_none_or(|c| e.seats_booked <= c)));
+        let report = views.rebuild(&t.db, "seats").await.unwrap();
+        let head = t.db.read(herald::store::event_store::head).await.unwrap();
+        assert_eq!(report.replayed, head as u64);
+        assert_eq!(rows(&t.db).await, live);
+    }
+}

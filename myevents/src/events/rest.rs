@@ -1,0 +1,365 @@
+//! The events context's REST API, compatible with the book's Go service:
+//! JSON keys as its structs (`ID`, `Name`, `StartDate` in Unix seconds, ...).
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use chrono::{TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+
+use diesel::SqliteConnection;
+
+use super::model::{
+    Event, EventCommand, EventEvent, EventRecord, Location, LocationEvent, LocationRecord,
+    ModelError,
+};
+use super::store::{self, EventRow, LocationRow};
+use crate::contract::{new_id, EventCreated, Hall, LocationCreated};
+use crate::service::Service;
+use herald::aggregate::Aggregate;
+use herald::error::StoreError;
+use herald::http::{self as h, ApiError};
+use herald::store::idempotency::{self, Keyed, StoredResponse};
+use herald::store::outbox;
+use herald::store::repository;
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/locations", h::get().to(list_locations))
+        .route("/locations", web::post().to(create_location))
+        .route("/events", h::get().to(list_events))
+        .route("/events", web::post().to(create_event))
+        .route("/events/{id}", h::get().to(event_by_id))
+        .route("/events/id/{id}", h::get().to(event_by_id))
+        .route("/events/name/{name}", h::get().to(event_by_name));
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct LocationJson {
+    #[serde(rename = "ID")]
+    pub id: String,
+    pub name: String,
+    pub address: String,
+    pub country: String,
+    pub open_time: i32,
+    pub close_time: i32,
+    pub halls: Vec<Hall>,
+}
+
+impl From<&LocationRow> for LocationJson {
+    fn from(row: &LocationRow) -> Self {
+        LocationJson {
+            id: row.id.clone(),
+            name: row.name.clone(),
+            address: row.address.clone(),
+            country: row.country.clone(),
+            open_time: row.open_time,
+            close_time: row.close_time,
+            halls: row.halls(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct EventJson {
+    #[serde(rename = "ID")]
+    pub id: String,
+    pub name: String,
+    pub duration: i32,
+    pub start_date: i64,
+    pub end_date: i64,
+    pub location: LocationJson,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hall: Option<String>,
+    /// Absent: unlimited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<i32>,
+    pub seats_booked: i64,
+}
+
+impl From<&(EventRow, LocationRow)> for EventJson {
+    fn from((event, location): &(EventRow, LocationRow)) -> Self {
+        EventJson {
+            id: event.id.clone(),
+            name: event.name.clone(),
+            duration: event.duration,
+            start_date: event.start_date,
+            end_date: event.end_date,
+            location: location.into(),
+            hall: event.hall.clone(),
+            capacity: event.capacity,
+            seats_booked: event.seats_booked,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct NewLocation {
+    name: String,
+    #[serde(default)]
+    address: String,
+    #[serde(default)]
+    country: String,
+    #[serde(default)]
+    open_time: i32,
+    #[serde(default)]
+    close_time: i32,
+    #[serde(default)]
+    halls: Vec<Hall>,
+}
+
+impl NewLocation {
+    fn validate(self) -> Result<LocationRow, ApiError> {
+        let name = self.name.trim();
+        if name.is_empty() {
+            return Err(ApiError::bad_request("Name must not be empty"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for hall in &self.halls {
+            if hall.name.trim().is_empty() {
+                return Err(ApiError::bad_request("every hall needs a name"));
+            }
+            if i32::try_from(hall.capacity).is_err() {
+                return Err(ApiError::bad_request(format!(
+                    "hall {:?}: capacity must be at most {}",
+                    hall.name,
+                    i32::MAX
+                )));
+            }
+            if !seen.insert(hall.name.as_str()) {
+                return Err(ApiError::bad_request(format!(
+                    "hall {:?} is listed twice",
+                    hall.name
+                )));
+            }
+        }
+        Ok(LocationRow {
+            id: new_id(),
+            name: name.to_owned(),
+            address: self.address,
+            country: self.country,
+            open_time: self.open_time,
+            close_time: self.close_time,
+            halls: serde_json::to_string(&self.halls).unwrap_or_else(|_| "[]".into()),
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct LocationRef {
+    #[serde(rename = "ID")]
+    id: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct NewEvent {
+    name: String,
+    #[serde(default)]
+    duration: i32,
+    start_date: i64,
+    end_date: i64,
+    location: LocationRef,
+    #[serde(default)]
+    hall: Option<String>,
+}
+
+async fn list_locations(service: web::Data<Service>) -> Result<HttpResponse, ApiError> {
+    let rows = service.db.read(store::all_locations).await?;
+    let body: Vec<LocationJson> = rows.iter().map(LocationJson::from).collect();
+    Ok(h::json(StatusCode::OK, &body))
+}
+
+async fn create_location(
+    service: web::Data<Service>,
+    request: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = h::read_body(payload).await?;
+    let keyed = h::idempotency_key(&request)?.map(|k| Keyed::new("POST /locations", k, &body));
+    let row = h::parse_json::<NewLocation>(&body)?.validate()?;
+    let record = LocationRecord {
+        created: LocationCreated {
+            id: row.id.clone(),
+            name: row.name.clone(),
+            address: row.address.clone(),
+            country: row.country.clone(),
+            halls: row.halls(),
+        },
+        open_time: row.open_time,
+        close_time: row.close_time,
+    };
+    let response =
+        command::<Location, _>(&service, &row.id, record, keyed, |c, created, producer| {
+            let LocationEvent::Created(record) = created;
+            outbox::append(c, &record.created, producer, None)?;
+            let row = store::location(c, &record.created.id)?.ok_or(StoreError::NotFound)?;
+            Ok(h::stored(StatusCode::CREATED, &LocationJson::from(&row)))
+        })
+        .await?;
+    Ok(h::replay(&response))
+}
+
+async fn list_events(service: web::Data<Service>) -> Result<HttpResponse, ApiError> {
+    let rows = service.db.read(store::all_events).await?;
+    let body: Vec<EventJson> = rows.iter().map(EventJson::from).collect();
+    Ok(h::json(StatusCode::OK, &body))
+}
+
+async fn event_by_id(
+    service: web::Data<Service>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = id.into_inner();
+    let wanted = id.clone();
+    match service.db.read(move |c| store::event(c, &wanted)).await? {
+        Some(row) => Ok(h::json(StatusCode::OK, &EventJson::from(&row))),
+        None => Err(ApiError::not_found(format!("event {id} not found"))),
+    }
+}
+
+async fn event_by_name(
+    service: web::Data<Service>,
+    name: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let name = name.into_inner();
+    let wanted = name.clone();
+    match service
+        .db
+        .read(move |c| store::event_by_name(c, &wanted))
+        .await?
+    {
+        Some(row) => Ok(h::json(StatusCode::OK, &EventJson::from(&row))),
+        None => Err(ApiError::not_found(format!("no event named {name:?}"))),
+    }
+}
+
+async fn create_event(
+    service: web::Data<Service>,
+    request: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = h::read_body(payload).await?;
+    let keyed = h::idempotency_key(&request)?.map(|k| Keyed::new("POST /events", k, &body));
+    let new: NewEvent = h::parse_json(&body)?;
+    let name = new.name.trim().to_owned();
+    if name.is_empty() {
+        return Err(ApiError::bad_request("Name must not be empty"));
+    }
+    if new.end_date < new.start_date {
+        return Err(ApiError::bad_request(
+            "EndDate must not be before StartDate",
+        ));
+    }
+    if new.duration < 0 {
+        return Err(ApiError::bad_request("Duration must not be negative"));
+    }
+    let (Some(start), Some(end)) = (
+        Utc.timestamp_opt(new.start_date, 0).single(),
+        Utc.timestamp_opt(new.end_date, 0).single(),
+    ) else {
+        return Err(ApiError::bad_request(
+            "StartDate and EndDate must be Unix seconds",
+        ));
+    };
+    let location_id = new.location.id.clone();
+    let location = service
+        .db
+        .read(move |c| store::location(c, &location_id))
+        .await?
+        .ok_or_else(|| {
+            ApiError::bad_request(format!("location {} does not exist", new.location.id))
+        })?;
+    let capacity = match &new.hall {
+        None => None,
+        Some(hall) => match location.halls().into_iter().find(|h| &h.name == hall) {
+            Some(found) => Some(found.capacity),
+            None => {
+                return Err(ApiError::bad_request(format!(
+                    "location {} has no hall {hall:?}",
+                    location.id
+                )))
+            }
+        },
+    };
+    let id = new_id();
+    let record = EventRecord {
+        created: EventCreated {
+            id: id.clone(),
+            name,
+            location_id: location.id.clone(),
+            start_date: start,
+            end_date: end,
+            hall: new.hall.clone(),
+            capacity,
+        },
+        duration: new.duration,
+    };
+    let response = command::<Event, _>(
+        &service,
+        &id,
+        EventCommand::Create(record),
+        keyed,
+        |c, created, producer| {
+            let EventEvent::Created(record) = created else {
+                return Err(StoreError::Corrupt(
+                    "creating an event decided no eventCreated".into(),
+                ));
+            };
+            outbox::append(c, &record.created, producer, None)?;
+            let row = store::event(c, &record.created.id)?.ok_or(StoreError::NotFound)?;
+            Ok(h::stored(StatusCode::CREATED, &EventJson::from(&row)))
+        },
+    )
+    .await?;
+    Ok(h::replay(&response))
+}
+
+/// Runs a creating command on aggregate `id`. In the append's transaction the
+/// read models catch up, `respond` writes the outbox row and the answer, and
+/// the answer is remembered for the request's idempotency key.
+async fn command<A, F>(
+    service: &Service,
+    id: &str,
+    command: A::Command,
+    keyed: Option<Keyed>,
+    respond: F,
+) -> Result<StoredResponse, ApiError>
+where
+    A: Aggregate<Error = ModelError>,
+    F: Fn(&mut SqliteConnection, &A::Event, &str) -> Result<StoredResponse, StoreError>
+        + Clone
+        + Send
+        + 'static,
+{
+    let options = service.execute_options(None);
+    let (producer, views, replay_key) = (
+        service.name.clone(),
+        service.projections.clone(),
+        keyed.clone(),
+    );
+    repository::execute_unless::<A, _, _, _>(
+        &service.db,
+        id,
+        command,
+        &options,
+        move |c| idempotency::replay(c, replay_key.as_ref()),
+        move |c, executed| {
+            views.catch_up(c)?;
+            let event = executed
+                .events
+                .first()
+                .ok_or_else(|| StoreError::Corrupt("the command decided no event".into()))?;
+            let response = respond(c, event, &producer)?;
+            idempotency::remember(c, keyed.as_ref(), &response)?;
+            Ok(response)
+        },
+    )
+    .await
+    .map_err(|e| {
+        h::command_error(e, |ModelError::Exists| {
+            ApiError::conflict(format!("{} {id} exists already", A::KIND))
+        })
+    })
+}

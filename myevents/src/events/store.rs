@@ -1,0 +1,271 @@
+//! The events context's read and write queries: plain functions on a connection.
+
+use diesel::prelude::*;
+use diesel::sqlite::SqliteConnection;
+
+use super::model::{Event, EventEvent, Location, LocationEvent};
+use super::schema::{events, locations};
+use crate::contract::Hall;
+use herald::aggregate::Aggregate;
+use herald::error::StoreError;
+use herald::store::event_store::RecordedEvent;
+use herald::store::projection::Projection;
+use herald::store::repository::decode_recorded;
+
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
+#[diesel(table_name = locations)]
+pub struct LocationRow {
+    pub id: String,
+    pub name: String,
+    pub address: String,
+    pub country: String,
+    pub open_time: i32,
+    pub close_time: i32,
+    /// JSON array of halls.
+    pub halls: String,
+}
+
+impl LocationRow {
+    pub fn halls(&self) -> Vec<Hall> {
+        serde_json::from_str(&self.halls).unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
+#[diesel(table_name = events)]
+pub struct EventRow {
+    pub id: String,
+    pub name: String,
+    pub duration: i32,
+    pub start_date: i64,
+    pub end_date: i64,
+    pub location_id: String,
+    pub hall: Option<String>,
+    pub capacity: Option<i32>,
+    pub seats_booked: i64,
+}
+
+pub fn location(conn: &mut SqliteConnection, id: &str) -> Result<Option<LocationRow>, StoreError> {
+    locations::table
+        .find(id)
+        .select(LocationRow::as_select())
+        .first(conn)
+        .optional()
+        .map_err(StoreError::from)
+}
+
+pub fn all_locations(conn: &mut SqliteConnection) -> Result<Vec<LocationRow>, StoreError> {
+    locations::table
+        .order(locations::name)
+        .select(LocationRow::as_select())
+        .load(conn)
+        .map_err(StoreError::from)
+}
+
+/// Events with their locations, by start date.
+pub fn all_events(conn: &mut SqliteConnection) -> Result<Vec<(EventRow, LocationRow)>, StoreError> {
+    events::table
+        .inner_join(locations::table)
+        .order((events::start_date, events::id))
+        .select((EventRow::as_select(), LocationRow::as_select()))
+        .load(conn)
+        .map_err(StoreError::from)
+}
+
+pub fn event(
+    conn: &mut SqliteConnection,
+    id: &str,
+) -> Result<Option<(EventRow, LocationRow)>, StoreError> {
+    events::table
+        .inner_join(locations::table)
+        .filter(events::id.eq(id))
+        .select((EventRow::as_select(), LocationRow::as_select()))
+        .first(conn)
+        .optional()
+        .map_err(StoreError::from)
+}
+
+/// The first event with this exact name (the book's `/events/name/{name}`).
+pub fn event_by_name(
+    conn: &mut SqliteConnection,
+    name: &str,
+) -> Result<Option<(EventRow, LocationRow)>, StoreError> {
+    events::table
+        .inner_join(locations::table)
+        .filter(events::name.eq(name))
+        .order((events::start_date, events::id))
+        .select((EventRow::as_select(), LocationRow::as_select()))
+        .first(conn)
+        .optional()
+        .map_err(StoreError::from)
+}
+
+/// The events context's read models (`locations`, `events` with their seats
+/// booked), projected from its event store.
+pub struct EventsView;
+
+impl Projection for EventsView {
+    fn name(&self) -> &'static str {
+        "events"
+    }
+
+    fn reset(&self, conn: &mut SqliteConnection) -> Result<(), StoreError> {
+        diesel::delete(events::table).execute(conn)?;
+        diesel::delete(locations::table).execute(conn)?;
+        Ok(())
+    }
+
+    fn apply(&self, conn: &mut SqliteConnection, event: &RecordedEvent) -> Result<(), StoreError> {
+        if event.stream_id.starts_with(Location::KIND) {
+            let LocationEvent::Created(record) = decode_recorded::<Location>(event)?;
+            let created = record.created;
+            let row = LocationRow {
+                id: created.id,
+                name: created.name,
+                address: created.address,
+                country: created.country,
+                open_time: record.open_time,
+                close_time: record.close_time,
+                halls: serde_json::to_string(&created.halls).unwrap_or_else(|_| "[]".into()),
+            };
+            diesel::insert_into(locations::table)
+                .values(&row)
+                .execute(conn)?;
+        } else if event.stream_id.starts_with(Event::KIND) {
+            match decode_recorded::<Event>(event)? {
+                EventEvent::Created(record) => {
+                    let created = record.created;
+                    let row = EventRow {
+                        id: created.id,
+                        name: created.name,
+                        duration: record.duration,
+                        start_date: created.start_date.timestamp(),
+                        end_date: created.end_date.timestamp(),
+                        location_id: created.location_id,
+                        hall: created.hall,
+                        capacity: created.capacity.and_then(|c| i32::try_from(c).ok()),
+                        seats_booked: 0,
+                    };
+                    diesel::insert_into(events::table)
+                        .values(&row)
+                        .execute(conn)?;
+                }
+                EventEvent::Booked(booked) => {
+                    // An event unknown here changes no row.
+                    diesel::update(events::table.find(&booked.event_id))
+                        .set(
+                            events::seats_booked
+                                .eq(events::seats_booked + i64::from(booked.seats())),
+                        )
+                        .execute(conn)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{TimeZone, Utc};
+
+    use super::*;
+    use crate::contract::{EventCreated, LocationCreated};
+    use crate::events::model::{EventCommand, EventRecord, LocationRecord};
+    use crate::service::TempDb;
+    use herald::store::event_store::{EventMetadata, NewEvent};
+    use herald::store::projection::Projections;
+    use herald::store::repository::{self, ExecuteOptions};
+
+    /// v1 `eventBooked` facts (the book's, without seats) replay into the v2
+    /// read model with one seat each; v2 facts count their seats.
+    #[tokio::test]
+    async fn v1_event_booked_facts_replay_with_one_seat_each() {
+        let t = TempDb::new();
+        let views = std::sync::Arc::new(Projections::default().with(EventsView));
+        let options = ExecuteOptions::default();
+        let location = LocationRecord {
+            created: LocationCreated {
+                id: "l1".into(),
+                name: "Stadthalle".into(),
+                address: String::new(),
+                country: String::new(),
+                halls: vec![],
+            },
+            open_time: 0,
+            close_time: 0,
+        };
+        let v = views.clone();
+        repository::execute::<Location, _, _>(&t.db, "l1", location, &options, move |c, _| {
+            v.catch_up(c)
+        })
+        .await
+        .unwrap();
+        let record = EventRecord {
+            created: EventCreated {
+                id: "e1".into(),
+                name: "Opera".into(),
+                location_id: "l1".into(),
+                start_date: Utc.timestamp_opt(1_800_000_000, 0).unwrap(),
+                end_date: Utc.timestamp_opt(1_800_003_600, 0).unwrap(),
+                hall: None,
+                capacity: None,
+            },
+            duration: 0,
+        };
+        let v = views.clone();
+        repository::execute::<Event, _, _>(
+            &t.db,
+            "e1",
+            EventCommand::Create(record),
+            &options,
+            move |c, _| v.catch_up(c),
+        )
+        .await
+        .unwrap();
+        let facts = [
+            (1, r#"{"eventId":"e1","userId":"someUserID"}"#),
+            (1, r#"{"eventId":"e1","userId":"someUserID"}"#),
+            (
+                2,
+                r#"{"eventId":"e1","userId":"ann","bookingId":"b1","seats":4}"#,
+            ),
+        ];
+        for (version, payload) in facts {
+            let v = views.clone();
+            t.db.write(move |c| {
+                let fact = NewEvent {
+                    event_id: uuid::Uuid::new_v4().to_string(),
+                    name: "eventBooked".into(),
+                    schema_version: version,
+                    payload: payload.into(),
+                    metadata: EventMetadata::default(),
+                };
+                repository::record::<Event>(c, "e1", fact)?;
+                v.catch_up(c)
+            })
+            .await
+            .unwrap();
+        }
+        let seats = |db: herald::store::Db| async move {
+            db.read(|c| Ok(super::event(c, "e1")?.map(|(row, _)| row.seats_booked)))
+                .await
+        };
+        assert_eq!(seats(t.db.clone()).await.unwrap(), Some(6));
+        let stored_v1 =
+            t.db.read(|c| herald::store::event_store::read_all(c, 0, i64::MAX))
+                .await
+                .unwrap()
+                .iter()
+                .filter(|e| e.event_name == "eventBooked" && e.schema_version == 1)
+                .count();
+        assert_eq!(stored_v1, 2, "the facts stay v1 in the store");
+        let report = views.rebuild(&t.db, "events").await.unwrap();
+        assert_eq!(report.replayed, 5);
+        assert_eq!(
+            seats(t.db.clone()).await.unwrap(),
+            Some(6),
+            "replay upcasts v1 to one seat"
+        );
+    }
+}

@@ -1,0 +1,159 @@
+//! What the two MyEvents contexts share: a database with MyEvents' tables, a
+//! REST API beside the admin API, and one lifecycle from start to shutdown.
+
+use std::sync::Arc;
+
+use actix_web::web;
+use diesel_migrations::{embed_migrations, EmbeddedMigrations};
+
+use herald::config::EventStoreSettings;
+use herald::error::StoreError;
+use herald::store::event_store::EventMetadata;
+use herald::store::projection::Projections;
+use herald::store::repository::ExecuteOptions;
+use herald::store::Db;
+use herald::{AmqpBroker, AmqpOptions, ContextBuilder, Error, Settings};
+
+/// MyEvents' own tables (both contexts' read models), beside the runtime's.
+const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+/// Opens (creating it if needed) a MyEvents database at `url` and runs the
+/// runtime's and MyEvents' pending migrations. Blocking.
+///
+/// # Errors
+/// The file cannot be opened, or a migration fails.
+pub fn open_database(url: &str) -> Result<Db, StoreError> {
+    let db = Db::open(url)?;
+    db.migrate(MIGRATIONS)?;
+    Ok(db)
+}
+
+/// What REST handlers of a MyEvents context get: its database and its name
+/// (the `producer` of the events it emits).
+#[derive(Clone)]
+pub struct Service {
+    pub db: Db,
+    pub name: Arc<str>,
+    /// The context's read models, caught up in every append's transaction.
+    pub projections: Arc<Projections>,
+    pub event_store: EventStoreSettings,
+}
+
+impl Service {
+    /// How commands of this context save: produced by it, snapshots and
+    /// attempts as configured.
+    pub fn execute_options(&self, cause: Option<&herald::MessageContext>) -> ExecuteOptions {
+        ExecuteOptions {
+            metadata: EventMetadata {
+                correlation_id: cause
+                    .and_then(|m| m.meta.correlation_id.clone().or(m.meta.id.clone())),
+                causation_id: cause.and_then(|m| m.meta.id.clone()),
+                producer: Some(self.name.to_string()),
+            },
+            snapshot_every: self.event_store.snapshot_every,
+            max_attempts: self.event_store.command_attempts,
+        }
+    }
+}
+
+/// Runs a context with a REST API until Ctrl-C or SIGTERM: opens its
+/// database (migrations included), connects the broker, starts the context
+/// with `handlers` and the outbox relay, serves `routes`.
+///
+/// # Errors
+/// Start-up failures (database, broker, address in use) or an escalation.
+pub async fn run_service(
+    settings: Settings,
+    projections: Projections,
+    handlers: impl FnOnce(ContextBuilder, &Service) -> ContextBuilder,
+    routes: fn(&mut web::ServiceConfig),
+) -> Result<(), Error> {
+    let name: Arc<str> = Arc::from(settings.context.name.as_str());
+    let url = settings
+        .database
+        .url
+        .clone()
+        .unwrap_or_else(|| format!("data/{name}.db"));
+    let db = tokio::task::spawn_blocking(move || open_database(&url))
+        .await
+        .map_err(|e| Error::Context {
+            context: name.to_string(),
+            reason: format!("opening the database: {e}"),
+        })??;
+    let service = Service {
+        db: db.clone(),
+        name: name.clone(),
+        projections: Arc::new(projections),
+        event_store: settings.event_store.clone(),
+    };
+    let broker = AmqpBroker::connect(&AmqpOptions::from_settings(&settings)).await?;
+    let addr = settings.http.addr;
+    let admin_settings = settings.admin.clone();
+    let context = handlers(ContextBuilder::new(settings).store(db), &service)
+        .start(&broker)
+        .await?;
+    // Serve once the context consumes: clients never act on a half-started context.
+    let service_projections = service.projections.clone();
+    let data = web::Data::new(service);
+    let served = herald::http::serve(&name, "REST API", addr, context.metrics(), move |cfg| {
+        cfg.app_data(data.clone());
+        routes(cfg);
+    });
+    let http = match served {
+        Ok((_, http)) => http,
+        Err(e) => {
+            let _ = context.shutdown().await;
+            return Err(Error::Context {
+                context: name.to_string(),
+                reason: format!("cannot listen on http.addr {addr}: {e}"),
+            });
+        }
+    };
+    let admin = herald::admin::Admin {
+        context: context.handle(),
+        projections: service_projections,
+    };
+    let admin = match herald::admin::serve(admin, &admin_settings) {
+        Ok((_, admin)) => admin,
+        Err(e) => {
+            http.stop(false).await;
+            let _ = context.shutdown().await;
+            return Err(Error::Context {
+                context: name.to_string(),
+                reason: format!(
+                    "cannot start the admin API on admin.addr {}: {e}",
+                    admin_settings.addr
+                ),
+            });
+        }
+    };
+    let stop_http = http.clone();
+    let result = context
+        .run_until(async move {
+            herald::shutdown_signal().await;
+            // Stop intake first: no new requests while the context drains.
+            stop_http.stop(true).await;
+        })
+        .await;
+    http.stop(true).await;
+    admin.stop(true).await;
+    let _ = broker.close().await;
+    result
+}
+
+/// A MyEvents database in a folder of its own, removed on drop.
+#[cfg(test)]
+pub(crate) struct TempDb {
+    pub(crate) db: Db,
+    _dir: tempfile::TempDir,
+}
+
+#[cfg(test)]
+impl TempDb {
+    pub(crate) fn new() -> Self {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let path = dir.path().join("test.db");
+        let db = open_database(&path.to_string_lossy()).expect("open the test database");
+        TempDb { db, _dir: dir }
+    }
+}

@@ -1,0 +1,262 @@
+//! The admin API of the running booking binary: tokens, metrics after 1,000
+//! bookings, pause and resume, restart, and secrets that never leak.
+
+mod myevents_support;
+
+use chrono::{TimeZone, Utc};
+use herald::{Envelope, Publisher, Subscriber};
+use herald_testkit::{eventually, rabbitmqctl, TestVhost, LIVENESS};
+use myevents::contract::EventCreated;
+use myevents_support::*;
+
+const CANARY_PASSWORD: &str = "Canary-Pass-4b7e1f";
+const CANARY_TOKEN: &str = "Canary-Token-9c2d5a";
+
+/// A broker user whose password is the canary; removed on drop.
+struct CanaryUser(String);
+
+impl CanaryUser {
+    fn new(vhost: &TestVhost) -> Self {
+        let name = format!("canary-{}", uuid::Uuid::new_v4().simple());
+        rabbitmqctl(&["add_user", &name, CANARY_PASSWORD]);
+        rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            &vhost.name,
+            &name,
+            ".*",
+            ".*",
+            ".*",
+        ]);
+        CanaryUser(name)
+    }
+}
+
+impl Drop for CanaryUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "delete_user", &self.0])
+            .output();
+    }
+}
+
+fn announcement(id: &str) -> herald::Message {
+    Envelope::new(&EventCreated {
+        id: id.to_owned(),
+        name: "Concert".into(),
+        location_id: fresh_id(),
+        start_date: Utc.timestamp_opt(1_800_000_000, 0).unwrap(),
+        end_date: Utc.timestamp_opt(1_800_003_600, 0).unwrap(),
+        hall: None,
+        capacity: None,
+    })
+    .unwrap()
+    .to_message()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_booking_binary_is_operated_through_its_admin_api() {
+    let vhost = TestVhost::new();
+    let user = CanaryUser::new(&vhost);
+    let dir = DataDir::new();
+    let extra = Extra {
+        amqp_url: Some(format!(
+            "amqp://{}:{CANARY_PASSWORD}@127.0.0.1:5672/{}",
+            user.0, vhost.name
+        )),
+        admin_token: Some(CANARY_TOKEN.into()),
+        rust_log: Some("debug".into()),
+    };
+    let booking = Service::start_with(Kind::Booking, &vhost, &dir, &extra).await;
+    let admin = &booking.admin;
+    let auth = format!("Bearer {CANARY_TOKEN}");
+    let mut seen_bodies = Vec::new();
+
+    // Every route but /health: 401 without the token and with a wrong one.
+    let routes = [
+        ("GET", "/ready"),
+        ("GET", "/metrics"),
+        ("GET", "/actors"),
+        ("POST", "/actors/booking.shard-0/restart"),
+        ("POST", "/consumers/booking.consumer/pause"),
+        ("POST", "/consumers/booking.consumer/resume"),
+        ("GET", "/dead-letters"),
+        ("POST", "/dead-letters/redrive"),
+        ("DELETE", "/dead-letters"),
+        ("POST", "/outbox/unrouted/republish"),
+        ("GET", "/projections"),
+        ("POST", "/projections/seats/rebuild"),
+        ("GET", "/config"),
+        ("GET", "/asyncapi.json"),
+    ];
+    for (method, path) in routes {
+        let none = admin.request(method, path, &[], None).await;
+        let wrong = admin
+            .request(method, path, &[("Authorization", "Bearer wrong")], None)
+            .await;
+        assert_eq!((none.status, wrong.status), (401, 401), "{method} {path}");
+        seen_bodies.push(none.text());
+    }
+    assert_eq!(admin.get("/health").await.status, 200);
+    let get = |path: &'static str| {
+        let auth = auth.clone();
+        async move {
+            admin
+                .request("GET", path, &[("Authorization", &auth)], None)
+                .await
+        }
+    };
+    let post = |path: String| {
+        let auth = auth.clone();
+        async move {
+            admin
+                .request("POST", &path, &[("Authorization", &auth)], None)
+                .await
+        }
+    };
+
+    // 1,000 bookings of one event; somebody listens for eventBooked.
+    let broker = vhost.broker().await;
+    let listener = broker
+        .subscribe(herald::SubscribeSpec {
+            queue: "listener".into(),
+            bindings: vec!["eventBooked".into()],
+            prefetch: 1,
+            retry_delays: vec![],
+        })
+        .await
+        .unwrap();
+    listener.control.cancel().await.unwrap();
+    let event = fresh_id();
+    broker.publish(announcement(&event)).await.unwrap();
+    wait_until_booking_knows(&booking, &event).await;
+    for _ in 0..1000 {
+        let answer = book(&booking.api, &event, 1).await;
+        assert_eq!(answer.status, 201);
+    }
+    assert!(
+        eventually(LIVENESS, || async {
+            broker.queue_depth("listener").await.unwrap() == 1000
+        })
+        .await,
+        "1,000 eventBooked published"
+    );
+    let metrics = get("/metrics").await.text();
+    for line in [
+        r#"herald_http_requests_total{route="/events/{event_id}/bookings",status="201"} 1000"#,
+        r#"herald_messages_received_total{context="booking",event="eventCreated"} 1"#,
+        r#"herald_messages_acked_total{context="booking",event="eventCreated"} 1"#,
+        r#"herald_outbox_pending{context="booking"} 0"#,
+        r#"herald_consumer_state{context="booking",state="consuming"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} missing in:\n{metrics}");
+    }
+    let actors = get("/actors").await.json();
+    let relay = actors
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "booking.outbox-relay")
+        .unwrap()
+        .clone();
+    assert_eq!(relay["processed"], 1000);
+    // The mailbox log line carries the same number.
+    assert!(
+        eventually(LIVENESS, || async {
+            booking
+                .stderr()
+                .contains("actor=booking.outbox-relay depth=0 in_flight=0 processed=1000 ")
+        })
+        .await,
+        "mailbox line with processed=1000"
+    );
+
+    // Pause: messages accumulate and /ready says paused; resume: they drain, once each.
+    assert_eq!(
+        post("/consumers/booking.consumer/pause".into())
+            .await
+            .status,
+        200
+    );
+    let ready = get("/ready").await;
+    assert_eq!(
+        (ready.status, ready.json()["consumer"].clone()),
+        (200, "paused".into())
+    );
+    let db = database(&dir, Kind::Booking);
+    let known = || count(&db, "SELECT count(*) AS n FROM known_events");
+    let before = known().await;
+    for _ in 0..50 {
+        broker.publish(announcement(&fresh_id())).await.unwrap();
+    }
+    assert!(
+        eventually(LIVENESS, || async {
+            queue_messages(&vhost, "booking").await == Some(50)
+        })
+        .await,
+        "messages accumulate while paused"
+    );
+    assert_eq!(known().await, before);
+    assert_eq!(
+        post("/consumers/booking.consumer/resume".into())
+            .await
+            .status,
+        200
+    );
+    wait_until_settled(&vhost, "booking").await;
+    assert!(eventually(LIVENESS, || async { known().await == before + 50 }).await);
+
+    // Restart a shard through its supervisor; it keeps working.
+    assert_eq!(
+        post("/actors/booking.shard-0/restart".into()).await.status,
+        202
+    );
+    assert!(
+        eventually(LIVENESS, || async {
+            let actors = get("/actors").await.json();
+            actors
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["name"] == "booking.shard-0" && a["restarts"] == 1)
+        })
+        .await
+    );
+    for _ in 0..20 {
+        broker.publish(announcement(&fresh_id())).await.unwrap();
+    }
+    assert!(eventually(LIVENESS, || async { known().await == before + 70 }).await);
+
+    // Rebuild while running, and the rest of the routes with the token.
+    let rebuilt = post("/projections/seats/rebuild".into()).await;
+    assert_eq!(rebuilt.status, 200, "{rebuilt:?}");
+    assert!(rebuilt.json()["replayed"].as_u64().unwrap() >= 1071);
+    for path in [
+        "/projections",
+        "/config",
+        "/asyncapi.json",
+        "/dead-letters",
+        "/ready",
+    ] {
+        let answer = get(path).await;
+        assert_eq!(answer.status, 200, "{path}: {answer:?}");
+        seen_bodies.push(answer.text());
+    }
+    let config = get("/config").await.json();
+    assert_eq!(config["admin"]["token"], "***");
+
+    booking
+        .terminate_and_check(|stderr| {
+            for secret in [CANARY_PASSWORD, CANARY_TOKEN] {
+                assert!(!stderr.contains(secret), "a secret reached the log");
+            }
+            assert!(stderr.contains(" DEBUG "), "the run logged at DEBUG");
+        })
+        .await;
+    for body in seen_bodies {
+        assert!(
+            !body.contains(CANARY_PASSWORD) && !body.contains(CANARY_TOKEN),
+            "{body}"
+        );
+    }
+}

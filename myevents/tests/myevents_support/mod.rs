@@ -1,0 +1,788 @@
+//! Support for the MyEvents acceptance tests: the real `events` and `booking`
+//! binaries on a test vhost, a minimal HTTP/1.1 client, and the book's Go
+//! services' ways of talking AMQP.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, ExchangeKind};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+
+use herald_testkit::{eventually, TestVhost, LIVENESS};
+
+/// A temporary folder for one test's configs and databases; removed on drop.
+pub struct DataDir(pub PathBuf);
+
+impl DataDir {
+    pub fn new() -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("herald-myevents-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("create the test data dir");
+        DataDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The two MyEvents binaries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Events,
+    Booking,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Events => "events",
+            Kind::Booking => "booking",
+        }
+    }
+
+    fn exe(self) -> &'static str {
+        match self {
+            Kind::Events => env!("CARGO_BIN_EXE_events"),
+            Kind::Booking => env!("CARGO_BIN_EXE_booking"),
+        }
+    }
+}
+
+/// What a test changes in a service's start: secrets in the environment
+/// (as operators pass them) and the log level.
+#[derive(Default, Clone)]
+pub struct Extra {
+    pub amqp_url: Option<String>,
+    pub admin_token: Option<String>,
+    pub rust_log: Option<String>,
+}
+
+/// Writes (again) the config of `kind` in `dir`: the vhost, port 0, the
+/// database in `dir`. Returns its path.
+fn write_config(kind: Kind, vhost: &TestVhost, dir: &DataDir) -> PathBuf {
+    let name = kind.name();
+    let database = dir.path().join(format!("{name}.db"));
+    let config = format!(
+        r#"[context]
+name = "{name}"
+
+[broker]
+url = '{url}'
+
+[http]
+addr = "127.0.0.1:0"
+
+[admin]
+addr = "127.0.0.1:0"
+
+[database]
+url = '{database}'
+
+[runtime]
+mailbox_log_interval = "1s"
+restart_backoff_min = "10ms"
+restart_backoff_max = "100ms"
+drain_timeout = "5s"
+
+[outbox]
+poll_interval = "200ms"
+"#,
+        url = vhost.url,
+        database = database.display(),
+    );
+    let path = dir.path().join(format!("{name}.toml"));
+    std::fs::write(&path, config).expect("write the test config");
+    path
+}
+
+/// One running binary: its stderr lines (collected continuously, so the pipe
+/// never fills) and its REST API. Killed on drop.
+pub struct Service {
+    pub kind: Kind,
+    pub api: Api,
+    /// The admin API (no token in test configs: loopback only).
+    pub admin: Api,
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl Service {
+    /// Starts `kind` with its config in `dir` and waits until its REST API
+    /// listens and its context consumes (its queue is bound).
+    pub async fn start(kind: Kind, vhost: &TestVhost, dir: &DataDir) -> Service {
+        Self::start_with(kind, vhost, dir, &Extra::default()).await
+    }
+
+    /// As [`Service::start`], with secrets passed through the environment.
+    pub async fn start_with(
+        kind: Kind,
+        vhost: &TestVhost,
+        dir: &DataDir,
+        extra: &Extra,
+    ) -> Service {
+        let config = write_config(kind, vhost, dir);
+        let mut command = Command::new(kind.exe());
+        command
+            .arg("--config")
+            .arg(&config)
+            .env(
+                "RUST_LOG",
+                extra.rust_log.as_deref().unwrap_or("info,lapin=warn"),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        // Nothing from the environment may override the test config.
+        for var in [
+            "AMQP_URL",
+            "DATABASE_URL",
+            "HTTP_ADDR",
+            "ADMIN_ADDR",
+            "ADMIN_TOKEN",
+        ] {
+            command.env_remove(var);
+        }
+        for (var, _) in std::env::vars_os() {
+            if var.to_string_lossy().starts_with("HERALD__") {
+                command.env_remove(var);
+            }
+        }
+        if let Some(url) = &extra.amqp_url {
+            command.env("AMQP_URL", url);
+        }
+        if let Some(token) = &extra.admin_token {
+            command.env("ADMIN_TOKEN", token);
+        }
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", kind.exe()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let reader = tokio::spawn(async move {
+            let mut reader = BufReader::new(stderr);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match reader.read_until(b'\n', &mut line).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let text = String::from_utf8_lossy(&line).trim_end().to_owned();
+                        sink.lock().unwrap().push(text);
+                    }
+                }
+            }
+        });
+        let mut service = Service {
+            kind,
+            api: Api { port: 0 },
+            admin: Api { port: 0 },
+            child,
+            lines,
+            reader: Some(reader),
+        };
+        service.wait_until_started().await;
+        service
+    }
+
+    async fn wait_until_started(&mut self) {
+        let name = self.kind.name();
+        let started = format!("context={name} started");
+        let listening = format!("context={name} REST API listening on http://");
+        let admin = format!("context={name} admin API listening on http://");
+        let deadline = Instant::now() + LIVENESS;
+        loop {
+            let (port, admin_port, consuming) = {
+                let lines = self.lines.lock().unwrap();
+                let port_after = |marker: &str| {
+                    lines.iter().find_map(|line| {
+                        let (_, addr) = line.split_once(marker)?;
+                        let (_, port) = addr.trim().rsplit_once(':')?;
+                        port.parse::<u16>().ok()
+                    })
+                };
+                (
+                    port_after(&listening),
+                    port_after(&admin),
+                    lines.iter().any(|line| line.contains(&started)),
+                )
+            };
+            if let (Some(port), Some(admin), true) = (port, admin_port, consuming) {
+                self.api = Api { port };
+                self.admin = Api { port: admin };
+                return;
+            }
+            if let Some(status) = self.child.try_wait().expect("poll the child") {
+                self.finish_reading().await;
+                panic!(
+                    "{name} exited with {status} before it started; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} did not start within {LIVENESS:?}; stderr:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn finish_reading(&mut self) {
+        if let Some(reader) = self.reader.take() {
+            let _ = timeout(Duration::from_secs(5), reader).await;
+        }
+    }
+
+    /// Everything the process wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// SIGKILL: no shutdown of any kind (a crash, a power cut).
+    pub async fn kill9(mut self) {
+        self.child.kill().await.expect("SIGKILL the service");
+        self.finish_reading().await;
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// As [`Service::terminate`], then hands the whole stderr to `check`.
+    pub async fn terminate_and_check(self, check: impl FnOnce(&str)) {
+        let lines = self.lines.clone();
+        self.terminate().await;
+        let stderr = lines.lock().unwrap().join("\n");
+        check(&stderr);
+    }
+
+    /// SIGTERM, then waits for the exit; asserts an orderly (zero) exit.
+    pub async fn terminate(mut self) {
+        let name = self.kind.name();
+        let pid = self.child.id().expect("the service is still running");
+        let kill = Command::new("kill")
+            .arg(pid.to_string())
+            .status()
+            .await
+            .expect("run kill");
+        assert!(kill.success(), "kill {pid} failed");
+        let status: ExitStatus = timeout(LIVENESS, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{name} did not stop on SIGTERM:\n{}", self.stderr()))
+            .expect("wait for the child");
+        self.finish_reading().await;
+        assert!(
+            status.success(),
+            "{name} exited with {status} on SIGTERM; stderr:\n{}",
+            self.stderr()
+        );
+    }
+}
+
+/// A minimal HTTP/1.1 response.
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not a JSON body ({e}): {self:?}"))
+    }
+}
+
+impl std::fmt::Debug for Response {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HTTP {} {:?} {}", self.status, self.headers, self.text())
+    }
+}
+
+/// A tiny HTTP/1.1 client for one REST API: one connection per request
+/// (`Connection: close`), bodies framed by `Content-Length`.
+#[derive(Debug, Clone, Copy)]
+pub struct Api {
+    pub port: u16,
+}
+
+impl Api {
+    pub async fn get(&self, path: &str) -> Response {
+        self.request("GET", path, &[], None).await
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> Response {
+        self.request(
+            "POST",
+            path,
+            &[("Content-Type", "application/json")],
+            Some(body.to_string().as_bytes()),
+        )
+        .await
+    }
+
+    /// Sends one request; panics on transport errors and malformed responses.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Response {
+        match timeout(LIVENESS, self.exchange(method, path, headers, body)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => panic!("{method} {path} on port {}: {error}", self.port),
+            Err(_) => panic!("{method} {path} on port {}: no answer", self.port),
+        }
+    }
+
+    async fn exchange(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Result<Response, String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n",
+            self.port
+        );
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        if body.is_some() || method == "POST" {
+            head.push_str(&format!(
+                "Content-Length: {}\r\n",
+                body.map_or(0, <[u8]>::len)
+            ));
+        }
+        head.push_str("\r\n");
+        let mut request = head.into_bytes();
+        request.extend_from_slice(body.unwrap_or_default());
+        stream
+            .write_all(&request)
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut raw = Vec::new();
+        match stream.read_to_end(&mut raw).await {
+            Ok(_) => parse_response(&raw),
+            // A server that answers before reading the whole body (413) and
+            // closes resets the connection: the answer is read all the same.
+            Err(error) => parse_response(&raw).map_err(|_| format!("read: {error}")),
+        }
+    }
+}
+
+fn parse_response(raw: &[u8]) -> Result<Response, String> {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| format!("no end of headers in {:?}", String::from_utf8_lossy(raw)))?;
+    let head = std::str::from_utf8(&raw[..end]).map_err(|e| format!("head: {e}"))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = match status_line.split(' ').collect::<Vec<_>>()[..] {
+        [version, code, ..] if version.starts_with("HTTP/1.") => code
+            .parse::<u16>()
+            .map_err(|e| format!("status line {status_line:?}: {e}"))?,
+        _ => return Err(format!("bad status line {status_line:?}")),
+    };
+    let mut headers = Vec::new();
+    for line in lines {
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| format!("bad header line {line:?}"))?;
+        headers.push((name.trim().to_owned(), value.trim().to_owned()));
+    }
+    let mut response = Response {
+        status,
+        headers,
+        body: raw[end + 4..].to_vec(),
+    };
+    if let Some(te) = response.header("Transfer-Encoding") {
+        return Err(format!(
+            "Transfer-Encoding {te} is not supported by this client"
+        ));
+    }
+    if let Some(length) = response.header("Content-Length") {
+        let length: usize = length
+            .parse()
+            .map_err(|e| format!("Content-Length {length:?}: {e}"))?;
+        if response.body.len() < length {
+            return Err(format!(
+                "body cut short: {} of {length} bytes",
+                response.body.len()
+            ));
+        }
+        response.body.truncate(length);
+    }
+    Ok(response)
+}
+
+/// Asserts a 4xx answer with a JSON `{"error": "<non-empty>"}` body.
+pub fn assert_json_error(response: &Response, what: &str) {
+    assert!(
+        (400..500).contains(&response.status),
+        "{what}: expected a 4xx, got {response:?}"
+    );
+    assert!(
+        response
+            .header("Content-Type")
+            .is_some_and(|ct| ct.starts_with("application/json")),
+        "{what}: not JSON: {response:?}"
+    );
+    let body = response.json();
+    assert!(
+        body["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{what}: no error message: {response:?}"
+    );
+}
+
+pub fn is_object_id_hex(id: &str) -> bool {
+    myevents::contract::is_object_id_hex(id)
+}
+
+/// A fresh 24-hex id, like the book's (and herald's) ids.
+pub fn fresh_id() -> String {
+    myevents::contract::new_id()
+}
+
+/// `POST /locations` with the given halls; asserts 201 and returns the body.
+pub async fn create_location(events: &Api, halls: Value) -> Value {
+    let response = events
+        .post_json(
+            "/locations",
+            &json!({
+                "Name": "Stadthalle",
+                "Address": "Marktplatz 1",
+                "Country": "Germany",
+                "OpenTime": 9,
+                "CloseTime": 23,
+                "Halls": halls,
+            }),
+        )
+        .await;
+    assert_eq!(response.status, 201, "{response:?}");
+    let body = response.json();
+    assert!(
+        body["ID"].as_str().is_some_and(is_object_id_hex),
+        "{response:?}"
+    );
+    body
+}
+
+pub const START: i64 = 1_803_000_000;
+pub const END: i64 = START + 3 * 3600;
+
+/// `POST /events` at `location` (in `hall` if given); asserts 201, returns the body.
+pub async fn create_event(events: &Api, name: &str, location: &str, hall: Option<&str>) -> Value {
+    let mut body = json!({
+        "Name": name,
+        "Duration": 180,
+        "StartDate": START,
+        "EndDate": END,
+        "Location": {"ID": location},
+    });
+    if let Some(hall) = hall {
+        body["Hall"] = json!(hall);
+    }
+    let response = events.post_json("/events", &body).await;
+    assert_eq!(response.status, 201, "{response:?}");
+    let body = response.json();
+    assert!(
+        body["ID"].as_str().is_some_and(is_object_id_hex),
+        "{response:?}"
+    );
+    body
+}
+
+/// A location with one hall of `capacity` seats and an event in it; returns the event's ID.
+pub async fn event_with_capacity(events: &Api, name: &str, capacity: u32) -> String {
+    let location = create_location(events, json!([{"name": "Hall A", "capacity": capacity}])).await;
+    let event = create_event(
+        events,
+        name,
+        location["ID"].as_str().unwrap(),
+        Some("Hall A"),
+    )
+    .await;
+    assert_eq!(event["Capacity"], json!(capacity), "{event}");
+    assert_eq!(event["SeatsBooked"], json!(0), "{event}");
+    event["ID"].as_str().unwrap().to_owned()
+}
+
+pub fn bookings_path(event_id: &str) -> String {
+    format!("/events/{event_id}/bookings")
+}
+
+/// `POST /events/{id}/bookings` for `seats` seats.
+pub async fn book(booking: &Api, event_id: &str, seats: i64) -> Response {
+    booking
+        .post_json(
+            &bookings_path(event_id),
+            &json!({"seats": seats, "user": "alice"}),
+        )
+        .await
+}
+
+/// Waits until the booking context knows `event_id` (its bookings list stops
+/// answering 404); returns the list.
+pub async fn wait_until_booking_knows(booking: &Service, event_id: &str) -> Value {
+    let api = booking.api;
+    let path = bookings_path(event_id);
+    let known = eventually(LIVENESS, || {
+        let path = path.clone();
+        async move { api.get(&path).await.status != 404 }
+    })
+    .await;
+    assert!(
+        known,
+        "booking never learned event {event_id}; stderr:\n{}",
+        booking.stderr()
+    );
+    let list = api.get(&path).await;
+    assert_eq!(list.status, 200, "{list:?}");
+    list.json()
+}
+
+/// The bookings of `event_id` in booking: (count, seats).
+pub async fn booked(booking: &Api, event_id: &str) -> (usize, i64) {
+    let list = booking.get(&bookings_path(event_id)).await;
+    assert_eq!(list.status, 200, "{list:?}");
+    let list = list.json();
+    let list = list.as_array().expect("a JSON array of bookings");
+    let seats = list
+        .iter()
+        .map(|b| b["Seats"].as_i64().expect("Seats"))
+        .sum();
+    (list.len(), seats)
+}
+
+/// `SeatsBooked` of `event_id` in the events context.
+pub async fn seats_booked(events: &Api, event_id: &str) -> i64 {
+    let response = events.get(&format!("/events/{event_id}")).await;
+    assert_eq!(response.status, 200, "{response:?}");
+    response.json()["SeatsBooked"]
+        .as_i64()
+        .expect("SeatsBooked")
+}
+
+/// Waits until the events context counts `expected` seats for `event_id`,
+/// then checks it does not count more.
+pub async fn wait_for_seats_booked(events: &Service, event_id: &str, expected: i64) {
+    let api = events.api;
+    let reached = eventually(LIVENESS, || async move {
+        seats_booked(&api, event_id).await >= expected
+    })
+    .await;
+    assert!(
+        reached,
+        "SeatsBooked of {event_id} stayed at {} (want {expected}); events stderr:\n{}",
+        seats_booked(&api, event_id).await,
+        events.stderr()
+    );
+    assert_eq!(seats_booked(&api, event_id).await, expected);
+}
+
+/// A channel set up as the book's Go emitter does: the `events` topic
+/// exchange declared (durable), no confirm mode.
+pub async fn go_emitter(connection: &lapin::Connection) -> lapin::Channel {
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .exchange_declare(
+            "events".into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare the events exchange");
+    channel
+}
+
+/// Publishes `body` as the book's Go emitter does: routing key and
+/// `x-event-name` = `name`, JSON content type, no message id, no timestamp,
+/// delivery mode unset, not mandatory, no confirm.
+pub async fn publish_like_go(channel: &lapin::Channel, name: &str, body: &[u8]) {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-event-name".into(),
+        AMQPValue::LongString(LongString::from(name)),
+    );
+    channel
+        .basic_publish(
+            "events".into(),
+            name.into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_headers(headers),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("publish (no confirm)");
+}
+
+/// A book fixture (tests/fixtures/book-wire/NAME.json) as JSON.
+pub fn fixture(name: &str) -> Value {
+    let path = format!(
+        "{}/tests/fixtures/book-wire/{name}.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    serde_json::from_slice(&std::fs::read(&path).expect("read the fixture")).expect("fixture JSON")
+}
+
+/// Messages in `queue` of the vhost, ready **and unacknowledged**: zero means
+/// every message that reached the queue has been settled.
+pub async fn queue_messages(vhost: &TestVhost, queue: &str) -> Option<u64> {
+    let output = Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "-p", &vhost.name, "--no-table-headers"])
+        .args(["name", "messages"])
+        .output()
+        .await
+        .expect("rabbitmqctl runs");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl list_queues: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find_map(|line| {
+            let (name, count) = line.split_once('\t')?;
+            (name == queue).then(|| count.trim().parse().ok()).flatten()
+        })
+}
+
+/// Waits until every message in `queue` is settled (none ready, none unacked).
+pub async fn wait_until_settled(vhost: &TestVhost, queue: &str) {
+    let settled = eventually(LIVENESS, || async {
+        queue_messages(vhost, queue).await == Some(0)
+    })
+    .await;
+    assert!(
+        settled,
+        "queue {queue} still holds {:?} messages",
+        queue_messages(vhost, queue).await
+    );
+}
+
+/// A context's database file, opened beside the running binary (SQLite WAL
+/// lets both read and write).
+pub fn database(dir: &DataDir, kind: Kind) -> herald::store::Db {
+    let path = dir.path().join(format!("{}.db", kind.name()));
+    myevents::open_database(path.to_str().unwrap()).expect("open the context database")
+}
+
+/// Counts rows with a query of the form `SELECT count(*) AS n ...`.
+pub async fn count(db: &herald::store::Db, sql: &'static str) -> i64 {
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    db.read(move |c| {
+        use diesel::RunQueryDsl;
+        Ok(diesel::sql_query(sql).get_result::<Count>(c)?.n)
+    })
+    .await
+    .expect("count rows")
+}
+
+/// The `eventCreated` number `n` of a stream, as herald's events context
+/// publishes it (message id, producer).
+pub fn announcement(n: i64, capacity: Option<u32>) -> herald::Message {
+    use chrono::TimeZone;
+    herald::Envelope::new(&myevents::contract::EventCreated {
+        id: format!("{n:024x}"),
+        name: format!("event {n}"),
+        location_id: "000000000000000000000001".into(),
+        start_date: chrono::Utc.timestamp_opt(1_800_000_000, 0).unwrap(),
+        end_date: chrono::Utc.timestamp_opt(1_800_003_600, 0).unwrap(),
+        hall: None,
+        capacity,
+    })
+    .unwrap()
+    .with_producer("events")
+    .to_message()
+}
+
+/// Publishes, trying again while the broker is unreachable (a minute at most).
+pub async fn publish_until_confirmed(broker: &herald::AmqpBroker, message: herald::Message) {
+    use herald::Publisher;
+    let published = eventually(LIVENESS * 2, || {
+        let (broker, message) = (broker.clone(), message.clone());
+        async move { broker.publish(message).await.is_ok() }
+    })
+    .await;
+    assert!(published, "a message was never confirmed");
+}
+
+/// Publishes announcements `0..total` in the background, each until confirmed.
+pub fn spawn_announcements(
+    broker: &herald::AmqpBroker,
+    total: i64,
+    capacity: Option<u32>,
+) -> tokio::task::JoinHandle<()> {
+    let broker = broker.clone();
+    tokio::spawn(async move {
+        for n in 0..total {
+            publish_until_confirmed(&broker, announcement(n, capacity)).await;
+        }
+    })
+}
+
+/// Events booking knows (its `known_events` read model).
+pub async fn known_events(db: &herald::store::Db) -> i64 {
+    count(db, "SELECT count(*) AS n FROM known_events").await
+}
+
+/// Ledgers opened in booking's event store: more than announced means an
+/// event was applied twice.
+pub async fn ledgers_opened(db: &herald::store::Db) -> i64 {
+    count(
+        db,
+        "SELECT count(*) AS n FROM event_store WHERE event_name = 'ledgerOpened'",
+    )
+    .await
+}

@@ -1,0 +1,99 @@
+//! Test support for herald and the contexts built on it: a fresh RabbitMQ
+//! vhost per test, waiting for conditions the broker knows, and captured log
+//! lines. Shared by herald's own tests and MyEvents' (one copy).
+
+pub mod capture;
+
+use std::future::Future;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Where the test broker listens (without vhost). `make test` starts it.
+pub fn amqp_base() -> String {
+    std::env::var("HERALD_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".into())
+}
+
+/// A vhost of its own for one test; deleted (with its queues) on drop.
+pub struct TestVhost {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestVhost {
+    /// Creates the vhost on the broker `make test` started.
+    #[allow(clippy::new_without_default)] // a side effect on the broker, not a default value
+    pub fn new() -> Self {
+        let name = format!("herald-test-{}", uuid::Uuid::new_v4().simple());
+        rabbitmqctl(&["add_vhost", &name]);
+        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+        let url = format!("{}/{}", amqp_base(), name);
+        TestVhost { name, url }
+    }
+
+    pub async fn broker(&self) -> herald::AmqpBroker {
+        herald::AmqpBroker::connect(&herald::AmqpOptions::new(&self.url))
+            .await
+            .expect("connect to the test vhost")
+    }
+
+    /// A raw lapin connection, for doing what the book's Go services do.
+    pub async fn lapin(&self) -> lapin::Connection {
+        lapin::Connection::connect(&self.url, lapin::ConnectionProperties::default())
+            .await
+            .expect("raw lapin connection")
+    }
+
+    /// Settings for a context named `name` on this vhost, tuned for tests.
+    pub fn settings(&self, name: &str) -> herald::Settings {
+        let mut settings = herald::Settings::for_context(name);
+        settings.broker.url = self.url.clone();
+        settings.runtime.restart_backoff_min = Duration::from_millis(10);
+        settings.runtime.restart_backoff_max = Duration::from_millis(100);
+        settings.runtime.drain_timeout = Duration::from_secs(5);
+        settings.retry.delays = vec![Duration::from_millis(50), Duration::from_millis(200)];
+        settings
+    }
+}
+
+impl Drop for TestVhost {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["-q", "delete_vhost", &self.name])
+            .output();
+    }
+}
+
+pub fn rabbitmqctl(args: &[&str]) {
+    let output = Command::new("rabbitmqctl")
+        .arg("-q")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs (make services installs it)");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Polls `check` until it holds or `deadline` passes (for state only the broker
+/// knows, such as queue depths). Returns whether it held.
+pub async fn eventually<F, Fut>(deadline: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return true;
+        }
+        if start.elapsed() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A generous liveness deadline for tests.
+pub const LIVENESS: Duration = Duration::from_secs(30);
