@@ -149,7 +149,7 @@ fn message_count() -> BenchResult<usize> {
 }
 
 /// lapin properties for a herald message (what `AmqpBroker` publishes).
-fn properties(message: &herald::Message) -> BasicProperties {
+fn properties(message: &herald::transport::Message) -> BasicProperties {
     let mut headers = FieldTable::default();
     for (name, value) in &message.headers {
         headers.insert(
@@ -410,7 +410,9 @@ async fn bench(vhost: &Vhost, n: usize) -> BenchResult<()> {
         publisher.fill(n).await?;
         let herald_time = consume_herald(&broker, settings.clone(), n).await?;
         publisher.delete(&queue).await?;
-        publisher.delete(&herald::dead_letter_queue(&queue)).await?;
+        publisher
+            .delete(&herald::transport::dead_letter_queue(&queue))
+            .await?;
 
         println!(
             "round {round}     : raw lapin {:>7.0} msg/s ({:.2} s), herald {:>7.0} msg/s ({:.2} s)",

@@ -25,7 +25,7 @@ impl herald::Event for SeatBooked {
 #[actix::main]
 async fn main() -> herald::Result<()> {
     env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or(herald::DEFAULT_LOG_FILTER),
+        env_logger::Env::default().default_filter_or(herald::cli::DEFAULT_LOG_FILTER),
     )
     .init();
     let settings = herald::Settings::for_context("seats");

@@ -6,12 +6,15 @@ use std::process::ExitCode;
 
 use crate::{Error, Settings};
 
-/// env_logger with `RUST_LOG`, else [`crate::DEFAULT_LOG_FILTER`].
+/// The log filter binaries use when `RUST_LOG` is unset: INFO, without lapin's
+/// per-message dump of returned (unroutable) messages (herald reports them
+/// itself) and without its tracing span lines.
+pub const DEFAULT_LOG_FILTER: &str = "info,lapin::returned_messages=error,tracing::span=warn";
+
+/// env_logger with `RUST_LOG`, else [`DEFAULT_LOG_FILTER`].
 pub fn init_logging() {
-    env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or(crate::DEFAULT_LOG_FILTER),
-    )
-    .init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(DEFAULT_LOG_FILTER))
+        .init();
 }
 
 /// The settings of context `name` from `[--config PATH]` (default

@@ -10,25 +10,8 @@ use std::borrow::Cow;
 use chrono::{DateTime, TimeZone, Utc};
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::broker::Message;
+use crate::broker::{headers, Message};
 use crate::error::CodecError;
-
-/// Header names on the wire (DESIGN section 6).
-pub mod headers {
-    /// The event name; the book's Go services route on it.
-    pub const EVENT_NAME: &str = "x-event-name";
-    pub const SCHEMA_VERSION: &str = "x-schema-version";
-    pub const CORRELATION_ID: &str = "x-correlation-id";
-    pub const CAUSATION_ID: &str = "x-causation-id";
-    pub const PRODUCER: &str = "x-producer";
-    /// Why a message was dead-lettered.
-    pub const ERROR: &str = "x-herald-error";
-    pub const ATTEMPTS: &str = "x-herald-attempts";
-    pub const ORIGINAL_ROUTING_KEY: &str = "x-herald-original-routing-key";
-    pub const FIRST_FAILURE: &str = "x-herald-first-failure";
-    /// The error of the last failed attempt, on a message waiting to be retried.
-    pub const LAST_ERROR: &str = "x-herald-last-error";
-}
 
 /// The content type of every body herald writes.
 pub const CONTENT_TYPE_JSON: &str = "application/json";
@@ -162,7 +145,7 @@ impl Envelope {
         })
     }
 
-    /// The broker message for this envelope (DESIGN section 6).
+    /// The broker message for this envelope .
     pub fn to_message(&self) -> Message {
         let meta = &self.meta;
         let mut message = Message::new(meta.name.clone(), self.payload.clone());
@@ -229,15 +212,6 @@ impl Envelope {
             },
             payload: message.body.clone(),
         })
-    }
-}
-
-/// Escapes control characters (CR, LF, ...) so untrusted text never breaks a log line.
-pub fn escape(raw: &str) -> Cow<'_, str> {
-    if raw.chars().any(|c| c.is_control()) {
-        Cow::Owned(raw.escape_default().to_string())
-    } else {
-        Cow::Borrowed(raw)
     }
 }
 
@@ -346,11 +320,5 @@ mod tests {
             .insert(headers::SCHEMA_VERSION.into(), "two\r\n".into());
         let error = Envelope::from_message(&message).unwrap_err().to_string();
         assert!(!error.contains('\n'), "{error}");
-    }
-
-    #[test]
-    fn escape_neutralises_line_breaks() {
-        assert_eq!(escape("a\r\nb"), "a\\r\\nb");
-        assert_eq!(escape("plain"), "plain");
     }
 }

@@ -34,37 +34,50 @@
 
 #![forbid(unsafe_code)]
 
-/// The log filter binaries use when `RUST_LOG` is unset: INFO, without lapin's
-/// per-message dump of returned (unroutable) messages (herald reports them
-/// itself) and without its tracing span lines.
-pub const DEFAULT_LOG_FILTER: &str = "info,lapin::returned_messages=error,tracing::span=warn";
-
 pub mod admin;
 pub mod aggregate;
 pub mod cli;
 pub mod config;
 pub mod error;
-pub mod event;
-
-mod broker;
-mod fnv;
 pub mod http;
-mod runtime;
 pub mod store;
 
-pub use broker::{
-    dead_letter_queue, retry_queue, topic_matches, Acknowledger, AmqpBroker, AmqpOptions,
-    DeadLetters, Delivery, DeliveryStream, MemoryBroker, Message, Publisher, Settlement,
-    SubscribeSpec, Subscriber, Subscription, SubscriptionControl,
-};
+mod broker;
+mod event;
+mod fnv;
+mod runtime;
+
+pub use broker::{escape, AmqpBroker, AmqpOptions, MemoryBroker};
 pub use config::Settings;
-pub use error::{BrokerError, CodecError, ConfigError, Error, HandlerError, Result};
-pub use event::{Envelope, Event, Metadata};
+pub use error::{BrokerError, CodecError, ConfigError, Error, HandlerError, Result, StoreError};
+pub use event::{Envelope, Event, Metadata, CONTENT_TYPE_JSON};
 pub use runtime::{
-    mailbox_line, signal as shutdown_signal, ActorSnapshot, ActorState, Context, ContextBuilder,
-    ContextHandle, MessageContext, Metrics, MAILBOX_TARGET,
+    signal as shutdown_signal, ActorSnapshot, ActorState, Context, ContextBuilder, ContextHandle,
+    MessageContext, Metrics,
 };
 /// The JSON Schema derive the [`Event`] trait requires, re-exported so a
 /// context needs no `schemars` dependency of its own: derive
 /// `herald::JsonSchema` and add `#[schemars(crate = "herald::schemars")]`.
 pub use schemars::{self, JsonSchema};
+
+/// What writing a context needs, in one import: `use herald::prelude::*;`.
+pub mod prelude {
+    pub use crate::transport::Publisher;
+    pub use crate::{
+        shutdown_signal, AmqpBroker, AmqpOptions, Context, ContextBuilder, Envelope, Error, Event,
+        HandlerError, JsonSchema, MemoryBroker, MessageContext, Result, Settings,
+    };
+}
+
+/// The transport seam, for those who implement a broker or drive one by hand:
+/// the [`Publisher`](transport::Publisher) / [`Subscriber`](transport::Subscriber)
+/// / [`DeadLetters`](transport::DeadLetters) traits, the transport-neutral
+/// [`Message`](transport::Message), deliveries and their settlement, the
+/// header names on the wire, and the names of retry and dead-letter queues.
+pub mod transport {
+    pub use crate::broker::{
+        dead_letter_queue, headers, retry_queue, topic_matches, Acknowledger, DeadLetters,
+        Delivery, DeliveryStream, Message, Publisher, Settlement, SubscribeSpec, Subscriber,
+        Subscription, SubscriptionControl,
+    };
+}

@@ -5,7 +5,8 @@ use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
-use herald::{ContextBuilder, Envelope, Event, HandlerError, Publisher, Subscriber};
+use herald::transport::{Publisher, Subscriber};
+use herald::{ContextBuilder, Envelope, Event, HandlerError};
 use herald_testkit::{eventually, rabbitmqctl, TestVhost, LIVENESS};
 use serde::{Deserialize, Serialize};
 
@@ -152,7 +153,7 @@ async fn duplicates_with_the_same_message_id_change_state_once_and_emit_once() {
     .unwrap();
     // Somebody downstream listens for what the context emits.
     let listener = broker
-        .subscribe(herald::SubscribeSpec {
+        .subscribe(herald::transport::SubscribeSpec {
             queue: "downstream".into(),
             bindings: vec!["counted".into()],
             prefetch: 1,

@@ -4,7 +4,8 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
-use herald::{ContextBuilder, Envelope, Event, HandlerError, Publisher};
+use herald::transport::Publisher;
+use herald::{ContextBuilder, Envelope, Event, HandlerError};
 use herald_testkit::capture::{capture, lines_with};
 use herald_testkit::{eventually, TestVhost, LIVENESS};
 use serde::{Deserialize, Serialize};
@@ -22,7 +23,7 @@ impl Event for Tick {
     }
 }
 
-fn tick(key: &str) -> herald::Message {
+fn tick(key: &str) -> herald::transport::Message {
     Envelope::new(&Tick { key: key.into() })
         .unwrap()
         .to_message()

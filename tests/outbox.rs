@@ -5,7 +5,8 @@ use std::borrow::Cow;
 
 use herald::store::outbox;
 use herald::store::Db;
-use herald::{ContextBuilder, Event, Subscriber};
+use herald::transport::Subscriber;
+use herald::{ContextBuilder, Event};
 use herald_testkit::{eventually, TestVhost, LIVENESS};
 use serde::{Deserialize, Serialize};
 
@@ -67,7 +68,7 @@ impl Drop for TempDir {
 /// A queue bound to `name`, consuming nothing: its depth counts what arrived.
 async fn listen(broker: &herald::AmqpBroker, queue: &str, name: &str) {
     let subscription = broker
-        .subscribe(herald::SubscribeSpec {
+        .subscribe(herald::transport::SubscribeSpec {
             queue: queue.into(),
             bindings: vec![name.into()],
             prefetch: 1,

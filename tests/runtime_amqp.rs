@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use herald::{ContextBuilder, Envelope, Event, HandlerError, MessageContext, Publisher};
+use herald::transport::Publisher;
+use herald::{ContextBuilder, Envelope, Event, HandlerError, MessageContext};
 use herald_testkit::{eventually, TestVhost, LIVENESS};
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -29,7 +30,7 @@ impl Event for Step {
     }
 }
 
-fn step(key: impl Into<String>, seq: u32) -> herald::Message {
+fn step(key: impl Into<String>, seq: u32) -> herald::transport::Message {
     Envelope::new(&Step {
         key: key.into(),
         seq,

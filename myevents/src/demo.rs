@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use herald::{AmqpBroker, AmqpOptions, JsonSchema, Publisher};
+use herald::transport::Publisher;
+use herald::{AmqpBroker, AmqpOptions, JsonSchema};
 use herald::{ContextBuilder, Envelope, Error, Event, HandlerError, MessageContext, Settings};
 
 /// One ping. Pings of the same key are handled in order.
@@ -41,7 +42,7 @@ async fn on_pinged(ping: Pinged, meta: MessageContext) -> Result<(), HandlerErro
                 target: "myevents::demo",
                 "context={} pinged key={} seq={} redelivered={}",
                 meta.context,
-                herald::event::escape(&ping.key),
+                herald::escape(&ping.key),
                 ping.seq,
                 meta.redelivered
             );

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use herald::admin::{serve, Admin};
 use herald::store::projection::Projections;
-use herald::{ContextBuilder, Envelope, Event, HandlerError, JsonSchema, Publisher};
+use herald::transport::Publisher;
+use herald::{ContextBuilder, Envelope, Event, HandlerError, JsonSchema};
 use herald_testkit::{eventually, TestVhost, LIVENESS};
 use myevents_support::{Api, Response};
 use serde::{Deserialize, Serialize};

@@ -4,7 +4,8 @@
 mod myevents_support;
 
 use chrono::{TimeZone, Utc};
-use herald::{Envelope, Publisher, Subscriber};
+use herald::transport::{Publisher, Subscriber};
+use herald::Envelope;
 use herald_testkit::{eventually, rabbitmqctl, TestVhost, LIVENESS};
 use myevents::contract::EventCreated;
 use myevents_support::*;
@@ -40,7 +41,7 @@ impl Drop for CanaryUser {
     }
 }
 
-fn announcement(id: &str) -> herald::Message {
+fn announcement(id: &str) -> herald::transport::Message {
     Envelope::new(&EventCreated {
         id: id.to_owned(),
         name: "Concert".into(),
@@ -118,7 +119,7 @@ async fn the_booking_binary_is_operated_through_its_admin_api() {
     // 1,000 bookings of one event; somebody listens for eventBooked.
     let broker = vhost.broker().await;
     let listener = broker
-        .subscribe(herald::SubscribeSpec {
+        .subscribe(herald::transport::SubscribeSpec {
             queue: "listener".into(),
             bindings: vec!["eventBooked".into()],
             prefetch: 1,

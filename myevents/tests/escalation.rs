@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 use std::process::Stdio;
 
-use herald::{BrokerError, Envelope, Publisher};
+use herald::transport::Publisher;
+use herald::{BrokerError, Envelope};
 use herald_testkit::{eventually, TestVhost, LIVENESS};
 use myevents::demo::Pinged;
 use tokio::io::AsyncReadExt;

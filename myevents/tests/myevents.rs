@@ -13,7 +13,8 @@ use std::sync::Arc;
 
 use chrono::{DateTime, FixedOffset, TimeZone, Utc};
 use futures_util::StreamExt;
-use herald::{AmqpBroker, Envelope, Message, Publisher};
+use herald::transport::{Message, Publisher};
+use herald::{AmqpBroker, Envelope};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,

@@ -16,11 +16,12 @@ use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, App, HttpResponse, HttpServer, ResponseError};
 use serde::{Deserialize, Serialize};
 
+use crate::broker::headers;
+use crate::broker::Message;
 use crate::config::AdminSettings;
-use crate::event::headers;
 use crate::http::{self as h, ApiError};
 use crate::store::projection::Projections;
-use crate::{ContextHandle, Message};
+use crate::ContextHandle;
 
 /// What the admin routes operate on.
 #[derive(Clone)]

@@ -151,7 +151,7 @@ fn watch_alarms(connection: &Connection, blocked: watch::Sender<bool>) {
                     log::warn!(
                         target: "herald::broker",
                         "broker blocked publishing (resource alarm): {}",
-                        crate::event::escape(&reason)
+                        crate::broker::escape(&reason)
                     );
                     blocked.send_replace(true);
                 }
@@ -356,7 +356,7 @@ impl Inner {
                 target: "herald::broker",
                 "queue={} unbound stale binding={}",
                 spec.queue,
-                crate::event::escape(stale)
+                crate::broker::escape(stale)
             );
         }
         let mut current = Message::new(

@@ -6,9 +6,11 @@
 //! competing consumers inside a group, redelivery of unsettled messages.
 
 mod amqp;
+pub mod headers;
 mod memory;
 mod topic;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
@@ -59,7 +61,7 @@ impl fmt::Debug for Message {
     // Bodies can be large and headers untrusted: show sizes and escaped text only.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Message")
-            .field("routing_key", &crate::event::escape(&self.routing_key))
+            .field("routing_key", &escape(&self.routing_key))
             .field("message_id", &self.message_id)
             .field("headers", &self.headers.len())
             .field("body_bytes", &self.body.len())
@@ -217,7 +219,7 @@ pub trait DeadLetters: Send + Sync + 'static {
 /// set of attempts); the original routing key and first failure stay in headers
 /// (through the default exchange the routing key is the queue's name).
 pub(crate) fn redriven(mut message: Message) -> Message {
-    use crate::event::headers;
+    use headers;
     for name in [headers::ERROR, headers::ATTEMPTS, headers::LAST_ERROR] {
         message.headers.remove(name);
     }
@@ -235,7 +237,7 @@ pub trait Subscriber: Send + Sync + 'static {
 /// `x-herald-*` headers.
 pub(crate) fn dead_letter_message(message: Message, reason: String, attempts: u32) -> Message {
     let mut message = failed_message(message, reason, attempts);
-    message.headers.remove(crate::event::headers::LAST_ERROR);
+    message.headers.remove(headers::LAST_ERROR);
     message
 }
 
@@ -244,14 +246,14 @@ pub(crate) fn dead_letter_message(message: Message, reason: String, attempts: u3
 pub(crate) fn retry_message(message: Message, reason: String, attempts: u32) -> Message {
     let mut message = failed_message(message, reason, attempts);
     let h = &mut message.headers;
-    if let Some(error) = h.remove(crate::event::headers::ERROR) {
-        h.insert(crate::event::headers::LAST_ERROR.into(), error);
+    if let Some(error) = h.remove(headers::ERROR) {
+        h.insert(headers::LAST_ERROR.into(), error);
     }
     message
 }
 
 fn failed_message(mut message: Message, reason: String, attempts: u32) -> Message {
-    use crate::event::headers;
+    use headers;
     let h = &mut message.headers;
     h.insert(headers::ERROR.into(), reason);
     h.insert(headers::ATTEMPTS.into(), attempts.to_string());
@@ -262,4 +264,24 @@ fn failed_message(mut message: Message, reason: String, attempts: u32) -> Messag
         .or_insert_with(|| chrono::Utc::now().to_rfc3339());
     message.persistent = true;
     message
+}
+
+/// Escapes control characters (CR, LF, ...) so untrusted text never breaks a log line.
+pub fn escape(raw: &str) -> Cow<'_, str> {
+    if raw.chars().any(|c| c.is_control()) {
+        Cow::Owned(raw.escape_default().to_string())
+    } else {
+        Cow::Borrowed(raw)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape;
+
+    #[test]
+    fn escape_neutralises_line_breaks() {
+        assert_eq!(escape("a\r\nb"), "a\\r\\nb");
+        assert_eq!(escape("plain"), "plain");
+    }
 }

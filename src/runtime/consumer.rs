@@ -15,10 +15,11 @@ use super::handler::{Decoded, Routes};
 use super::mailbox::{ActorState, ActorStats};
 use super::metrics::{Fate, Metrics};
 use super::shard::Outcome;
+use crate::broker::{escape, headers};
 use crate::broker::{Delivery, DeliveryStream, Settlement};
 use crate::config::RetrySettings;
 use crate::error::{BrokerError, CodecError};
-use crate::event::{escape, headers, Envelope};
+use crate::event::Envelope;
 
 /// Counts unsettled deliveries so shutdown can wait for them.
 #[derive(Clone, Default)]

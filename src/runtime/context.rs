@@ -310,7 +310,7 @@ impl ContextHandle {
     ///
     /// # Errors
     /// The broker is unreachable.
-    pub async fn dead_letters(&self, limit: usize) -> Result<Vec<crate::Message>, Error> {
+    pub async fn dead_letters(&self, limit: usize) -> Result<Vec<crate::broker::Message>, Error> {
         Ok(self.dead_letters.list(&self.name, limit).await?)
     }
 

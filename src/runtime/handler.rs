@@ -145,8 +145,8 @@ mod tests {
     use serde::{Deserialize, Serialize};
 
     use super::*;
+    use crate::broker::headers;
     use crate::broker::Message;
-    use crate::event::headers;
 
     #[derive(Serialize, Deserialize, schemars::JsonSchema)]
     struct EventBooked {

@@ -15,6 +15,6 @@ mod supervisor;
 
 pub use context::{Context, ContextBuilder, ContextHandle};
 pub use handler::MessageContext;
-pub use mailbox::{mailbox_line, ActorSnapshot, ActorState, MAILBOX_TARGET};
+pub use mailbox::{ActorSnapshot, ActorState};
 pub use metrics::Metrics;
 pub use shutdown::signal;

@@ -13,10 +13,10 @@ use futures_util::FutureExt;
 
 use super::mailbox::{ActorState, ActorStats};
 use super::supervisor::{on_restart, Escalation, RestartPolicy};
+use crate::broker::escape;
 use crate::broker::Publisher;
 use crate::config::OutboxSettings;
 use crate::error::BrokerError;
-use crate::event::escape;
 use crate::store::{idempotency, inbox, now_ms, outbox, Db, OutboxStatus};
 
 /// How often old outbox and inbox rows are pruned.

@@ -14,7 +14,7 @@ use super::handler::Decoded;
 use super::mailbox::{ActorState, ActorStats};
 use super::metrics::Metrics;
 use super::supervisor::{on_restart, Escalation, RestartPolicy};
-use crate::event::escape;
+use crate::broker::escape;
 
 /// How one message's handler ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -25,11 +25,12 @@ use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
 use futures_util::stream::{self, StreamExt};
-use herald::event::headers;
-use herald::{
-    dead_letter_queue, BrokerError, DeadLetters, Delivery, Envelope, Event, Message, Publisher,
-    Settlement, SubscribeSpec, Subscriber, Subscription,
+use herald::transport::headers;
+use herald::transport::{
+    dead_letter_queue, DeadLetters, Delivery, Message, Publisher, Settlement, SubscribeSpec,
+    Subscriber, Subscription,
 };
+use herald::{BrokerError, Envelope, Event};
 use serde::{Deserialize, Serialize};
 
 /// A generous liveness deadline for every single wait.

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use crate::contract::{EventCreated, LocationCreated};
 use crate::service::{run_service, Service};
-use herald::event::escape;
+use herald::escape;
 use herald::store::event_store::{self, EventMetadata, NewEvent};
 use herald::store::projection::Projections;
 use herald::store::repository::{self, CommandError};

@@ -68,7 +68,7 @@ async fn count_seats(
         log::info!(
             target: "myevents::events",
             "eventBooked event={} seats={seats} counted",
-            herald::event::escape(&event_id)
+            herald::escape(&event_id)
         );
     } else {
         log::debug!(target: "myevents::events", "duplicate eventBooked skipped");

@@ -731,7 +731,7 @@ pub async fn count(db: &herald::store::Db, sql: &'static str) -> i64 {
 
 /// The `eventCreated` number `n` of a stream, as herald's events context
 /// publishes it (message id, producer).
-pub fn announcement(n: i64, capacity: Option<u32>) -> herald::Message {
+pub fn announcement(n: i64, capacity: Option<u32>) -> herald::transport::Message {
     use chrono::TimeZone;
     herald::Envelope::new(&myevents::contract::EventCreated {
         id: format!("{n:024x}"),
@@ -748,8 +748,11 @@ pub fn announcement(n: i64, capacity: Option<u32>) -> herald::Message {
 }
 
 /// Publishes, trying again while the broker is unreachable (a minute at most).
-pub async fn publish_until_confirmed(broker: &herald::AmqpBroker, message: herald::Message) {
-    use herald::Publisher;
+pub async fn publish_until_confirmed(
+    broker: &herald::AmqpBroker,
+    message: herald::transport::Message,
+) {
+    use herald::transport::Publisher;
     let published = eventually(LIVENESS * 2, || {
         let (broker, message) = (broker.clone(), message.clone());
         async move { broker.publish(message).await.is_ok() }
