@@ -26,9 +26,12 @@ pub trait Aggregate: Default + Clone + Serialize + DeserializeOwned + Send + 'st
     /// ignored (the aggregate is rebuilt from its events).
     const SNAPSHOT_VERSION: u32 = 1;
 
+    /// What callers ask the aggregate to do.
     type Command: Clone + Send + 'static;
-    /// Adjacently tagged enum: `#[serde(tag = "name", content = "payload")]`.
+    /// What happened: an adjacently tagged enum,
+    /// `#[serde(tag = "name", content = "payload")]`.
     type Event: Serialize + DeserializeOwned + Clone + Debug + PartialEq + Send + 'static;
+    /// Why a command was refused.
     type Error: std::error::Error + Clone + PartialEq + Send + Sync + 'static;
 
     /// Decides: the events `command` causes from the current state, or why not.
@@ -59,6 +62,7 @@ pub trait Aggregate: Default + Clone + Serialize + DeserializeOwned + Send + 'st
         })
     }
 
+    /// The event-store stream of the aggregate with `id`: `<KIND>-<id>`.
     fn stream_id(id: &str) -> String {
         format!("{}-{id}", Self::KIND)
     }
@@ -168,6 +172,7 @@ impl<A: Aggregate> Scenario<A> {
         Scenario { state }
     }
 
+    /// Runs `command` against the given state.
     pub fn when(self, command: A::Command) -> Outcome<A> {
         Outcome {
             result: self.state.handle(command),

@@ -7,21 +7,36 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can stop a context from starting or running.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
+    /// The settings do not load or do not validate.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The broker is unreachable or refused the topology.
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// An actor kept failing: the context stopped so that the process
+    /// supervisor (systemd, Kubernetes) can take over.
     #[error("actor {actor} restarted {restarts} times within {window:?}: escalated")]
     Escalated {
+        /// The actor's name, e.g. `booking.shard-3`.
         actor: String,
+        /// Restarts counted within `window`.
         restarts: usize,
+        /// `runtime.restart_window`.
         window: Duration,
     },
+    /// The context's database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Anything else that stopped a context, with its name.
     #[error("context {context}: {reason}")]
-    Context { context: String, reason: String },
+    Context {
+        /// The context's name.
+        context: String,
+        /// What went wrong, for the log.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -37,41 +52,74 @@ impl Error {
 
 /// Configuration that cannot be loaded or does not validate. Always names the key.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
+    /// The file or the environment cannot be read or parsed.
     #[error("cannot load configuration: {0}")]
     Load(#[from] config::ConfigError),
+    /// A key holds a value the runtime cannot work with.
     #[error("invalid configuration key `{key}`: {reason}")]
-    Invalid { key: &'static str, reason: String },
+    Invalid {
+        /// The key, as written in the file (`runtime.shards`).
+        key: &'static str,
+        /// Why the value is refused.
+        reason: String,
+    },
 }
 
 /// Turning a broker message into an [`crate::Envelope`] or a typed event failed.
 ///
 /// None of these heal by retrying: the message goes to the dead-letter queue at once.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum CodecError {
+    /// The body is larger than `broker.max_body_bytes`.
     #[error("body of {size} bytes exceeds broker.max_body_bytes ({limit})")]
-    TooLarge { size: usize, limit: usize },
+    TooLarge {
+        /// The body's size in bytes.
+        size: usize,
+        /// `broker.max_body_bytes`.
+        limit: usize,
+    },
+    /// A header the codec needs is absent (the event name).
     #[error("missing header {0}")]
     MissingHeader(&'static str),
+    /// A header is present but unusable (a schema version that is no number).
     #[error("invalid header {name}: {reason}")]
-    InvalidHeader { name: &'static str, reason: String },
+    InvalidHeader {
+        /// The header's name.
+        name: &'static str,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// No handler or upcaster knows this event name.
     #[error("unknown event name {0:?}")]
     UnknownEvent(String),
+    /// The message's schema version is one this build cannot read.
     #[error("event {name}: schema version {found} is newer than the supported {supported}")]
     UnsupportedSchemaVersion {
+        /// The event name.
         name: String,
+        /// The version the message carries.
         found: u32,
+        /// The newest version this build reads ([`crate::Event::SCHEMA_VERSION`]).
         supported: u32,
     },
+    /// The body does not deserialize into the event's type.
     #[error("event {name}: body is not valid JSON for this event: {source}")]
     InvalidBody {
+        /// The event name.
         name: String,
+        /// serde's reason, with the position in the body.
         #[source]
         source: serde_json::Error,
     },
+    /// The event does not serialize (a map with non-string keys, say).
     #[error("event {name}: cannot encode: {source}")]
     Encode {
+        /// The event name.
         name: String,
+        /// serde's reason.
         #[source]
         source: serde_json::Error,
     },
@@ -79,22 +127,31 @@ pub enum CodecError {
 
 /// Transport failures, shared by every broker implementation.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BrokerError {
     /// No queue is bound for the routing key: the broker returned the message.
     #[error(
         "unroutable: no queue is bound to exchange {exchange:?} for routing key {routing_key:?}"
     )]
     Unroutable {
+        /// The exchange published to.
         exchange: String,
+        /// The routing key (the event name).
         routing_key: String,
     },
     /// The broker refused to take responsibility for a message (publisher confirm nack).
     #[error("the broker nacked the publish to {routing_key:?}")]
-    Nacked { routing_key: String },
+    Nacked {
+        /// The routing key (the event name).
+        routing_key: String,
+    },
+    /// The connection or channel is gone (or the transport was closed on purpose).
     #[error("the transport is closed")]
     Closed,
+    /// The broker did not confirm a publish in time; it may or may not have it.
     #[error("no publisher confirm within {0:?}")]
     ConfirmTimeout(Duration),
+    /// An AMQP protocol or I/O error from lapin.
     #[error("amqp: {0}")]
     Amqp(#[from] lapin::Error),
 }
@@ -144,6 +201,7 @@ impl HandlerError {
         }
     }
 
+    /// Whether retrying cannot help: the message is dead-lettered at once.
     pub fn is_permanent(&self) -> bool {
         self.permanent
     }
@@ -151,6 +209,7 @@ impl HandlerError {
 
 /// Database failures, with the meaning the runtime acts on.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// Another writer won (unique or optimistic-concurrency violation).
     #[error("conflict: {0}")]
@@ -158,12 +217,16 @@ pub enum StoreError {
     /// SQLite stayed locked past its busy timeout: retry later, never a conflict.
     #[error("database busy: {0}")]
     Busy(String),
+    /// The row asked for does not exist.
     #[error("not found")]
     NotFound,
+    /// Any other error from diesel.
     #[error("database: {0}")]
     Database(diesel::result::Error),
+    /// No connection could be had (the file cannot be opened, the pool timed out).
     #[error("database pool: {0}")]
     Pool(String),
+    /// A migration failed at start-up.
     #[error("migrations: {0}")]
     Migration(String),
     /// A stored row cannot be read back (an event without upcaster, a broken payload).
@@ -210,4 +273,13 @@ impl From<StoreError> for HandlerError {
             ..HandlerError::from_error(error)
         }
     }
+}
+
+/// The text of a caught panic's payload (`panic!` gives a `&str` or a `String`).
+pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".into())
 }

@@ -62,12 +62,17 @@ pub trait Event: Serialize + DeserializeOwned + schemars::JsonSchema + Send + 's
 pub struct Metadata {
     /// The AMQP `message_id`. Book-style messages carry none.
     pub id: Option<String>,
+    /// The event's wire name ([`Event::NAME`]), also the routing key.
     pub name: String,
+    /// The payload's schema version; 1 when the header is absent.
     pub schema_version: u32,
+    /// The conversation this event belongs to (the first cause's id).
     pub correlation_id: Option<String>,
+    /// The id of the message that caused this one.
     pub causation_id: Option<String>,
     /// The context that emitted the event.
     pub producer: Option<String>,
+    /// When it happened (the AMQP timestamp, whole seconds on the wire).
     pub occurred_at: Option<DateTime<Utc>>,
 }
 
@@ -85,7 +90,9 @@ impl Metadata {
 /// One event on the wire: metadata and the raw JSON body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope {
+    /// Everything but the body.
     pub meta: Metadata,
+    /// The event's JSON, exactly as on the wire.
     pub payload: Vec<u8>,
 }
 
@@ -121,6 +128,7 @@ impl Envelope {
         self
     }
 
+    /// The same envelope, marked as emitted by context `producer`.
     #[must_use]
     pub fn with_producer(mut self, producer: impl Into<String>) -> Self {
         self.meta.producer = Some(producer.into());

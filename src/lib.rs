@@ -5,26 +5,37 @@
 //! same partition key always on the same shard, in order), and every delivery
 //! is settled only after its handler finished. Shards are supervised: a panic
 //! fails the delivery and restarts the shard after a backoff; a shard that keeps
-//! failing escalates and stops the context.
+//! failing escalates and stops the context. Handlers change state and emit
+//! events in one database transaction (inbox, outbox); a relay actor publishes
+//! the outbox with publisher confirms.
 //!
 //! # Layout
 //!
+//! Layers from the bottom up; each uses only the ones above it in this list.
+//!
 //! - [`error`]: one error enum per layer; [`Result`].
 //! - [`config`]: [`Settings`] from TOML plus environment overrides, validated.
-//! - [`event`]: the [`Event`] trait, [`Envelope`] and [`Metadata`], the wire codec.
+//! - `broker/` (public as [`transport`]): the `Publisher` / `Subscriber` /
+//!   `DeadLetters` seam, [`AmqpBroker`] (lapin: topology, confirms, retry and
+//!   dead-letter queues, reconnect), [`MemoryBroker`] (in-process, same
+//!   semantics), header names, [`escape`] for untrusted text in logs.
+//! - `event.rs`: the [`Event`] trait, [`Envelope`] and [`Metadata`], the wire codec.
 //! - [`aggregate`]: event-sourced aggregates (decide / apply), upcasting, the
 //!   given/when/then [`aggregate::Scenario`].
-//! - `broker/`: the [`Publisher`] / [`Subscriber`] / [`DeadLetters`] seam,
-//!   [`AmqpBroker`] (lapin: topology, confirms, retry and dead-letter queues,
-//!   reconnect) and [`MemoryBroker`] (in-process, same semantics).
-//! - `runtime/`: [`ContextBuilder`] and [`Context`]; intake (subscription kept
-//!   alive) and the consumer actor that settles every delivery, the
-//!   dispatcher, shard actors, supervision, mailbox counters and log lines,
-//!   the outbox relay actor, shutdown.
 //! - [`store`]: SQLite through diesel: [`store::Db`], the event store,
 //!   repository, projections, outbox, inbox, idempotency keys.
-//! - [`http`]: REST plumbing shared by contexts (JSON errors, CORS, bodies).
+//! - `runtime/`: [`ContextBuilder`] and [`Context`]; intake (subscription kept
+//!   alive) and the consumer actor that settles every delivery, the
+//!   dispatcher, shard actors, supervision (restart policy, one backoff,
+//!   escalation), mailbox counters and log lines, the outbox relay actor,
+//!   AsyncAPI, metrics, shutdown.
+//! - [`http`]: REST plumbing for contexts (JSON errors, CORS, bodies,
+//!   idempotent commands); [`admin`]: the operator API of a running context.
 //! - [`cli`]: what every binary does around its context (logging, `--config`, exit codes).
+//! - [`prelude`]: what writing a context needs, in one import.
+//!
+//! The workspace around it: `myevents/` (the MyEvents contexts, built on this
+//! public API only), `testkit/` (test support), `docs/` (architecture, ADRs).
 //!
 //! # Write your own context
 //!

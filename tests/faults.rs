@@ -170,7 +170,7 @@ async fn duplicates_with_the_same_message_id_change_state_once_and_emit_once() {
             let db = handler_db.clone();
             async move {
                 let cause = meta.meta.clone();
-                db.apply_once(&meta, move |c| {
+                db.apply_once(meta.inbox_key(), move |c| {
                     c.batch_execute(&format!("INSERT INTO effects (seq) VALUES ({})", tick.seq))?;
                     herald::store::outbox::append(
                         c,

@@ -351,3 +351,18 @@ impl StreamHandler<Result<Delivery, BrokerError>> for Consumer {
         ctx.stop();
     }
 }
+
+/// Stops a consumer actor (its stream is cancelled or dead).
+pub(crate) struct StopConsumer;
+
+impl Message for StopConsumer {
+    type Result = ();
+}
+
+impl Handler<StopConsumer> for Consumer {
+    type Result = ();
+
+    fn handle(&mut self, _: StopConsumer, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}

@@ -14,8 +14,8 @@ use super::handler::{MessageContext, Routes};
 use super::intake::Intake;
 use super::mailbox::{ActorSnapshot, ActorStats, MailboxLogger};
 use super::metrics::Metrics;
-use super::relay::{Relay, RelayParts};
-use super::supervisor::{Escalated, Escalation, RestartPolicy};
+use super::relay::{Relay, RelayParts, StopRelay};
+use super::supervisor::{Backoff, Escalated, Escalation, Restart, RestartPolicy};
 use crate::broker::{DeadLetters, Publisher, SubscribeSpec, Subscriber};
 use crate::config::Settings;
 use crate::error::{Error, HandlerError};
@@ -54,6 +54,7 @@ pub struct ContextBuilder {
 }
 
 impl ContextBuilder {
+    /// A context named `settings.context.name`, with no handlers yet.
     pub fn new(settings: Settings) -> Self {
         ContextBuilder {
             settings,
@@ -144,7 +145,7 @@ impl ContextBuilder {
             in_flight: in_flight.clone(),
             stats: consumer_stats.clone(),
         };
-        let intake = match Intake::start(broker.clone(), spec, parts).await {
+        let intake = match Intake::start(broker.clone(), spec, parts, Backoff::new(rt)).await {
             Ok(intake) => intake,
             Err(error) => {
                 stop_arbiters(&arbiters);
@@ -162,6 +163,7 @@ impl ContextBuilder {
                 publisher: Arc::new(broker.clone()),
                 settings: settings.outbox.clone(),
                 stats,
+                backoff: Backoff::new(rt),
             };
             let relay = Relay::new(parts, RestartPolicy::new(rt), escalation.clone());
             (db, Supervisor::start(move |_| relay))
@@ -273,19 +275,13 @@ impl std::ops::Deref for Context {
     }
 }
 
-/// Asks a supervised actor to restart: it stops, and its supervisor starts it
-/// again (counted, re-initialised, after the usual backoff).
-pub(crate) struct Restart;
-
-impl Message for Restart {
-    type Result = ();
-}
-
 impl ContextHandle {
+    /// The context's name (also its queue's).
     pub fn name(&self) -> &str {
         &self.name
     }
 
+    /// The settings it runs with.
     pub fn settings(&self) -> &Settings {
         &self.settings
     }
@@ -394,6 +390,7 @@ impl ContextHandle {
         Ok(self.intake.resume().await?)
     }
 
+    /// Whether an operator paused intake ([`ContextHandle::pause`]).
     pub fn is_paused(&self) -> bool {
         self.intake.is_paused()
     }
@@ -557,20 +554,5 @@ async fn flush_outbox(name: &str, db: &Db, timeout: std::time::Duration) {
         }
         // The relay wakes on every commit; its progress shows as commits too.
         let _ = tokio::time::timeout(timeout.saturating_sub(start.elapsed()), db.committed()).await;
-    }
-}
-
-/// Stops the relay actor for good (no restart).
-struct StopRelay;
-
-impl Message for StopRelay {
-    type Result = ();
-}
-
-impl Handler<StopRelay> for Relay {
-    type Result = ();
-
-    fn handle(&mut self, _: StopRelay, ctx: &mut Self::Context) {
-        ctx.stop();
     }
 }

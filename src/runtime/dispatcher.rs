@@ -10,7 +10,7 @@ use super::handler::Decoded;
 use super::mailbox::ActorStats;
 use super::metrics::Metrics;
 use super::shard::{Outcome, Shard, Work};
-use super::supervisor::{Escalation, RestartPolicy};
+use super::supervisor::{Escalation, Restart, RestartPolicy};
 use crate::config::RuntimeSettings;
 
 /// One shard: its address, its mailbox slots and its counters.
@@ -102,7 +102,7 @@ impl Dispatcher {
     /// Every shard by actor name, to restart on request.
     pub(crate) fn restartable(
         &self,
-    ) -> impl Iterator<Item = (String, actix::WeakRecipient<super::context::Restart>)> + '_ {
+    ) -> impl Iterator<Item = (String, actix::WeakRecipient<Restart>)> + '_ {
         self.shards
             .iter()
             .map(|s| (s.stats.name().to_owned(), s.addr.downgrade().recipient()))

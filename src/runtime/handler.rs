@@ -10,13 +10,15 @@ use futures_util::future::{FutureExt, LocalBoxFuture};
 
 use crate::error::{CodecError, HandlerError};
 use crate::event::{Envelope, Event, Metadata};
+use crate::store::inbox::InboxKey;
 
 /// What a handler learns about the message besides the event itself.
 #[derive(Debug, Clone)]
 pub struct MessageContext {
+    /// The message's metadata (id, name, version, correlation, producer).
     pub meta: Metadata,
-    /// The key duplicates are recognised by (DESIGN section 3): the message id,
-    /// else the event's own identity, else `None` (no dedupe possible).
+    /// The key duplicates are recognised by: the message id, else the event's
+    /// own identity, else `None` (no dedupe possible).
     pub dedupe_key: Option<String>,
     /// The broker delivered this message before without a settlement.
     pub redelivered: bool,
@@ -24,6 +26,18 @@ pub struct MessageContext {
     pub attempt: u32,
     /// The consuming context's name.
     pub context: Arc<str>,
+}
+
+impl MessageContext {
+    /// This message's entry in the consuming context's inbox, for
+    /// [`Db::apply_once`](crate::store::Db::apply_once).
+    pub fn inbox_key(&self) -> InboxKey {
+        InboxKey {
+            consumer: self.context.to_string(),
+            dedupe_key: self.dedupe_key.clone(),
+            event_name: self.meta.name.clone(),
+        }
+    }
 }
 
 pub(crate) type AnyEvent = Box<dyn Any + Send>;

@@ -11,12 +11,16 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use tokio::sync::{oneshot, watch};
 
-use super::consumer::{Consumer, ConsumerParts};
+use super::consumer::{Consumer, ConsumerParts, StopConsumer};
+use super::supervisor::Backoff;
+
+/// How long the old consumer's deliveries get to settle on its channel
+/// before intake subscribes again.
+const SETTLE_BEFORE_RESUBSCRIBING: Duration = Duration::from_secs(10);
+/// How long a resume waits for the consumer to be back.
+const RESUME_DEADLINE: Duration = Duration::from_secs(30);
 use crate::broker::{SubscribeSpec, Subscriber, SubscriptionControl};
 use crate::error::BrokerError;
-
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// The live subscription and the actor consuming it.
 struct Current {
@@ -33,6 +37,8 @@ pub(crate) struct Intake {
     paused: watch::Sender<bool>,
     consuming: watch::Sender<bool>,
     resubscriptions: Arc<AtomicU64>,
+    /// Between failed resubscriptions.
+    backoff: Backoff,
 }
 
 impl Intake {
@@ -44,6 +50,7 @@ impl Intake {
         subscriber: S,
         spec: SubscribeSpec,
         parts: ConsumerParts,
+        backoff: Backoff,
     ) -> Result<Intake, BrokerError>
     where
         S: Subscriber + Clone,
@@ -58,6 +65,7 @@ impl Intake {
             paused,
             consuming: watch::Sender::new(true),
             resubscriptions: Arc::new(AtomicU64::new(0)),
+            backoff,
         };
         actix::spawn(keep_consuming(
             subscriber,
@@ -101,7 +109,7 @@ impl Intake {
             return Ok(false);
         }
         let mut consuming = self.consuming.subscribe();
-        let back = tokio::time::timeout(BACKOFF_MAX * 3, consuming.wait_for(|c| *c)).await;
+        let back = tokio::time::timeout(RESUME_DEADLINE, consuming.wait_for(|c| *c)).await;
         match back {
             Ok(Ok(_)) => {
                 log::info!(target: "herald::consumer", "context={} consumer resumed", self.name);
@@ -197,18 +205,20 @@ async fn keep_consuming<S: Subscriber>(
             );
         }
         // Deliveries of the old consumer settle on its channel first.
-        parts.in_flight.drained(BACKOFF_MAX).await;
+        parts.in_flight.drained(SETTLE_BEFORE_RESUBSCRIBING).await;
         if let Some(old) = intake.take() {
             let _ = old.control.close().await;
         }
-        let mut backoff = if deliberate {
+        let mut backoff = intake.backoff.clone();
+        // A resume subscribes at once; a lost consumer waits first.
+        let mut delay = if deliberate {
             Duration::ZERO
         } else {
-            BACKOFF_MIN
+            backoff.next_delay()
         };
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(delay) => {}
                 _ = stopping.wait_for(|stop| *stop) => return,
             }
             // Paused while reconnecting: wait for the resume first.
@@ -239,24 +249,9 @@ async fn keep_consuming<S: Subscriber>(
                 }
                 Err(error) => {
                     log::debug!(target: "herald::consumer", "context={} resubscribe failed: {error}", intake.name);
-                    backoff = (backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
+                    delay = backoff.next_delay();
                 }
             }
         }
-    }
-}
-
-/// Stops a consumer actor (its stream is cancelled or dead).
-pub(crate) struct StopConsumer;
-
-impl Message for StopConsumer {
-    type Result = ();
-}
-
-impl Handler<StopConsumer> for Consumer {
-    type Result = ();
-
-    fn handle(&mut self, _: StopConsumer, ctx: &mut Self::Context) {
-        ctx.stop();
     }
 }

@@ -9,18 +9,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The log target of mailbox lines: `RUST_LOG=herald::mailbox=info`.
-pub const MAILBOX_TARGET: &str = "herald::mailbox";
+pub(crate) const MAILBOX_TARGET: &str = "herald::mailbox";
 
 /// What an actor is doing, as shown in logs and `/actors`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ActorState {
+    /// Handling messages, or idle and ready to.
     Running,
     /// Stopped after a failure, waiting out its restart backoff.
     Restarting,
+    /// Shut down (the context is stopping, or it escalated).
     Stopped,
 }
 
 impl ActorState {
+    /// The state as written in mailbox lines and the admin API.
     pub fn as_str(self) -> &'static str {
         match self {
             ActorState::Running => "running",
@@ -40,7 +43,7 @@ impl ActorState {
 
 /// Live counters of one actor. Cheap to update from any thread.
 #[derive(Debug)]
-pub struct ActorStats {
+pub(crate) struct ActorStats {
     context: String,
     name: String,
     high_water: usize,
@@ -59,21 +62,30 @@ pub struct ActorStats {
 /// A point-in-time copy of an actor's counters.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ActorSnapshot {
+    /// The context the actor belongs to.
     pub context: String,
+    /// The actor's name, e.g. `booking.shard-3` or `booking.consumer`.
     pub name: String,
+    /// Messages waiting in its mailbox.
     pub depth: usize,
+    /// Messages it is handling right now (0 or 1 for a shard).
     pub in_flight: usize,
+    /// Messages handled successfully since start.
     pub processed: u64,
+    /// Messages whose handling failed (error, panic or timeout).
     pub failed: u64,
+    /// Restarts by its supervisor since start.
     pub restarts: u64,
+    /// How long the oldest waiting message has waited.
     pub oldest_wait_ms: u64,
     /// Upper bound of the 99th percentile of handler durations since the last mailbox line.
     pub handle_p99_ms: u64,
+    /// `running`, `restarting` or `stopped`.
     pub state: &'static str,
 }
 
 impl ActorStats {
-    pub fn new(context: &str, name: String, high_water: usize) -> Arc<Self> {
+    pub(crate) fn new(context: &str, name: String, high_water: usize) -> Arc<Self> {
         Arc::new(ActorStats {
             context: context.to_owned(),
             name,
@@ -90,7 +102,7 @@ impl ActorStats {
         })
     }
 
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
@@ -154,7 +166,7 @@ impl ActorStats {
         self.processed.load(Relaxed) + self.failed.load(Relaxed) + self.restarts.load(Relaxed) > 0
     }
 
-    pub fn snapshot(&self) -> ActorSnapshot {
+    pub(crate) fn snapshot(&self) -> ActorSnapshot {
         let oldest = self
             .waiting()
             .front()
@@ -216,8 +228,8 @@ impl Histogram {
     }
 }
 
-/// The line format of DESIGN section 8: stable `key=value` pairs.
-pub fn mailbox_line(s: &ActorSnapshot) -> String {
+/// One mailbox line: stable `key=value` pairs that operators grep and parse.
+pub(crate) fn mailbox_line(s: &ActorSnapshot) -> String {
     format!(
         "context={} actor={} depth={} in_flight={} processed={} failed={} restarts={} oldest_wait_ms={} handle_p99_ms={} state={}",
         s.context,

@@ -18,6 +18,8 @@ pub(crate) enum Fate {
     DeadLettered,
 }
 
+/// A context's Prometheus metrics: messages by event and outcome, handler
+/// durations, mailbox depths, restarts, outbox and REST requests.
 pub struct Metrics {
     registry: Registry,
     context: String,

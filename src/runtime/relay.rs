@@ -12,17 +12,15 @@ use actix::prelude::*;
 use futures_util::FutureExt;
 
 use super::mailbox::{ActorState, ActorStats};
-use super::supervisor::{on_restart, Escalation, RestartPolicy};
+use super::supervisor::{on_restart, Backoff, Escalation, Restart, RestartPolicy};
 use crate::broker::escape;
 use crate::broker::Publisher;
 use crate::config::OutboxSettings;
-use crate::error::BrokerError;
+use crate::error::{panic_text, BrokerError};
 use crate::store::{idempotency, inbox, now_ms, outbox, Db, OutboxStatus};
 
 /// How often old outbox and inbox rows are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 pub(crate) struct RelayParts {
@@ -31,6 +29,8 @@ pub(crate) struct RelayParts {
     pub(crate) publisher: Arc<dyn Publisher>,
     pub(crate) settings: OutboxSettings,
     pub(crate) stats: Arc<ActorStats>,
+    /// Between failed reads and publishes.
+    pub(crate) backoff: Backoff,
 }
 
 pub(crate) struct Relay {
@@ -71,9 +71,9 @@ impl Actor for Relay {
             if let Err(panic) = result {
                 log::error!(
                     target: "herald::relay",
-                    "actor={} panicked: {:?}",
+                    "actor={} panicked: {}",
                     act.parts.stats.name(),
-                    panic.downcast_ref::<&str>()
+                    escape(&panic_text(panic.as_ref()))
                 );
                 ctx.stop();
             }
@@ -103,8 +103,8 @@ async fn relay(parts: RelayParts) {
         publisher,
         settings,
         stats,
+        mut backoff,
     } = parts;
-    let mut backoff = BACKOFF_MIN;
     let mut warned_unroutable: HashSet<String> = HashSet::new();
     let mut last_prune: Option<Instant> = None;
     loop {
@@ -117,8 +117,7 @@ async fn relay(parts: RelayParts) {
             Ok(rows) => rows,
             Err(error) => {
                 log::warn!(target: "herald::relay", "context={context} cannot read the outbox: {error}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                tokio::time::sleep(backoff.next_delay()).await;
                 continue;
             }
         };
@@ -181,15 +180,15 @@ async fn relay(parts: RelayParts) {
         }
         match failure {
             Some(error) => {
+                let delay = backoff.next_delay();
                 log::warn!(
                     target: "herald::relay",
                     "context={context} publish failed, retrying in {}ms: {error}",
-                    backoff.as_millis()
+                    delay.as_millis()
                 );
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                tokio::time::sleep(delay).await;
             }
-            None => backoff = BACKOFF_MIN,
+            None => backoff.reset(),
         }
     }
 }
@@ -217,10 +216,26 @@ async fn prune(context: &str, db: &Db, retention: Duration) {
     }
 }
 
-impl Handler<super::context::Restart> for Relay {
+impl Handler<Restart> for Relay {
     type Result = ();
 
-    fn handle(&mut self, _: super::context::Restart, ctx: &mut Self::Context) {
+    fn handle(&mut self, _: Restart, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}
+
+/// Stops the relay for good: the context shuts down, and with its last
+/// address gone the supervisor does not start it again.
+pub(crate) struct StopRelay;
+
+impl Message for StopRelay {
+    type Result = ();
+}
+
+impl Handler<StopRelay> for Relay {
+    type Result = ();
+
+    fn handle(&mut self, _: StopRelay, ctx: &mut Self::Context) {
         ctx.stop();
     }
 }

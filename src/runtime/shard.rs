@@ -13,8 +13,9 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit};
 use super::handler::Decoded;
 use super::mailbox::{ActorState, ActorStats};
 use super::metrics::Metrics;
-use super::supervisor::{on_restart, Escalation, RestartPolicy};
+use super::supervisor::{on_restart, Escalation, Restart, RestartPolicy};
 use crate::broker::escape;
+use crate::error::panic_text;
 
 /// How one message's handler ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -244,19 +245,14 @@ impl Handler<Work> for Shard {
 }
 
 fn panic_message(panic: &(dyn Any + Send)) -> String {
-    let text = panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "non-string panic payload".into());
-    format!("handler panicked: {}", escape(&text))
+    format!("handler panicked: {}", escape(&panic_text(panic)))
 }
 
-impl Handler<super::context::Restart> for Shard {
+impl Handler<Restart> for Shard {
     type Result = ();
 
     /// Stops between messages (the mailbox waits); the supervisor restarts it.
-    fn handle(&mut self, _: super::context::Restart, ctx: &mut Self::Context) {
+    fn handle(&mut self, _: Restart, ctx: &mut Self::Context) {
         ctx.stop();
     }
 }

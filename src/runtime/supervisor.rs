@@ -1,5 +1,5 @@
 //! Restart policy: exponential backoff between restarts, and escalation when
-//! an actor restarts too often (DESIGN section 4).
+//! an actor restarts too often.
 //!
 //! actix's `Supervisor` restarts an actor that stops itself, at once and
 //! forever. The runtime adds the backoff (the restarted actor waits it out in
@@ -13,15 +13,50 @@ use tokio::sync::watch;
 
 use crate::config::RuntimeSettings;
 
+/// Exponential backoff between `runtime.restart_backoff_min` and `_max`: each
+/// failure doubles the next delay, a success starts again from the shortest.
+/// Restarting actors, resubscribing intake and the publishing relay all wait
+/// this way.
+#[derive(Debug, Clone)]
+pub(crate) struct Backoff {
+    min: Duration,
+    max: Duration,
+    /// Failures since the last success; sets the next delay.
+    failures: u32,
+}
+
+impl Backoff {
+    pub(crate) fn new(settings: &RuntimeSettings) -> Self {
+        Backoff {
+            min: settings.restart_backoff_min,
+            max: settings.restart_backoff_max,
+            failures: 0,
+        }
+    }
+
+    /// The delay before the next attempt: `min`, doubled per failure since
+    /// the last success, at most `max`.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let delay = self
+            .min
+            .saturating_mul(2u32.saturating_pow(self.failures))
+            .min(self.max);
+        self.failures = self.failures.saturating_add(1);
+        delay
+    }
+
+    /// An attempt succeeded: the next failure waits the shortest delay again.
+    pub(crate) fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
 /// Backoff and restart-rate bookkeeping of one actor.
 #[derive(Debug, Clone)]
 pub(crate) struct RestartPolicy {
-    min: Duration,
-    max: Duration,
+    backoff: Backoff,
     max_restarts: usize,
     window: Duration,
-    /// Restarts since the last success; sets the next backoff.
-    consecutive: u32,
     recent: VecDeque<Instant>,
 }
 
@@ -37,11 +72,9 @@ pub(crate) enum RestartDecision {
 impl RestartPolicy {
     pub(crate) fn new(settings: &RuntimeSettings) -> Self {
         RestartPolicy {
-            min: settings.restart_backoff_min,
-            max: settings.restart_backoff_max,
+            backoff: Backoff::new(settings),
             max_restarts: settings.max_restarts,
             window: settings.restart_window,
-            consecutive: 0,
             recent: VecDeque::new(),
         }
     }
@@ -60,17 +93,12 @@ impl RestartPolicy {
                 restarts: self.recent.len(),
             };
         }
-        let delay = self
-            .min
-            .saturating_mul(2u32.saturating_pow(self.consecutive))
-            .min(self.max);
-        self.consecutive = self.consecutive.saturating_add(1);
-        RestartDecision::Backoff(delay)
+        RestartDecision::Backoff(self.backoff.next_delay())
     }
 
     /// A message succeeded: the next failure starts from the shortest backoff.
     pub(crate) fn on_success(&mut self) {
-        self.consecutive = 0;
+        self.backoff.reset();
     }
 
     pub(crate) fn window(&self) -> Duration {
@@ -107,6 +135,15 @@ pub(crate) fn on_restart(
             policy.window()
         }
     }
+}
+
+/// Asks a supervised actor to restart: it stops, and its supervisor starts it
+/// again (counted, re-initialised, after the usual backoff). Every supervised
+/// actor (shards, the outbox relay) handles it.
+pub(crate) struct Restart;
+
+impl actix::Message for Restart {
+    type Result = ();
 }
 
 /// Why a context stopped by itself.

@@ -12,21 +12,28 @@ use crate::error::StoreError;
 /// An event about to be appended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewEvent {
+    /// A fresh unique id; appending the same id twice is a conflict.
     pub event_id: String,
+    /// The event's name.
     pub name: String,
+    /// The payload's schema version.
     pub schema_version: u32,
     /// JSON.
     pub payload: String,
+    /// Who caused it.
     pub metadata: EventMetadata,
 }
 
 /// Who caused an event, stored beside it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventMetadata {
+    /// The conversation it belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,
+    /// The message that caused it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub causation_id: Option<String>,
+    /// The context that recorded it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub producer: Option<String>,
 }
@@ -35,18 +42,28 @@ pub struct EventMetadata {
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
 #[diesel(table_name = event_store)]
 pub struct RecordedEvent {
+    /// Its place in the global order of the store.
     pub position: i64,
+    /// The stream (one aggregate) it belongs to.
     pub stream_id: String,
+    /// Its place in its stream: 1, 2, 3 ...
     pub stream_version: i64,
+    /// Its unique id.
     pub event_id: String,
+    /// The event's name.
     pub event_name: String,
+    /// The payload's schema version, as written.
     pub schema_version: i32,
+    /// The payload, JSON.
     pub payload: String,
+    /// The [`EventMetadata`], JSON.
     pub metadata: String,
+    /// When it was appended, milliseconds since the Unix epoch.
     pub recorded_at: i64,
 }
 
 impl RecordedEvent {
+    /// Who caused it; empty if the stored JSON cannot be read.
     pub fn metadata(&self) -> EventMetadata {
         serde_json::from_str(&self.metadata).unwrap_or_default()
     }

@@ -12,7 +12,9 @@ use crate::error::StoreError;
 /// A stored response: HTTP status and JSON body.
 #[derive(Debug, Clone, PartialEq, Eq, Queryable)]
 pub struct StoredResponse {
+    /// The HTTP status.
     pub status: i32,
+    /// The JSON body.
     pub body: String,
 }
 
@@ -27,12 +29,14 @@ impl StoredResponse {
 pub struct Keyed {
     /// Method and path, e.g. `POST /events/{id}/bookings`.
     pub scope: String,
+    /// The client's `Idempotency-Key`.
     pub key: String,
     /// Identifies the request body; a repeat with another body is refused.
     pub fingerprint: String,
 }
 
 impl Keyed {
+    /// The request with `key` to `scope`, fingerprinted by its `body`.
     pub fn new(scope: impl Into<String>, key: impl Into<String>, body: &[u8]) -> Self {
         Keyed {
             scope: scope.into(),

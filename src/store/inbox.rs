@@ -8,47 +8,50 @@ use super::now_ms;
 use super::schema::inbox;
 use crate::error::StoreError;
 
-/// Records `dedupe_key` for `consumer`. `false` means it was there already:
-/// a duplicate, whose effects must be skipped. Without a key nothing can be
-/// recognised and the message counts as new (at-least-once).
+/// One consumed message as the inbox knows it: who consumed it and the key
+/// its duplicates share (a handler's `MessageContext::inbox_key` gives it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxKey {
+    /// The consuming context (each context dedupes on its own).
+    pub consumer: String,
+    /// The message id, else the event's identity; `None`: no dedupe possible.
+    pub dedupe_key: Option<String>,
+    /// Recorded beside the key, for operators.
+    pub event_name: String,
+}
+
+/// Records `key` in the inbox. `false` means it was there already: a
+/// duplicate, whose effects must be skipped. Without a dedupe key nothing can
+/// be recognised and the message counts as new (at-least-once).
 ///
 /// # Errors
 /// A database error (the transaction then rolls back).
-pub fn claim(
-    conn: &mut SqliteConnection,
-    consumer: &str,
-    dedupe_key: Option<&str>,
-    event_name: &str,
-) -> Result<bool, StoreError> {
-    let Some(key) = dedupe_key else {
+pub fn claim(conn: &mut SqliteConnection, key: &InboxKey) -> Result<bool, StoreError> {
+    let Some(dedupe_key) = key.dedupe_key.as_deref() else {
         return Ok(true);
     };
     let inserted = diesel::insert_or_ignore_into(inbox::table)
         .values((
-            inbox::consumer.eq(consumer),
-            inbox::dedupe_key.eq(key),
-            inbox::event_name.eq(event_name),
+            inbox::consumer.eq(&key.consumer),
+            inbox::dedupe_key.eq(dedupe_key),
+            inbox::event_name.eq(&key.event_name),
             inbox::received_at.eq(now_ms()),
         ))
         .execute(conn)?;
     Ok(inserted == 1)
 }
 
-/// Whether `consumer` already applied the message with `dedupe_key`.
+/// Whether the message with `key` was applied already.
 ///
 /// # Errors
 /// A database error.
-pub fn seen(
-    conn: &mut SqliteConnection,
-    consumer: &str,
-    dedupe_key: Option<&str>,
-) -> Result<bool, StoreError> {
-    let Some(key) = dedupe_key else {
+pub fn seen(conn: &mut SqliteConnection, key: &InboxKey) -> Result<bool, StoreError> {
+    let Some(dedupe_key) = key.dedupe_key.as_deref() else {
         return Ok(false);
     };
     let found: i64 = inbox::table
-        .filter(inbox::consumer.eq(consumer))
-        .filter(inbox::dedupe_key.eq(key))
+        .filter(inbox::consumer.eq(&key.consumer))
+        .filter(inbox::dedupe_key.eq(dedupe_key))
         .count()
         .get_result(conn)?;
     Ok(found > 0)

@@ -27,7 +27,7 @@ use diesel::sqlite::SqliteConnection;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use tokio::sync::Notify;
 
-use crate::error::StoreError;
+use crate::error::{panic_text, StoreError};
 
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
@@ -181,19 +181,12 @@ impl Db {
     ///
     /// # Errors
     /// As [`Db::write`]; nothing is committed then.
-    pub async fn apply_once<F>(
-        &self,
-        message: &crate::MessageContext,
-        effects: F,
-    ) -> Result<bool, StoreError>
+    pub async fn apply_once<F>(&self, key: inbox::InboxKey, effects: F) -> Result<bool, StoreError>
     where
         F: FnOnce(&mut SqliteConnection) -> Result<(), StoreError> + Send + 'static,
     {
-        let consumer = message.context.to_string();
-        let key = message.dedupe_key.clone();
-        let name = message.meta.name.clone();
         self.write(move |conn| {
-            if !inbox::claim(conn, &consumer, key.as_deref(), &name)? {
+            if !inbox::claim(conn, &key)? {
                 return Ok(false);
             }
             effects(conn)?;
@@ -207,14 +200,6 @@ impl Db {
     pub async fn committed(&self) {
         self.committed.notified().await;
     }
-}
-
-fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "non-string panic payload".into())
 }
 
 /// Milliseconds since the Unix epoch, the time unit of every table.
@@ -264,7 +249,12 @@ mod tests {
     async fn inbox_claims_a_key_once_per_consumer() {
         let t = TempDb::new();
         let claim = |consumer: &'static str, key: Option<&'static str>| {
-            t.db.write(move |c| inbox::claim(c, consumer, key, "noted"))
+            let key = inbox::InboxKey {
+                consumer: consumer.into(),
+                dedupe_key: key.map(Into::into),
+                event_name: "noted".into(),
+            };
+            t.db.write(move |c| inbox::claim(c, &key))
         };
         assert!(claim("booking", Some("m1")).await.unwrap());
         assert!(!claim("booking", Some("m1")).await.unwrap());

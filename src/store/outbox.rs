@@ -13,13 +13,16 @@ use crate::event::{Envelope, Event, Metadata};
 /// Where an outbox row is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutboxStatus {
+    /// Committed, not yet confirmed by the broker.
     Pending,
+    /// Confirmed by the broker; pruned after `outbox.retention`.
     Published,
     /// The broker had no queue bound for it; kept until republished on request.
     Unrouted,
 }
 
 impl OutboxStatus {
+    /// The status as stored.
     pub fn as_str(self) -> &'static str {
         match self {
             OutboxStatus::Pending => "pending",
@@ -33,21 +36,34 @@ impl OutboxStatus {
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = outbox)]
 pub struct OutboxRow {
+    /// Its place in the outbox: rows are published in this order.
     pub position: i64,
+    /// The event's id, the message id on the wire.
     pub event_id: String,
+    /// The event's name, the routing key.
     pub event_name: String,
+    /// The key consumers order by.
     pub partition_key: String,
+    /// The payload's schema version.
     pub schema_version: i32,
+    /// The conversation it belongs to.
     pub correlation_id: Option<String>,
+    /// The message that caused it.
     pub causation_id: Option<String>,
+    /// The context that emitted it.
     pub producer: Option<String>,
+    /// When it happened, milliseconds since the Unix epoch.
     pub occurred_at: i64,
+    /// The event's JSON.
     pub payload: Vec<u8>,
+    /// `pending`, `published` or `unrouted`.
     pub status: String,
+    /// How often publishing it was tried.
     pub attempts: i32,
 }
 
 impl OutboxRow {
+    /// The envelope to publish.
     pub fn envelope(&self) -> Envelope {
         Envelope {
             meta: Metadata {
@@ -133,6 +149,10 @@ pub fn pending(conn: &mut SqliteConnection, limit: i64) -> Result<Vec<OutboxRow>
         .map_err(StoreError::from)
 }
 
+/// Sets the status of the rows at `positions` (and the error, for unrouted rows).
+///
+/// # Errors
+/// A database error.
 pub fn mark(
     conn: &mut SqliteConnection,
     positions: &[i64],

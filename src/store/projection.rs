@@ -99,7 +99,9 @@ pub fn catch_up(
 /// Where a projection stands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ProjectionStatus {
+    /// The projection's name.
     pub name: &'static str,
+    /// The last event-store position it applied.
     pub checkpoint: i64,
     /// The store's last position; `head - checkpoint` events are not applied yet.
     pub head: i64,
@@ -108,8 +110,11 @@ pub struct ProjectionStatus {
 /// What a rebuild did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RebuildReport {
+    /// The projection's name.
     pub name: &'static str,
+    /// Events replayed into it.
     pub replayed: u64,
+    /// How long the rebuild took.
     #[serde(with = "humantime_serde")]
     pub took: Duration,
 }
@@ -122,6 +127,7 @@ pub struct Projections {
 }
 
 impl Projections {
+    /// The same set with `projection` added.
     #[must_use]
     pub fn with(mut self, projection: impl Projection) -> Self {
         self.all.push(Arc::new(projection));

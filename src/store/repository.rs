@@ -13,11 +13,13 @@ use crate::error::StoreError;
 /// An aggregate as loaded.
 #[derive(Debug, Clone)]
 pub struct Loaded<A> {
+    /// The state: the snapshot plus every later event, folded.
     pub state: A,
     /// The stream version the state includes (0: no events yet).
     pub version: i64,
     /// Events read from the store (after the snapshot, if one was used).
     pub events_read: usize,
+    /// Whether a snapshot was the starting point.
     pub from_snapshot: bool,
 }
 
@@ -168,23 +170,32 @@ pub fn record<A: Aggregate>(
 /// A command's result, for the caller's effects in the same transaction.
 #[derive(Debug, Clone)]
 pub struct Executed<A: Aggregate> {
+    /// The aggregate's id.
     pub id: String,
     /// The state after the new events.
     pub state: A,
+    /// The stream version after the new events.
     pub version: i64,
+    /// The events the command decided.
     pub events: Vec<A::Event>,
+    /// The same events as stored (positions, ids).
     pub recorded: Vec<RecordedEvent>,
 }
 
 /// Why a command did not go through.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum CommandError<E: std::error::Error + 'static> {
     /// The aggregate refused it: a final answer (409, 400...).
     #[error("refused: {0}")]
     Rejected(E),
     /// Other writers kept winning the race: retry later (503), never "refused".
     #[error("the stream kept changing: gave up after {attempts} attempts")]
-    Contention { attempts: u32 },
+    Contention {
+        /// Attempts made, the first included.
+        attempts: u32,
+    },
+    /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -192,6 +203,7 @@ pub enum CommandError<E: std::error::Error + 'static> {
 /// How [`execute`] saves.
 #[derive(Debug, Clone, Default)]
 pub struct ExecuteOptions {
+    /// Stored with every event the command appends.
     pub metadata: EventMetadata,
     /// Snapshot every N events per stream (0: never).
     pub snapshot_every: u32,

@@ -61,15 +61,12 @@ async fn open_ledger(
 ) -> Result<(), HandlerError> {
     let (id, name, capacity) = (created.id.clone(), created.name.clone(), created.capacity);
     let options = service.execute_options(Some(message));
-    let (consumer, key) = (message.context.to_string(), message.dedupe_key.clone());
+    let key = message.inbox_key();
     let seen = {
-        let (consumer, key) = (consumer.clone(), key.clone());
-        move |c: &mut diesel::SqliteConnection| {
-            Ok(inbox::seen(c, &consumer, key.as_deref())?.then_some(false))
-        }
+        let key = key.clone();
+        move |c: &mut diesel::SqliteConnection| Ok(inbox::seen(c, &key)?.then_some(false))
     };
     let views = views.clone();
-    let event_name = message.meta.name.clone();
     let applied = repository::execute_unless::<SeatLedger, _, _, _>(
         &service.db,
         &id,
@@ -77,7 +74,7 @@ async fn open_ledger(
         &options,
         seen,
         move |c, _| {
-            inbox::claim(c, &consumer, key.as_deref(), &event_name)?;
+            inbox::claim(c, &key)?;
             views.catch_up(c)?;
             Ok(true)
         },
@@ -115,7 +112,7 @@ async fn record_location(
         producer: message.meta.producer.clone(),
     };
     let applied = db
-        .apply_once(message, move |c| {
+        .apply_once(message.inbox_key(), move |c| {
             let stream = format!("{}-{}", store::LOCATION_STREAM, location.id);
             let version = event_store::stream_version(c, &stream)?;
             let fact = NewEvent {

@@ -58,7 +58,7 @@ async fn count_seats(
     let views = views.clone();
     let stream_of = event_id.clone();
     let applied = db
-        .apply_once(message, move |c| {
+        .apply_once(message.inbox_key(), move |c| {
             repository::record::<model::Event>(c, &stream_of, fact)?;
             views.catch_up(c)
         })
