@@ -214,6 +214,19 @@ mod tests {
     }
 
     #[test]
+    fn backoff_takes_its_bounds_from_the_runtime_settings() {
+        let mut backoff = Backoff::new(&RuntimeSettings {
+            restart_backoff_min: Duration::from_millis(30),
+            restart_backoff_max: Duration::from_millis(100),
+            ..RuntimeSettings::default()
+        });
+        let delays: Vec<_> = (0..4).map(|_| backoff.next_delay().as_millis()).collect();
+        assert_eq!(delays, [30, 60, 100, 100]);
+        backoff.reset();
+        assert_eq!(backoff.next_delay(), Duration::from_millis(30));
+    }
+
+    #[test]
     fn more_than_max_restarts_within_the_window_escalates() {
         let mut p = policy(3);
         let start = Instant::now();
