@@ -27,19 +27,24 @@ pub use topic::topic_matches;
 /// A transport-neutral broker message.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Message {
+    /// The topic it is published with; for events, the event name.
     pub routing_key: String,
+    /// A unique id (AMQP `message_id`); consumers use it to drop duplicates.
     pub message_id: Option<String>,
     /// Seconds since the Unix epoch.
     pub timestamp: Option<u64>,
+    /// The body's MIME type, e.g. `application/json`.
     pub content_type: Option<String>,
     /// Header values as text; non-text AMQP values are rendered or left out.
     pub headers: BTreeMap<String, String>,
+    /// The payload, passed through byte for byte.
     pub body: Vec<u8>,
     /// Survives a broker restart (AMQP `delivery_mode = 2`).
     pub persistent: bool,
 }
 
 impl Message {
+    /// A transient message with no id, timestamp, content type or headers.
     pub fn new(routing_key: String, body: Vec<u8>) -> Self {
         Message {
             routing_key,
@@ -52,6 +57,7 @@ impl Message {
         }
     }
 
+    /// The value of header `name`, if present.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).map(String::as_str)
     }
@@ -79,12 +85,20 @@ pub enum Settlement {
     /// Deliver it again after `delay` through the group's retry queue for that
     /// delay; `attempts` deliveries have failed so far. The original is removed.
     Retry {
+        /// How long it waits; one of the group's retry delays.
         delay: Duration,
+        /// Failed deliveries so far, this one included.
         attempts: u32,
+        /// Why the last attempt failed, kept in a header.
         reason: String,
     },
     /// Move it to the group's dead-letter queue with the reason, then remove it.
-    DeadLetter { reason: String, attempts: u32 },
+    DeadLetter {
+        /// Why it is given up on, kept in a header.
+        reason: String,
+        /// Failed deliveries, this one included.
+        attempts: u32,
+    },
 }
 
 /// The transport's side of one delivery's settlement.
@@ -99,6 +113,7 @@ pub trait Acknowledger: Send + 'static {
 
 /// A message handed to a subscriber, to be settled exactly once.
 pub struct Delivery {
+    /// What was delivered.
     pub message: Message,
     /// The broker delivered it before and it was not settled then.
     pub redelivered: bool,
@@ -106,6 +121,7 @@ pub struct Delivery {
 }
 
 impl Delivery {
+    /// A delivery that `acker` settles; transports build these, handlers do not.
     pub fn new(message: Message, redelivered: bool, acker: Box<dyn Acknowledger>) -> Self {
         Delivery {
             message,
@@ -114,20 +130,34 @@ impl Delivery {
         }
     }
 
+    /// Settles the delivery as `settlement` says.
+    ///
     /// # Errors
     /// The broker connection or channel failed; the broker then redelivers.
     pub async fn settle(self, settlement: Settlement) -> Result<(), BrokerError> {
         self.acker.settle(self.message, settlement).await
     }
 
+    /// Settles with [`Settlement::Ack`].
+    ///
+    /// # Errors
+    /// As [`Delivery::settle`].
     pub async fn ack(self) -> Result<(), BrokerError> {
         self.settle(Settlement::Ack).await
     }
 
+    /// Settles with [`Settlement::Requeue`].
+    ///
+    /// # Errors
+    /// As [`Delivery::settle`].
     pub async fn requeue(self) -> Result<(), BrokerError> {
         self.settle(Settlement::Requeue).await
     }
 
+    /// Settles with [`Settlement::DeadLetter`] after a single attempt.
+    ///
+    /// # Errors
+    /// As [`Delivery::settle`].
     pub async fn dead_letter(self, reason: impl Into<String>) -> Result<(), BrokerError> {
         self.settle(Settlement::DeadLetter {
             reason: reason.into(),
@@ -186,7 +216,9 @@ pub trait SubscriptionControl: Send + Sync {
 
 /// One consumer in a subscriber group.
 pub struct Subscription {
+    /// The deliveries, in the order the broker hands them over.
     pub deliveries: DeliveryStream,
+    /// Cancels or closes the subscription from outside the stream.
     pub control: Box<dyn SubscriptionControl>,
 }
 
