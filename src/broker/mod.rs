@@ -6,6 +6,7 @@
 //! competing consumers inside a group, redelivery of unsettled messages.
 
 mod amqp;
+mod failure;
 pub mod headers;
 mod memory;
 mod topic;
@@ -21,6 +22,7 @@ use futures_util::stream::BoxStream;
 use crate::error::BrokerError;
 
 pub use amqp::{AmqpBroker, AmqpOptions};
+pub(crate) use failure::{dead_letter_message, redriven, retry_message};
 pub use memory::MemoryBroker;
 pub use topic::topic_matches;
 
@@ -247,55 +249,10 @@ pub trait DeadLetters: Send + Sync + 'static {
     fn purge(&self, queue: &str) -> BoxFuture<'_, Result<usize, BrokerError>>;
 }
 
-/// The message a redrive puts back: the failure headers cleared (it gets a full
-/// set of attempts); the original routing key and first failure stay in headers
-/// (through the default exchange the routing key is the queue's name).
-pub(crate) fn redriven(mut message: Message) -> Message {
-    use headers;
-    for name in [headers::ERROR, headers::ATTEMPTS, headers::LAST_ERROR] {
-        message.headers.remove(name);
-    }
-    message
-}
-
 /// Consumes messages from a group's queue.
 pub trait Subscriber: Send + Sync + 'static {
     /// Declares the group's queue and bindings (and its dead-letter queue), then consumes.
     fn subscribe(&self, spec: SubscribeSpec) -> BoxFuture<'_, Result<Subscription, BrokerError>>;
-}
-
-/// The message as it goes to a dead-letter queue: the original with the reason,
-/// the attempts, where it first came from and when it first failed, in
-/// `x-herald-*` headers.
-pub(crate) fn dead_letter_message(message: Message, reason: String, attempts: u32) -> Message {
-    let mut message = failed_message(message, reason, attempts);
-    message.headers.remove(headers::LAST_ERROR);
-    message
-}
-
-/// The message as it goes to a retry queue: attempts so far, the last error,
-/// the first failure and the original routing key kept for its dead letter.
-pub(crate) fn retry_message(message: Message, reason: String, attempts: u32) -> Message {
-    let mut message = failed_message(message, reason, attempts);
-    let h = &mut message.headers;
-    if let Some(error) = h.remove(headers::ERROR) {
-        h.insert(headers::LAST_ERROR.into(), error);
-    }
-    message
-}
-
-fn failed_message(mut message: Message, reason: String, attempts: u32) -> Message {
-    use headers;
-    let h = &mut message.headers;
-    h.insert(headers::ERROR.into(), reason);
-    h.insert(headers::ATTEMPTS.into(), attempts.to_string());
-    // After a retry round trip the routing key is the queue's: keep the first.
-    h.entry(headers::ORIGINAL_ROUTING_KEY.into())
-        .or_insert_with(|| message.routing_key.clone());
-    h.entry(headers::FIRST_FAILURE.into())
-        .or_insert_with(|| chrono::Utc::now().to_rfc3339());
-    message.persistent = true;
-    message
 }
 
 /// Escapes control characters (CR, LF, ...) so untrusted text never breaks a log line.
