@@ -3,14 +3,21 @@
 
 /// The event name; the book's Go services route on it.
 pub const EVENT_NAME: &str = "x-event-name";
+/// The version of the event's body schema, a positive integer (1 when absent).
 pub const SCHEMA_VERSION: &str = "x-schema-version";
+/// The id shared by every message of one conversation or request.
 pub const CORRELATION_ID: &str = "x-correlation-id";
+/// The id of the message that caused this one.
 pub const CAUSATION_ID: &str = "x-causation-id";
+/// The context that emitted the event.
 pub const PRODUCER: &str = "x-producer";
 /// Why a message was dead-lettered.
 pub const ERROR: &str = "x-herald-error";
+/// How many deliveries of the message have failed so far.
 pub const ATTEMPTS: &str = "x-herald-attempts";
+/// The routing key a failed message was first published with (retry and dead-letter queues replace it).
 pub const ORIGINAL_ROUTING_KEY: &str = "x-herald-original-routing-key";
+/// When the message first failed (RFC 3339, UTC).
 pub const FIRST_FAILURE: &str = "x-herald-first-failure";
 /// The error of the last failed attempt, on a message waiting to be retried.
 pub const LAST_ERROR: &str = "x-herald-last-error";

@@ -52,6 +52,7 @@ struct Consumer {
 }
 
 impl MemoryBroker {
+    /// An empty broker: no queues, no bindings.
     pub fn new() -> Self {
         Self::default()
     }

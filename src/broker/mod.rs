@@ -6,6 +6,7 @@
 //! competing consumers inside a group, redelivery of unsettled messages.
 
 mod amqp;
+mod failure;
 pub mod headers;
 mod memory;
 mod topic;
@@ -21,25 +22,31 @@ use futures_util::stream::BoxStream;
 use crate::error::BrokerError;
 
 pub use amqp::{AmqpBroker, AmqpOptions};
+pub(crate) use failure::{dead_letter_message, redriven, retry_message};
 pub use memory::MemoryBroker;
 pub use topic::topic_matches;
 
 /// A transport-neutral broker message.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Message {
+    /// The topic it is published with; for events, the event name.
     pub routing_key: String,
+    /// A unique id (AMQP `message_id`); consumers use it to drop duplicates.
     pub message_id: Option<String>,
     /// Seconds since the Unix epoch.
     pub timestamp: Option<u64>,
+    /// The body's MIME type, e.g. `application/json`.
     pub content_type: Option<String>,
     /// Header values as text; non-text AMQP values are rendered or left out.
     pub headers: BTreeMap<String, String>,
+    /// The payload, passed through byte for byte.
     pub body: Vec<u8>,
     /// Survives a broker restart (AMQP `delivery_mode = 2`).
     pub persistent: bool,
 }
 
 impl Message {
+    /// A transient message with no id, timestamp, content type or headers.
     pub fn new(routing_key: String, body: Vec<u8>) -> Self {
         Message {
             routing_key,
@@ -52,6 +59,7 @@ impl Message {
         }
     }
 
+    /// The value of header `name`, if present.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).map(String::as_str)
     }
@@ -79,12 +87,20 @@ pub enum Settlement {
     /// Deliver it again after `delay` through the group's retry queue for that
     /// delay; `attempts` deliveries have failed so far. The original is removed.
     Retry {
+        /// How long it waits; one of the group's retry delays.
         delay: Duration,
+        /// Failed deliveries so far, this one included.
         attempts: u32,
+        /// Why the last attempt failed, kept in a header.
         reason: String,
     },
     /// Move it to the group's dead-letter queue with the reason, then remove it.
-    DeadLetter { reason: String, attempts: u32 },
+    DeadLetter {
+        /// Why it is given up on, kept in a header.
+        reason: String,
+        /// Failed deliveries, this one included.
+        attempts: u32,
+    },
 }
 
 /// The transport's side of one delivery's settlement.
@@ -99,6 +115,7 @@ pub trait Acknowledger: Send + 'static {
 
 /// A message handed to a subscriber, to be settled exactly once.
 pub struct Delivery {
+    /// What was delivered.
     pub message: Message,
     /// The broker delivered it before and it was not settled then.
     pub redelivered: bool,
@@ -106,6 +123,7 @@ pub struct Delivery {
 }
 
 impl Delivery {
+    /// A delivery that `acker` settles; transports build these, handlers do not.
     pub fn new(message: Message, redelivered: bool, acker: Box<dyn Acknowledger>) -> Self {
         Delivery {
             message,
@@ -114,20 +132,34 @@ impl Delivery {
         }
     }
 
+    /// Settles the delivery as `settlement` says.
+    ///
     /// # Errors
     /// The broker connection or channel failed; the broker then redelivers.
     pub async fn settle(self, settlement: Settlement) -> Result<(), BrokerError> {
         self.acker.settle(self.message, settlement).await
     }
 
+    /// Settles with [`Settlement::Ack`].
+    ///
+    /// # Errors
+    /// As [`Delivery::settle`].
     pub async fn ack(self) -> Result<(), BrokerError> {
         self.settle(Settlement::Ack).await
     }
 
+    /// Settles with [`Settlement::Requeue`].
+    ///
+    /// # Errors
+    /// As [`Delivery::settle`].
     pub async fn requeue(self) -> Result<(), BrokerError> {
         self.settle(Settlement::Requeue).await
     }
 
+    /// Settles with [`Settlement::DeadLetter`] after a single attempt.
+    ///
+    /// # Errors
+    /// As [`Delivery::settle`].
     pub async fn dead_letter(self, reason: impl Into<String>) -> Result<(), BrokerError> {
         self.settle(Settlement::DeadLetter {
             reason: reason.into(),
@@ -186,7 +218,9 @@ pub trait SubscriptionControl: Send + Sync {
 
 /// One consumer in a subscriber group.
 pub struct Subscription {
+    /// The deliveries, in the order the broker hands them over.
     pub deliveries: DeliveryStream,
+    /// Cancels or closes the subscription from outside the stream.
     pub control: Box<dyn SubscriptionControl>,
 }
 
@@ -215,55 +249,10 @@ pub trait DeadLetters: Send + Sync + 'static {
     fn purge(&self, queue: &str) -> BoxFuture<'_, Result<usize, BrokerError>>;
 }
 
-/// The message a redrive puts back: the failure headers cleared (it gets a full
-/// set of attempts); the original routing key and first failure stay in headers
-/// (through the default exchange the routing key is the queue's name).
-pub(crate) fn redriven(mut message: Message) -> Message {
-    use headers;
-    for name in [headers::ERROR, headers::ATTEMPTS, headers::LAST_ERROR] {
-        message.headers.remove(name);
-    }
-    message
-}
-
 /// Consumes messages from a group's queue.
 pub trait Subscriber: Send + Sync + 'static {
     /// Declares the group's queue and bindings (and its dead-letter queue), then consumes.
     fn subscribe(&self, spec: SubscribeSpec) -> BoxFuture<'_, Result<Subscription, BrokerError>>;
-}
-
-/// The message as it goes to a dead-letter queue: the original with the reason,
-/// the attempts, where it first came from and when it first failed, in
-/// `x-herald-*` headers.
-pub(crate) fn dead_letter_message(message: Message, reason: String, attempts: u32) -> Message {
-    let mut message = failed_message(message, reason, attempts);
-    message.headers.remove(headers::LAST_ERROR);
-    message
-}
-
-/// The message as it goes to a retry queue: attempts so far, the last error,
-/// the first failure and the original routing key kept for its dead letter.
-pub(crate) fn retry_message(message: Message, reason: String, attempts: u32) -> Message {
-    let mut message = failed_message(message, reason, attempts);
-    let h = &mut message.headers;
-    if let Some(error) = h.remove(headers::ERROR) {
-        h.insert(headers::LAST_ERROR.into(), error);
-    }
-    message
-}
-
-fn failed_message(mut message: Message, reason: String, attempts: u32) -> Message {
-    use headers;
-    let h = &mut message.headers;
-    h.insert(headers::ERROR.into(), reason);
-    h.insert(headers::ATTEMPTS.into(), attempts.to_string());
-    // After a retry round trip the routing key is the queue's: keep the first.
-    h.entry(headers::ORIGINAL_ROUTING_KEY.into())
-        .or_insert_with(|| message.routing_key.clone());
-    h.entry(headers::FIRST_FAILURE.into())
-        .or_insert_with(|| chrono::Utc::now().to_rfc3339());
-    message.persistent = true;
-    message
 }
 
 /// Escapes control characters (CR, LF, ...) so untrusted text never breaks a log line.

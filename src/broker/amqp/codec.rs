@@ -1,0 +1,328 @@
+//! herald's transport-neutral [`Message`] to and from lapin's
+//! [`BasicProperties`] and header [`FieldTable`].
+//!
+//! A [`Message`] holds headers as text, so this is the one place that decides
+//! what other AMQP values become: numbers and booleans are rendered as text,
+//! byte strings are read as UTF-8 (invalid bytes replaced, never dropped), and
+//! values with no single textual form (floats, decimals, arrays, tables, void)
+//! are left out. Text is passed through verbatim, CR/LF included: escaping is
+//! for log lines, not for the data. Pure functions, so it is tested without a
+//! broker.
+
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::BasicProperties;
+
+use crate::broker::Message;
+
+/// AMQP `delivery_mode` of a message the broker keeps on disk.
+const PERSISTENT: u8 = 2;
+
+/// The properties `message` is published with; headers go out as long strings.
+pub(super) fn properties(message: &Message) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    for (name, value) in &message.headers {
+        headers.insert(
+            ShortString::from(name.as_str()),
+            AMQPValue::LongString(LongString::from(value.as_bytes())),
+        );
+    }
+    let mut properties = BasicProperties::default().with_headers(headers);
+    if message.persistent {
+        properties = properties.with_delivery_mode(PERSISTENT);
+    }
+    if let Some(content_type) = &message.content_type {
+        properties = properties.with_content_type(content_type.as_str().into());
+    }
+    if let Some(id) = &message.message_id {
+        properties = properties.with_message_id(id.as_str().into());
+    }
+    if let Some(timestamp) = message.timestamp {
+        properties = properties.with_timestamp(timestamp);
+    }
+    properties
+}
+
+/// The message a delivery carries; its routing key is the delivery's.
+pub(super) fn message_from(delivery: &lapin::message::Delivery) -> Message {
+    let p = &delivery.properties;
+    let mut message = Message::new(delivery.routing_key.to_string(), delivery.data.clone());
+    message.message_id = p.message_id().as_ref().map(|id| id.to_string());
+    message.timestamp = *p.timestamp();
+    message.content_type = p.content_type().as_ref().map(|ct| ct.to_string());
+    message.persistent = *p.delivery_mode() == Some(PERSISTENT);
+    if let Some(table) = p.headers() {
+        for (name, value) in table.inner() {
+            if let Some(text) = header_text(value) {
+                message.headers.insert(name.to_string(), text);
+            }
+        }
+    }
+    message
+}
+
+/// Text for a header value; structured values (arrays, tables) are left out.
+fn header_text(value: &AMQPValue) -> Option<String> {
+    Some(match value {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.to_string(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::ShortShortInt(n) => n.to_string(),
+        AMQPValue::ShortShortUInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::Timestamp(n) => n.to_string(),
+        AMQPValue::ByteArray(bytes) => String::from_utf8_lossy(bytes.as_slice()).into_owned(),
+        AMQPValue::Float(_)
+        | AMQPValue::Double(_)
+        | AMQPValue::DecimalValue(_)
+        | AMQPValue::FieldArray(_)
+        | AMQPValue::FieldTable(_)
+        | AMQPValue::Void => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use lapin::message::Delivery;
+    use lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString};
+    use lapin::BasicProperties;
+
+    use super::{message_from, properties};
+    use crate::broker::Message;
+
+    /// A delivery as the broker would hand it over, without a channel.
+    fn delivery(routing_key: &str, body: &[u8], properties: BasicProperties) -> Delivery {
+        let mut delivery =
+            Delivery::mock(1, "events".into(), routing_key.into(), false, body.to_vec());
+        delivery.properties = properties;
+        delivery
+    }
+
+    fn round_trip(message: &Message) -> Message {
+        message_from(&delivery(
+            &message.routing_key,
+            &message.body,
+            properties(message),
+        ))
+    }
+
+    /// The headers a delivery with exactly one header `name = value` decodes to.
+    fn decoded_headers(value: AMQPValue) -> BTreeMap<String, String> {
+        let mut table = FieldTable::default();
+        table.insert("h".into(), value);
+        message_from(&delivery(
+            "k",
+            b"",
+            BasicProperties::default().with_headers(table),
+        ))
+        .headers
+    }
+
+    fn full_message() -> Message {
+        let mut message = Message::new("eventCreated".into(), br#"{"id":1}"#.to_vec());
+        message.message_id = Some("0b7f9a52-4a3c-4d1e-9d0b-6f1f0c2b9e11".into());
+        message.timestamp = Some(1_700_000_000);
+        message.content_type = Some("application/json".into());
+        message.persistent = true;
+        message
+            .headers
+            .insert("x-event-name".into(), "eventCreated".into());
+        message
+            .headers
+            .insert("x-schema-version".into(), "2".into());
+        message
+    }
+
+    #[test]
+    fn every_message_field_survives_a_round_trip() {
+        let message = full_message();
+        assert_eq!(round_trip(&message), message);
+    }
+
+    #[test]
+    fn a_bare_message_survives_a_round_trip() {
+        let message = Message::new("locationCreated".into(), Vec::new());
+        assert_eq!(round_trip(&message), message);
+    }
+
+    #[test]
+    fn fields_map_onto_their_amqp_properties() {
+        let props = properties(&full_message());
+        assert_eq!(
+            props.message_id().as_ref().map(|id| id.as_str()),
+            Some("0b7f9a52-4a3c-4d1e-9d0b-6f1f0c2b9e11")
+        );
+        assert_eq!(*props.timestamp(), Some(1_700_000_000));
+        assert_eq!(
+            props.content_type().as_ref().map(|ct| ct.as_str()),
+            Some("application/json")
+        );
+        assert_eq!(*props.delivery_mode(), Some(2));
+    }
+
+    #[test]
+    fn headers_are_published_as_long_strings() {
+        let props = properties(&full_message());
+        let table = props.headers().as_ref().expect("a header table");
+        assert_eq!(
+            table.inner().get("x-schema-version"),
+            Some(&AMQPValue::LongString(LongString::from("2")))
+        );
+        assert_eq!(table.inner().len(), 2);
+    }
+
+    #[test]
+    fn persistent_messages_get_delivery_mode_two() {
+        let mut message = Message::new("k".into(), Vec::new());
+        assert_eq!(*properties(&message).delivery_mode(), None);
+        message.persistent = true;
+        assert_eq!(*properties(&message).delivery_mode(), Some(2));
+    }
+
+    #[test]
+    fn only_delivery_mode_two_reads_as_persistent() {
+        for (mode, persistent) in [(1, false), (2, true), (3, false)] {
+            let props = BasicProperties::default().with_delivery_mode(mode);
+            assert_eq!(
+                message_from(&delivery("k", b"", props)).persistent,
+                persistent,
+                "delivery_mode {mode}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_properties_leave_the_fields_empty() {
+        let message = message_from(&delivery("k", b"body", BasicProperties::default()));
+        assert_eq!(message.message_id, None);
+        assert_eq!(message.timestamp, None);
+        assert_eq!(message.content_type, None);
+        assert!(message.headers.is_empty());
+        assert!(!message.persistent);
+        assert_eq!(message.body, b"body");
+    }
+
+    #[test]
+    fn the_routing_key_and_body_come_from_the_delivery() {
+        let body = [0xff, 0x00, 0xfe, b'\n'];
+        let message = message_from(&delivery("a.b.c", &body, BasicProperties::default()));
+        assert_eq!(message.routing_key, "a.b.c");
+        assert_eq!(message.body, body);
+    }
+
+    #[test]
+    fn non_text_header_values_are_rendered_as_text() {
+        let cases = [
+            (AMQPValue::Boolean(true), "true"),
+            (AMQPValue::Boolean(false), "false"),
+            (AMQPValue::ShortShortInt(-8), "-8"),
+            (AMQPValue::ShortShortUInt(255), "255"),
+            (AMQPValue::ShortInt(-300), "-300"),
+            (AMQPValue::ShortUInt(65_535), "65535"),
+            (AMQPValue::LongInt(-70_000), "-70000"),
+            (AMQPValue::LongUInt(4_000_000_000), "4000000000"),
+            (AMQPValue::LongLongInt(i64::MIN), "-9223372036854775808"),
+            (AMQPValue::Timestamp(1_700_000_000), "1700000000"),
+            (AMQPValue::ShortString("short".into()), "short"),
+        ];
+        for (value, text) in cases {
+            let shown = format!("{value:?}");
+            assert_eq!(
+                decoded_headers(value).get("h").map(String::as_str),
+                Some(text),
+                "{shown}"
+            );
+        }
+    }
+
+    #[test]
+    fn byte_array_header_values_are_read_as_utf8() {
+        let headers = decoded_headers(AMQPValue::ByteArray(ByteArray::from(
+            "Grüße".as_bytes().to_vec(),
+        )));
+        assert_eq!(headers.get("h").map(String::as_str), Some("Grüße"));
+    }
+
+    #[test]
+    fn structured_and_fractional_header_values_are_left_out() {
+        let mut nested = FieldTable::default();
+        nested.insert("inner".into(), AMQPValue::LongString("x".into()));
+        let cases = [
+            AMQPValue::Float(1.5),
+            AMQPValue::Double(2.5),
+            AMQPValue::DecimalValue(DecimalValue {
+                scale: 2,
+                value: 150,
+            }),
+            AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::LongInt(1)])),
+            AMQPValue::FieldTable(nested),
+            AMQPValue::Void,
+        ];
+        for value in cases {
+            let shown = format!("{value:?}");
+            assert!(decoded_headers(value).is_empty(), "{shown}");
+        }
+    }
+
+    #[test]
+    fn left_out_header_values_do_not_hide_the_others() {
+        let mut table = FieldTable::default();
+        table.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(FieldArray::default()),
+        );
+        table.insert(
+            "x-event-name".into(),
+            AMQPValue::LongString("eventBooked".into()),
+        );
+        let message = message_from(&delivery(
+            "k",
+            b"",
+            BasicProperties::default().with_headers(table),
+        ));
+        assert_eq!(message.headers.len(), 1);
+        assert_eq!(message.header("x-event-name"), Some("eventBooked"));
+    }
+
+    #[test]
+    fn non_utf8_header_bytes_are_replaced_not_dropped() {
+        for value in [
+            AMQPValue::LongString(LongString::from(&b"caf\xe9"[..])),
+            AMQPValue::ByteArray(ByteArray::from(&b"caf\xe9"[..])),
+        ] {
+            let shown = format!("{value:?}");
+            assert_eq!(
+                decoded_headers(value).get("h").map(String::as_str),
+                Some("caf\u{fffd}"),
+                "{shown}"
+            );
+        }
+    }
+
+    #[test]
+    fn line_breaks_in_headers_pass_through_verbatim() {
+        let mut message = Message::new("k".into(), Vec::new());
+        message
+            .headers
+            .insert("x-herald-error".into(), "line one\r\nline two".into());
+        message.headers.insert("x-a\r\nb".into(), "\n".into());
+        let decoded = round_trip(&message);
+        assert_eq!(
+            decoded.header("x-herald-error"),
+            Some("line one\r\nline two")
+        );
+        assert_eq!(decoded.header("x-a\r\nb"), Some("\n"));
+    }
+
+    #[test]
+    fn an_empty_header_value_is_kept() {
+        let mut message = Message::new("k".into(), Vec::new());
+        message.headers.insert("x-producer".into(), String::new());
+        assert_eq!(round_trip(&message).header("x-producer"), Some(""));
+    }
+}

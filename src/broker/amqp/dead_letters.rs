@@ -1,0 +1,86 @@
+//! A group's dead-letter queue as an operator sees it: listing, redriving
+//! and purging. Each operation works on a channel of its own, so letters it
+//! holds unacked go back to the queue, in order, when that channel closes.
+
+use futures_util::future::{BoxFuture, FutureExt};
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions};
+
+use super::codec::message_from;
+use super::connection::AmqpBroker;
+use crate::broker::{dead_letter_queue, redriven, DeadLetters, Message};
+use crate::error::BrokerError;
+
+impl DeadLetters for AmqpBroker {
+    fn list(&self, queue: &str, limit: usize) -> BoxFuture<'_, Result<Vec<Message>, BrokerError>> {
+        let dlq = dead_letter_queue(queue);
+        async move {
+            let channel = self.link().await?.connection.create_channel().await?;
+            let mut letters = Vec::new();
+            // Held unacked, then all requeued together: nothing is lost and the
+            // broker puts them back in their order.
+            while letters.len() < limit {
+                let got = channel
+                    .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: false })
+                    .await?;
+                match got {
+                    Some(letter) => letters.push(message_from(&letter.delivery)),
+                    None => break,
+                }
+            }
+            channel.close(200, "listed".into()).await?;
+            Ok(letters)
+        }
+        .boxed()
+    }
+
+    fn redrive<'a>(
+        &'a self,
+        queue: &'a str,
+        message_id: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<usize, BrokerError>> {
+        async move {
+            let dlq = dead_letter_queue(queue);
+            // Only the letters there now: one that fails again comes back at the
+            // tail and must not be redriven in a loop.
+            let present = self.queue_depth(&dlq).await?;
+            let channel = self.link().await?.connection.create_channel().await?;
+            let mut moved = 0;
+            for _ in 0..present {
+                let Some(letter) = channel
+                    .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: false })
+                    .await?
+                else {
+                    break;
+                };
+                let message = message_from(&letter.delivery);
+                if message_id.is_some() && message.message_id.as_deref() != message_id {
+                    continue; // stays unacked: requeued when the channel closes
+                }
+                // Into the queue first, then off the dead-letter queue.
+                self.send_to_queue(queue, &redriven(message)).await?;
+                letter
+                    .delivery
+                    .acker
+                    .ack(BasicAckOptions::default())
+                    .await?;
+                moved += 1;
+            }
+            channel.close(200, "redriven".into()).await?;
+            Ok(moved)
+        }
+        .boxed()
+    }
+
+    fn purge(&self, queue: &str) -> BoxFuture<'_, Result<usize, BrokerError>> {
+        let dlq = dead_letter_queue(queue);
+        async move {
+            let channel = self.link().await?.connection.create_channel().await?;
+            let purged = channel
+                .queue_purge(dlq.as_str().into(), QueuePurgeOptions::default())
+                .await?;
+            channel.close(200, "purged".into()).await?;
+            Ok(purged as usize)
+        }
+        .boxed()
+    }
+}

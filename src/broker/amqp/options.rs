@@ -1,0 +1,38 @@
+//! How to reach RabbitMQ: the settings a connection is opened with, kept apart
+//! from the connection so configuration code never needs lapin.
+
+/// How to reach RabbitMQ and which exchange carries the events.
+#[derive(Debug, Clone)]
+pub struct AmqpOptions {
+    /// `amqp://user:pass@host:port/vhost`; never logged unredacted.
+    pub url: String,
+    /// The topic exchange events are published to (the book's `events`).
+    pub exchange: String,
+    /// Heartbeat interval in seconds (0 disables heartbeats).
+    pub heartbeat_secs: u16,
+    /// Shown in the broker's connection list.
+    pub connection_name: String,
+}
+
+impl AmqpOptions {
+    /// The options a context's settings describe; the connection is named after it.
+    pub fn from_settings(settings: &crate::Settings) -> Self {
+        AmqpOptions {
+            url: settings.broker.url.clone(),
+            exchange: settings.broker.exchange.clone(),
+            heartbeat_secs: u16::try_from(settings.broker.heartbeat.as_secs()).unwrap_or(u16::MAX),
+            connection_name: format!("herald:{}", settings.context.name),
+        }
+    }
+
+    /// Options for `url` with the defaults: exchange `events`, 30 s heartbeats,
+    /// connection name `herald`.
+    pub fn new(url: impl Into<String>) -> Self {
+        AmqpOptions {
+            url: url.into(),
+            exchange: "events".into(),
+            heartbeat_secs: 30,
+            connection_name: "herald".into(),
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! Subscribing a group: a channel of its own with the group's prefetch, the
+//! topology declared, then a consumer whose deliveries become herald
+//! [`Delivery`]s settled through [`AmqpAcker`]. Each subscription owns its
+//! channel, so closing it requeues exactly that consumer's unsettled deliveries.
+
+use futures_util::future::{BoxFuture, FutureExt};
+use futures_util::stream::StreamExt;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::Channel;
+
+use super::codec::message_from;
+use super::connection::AmqpBroker;
+use super::settle::AmqpAcker;
+use super::topology::{declare_exchange, declare_queue, declare_retry_queue};
+use crate::broker::{
+    dead_letter_queue, Delivery, SubscribeSpec, Subscriber, Subscription, SubscriptionControl,
+};
+use crate::error::BrokerError;
+
+impl Subscriber for AmqpBroker {
+    fn subscribe(&self, spec: SubscribeSpec) -> BoxFuture<'_, Result<Subscription, BrokerError>> {
+        async move {
+            let inner = self.link().await?;
+            let channel = inner.connection.create_channel().await?;
+            channel
+                .basic_qos(spec.prefetch.max(1), BasicQosOptions::default())
+                .await?;
+            declare_exchange(&channel, &inner.exchange).await?;
+            declare_queue(&channel, &spec.queue).await?;
+            declare_queue(&channel, &dead_letter_queue(&spec.queue)).await?;
+            for delay in &spec.retry_delays {
+                declare_retry_queue(&channel, &spec.queue, *delay).await?;
+            }
+            inner.sync_bindings(&channel, &spec).await?;
+            let consumer = channel
+                .basic_consume(
+                    spec.queue.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            let tag = consumer.tag();
+            log::info!(
+                target: "herald::broker",
+                "consuming queue={} bindings={:?} prefetch={} consumer_tag={}",
+                spec.queue,
+                spec.bindings,
+                spec.prefetch,
+                tag
+            );
+            let broker = self.clone();
+            let queue = spec.queue.clone();
+            let deliveries = consumer
+                .map(move |delivery| {
+                    let delivery = delivery?;
+                    let message = message_from(&delivery);
+                    let acker = AmqpAcker {
+                        acker: delivery.acker,
+                        broker: broker.clone(),
+                        queue: queue.clone(),
+                    };
+                    Ok(Delivery::new(
+                        message,
+                        delivery.redelivered,
+                        Box::new(acker),
+                    ))
+                })
+                .boxed();
+            Ok(Subscription {
+                deliveries,
+                control: Box::new(AmqpControl { channel, tag }),
+            })
+        }
+        .boxed()
+    }
+}
+
+/// Cancels or closes one subscription's consumer on its own channel.
+struct AmqpControl {
+    channel: Channel,
+    tag: ShortString,
+}
+
+impl SubscriptionControl for AmqpControl {
+    fn cancel(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
+        async move {
+            if self.channel.status().connected() {
+                self.channel
+                    .basic_cancel(self.tag.clone(), BasicCancelOptions::default())
+                    .await?;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
+        async move {
+            if self.channel.status().connected() {
+                self.channel.close(200, "closing".into()).await?;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+}
