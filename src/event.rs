@@ -10,11 +10,8 @@ use std::borrow::Cow;
 use chrono::{DateTime, TimeZone, Utc};
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::broker::{headers, Message};
+use crate::broker::{headers, Message, CONTENT_TYPE_JSON};
 use crate::error::CodecError;
-
-/// The content type of every body herald writes.
-pub const CONTENT_TYPE_JSON: &str = "application/json";
 
 /// A domain event with a stable name on the wire.
 ///

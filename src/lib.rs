@@ -61,7 +61,7 @@ mod runtime;
 pub use broker::{escape, AmqpBroker, AmqpOptions, MemoryBroker};
 pub use config::Settings;
 pub use error::{BrokerError, CodecError, ConfigError, Error, HandlerError, Result, StoreError};
-pub use event::{Envelope, Event, Metadata, CONTENT_TYPE_JSON};
+pub use event::{Envelope, Event, Metadata};
 pub use runtime::{
     signal as shutdown_signal, ActorSnapshot, ActorState, Context, ContextBuilder, ContextHandle,
     MessageContext, Metrics,

@@ -26,6 +26,9 @@ pub(crate) use failure::{dead_letter_message, redriven, retry_message};
 pub use memory::MemoryBroker;
 pub use topic::topic_matches;
 
+/// The content type of every body herald writes.
+pub(crate) const CONTENT_TYPE_JSON: &str = "application/json";
+
 /// A transport-neutral broker message.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Message {

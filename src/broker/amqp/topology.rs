@@ -142,7 +142,7 @@ impl Inner {
             serde_json::to_vec(&spec.bindings).unwrap_or_default(),
         );
         current.persistent = true;
-        current.content_type = Some(crate::event::CONTENT_TYPE_JSON.into());
+        current.content_type = Some(crate::broker::CONTENT_TYPE_JSON.into());
         self.publish("", &record, &current).await
     }
 }
