@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use lapin::options::{
-    BasicGetOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicGetOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
@@ -105,9 +105,14 @@ impl Inner {
                 arguments,
             )
             .await?;
-        let previous: Vec<String> = channel
-            .basic_get(record.as_str().into(), BasicGetOptions { no_ack: true })
-            .await?
+        // Held unacked until the new record is published: a failure (or a
+        // crash) before that puts the old record back, so stale bindings are
+        // still known at the next start.
+        let last = channel
+            .basic_get(record.as_str().into(), BasicGetOptions { no_ack: false })
+            .await?;
+        let previous: Vec<String> = last
+            .as_ref()
             .and_then(|last| serde_json::from_slice(&last.delivery.data).ok())
             .unwrap_or_default();
         for binding in &spec.bindings {
@@ -143,7 +148,11 @@ impl Inner {
         );
         current.persistent = true;
         current.content_type = Some(crate::broker::CONTENT_TYPE_JSON.into());
-        self.publish("", &record, &current).await
+        self.publish("", &record, &current).await?;
+        if let Some(last) = last {
+            last.delivery.acker.ack(BasicAckOptions::default()).await?;
+        }
+        Ok(())
     }
 }
 
