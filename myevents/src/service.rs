@@ -6,7 +6,7 @@ use std::sync::Arc;
 use actix_web::web;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations};
 
-use herald::config::EventStoreSettings;
+use herald::config::{EventStoreSettings, ExposeSecret};
 use herald::error::StoreError;
 use herald::store::event_store::EventMetadata;
 use herald::store::projection::Projections;
@@ -32,10 +32,13 @@ pub fn open_database(url: &str) -> Result<Db, StoreError> {
 /// (the `producer` of the events it emits).
 #[derive(Clone)]
 pub struct Service {
+    /// The context's database: its event store and read models.
     pub db: Db,
+    /// The context's name.
     pub name: Arc<str>,
     /// The context's read models, caught up in every append's transaction.
     pub projections: Arc<Projections>,
+    /// Snapshots and attempts of its commands.
     pub event_store: EventStoreSettings,
 }
 
@@ -69,11 +72,10 @@ pub async fn run_service(
     routes: fn(&mut web::ServiceConfig),
 ) -> Result<(), Error> {
     let name: Arc<str> = Arc::from(settings.context.name.as_str());
-    let url = settings
-        .database
-        .url
-        .clone()
-        .unwrap_or_else(|| format!("data/{name}.db"));
+    let url = settings.database.url.as_ref().map_or_else(
+        || format!("data/{name}.db"),
+        |url| url.expose_secret().to_owned(),
+    );
     let db = tokio::task::spawn_blocking(move || open_database(&url))
         .await
         .map_err(|e| Error::Context {

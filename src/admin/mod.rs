@@ -14,6 +14,7 @@ use actix_web::dev::{ServerHandle, ServiceRequest, ServiceResponse};
 use actix_web::http::{header, StatusCode};
 use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, App, HttpResponse, HttpServer, ResponseError};
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 use crate::broker::headers;
@@ -26,11 +27,14 @@ use crate::ContextHandle;
 /// What the admin routes operate on.
 #[derive(Clone)]
 pub struct Admin {
+    /// The running context.
     pub context: ContextHandle,
+    /// Its read models, listed and rebuilt on request.
     pub projections: Arc<Projections>,
 }
 
-struct Token(Option<String>);
+/// The bearer token routes but `/health` need; `None`: loopback only.
+struct Token(Option<SecretString>);
 
 /// Starts the admin listener on `settings.addr` and logs the bound address.
 ///
@@ -40,7 +44,10 @@ pub fn serve(
     admin: Admin,
     settings: &AdminSettings,
 ) -> std::io::Result<(SocketAddr, ServerHandle)> {
-    let token = settings.token.clone().filter(|t| !t.is_empty());
+    let token = settings
+        .token
+        .clone()
+        .filter(|t| !t.expose_secret().is_empty());
     if token.is_none() && !settings.addr.ip().is_loopback() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -79,7 +86,8 @@ pub fn serve(
     Ok((bound, handle))
 }
 
-/// The admin routes (also used by in-process tests).
+/// The admin routes (also used by in-process tests): `/health` open, every
+/// other route behind the token.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/health", web::get().to(health)).service(
         web::scope("")
@@ -110,9 +118,8 @@ async fn authorize(
     request: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    let expected = request
-        .app_data::<web::Data<Token>>()
-        .and_then(|t| t.0.clone());
+    let token = request.app_data::<web::Data<Token>>().cloned();
+    let expected = token.as_ref().and_then(|t| t.0.as_ref());
     if expected.is_none() && request.headers().contains_key(header::ORIGIN) {
         // Without a token only local tools may operate the context: a web page
         // in a local browser must not (its cross-site POSTs carry an Origin).
@@ -129,7 +136,7 @@ async fn authorize(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        if !constant_time_eq(given.as_bytes(), expected.expose_secret().as_bytes()) {
             return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized").into());
         }
     }

@@ -48,7 +48,7 @@ impl AmqpOptions {
     /// The options a context's settings describe; the connection is named after it.
     pub fn from_settings(settings: &crate::Settings) -> Self {
         AmqpOptions {
-            url: settings.broker.url.clone(),
+            url: secrecy::ExposeSecret::expose_secret(&settings.broker.url).to_owned(),
             exchange: settings.broker.exchange.clone(),
             heartbeat_secs: u16::try_from(settings.broker.heartbeat.as_secs()).unwrap_or(u16::MAX),
             connection_name: format!("herald:{}", settings.context.name),
