@@ -16,6 +16,7 @@ use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, App, HttpResponse, HttpServer, ResponseError};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
 
 use crate::broker::headers;
 use crate::broker::Message;
@@ -109,9 +110,13 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     );
 }
 
-/// Lengths are not secret; the bytes are compared without an early exit.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Whether `given` is the token, compared in constant time (the length is
+/// not secret).
+fn token_matches(given: &str, token: &SecretString) -> bool {
+    given
+        .as_bytes()
+        .ct_eq(token.expose_secret().as_bytes())
+        .into()
 }
 
 async fn authorize(
@@ -136,7 +141,7 @@ async fn authorize(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        if !constant_time_eq(given.as_bytes(), expected.expose_secret().as_bytes()) {
+        if !token_matches(given, expected) {
             return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized").into());
         }
     }
@@ -401,13 +406,15 @@ async fn config(admin: web::Data<Admin>) -> HttpResponse {
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::{token_matches, SecretString};
 
     #[test]
     fn token_comparison_needs_every_byte() {
-        assert!(constant_time_eq(b"s3cret", b"s3cret"));
-        assert!(!constant_time_eq(b"s3cret", b"s3creT"));
-        assert!(!constant_time_eq(b"s3cret", b"s3cre"));
-        assert!(!constant_time_eq(b"", b"x"));
+        let token = SecretString::from("s3cret");
+        assert!(token_matches("s3cret", &token));
+        assert!(!token_matches("s3creT", &token));
+        assert!(!token_matches("s3cre", &token));
+        assert!(!token_matches("s3crets", &token));
+        assert!(!token_matches("", &SecretString::from("x")));
     }
 }
