@@ -65,6 +65,8 @@ pub fn serve(
         App::new()
             .app_data(admin.clone())
             .app_data(token.clone())
+            .app_data(h::json_config())
+            .app_data(h::payload_config())
             .configure(routes)
             .default_service(web::to(|| async {
                 ApiError::not_found("no such route").error_response()
@@ -330,12 +332,16 @@ struct RedriveRequest {
     message_id: Option<String>,
 }
 
-async fn redrive(admin: web::Data<Admin>, payload: web::Payload) -> Result<HttpResponse, ApiError> {
-    let body = h::read_body(payload).await?;
+async fn redrive(
+    admin: web::Data<Admin>,
+    body: Result<web::Bytes, actix_web::Error>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.map_err(|e| h::api_error(&e))?;
+    // No body: every dead letter.
     let request: RedriveRequest = if body.iter().all(u8::is_ascii_whitespace) {
         RedriveRequest::default()
     } else {
-        h::parse_json(&body)?
+        serde_json::from_slice(&body).map_err(|e| h::invalid_json(&e))?
     };
     let moved = admin
         .context
