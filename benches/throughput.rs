@@ -357,7 +357,7 @@ fn median(mut values: Vec<Duration>) -> Duration {
 
 async fn bench(vhost: &Vhost, n: usize) -> BenchResult<()> {
     let mut settings = herald::Settings::for_context(CONTEXT);
-    settings.broker.url = vhost.url.clone();
+    settings.broker.url = vhost.url.clone().into();
     let prefetch = settings.broker.prefetch;
     let queue = settings.context.name.clone();
 
@@ -374,7 +374,7 @@ async fn bench(vhost: &Vhost, n: usize) -> BenchResult<()> {
         exchange: settings.broker.exchange.clone(),
         heartbeat_secs: u16::try_from(settings.broker.heartbeat.as_secs()).unwrap_or(u16::MAX),
         connection_name: "herald-bench".into(),
-        ..herald::AmqpOptions::new(&settings.broker.url)
+        ..herald::AmqpOptions::new(vhost.url.clone())
     })
     .await?;
 

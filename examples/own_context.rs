@@ -30,7 +30,7 @@ async fn main() -> herald::Result<()> {
     .init();
     let settings = herald::Settings::for_context("seats");
     let broker =
-        herald::AmqpBroker::connect(&herald::AmqpOptions::new(&settings.broker.url)).await?;
+        herald::AmqpBroker::connect(&herald::AmqpOptions::from_settings(&settings)).await?;
     herald::ContextBuilder::new(settings)
         .handle(
             |booked: SeatBooked, meta: herald::MessageContext| async move {

@@ -1,15 +1,22 @@
 //! Settings: a TOML file (plus `default.toml` beside it), then environment
 //! overrides, then validation. Every failure names the key.
 //!
-//! Environment overrides (DESIGN section 10): `AMQP_URL`, `DATABASE_URL`,
-//! `HTTP_ADDR`, `ADMIN_ADDR`, `ADMIN_TOKEN`; any other key as
-//! `HERALD__<SECTION>__<KEY>` (for example `HERALD__RUNTIME__SHARDS=4`).
+//! Environment overrides: `AMQP_URL`, `DATABASE_URL`, `HTTP_ADDR`,
+//! `ADMIN_ADDR`, `ADMIN_TOKEN` (the names the book's services read); any
+//! other key as `HERALD__<SECTION>__<KEY>` (for example
+//! `HERALD__RUNTIME__SHARDS=4`).
+//!
+//! Secrets (the broker URL with its password, the admin token, the database
+//! URL) are [`SecretString`]s: `Debug` and `Serialize` never show them (URLs
+//! print through [`redact_url`]); [`ExposeSecret::expose_secret`] reads them
+//! where they are used.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+pub use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::error::ConfigError;
@@ -18,21 +25,30 @@ use crate::error::ConfigError;
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
+    /// `[context]`: who the context is.
     pub context: ContextSettings,
+    /// `[broker]`: RabbitMQ.
     #[serde(default)]
     pub broker: BrokerSettings,
+    /// `[runtime]`: the actor system.
     #[serde(default)]
     pub runtime: RuntimeSettings,
+    /// `[http]`: the public REST listener.
     #[serde(default)]
     pub http: HttpSettings,
+    /// `[admin]`: the admin listener.
     #[serde(default)]
     pub admin: AdminSettings,
+    /// `[database]`: the context's SQLite database.
     #[serde(default)]
     pub database: DatabaseSettings,
+    /// `[outbox]`: the outbox relay.
     #[serde(default)]
     pub outbox: OutboxSettings,
+    /// `[event_store]`: event-sourced aggregates.
     #[serde(default)]
     pub event_store: EventStoreSettings,
+    /// `[retry]`: failed deliveries.
     #[serde(default)]
     pub retry: RetrySettings,
 }
@@ -80,7 +96,10 @@ mod humantime_list {
 
     use serde::{Deserialize, Deserializer};
 
-    pub fn serialize<S: serde::Serializer>(delays: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: serde::Serializer>(
+        delays: &[Duration],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.collect_seq(
             delays
                 .iter()
@@ -88,7 +107,7 @@ mod humantime_list {
         )
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
         Vec::<String>::deserialize(d)?
             .iter()
             .map(|text| {
@@ -142,6 +161,7 @@ impl Default for OutboxSettings {
     }
 }
 
+/// Who the context is.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ContextSettings {
@@ -149,15 +169,19 @@ pub struct ContextSettings {
     pub name: String,
 }
 
+/// How to reach RabbitMQ.
 #[derive(Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerSettings {
-    /// Secret: contains the password. Use [`redact_url`] to print it.
+    /// `amqp://user:password@host:port/vhost`. Secret: it holds the
+    /// password; printed and serialized through [`redact_url`].
     #[serde(serialize_with = "redacted_url")]
-    pub url: String,
+    pub url: SecretString,
+    /// The topic exchange events are published to (the book's `events`).
     pub exchange: String,
     /// Unsettled deliveries the context holds at most.
     pub prefetch: u16,
+    /// The AMQP heartbeat interval (at most 65535 s; 0 disables it).
     #[serde(with = "humantime_serde")]
     pub heartbeat: Duration,
     /// A delivered body larger than this is dead-lettered unread.
@@ -167,7 +191,7 @@ pub struct BrokerSettings {
 impl Default for BrokerSettings {
     fn default() -> Self {
         BrokerSettings {
-            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            url: SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f"),
             exchange: "events".into(),
             prefetch: 256,
             heartbeat: Duration::from_secs(30),
@@ -179,7 +203,7 @@ impl Default for BrokerSettings {
 impl std::fmt::Debug for BrokerSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BrokerSettings")
-            .field("url", &redact_url(&self.url))
+            .field("url", &redact_url(self.url.expose_secret()))
             .field("exchange", &self.exchange)
             .field("prefetch", &self.prefetch)
             .field("heartbeat", &self.heartbeat)
@@ -204,14 +228,19 @@ pub struct RuntimeSettings {
     pub mailbox_capacity: usize,
     /// A deeper mailbox logs a WARN at once.
     pub mailbox_high_water: usize,
+    /// How often each active actor logs a line about its mailbox.
     #[serde(with = "humantime_serde")]
     pub mailbox_log_interval: Duration,
+    /// The first wait before a failed actor restarts; it doubles with each
+    /// consecutive restart.
     #[serde(with = "humantime_serde")]
     pub restart_backoff_min: Duration,
+    /// The longest wait before a restart.
     #[serde(with = "humantime_serde")]
     pub restart_backoff_max: Duration,
     /// More restarts of one actor than this within `restart_window` escalate.
     pub max_restarts: usize,
+    /// The window `max_restarts` counts in.
     #[serde(with = "humantime_serde")]
     pub restart_window: Duration,
     /// How long shutdown waits for in-flight deliveries to settle.
@@ -241,6 +270,7 @@ impl Default for RuntimeSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpSettings {
+    /// Where it listens; port 0 picks a free port (logged at start).
     pub addr: SocketAddr,
 }
 
@@ -253,13 +283,15 @@ impl Default for HttpSettings {
 }
 
 /// The admin listener.
-#[derive(Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminSettings {
+    /// Where it listens; without a token only a loopback address is allowed.
     pub addr: SocketAddr,
-    /// Secret: never logged.
+    /// The bearer token every admin route but `/health` needs. Secret:
+    /// serialized as `***`.
     #[serde(serialize_with = "redacted_secret")]
-    pub token: Option<String>,
+    pub token: Option<SecretString>,
 }
 
 impl Default for AdminSettings {
@@ -271,27 +303,23 @@ impl Default for AdminSettings {
     }
 }
 
-impl std::fmt::Debug for AdminSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AdminSettings")
-            .field("addr", &self.addr)
-            .field("token", &self.token.as_ref().map(|_| "***"))
-            .finish()
-    }
-}
-
+/// The context's database.
 #[derive(Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseSettings {
-    /// Secret for PostgreSQL URLs: printed through [`redact_url`].
+    /// The SQLite file (`None`: the context picks one). Secret, as a URL may
+    /// hold a password: printed and serialized through [`redact_url`].
     #[serde(serialize_with = "redacted_optional_url")]
-    pub url: Option<String>,
+    pub url: Option<SecretString>,
 }
 
 impl std::fmt::Debug for DatabaseSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DatabaseSettings")
-            .field("url", &self.url.as_deref().map(redact_url))
+            .field(
+                "url",
+                &self.url.as_ref().map(|url| redact_url(url.expose_secret())),
+            )
             .finish()
     }
 }
@@ -316,6 +344,9 @@ impl Settings {
     }
 
     /// As [`Settings::load`], with the environment given explicitly.
+    ///
+    /// # Errors
+    /// As [`Settings::load`].
     pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Self, ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(dir) = path.parent() {
@@ -356,6 +387,8 @@ impl Settings {
         }
     }
 
+    /// Checks every value's range (loading does it already).
+    ///
     /// # Errors
     /// [`ConfigError::Invalid`] naming the first key that is out of range.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -376,8 +409,8 @@ impl Settings {
                 "must be non-empty lowercase ASCII letters, digits, '-' or '_' (it names queues and URLs)",
             );
         }
-        if let Err(reason) = self.broker.url.parse::<lapin::uri::AMQPUri>() {
-            let url = &self.broker.url;
+        let url = self.broker.url.expose_secret();
+        if let Err(reason) = url.parse::<lapin::uri::AMQPUri>() {
             return Err(ConfigError::Invalid {
                 key: "broker.url",
                 reason: format!(
@@ -461,18 +494,21 @@ impl Settings {
     }
 }
 
-fn redacted_url<S: Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&redact_url(url))
+fn redacted_url<S: Serializer>(url: &SecretString, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_url(url.expose_secret()))
 }
 
-fn redacted_optional_url<S: Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+fn redacted_optional_url<S: Serializer>(
+    url: &Option<SecretString>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     match url {
-        Some(url) => s.serialize_some(&redact_url(url)),
+        Some(url) => s.serialize_some(&redact_url(url.expose_secret())),
         None => s.serialize_none(),
     }
 }
 
-fn redacted_secret<S: Serializer>(secret: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+fn redacted_secret<S: Serializer>(secret: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
     match secret {
         Some(_) => s.serialize_some("***"),
         None => s.serialize_none(),
@@ -524,9 +560,9 @@ mod tests {
     /// A throwaway TOML file in the target dir, removed on drop.
     mod tempfile_lite {
         use super::*;
-        pub struct TempToml(pub std::path::PathBuf);
+        pub(in super::super) struct TempToml(pub(in super::super) std::path::PathBuf);
         impl TempToml {
-            pub fn new(contents: &str) -> Self {
+            pub(in super::super) fn new(contents: &str) -> Self {
                 let dir =
                     std::env::temp_dir().join(format!("herald-config-{}", uuid::Uuid::new_v4()));
                 std::fs::create_dir_all(&dir).unwrap();
@@ -556,7 +592,10 @@ mod tests {
     fn minimal_file_takes_the_documented_defaults() {
         let f = file("[context]\nname = \"booking\"\n");
         let s = Settings::load_with_env(&f.0, env(&[])).unwrap();
-        assert_eq!(s.broker.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(
+            s.broker.url.expose_secret(),
+            "amqp://guest:guest@127.0.0.1:5672/%2f"
+        );
         assert_eq!(s.broker.exchange, "events");
         assert_eq!(s.broker.prefetch, 256);
         assert_eq!(s.runtime.max_restarts, 10);
@@ -577,9 +616,12 @@ mod tests {
             ]),
         )
         .unwrap();
-        assert_eq!(s.broker.url, "amqp://u:p@10.0.0.1:5672/v");
+        assert_eq!(s.broker.url.expose_secret(), "amqp://u:p@10.0.0.1:5672/v");
         assert_eq!(s.broker.prefetch, 10);
-        assert_eq!(s.admin.token.as_deref(), Some("s3cret"));
+        assert_eq!(
+            s.admin.token.as_ref().map(ExposeSecret::expose_secret),
+            Some("s3cret")
+        );
         assert_eq!(s.http.addr.port(), 8282);
         assert_eq!(s.runtime.shards, 3);
         let printed = format!("{s:?}");

@@ -1,23 +1,40 @@
 //! Shared pieces of the REST listeners: JSON errors, lenient JSON bodies,
-//! CORS, `Idempotency-Key`, and starting a server on a configured address.
+//! CORS, starting a server on a configured address, and the idempotent
+//! command pipeline.
 //!
 //! The status mapping of store errors lives here, in one place.
+//!
+//! # Idempotent commands
+//!
+//! A handler takes a [`CommandRequest`] (the body and its `Idempotency-Key`),
+//! [`parse`](CommandRequest::parse)s it into its own request type, validates
+//! it, and hands the aggregate's command to [`execute`]: the command's
+//! events, its `effects` (read models, outbox rows) and the answer to
+//! remember commit in one transaction; a repeat of the same request gets the
+//! first success back, the same key with another body a 422.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
-
-use actix_cors::Cors;
 use std::sync::Arc;
 
+use actix_cors::Cors;
 use actix_web::body::MessageBody;
-use actix_web::dev::{Server, ServerHandle, ServiceRequest, ServiceResponse};
+use actix_web::dev::{Payload, Server, ServerHandle, ServiceRequest, ServiceResponse};
+use actix_web::error::JsonPayloadError;
 use actix_web::http::{header, StatusCode};
 use actix_web::middleware::{from_fn, Next};
-use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer, ResponseError};
+use actix_web::{web, App, FromRequest, HttpRequest, HttpResponse, HttpServer, ResponseError};
+use diesel::SqliteConnection;
+use futures_util::future::LocalBoxFuture;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde_json::value::RawValue;
 
+use crate::aggregate::Aggregate;
 use crate::error::StoreError;
-use crate::store::idempotency::StoredResponse;
+use crate::store::idempotency::{self, Keyed, StoredResponse};
+use crate::store::repository::{self, CommandError, ExecuteOptions, Executed};
+use crate::store::Db;
 use crate::Metrics;
 
 /// Request bodies larger than this are refused with 413.
@@ -29,13 +46,16 @@ pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
 /// An error answer: status plus `{"error": "..."}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
+    /// The response's status: 4xx for the client's mistakes, 5xx for ours.
     pub status: StatusCode,
+    /// What went wrong, for the client: the body's `error`.
     pub message: String,
     /// Seconds, for 503 answers.
     pub retry_after: Option<u32>,
 }
 
 impl ApiError {
+    /// An error with `status` and `message`, without `Retry-After`.
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError {
             status,
@@ -44,14 +64,17 @@ impl ApiError {
         }
     }
 
+    /// 400: the request is malformed or invalid.
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
     }
 
+    /// 404: what the request names does not exist.
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, message)
     }
 
+    /// 409: the request contradicts the current state.
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, message)
     }
@@ -118,10 +141,9 @@ impl From<StoreError> for ApiError {
 /// domain's refusal; contention is a 503 with `Retry-After` (never a false
 /// refusal); store errors map as everywhere.
 pub fn command_error<E: std::error::Error>(
-    error: crate::store::repository::CommandError<E>,
+    error: CommandError<E>,
     refused: impl FnOnce(E) -> ApiError,
 ) -> ApiError {
-    use crate::store::repository::CommandError;
     match error {
         CommandError::Rejected(reason) => refused(reason),
         CommandError::Contention { attempts } => {
@@ -136,21 +158,6 @@ pub fn command_error<E: std::error::Error>(
         }
         CommandError::Store(error) => error.into(),
     }
-}
-
-/// Parses a JSON body whatever its `Content-Type` says: browsers posting with
-/// `fetch` and no headers send `text/plain;charset=UTF-8`.
-///
-/// # Errors
-/// 400 naming what is wrong with the body.
-pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::bad_request(
-            "request body is empty; expected JSON",
-        ));
-    }
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
 /// A JSON response with `status`.
@@ -186,7 +193,7 @@ pub fn get() -> actix_web::Route {
 ///
 /// # Errors
 /// 400 for an empty, over-long or non-ASCII key.
-pub fn idempotency_key(request: &HttpRequest) -> Result<Option<String>, ApiError> {
+fn idempotency_key(request: &HttpRequest) -> Result<Option<String>, ApiError> {
     let Some(value) = request.headers().get(IDEMPOTENCY_KEY) else {
         return Ok(None);
     };
@@ -200,6 +207,158 @@ pub fn idempotency_key(request: &HttpRequest) -> Result<Option<String>, ApiError
             "Idempotency-Key must be 1 to 255 visible ASCII characters",
         )),
     }
+}
+
+/// How herald's listeners read JSON bodies with `web::Json` (and
+/// [`CommandRequest`]): at most [`BODY_LIMIT`] bytes, whatever the
+/// `Content-Type` says (browsers posting with `fetch` and no headers send
+/// `text/plain;charset=UTF-8`, and so do the book's clients), and every
+/// refusal as an [`ApiError`] (400, or 413 above the limit).
+pub fn json_config() -> web::JsonConfig {
+    web::JsonConfig::default()
+        .limit(BODY_LIMIT)
+        .content_type_required(false)
+        .error_handler(|error, _| ApiError::from(error).into())
+}
+
+/// The raw body extractors (`web::Bytes`, `String`) take at most [`BODY_LIMIT`] bytes too.
+pub(crate) fn payload_config() -> web::PayloadConfig {
+    web::PayloadConfig::new(BODY_LIMIT)
+}
+
+impl From<JsonPayloadError> for ApiError {
+    fn from(error: JsonPayloadError) -> Self {
+        match error {
+            JsonPayloadError::OverflowKnownLength { limit, .. }
+            | JsonPayloadError::Overflow { limit } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body exceeds {limit} bytes"),
+            ),
+            // Nothing at all was sent (whitespace moves the position).
+            JsonPayloadError::Deserialize(e) if e.is_eof() && e.line() == 1 && e.column() == 0 => {
+                ApiError::bad_request("request body is empty; expected JSON")
+            }
+            JsonPayloadError::Deserialize(e) => invalid_json(&e),
+            JsonPayloadError::Payload(e) => {
+                ApiError::new(e.status_code(), format!("cannot read body: {e}"))
+            }
+            other => ApiError::new(other.status_code(), other.to_string()),
+        }
+    }
+}
+
+pub(crate) fn invalid_json(error: &serde_json::Error) -> ApiError {
+    ApiError::bad_request(format!("invalid JSON body: {error}"))
+}
+
+/// An extractor's error as herald's JSON error: as it is when it is one
+/// already (see [`json_config`]), else with the extractor's status and text.
+pub(crate) fn api_error(error: &actix_web::Error) -> ApiError {
+    error.as_error::<ApiError>().cloned().unwrap_or_else(|| {
+        ApiError::new(error.as_response_error().status_code(), error.to_string())
+    })
+}
+
+/// A POST carrying a JSON command: the body as sent, read as `web::Json`
+/// reads it (see [`json_config`]), and the request's [`IDEMPOTENCY_KEY`].
+///
+/// Extracting it never fails: a bad body or key is reported by
+/// [`CommandRequest::parse`], so a handler can answer first what does not
+/// depend on the body (the book answers 404 for an unknown event, whatever
+/// the body says).
+#[derive(Debug)]
+pub struct CommandRequest {
+    /// Method and path: where the key is valid.
+    scope: String,
+    key: Result<Option<String>, ApiError>,
+    body: Result<Box<RawValue>, ApiError>,
+}
+
+impl FromRequest for CommandRequest {
+    type Error = Infallible;
+    type Future = LocalBoxFuture<'static, Result<Self, Infallible>>;
+
+    fn from_request(request: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let scope = format!("{} {}", request.method(), request.path());
+        let key = idempotency_key(request);
+        let body = web::Json::<Box<RawValue>>::from_request(request, payload);
+        Box::pin(async move {
+            let body = body.await.map(web::Json::into_inner);
+            Ok(CommandRequest {
+                scope,
+                key,
+                body: body.map_err(|e| api_error(&e)),
+            })
+        })
+    }
+}
+
+impl CommandRequest {
+    /// The body as `T`, and the request's key with the body's fingerprint
+    /// (`None` without an `Idempotency-Key`).
+    ///
+    /// # Errors
+    /// 413 for a body over [`BODY_LIMIT`]; 400 for an unreadable body, an
+    /// empty, over-long or non-ASCII key, or a body that is not JSON or not
+    /// a `T`.
+    pub fn parse<T: DeserializeOwned>(self) -> Result<(T, Option<Keyed>), ApiError> {
+        // A body that could not be read at all is named before the key.
+        if let Err(error) = &self.body {
+            if error.status != StatusCode::BAD_REQUEST {
+                return Err(error.clone());
+            }
+        }
+        let key = self.key?;
+        let body = self.body?;
+        let value = serde_json::from_str(body.get()).map_err(|e| invalid_json(&e))?;
+        let keyed = key.map(|key| Keyed::new(self.scope, key, body.get().as_bytes()));
+        Ok((value, keyed))
+    }
+}
+
+/// Runs `command` on aggregate `id` at most once per `keyed` request, and
+/// returns the answer to send (with [`replay`]).
+///
+/// In one write transaction: the events are appended, `effects` writes what
+/// goes with them (read models, outbox rows) and returns the answer, and a
+/// success is remembered for `keyed`. A repeat of the request returns the
+/// remembered answer and appends nothing; the same key with another body
+/// gets a 422. Refusals are not remembered: a repeat runs again.
+///
+/// # Errors
+/// `refused` maps the aggregate's refusal; contention is a 503 with
+/// `Retry-After`; store errors map as everywhere.
+pub async fn execute<A, F>(
+    db: &Db,
+    id: &str,
+    command: A::Command,
+    options: &ExecuteOptions,
+    keyed: Option<Keyed>,
+    effects: F,
+    refused: impl FnOnce(A::Error) -> ApiError,
+) -> Result<StoredResponse, ApiError>
+where
+    A: Aggregate,
+    F: Fn(&mut SqliteConnection, &Executed<A>) -> Result<StoredResponse, StoreError>
+        + Clone
+        + Send
+        + 'static,
+{
+    let replay_key = keyed.clone();
+    repository::execute_unless::<A, _, _, _>(
+        db,
+        id,
+        command,
+        options,
+        move |c| idempotency::replay(c, replay_key.as_ref()),
+        move |c, executed| {
+            let response = effects(c, executed)?;
+            idempotency::remember(c, keyed.as_ref(), &response)?;
+            Ok(response)
+        },
+    )
+    .await
+    .map_err(|error| command_error(error, refused))
 }
 
 /// CORS as the book's chapter-5 services answer it: any origin, on every
@@ -219,26 +378,6 @@ async fn no_route() -> HttpResponse {
     ApiError::not_found("no such route").error_response()
 }
 
-/// Reads a request body of at most [`BODY_LIMIT`] bytes.
-///
-/// # Errors
-/// 413 above the limit, 400 when the body cannot be read.
-pub async fn read_body(mut payload: web::Payload) -> Result<web::BytesMut, ApiError> {
-    use futures_util::StreamExt;
-    let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("cannot read body: {e}")))?;
-        if body.len() + chunk.len() > BODY_LIMIT {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body exceeds {BODY_LIMIT} bytes"),
-            ));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
-
 /// Counts every request by its route pattern (never the raw path) and status.
 async fn count_requests(
     request: ServiceRequest,
@@ -256,8 +395,8 @@ async fn count_requests(
 }
 
 /// Binds `addr` (port 0 allowed), logs the bound address and serves the
-/// routes `configure` adds, with CORS and JSON 404s. Signals are left to the
-/// context, which stops the server in order.
+/// routes `configure` adds, with CORS, JSON 404s and [`json_config`].
+/// Signals are left to the context, which stops the server in order.
 ///
 /// # Errors
 /// The address cannot be bound.
@@ -275,6 +414,8 @@ where
     let server = HttpServer::new(move || {
         App::new()
             .app_data(metrics.clone())
+            .app_data(json_config())
+            .app_data(payload_config())
             .wrap(from_fn(count_requests))
             .wrap(cors())
             .configure(configure.clone())
@@ -294,4 +435,101 @@ where
     });
     log::info!(target: "herald::http", "context={context} {what} listening on http://{bound}");
     Ok((bound, handle))
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::test::{call_service, init_service, read_body, TestRequest};
+    use serde::Deserialize;
+
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    struct Seats {
+        seats: u32,
+    }
+
+    /// Answers 404 for `/missing` before looking at the body, as the book does.
+    async fn handler(
+        request: HttpRequest,
+        command: CommandRequest,
+    ) -> Result<HttpResponse, ApiError> {
+        if request.path() == "/missing" {
+            return Err(ApiError::not_found("no such thing"));
+        }
+        let (body, keyed) = command.parse::<Seats>()?;
+        let keyed = keyed.map(|k| (k.scope, k.key));
+        Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({ "seats": body.seats, "keyed": keyed }),
+        ))
+    }
+
+    async fn post(
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<web::Bytes>,
+    ) -> (u16, serde_json::Value) {
+        let app = init_service(
+            App::new()
+                .app_data(json_config())
+                .route("/{any}", web::post().to(handler)),
+        )
+        .await;
+        let mut request = TestRequest::post().uri(path);
+        for header in headers {
+            request = request.insert_header(*header);
+        }
+        let response = call_service(&app, request.set_payload(body).to_request()).await;
+        let status = response.status().as_u16();
+        let body = read_body(response).await;
+        let json = serde_json::from_slice(&body).unwrap_or_else(|_| {
+            panic!("not JSON: {}", String::from_utf8_lossy(&body));
+        });
+        (status, json)
+    }
+
+    #[actix_rt::test]
+    async fn a_command_body_is_json_whatever_its_content_type() {
+        for content_type in ["text/plain;charset=UTF-8", "application/json"] {
+            let (status, body) = post(
+                "/book",
+                &[("Content-Type", content_type), (IDEMPOTENCY_KEY, "k-1")],
+                r#"{"seats": 2}"#,
+            )
+            .await;
+            assert_eq!(status, 200, "{content_type}: {body}");
+            assert_eq!(
+                body,
+                serde_json::json!({"seats": 2, "keyed": ["POST /book", "k-1"]})
+            );
+        }
+        let (status, body) = post("/book", &[], r#" {"seats": 1} "#).await;
+        assert_eq!((status, &body["keyed"]), (200, &serde_json::Value::Null));
+    }
+
+    #[actix_rt::test]
+    async fn bad_bodies_and_keys_get_json_errors() {
+        let too_big = format!(r#"{{"seats": 1, "pad": "{}"}}"#, "x".repeat(BODY_LIMIT));
+        let cases = [
+            ("empty", "/book", String::new(), 400),
+            ("malformed", "/book", "{".into(), 400),
+            ("wrong type", "/book", r#"{"seats": "two"}"#.into(), 400),
+            ("too big", "/book", too_big, 413),
+            ("404 first", "/missing", "{".into(), 404),
+        ];
+        for (what, path, body, expected) in cases {
+            let (status, answer) = post(path, &[], body).await;
+            assert_eq!(status, expected, "{what}: {answer}");
+            assert!(answer["error"].is_string(), "{what}: {answer}");
+        }
+        let (status, answer) = post(
+            "/book",
+            &[(IDEMPOTENCY_KEY, "two words")],
+            r#"{"seats": 1}"#,
+        )
+        .await;
+        assert_eq!(status, 400, "bad key: {answer}");
+        assert!(answer["error"].is_string(), "bad key: {answer}");
+    }
 }

@@ -4,13 +4,17 @@
 use std::sync::Arc;
 
 use actix_web::web;
+use diesel::SqliteConnection;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations};
 
-use herald::config::EventStoreSettings;
+use herald::aggregate::Aggregate;
+use herald::config::{EventStoreSettings, ExposeSecret};
 use herald::error::StoreError;
+use herald::http::{self as h, ApiError};
 use herald::store::event_store::EventMetadata;
+use herald::store::idempotency::{Keyed, StoredResponse};
 use herald::store::projection::Projections;
-use herald::store::repository::ExecuteOptions;
+use herald::store::repository::{ExecuteOptions, Executed};
 use herald::store::Db;
 use herald::{AmqpBroker, AmqpOptions, ContextBuilder, Error, Settings};
 
@@ -32,10 +36,13 @@ pub fn open_database(url: &str) -> Result<Db, StoreError> {
 /// (the `producer` of the events it emits).
 #[derive(Clone)]
 pub struct Service {
+    /// The context's database: its event store and read models.
     pub db: Db,
+    /// The context's name.
     pub name: Arc<str>,
     /// The context's read models, caught up in every append's transaction.
     pub projections: Arc<Projections>,
+    /// Snapshots and attempts of its commands.
     pub event_store: EventStoreSettings,
 }
 
@@ -54,6 +61,45 @@ impl Service {
             max_attempts: self.event_store.command_attempts,
         }
     }
+
+    /// Runs a REST request's `command` on aggregate `id` through herald's
+    /// idempotent pipeline ([`h::execute`]): in the append's transaction the
+    /// read models catch up, then `effects` writes the outbox rows and the
+    /// answer, given this context's name as their producer.
+    ///
+    /// # Errors
+    /// `refused` maps the aggregate's refusal; 503 for contention, as
+    /// [`h::execute`].
+    pub async fn command<A, F>(
+        &self,
+        id: &str,
+        command: A::Command,
+        keyed: Option<Keyed>,
+        effects: F,
+        refused: impl FnOnce(A::Error) -> ApiError,
+    ) -> Result<StoredResponse, ApiError>
+    where
+        A: Aggregate,
+        F: Fn(&mut SqliteConnection, &Executed<A>, &str) -> Result<StoredResponse, StoreError>
+            + Clone
+            + Send
+            + 'static,
+    {
+        let (producer, views) = (self.name.clone(), self.projections.clone());
+        h::execute::<A, _>(
+            &self.db,
+            id,
+            command,
+            &self.execute_options(None),
+            keyed,
+            move |c, executed| {
+                views.catch_up(c)?;
+                effects(c, executed, &producer)
+            },
+            refused,
+        )
+        .await
+    }
 }
 
 /// Runs a context with a REST API until Ctrl-C or SIGTERM: opens its
@@ -69,11 +115,10 @@ pub async fn run_service(
     routes: fn(&mut web::ServiceConfig),
 ) -> Result<(), Error> {
     let name: Arc<str> = Arc::from(settings.context.name.as_str());
-    let url = settings
-        .database
-        .url
-        .clone()
-        .unwrap_or_else(|| format!("data/{name}.db"));
+    let url = settings.database.url.as_ref().map_or_else(
+        || format!("data/{name}.db"),
+        |url| url.expose_secret().to_owned(),
+    );
     let db = tokio::task::spawn_blocking(move || open_database(&url))
         .await
         .map_err(|e| Error::Context {

@@ -14,7 +14,9 @@ use actix_web::dev::{ServerHandle, ServiceRequest, ServiceResponse};
 use actix_web::http::{header, StatusCode};
 use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, App, HttpResponse, HttpServer, ResponseError};
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
 
 use crate::broker::headers;
 use crate::broker::Message;
@@ -26,11 +28,14 @@ use crate::ContextHandle;
 /// What the admin routes operate on.
 #[derive(Clone)]
 pub struct Admin {
+    /// The running context.
     pub context: ContextHandle,
+    /// Its read models, listed and rebuilt on request.
     pub projections: Arc<Projections>,
 }
 
-struct Token(Option<String>);
+/// The bearer token routes but `/health` need; `None`: loopback only.
+struct Token(Option<SecretString>);
 
 /// Starts the admin listener on `settings.addr` and logs the bound address.
 ///
@@ -40,7 +45,10 @@ pub fn serve(
     admin: Admin,
     settings: &AdminSettings,
 ) -> std::io::Result<(SocketAddr, ServerHandle)> {
-    let token = settings.token.clone().filter(|t| !t.is_empty());
+    let token = settings
+        .token
+        .clone()
+        .filter(|t| !t.expose_secret().is_empty());
     if token.is_none() && !settings.addr.ip().is_loopback() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -57,6 +65,8 @@ pub fn serve(
         App::new()
             .app_data(admin.clone())
             .app_data(token.clone())
+            .app_data(h::json_config())
+            .app_data(h::payload_config())
             .configure(routes)
             .default_service(web::to(|| async {
                 ApiError::not_found("no such route").error_response()
@@ -79,7 +89,8 @@ pub fn serve(
     Ok((bound, handle))
 }
 
-/// The admin routes (also used by in-process tests).
+/// The admin routes (also used by in-process tests): `/health` open, every
+/// other route behind the token.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/health", web::get().to(health)).service(
         web::scope("")
@@ -101,18 +112,21 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     );
 }
 
-/// Lengths are not secret; the bytes are compared without an early exit.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Whether `given` is the token, compared in constant time (the length is
+/// not secret).
+fn token_matches(given: &str, token: &SecretString) -> bool {
+    given
+        .as_bytes()
+        .ct_eq(token.expose_secret().as_bytes())
+        .into()
 }
 
 async fn authorize(
     request: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    let expected = request
-        .app_data::<web::Data<Token>>()
-        .and_then(|t| t.0.clone());
+    let token = request.app_data::<web::Data<Token>>().cloned();
+    let expected = token.as_ref().and_then(|t| t.0.as_ref());
     if expected.is_none() && request.headers().contains_key(header::ORIGIN) {
         // Without a token only local tools may operate the context: a web page
         // in a local browser must not (its cross-site POSTs carry an Origin).
@@ -129,7 +143,7 @@ async fn authorize(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        if !token_matches(given, expected) {
             return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized").into());
         }
     }
@@ -318,12 +332,16 @@ struct RedriveRequest {
     message_id: Option<String>,
 }
 
-async fn redrive(admin: web::Data<Admin>, payload: web::Payload) -> Result<HttpResponse, ApiError> {
-    let body = h::read_body(payload).await?;
+async fn redrive(
+    admin: web::Data<Admin>,
+    body: Result<web::Bytes, actix_web::Error>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.map_err(|e| h::api_error(&e))?;
+    // No body: every dead letter.
     let request: RedriveRequest = if body.iter().all(u8::is_ascii_whitespace) {
         RedriveRequest::default()
     } else {
-        h::parse_json(&body)?
+        serde_json::from_slice(&body).map_err(|e| h::invalid_json(&e))?
     };
     let moved = admin
         .context
@@ -394,13 +412,15 @@ async fn config(admin: web::Data<Admin>) -> HttpResponse {
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::{token_matches, SecretString};
 
     #[test]
     fn token_comparison_needs_every_byte() {
-        assert!(constant_time_eq(b"s3cret", b"s3cret"));
-        assert!(!constant_time_eq(b"s3cret", b"s3creT"));
-        assert!(!constant_time_eq(b"s3cret", b"s3cre"));
-        assert!(!constant_time_eq(b"", b"x"));
+        let token = SecretString::from("s3cret");
+        assert!(token_matches("s3cret", &token));
+        assert!(!token_matches("s3creT", &token));
+        assert!(!token_matches("s3cre", &token));
+        assert!(!token_matches("s3crets", &token));
+        assert!(!token_matches("", &SecretString::from("x")));
     }
 }

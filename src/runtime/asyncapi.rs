@@ -61,7 +61,7 @@ pub(crate) fn document(
 ) -> Value {
     let name = &settings.context.name;
     let exchange = &settings.broker.exchange;
-    let (host, vhost) = broker_location(&settings.broker.url);
+    let (host, vhost) = broker_location(secrecy::ExposeSecret::expose_secret(&settings.broker.url));
     let mut channels = Map::new();
     let mut messages = Map::new();
     for (documented, sends) in publishes

@@ -34,7 +34,7 @@ use crate::store::{outbox, Db, OutboxStatus};
 /// # }
 /// # async fn run() -> herald::Result<()> {
 /// let settings = herald::Settings::for_context("booking");
-/// let broker = herald::AmqpBroker::connect(&herald::AmqpOptions::new(&settings.broker.url)).await?;
+/// let broker = herald::AmqpBroker::connect(&herald::AmqpOptions::from_settings(&settings)).await?;
 /// let context = herald::ContextBuilder::new(settings)
 ///     .handle(|event: EventCreated, _meta| async move {
 ///         log::info!("event {} created", event.id);

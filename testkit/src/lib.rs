@@ -46,7 +46,7 @@ impl TestVhost {
     /// Settings for a context named `name` on this vhost, tuned for tests.
     pub fn settings(&self, name: &str) -> herald::Settings {
         let mut settings = herald::Settings::for_context(name);
-        settings.broker.url = self.url.clone();
+        settings.broker.url = self.url.clone().into();
         settings.runtime.restart_backoff_min = Duration::from_millis(10);
         settings.runtime.restart_backoff_max = Duration::from_millis(100);
         settings.runtime.drain_timeout = Duration::from_secs(5);

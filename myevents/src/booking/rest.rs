@@ -1,7 +1,7 @@
 //! The booking context's REST API.
 
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 
 use super::ledger::{LedgerCommand, LedgerError, LedgerEvent, SeatLedger};
@@ -9,12 +9,11 @@ use super::store::{self, BookingRow};
 use crate::contract::new_id;
 use crate::service::Service;
 use herald::error::StoreError;
-use herald::http::{self as h, ApiError};
-use herald::store::idempotency::{self, Keyed};
+use herald::http::{self as h, ApiError, CommandRequest};
 use herald::store::outbox;
-use herald::store::repository;
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
+/// The booking API's routes: book seats, list an event's bookings, read one.
+pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/events/{event_id}/bookings", web::post().to(book))
         .route("/events/{event_id}/bookings", h::get().to(list))
         .route("/bookings/{id}", h::get().to(one));
@@ -24,11 +23,15 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct BookingJson {
+    /// The booking's id.
     #[serde(rename = "ID")]
     pub id: String,
+    /// The booked event's id.
     #[serde(rename = "EventID")]
     pub event_id: String,
+    /// Who booked (`anonymous` when the request named nobody).
     pub user: String,
+    /// How many seats.
     pub seats: i64,
     /// Unix seconds, as the book's `Booking.Date`.
     pub date: i64,
@@ -67,16 +70,12 @@ async fn known(service: &Service, event_id: &str) -> Result<(), ApiError> {
 async fn book(
     service: web::Data<Service>,
     event_id: web::Path<String>,
-    request: HttpRequest,
-    payload: web::Payload,
+    request: CommandRequest,
 ) -> Result<HttpResponse, ApiError> {
     let event_id = event_id.into_inner();
     // As the book does: an unknown event is a 404 whatever the body says.
     known(&service, &event_id).await?;
-    let body = h::read_body(payload).await?;
-    let scope = format!("POST /events/{event_id}/bookings");
-    let keyed = h::idempotency_key(&request)?.map(|k| Keyed::new(scope, k, &body));
-    let new: NewBooking = h::parse_json(&body)?;
+    let (new, keyed) = request.parse::<NewBooking>()?;
     if !(1..=i64::from(i32::MAX)).contains(&new.seats) {
         return Err(ApiError::bad_request(format!(
             "seats must be a number from 1 to {}",
@@ -94,48 +93,41 @@ async fn book(
         // 1..=i32::MAX, checked above.
         seats: u32::try_from(new.seats).unwrap_or(u32::MAX),
     };
-    let options = service.execute_options(None);
-    let (producer, views) = (service.name.clone(), service.projections.clone());
-    let replay_key = keyed.clone();
-    let outcome = repository::execute_unless::<SeatLedger, _, _, _>(
-        &service.db,
-        &event_id,
-        command,
-        &options,
-        move |c| idempotency::replay(c, replay_key.as_ref()),
-        move |c, executed| {
-            let (Some(LedgerEvent::Booked(booked)), Some(recorded)) =
-                (executed.events.first(), executed.recorded.first())
-            else {
-                return Err(StoreError::Corrupt(
-                    "a booking decided no eventBooked".into(),
-                ));
-            };
-            outbox::append(c, booked, &producer, None)?;
-            views.catch_up(c)?;
-            let response = h::stored(
-                StatusCode::CREATED,
-                &BookingJson {
-                    id: booked.booking_id.clone().unwrap_or_default(),
-                    event_id: booked.event_id.clone(),
-                    user: booked.user_id.clone(),
-                    seats: i64::from(booked.seats()),
-                    date: recorded.recorded_at / 1000,
-                },
-            );
-            idempotency::remember(c, keyed.as_ref(), &response)?;
-            Ok(response)
-        },
-    )
-    .await;
-    let response = outcome.map_err(|e| {
-        h::command_error(e, |refused| match refused {
-            LedgerError::UnknownEvent => ApiError::not_found(format!("event {event_id} not found")),
-            LedgerError::NotEnoughSeats { .. } => {
-                ApiError::conflict(format!("event {event_id}: {refused}"))
-            }
-        })
-    })?;
+    let response = service
+        .command::<SeatLedger, _>(
+            &event_id,
+            command,
+            keyed,
+            |c, executed, producer| {
+                let (Some(LedgerEvent::Booked(booked)), Some(recorded)) =
+                    (executed.events.first(), executed.recorded.first())
+                else {
+                    return Err(StoreError::Corrupt(
+                        "a booking decided no eventBooked".into(),
+                    ));
+                };
+                outbox::append(c, booked, producer, None)?;
+                Ok(h::stored(
+                    StatusCode::CREATED,
+                    &BookingJson {
+                        id: booked.booking_id.clone().unwrap_or_default(),
+                        event_id: booked.event_id.clone(),
+                        user: booked.user_id.clone(),
+                        seats: i64::from(booked.seats()),
+                        date: recorded.recorded_at / 1000,
+                    },
+                ))
+            },
+            |refused| match refused {
+                LedgerError::UnknownEvent => {
+                    ApiError::not_found(format!("event {event_id} not found"))
+                }
+                LedgerError::NotEnoughSeats { .. } => {
+                    ApiError::conflict(format!("event {event_id}: {refused}"))
+                }
+            },
+        )
+        .await?;
     if response.status == 201 {
         log::info!(target: "myevents::booking", "booked {}", response.body);
     }

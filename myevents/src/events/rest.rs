@@ -2,11 +2,9 @@
 //! JSON keys as its structs (`ID`, `Name`, `StartDate` in Unix seconds, ...).
 
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use chrono::{TimeZone, Utc};
 use serde::{Deserialize, Serialize};
-
-use diesel::SqliteConnection;
 
 use super::model::{
     Event, EventCommand, EventEvent, EventRecord, Location, LocationEvent, LocationRecord,
@@ -17,12 +15,12 @@ use crate::contract::{new_id, EventCreated, Hall, LocationCreated};
 use crate::service::Service;
 use herald::aggregate::Aggregate;
 use herald::error::StoreError;
-use herald::http::{self as h, ApiError};
-use herald::store::idempotency::{self, Keyed, StoredResponse};
+use herald::http::{self as h, ApiError, CommandRequest};
 use herald::store::outbox;
-use herald::store::repository;
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
+/// The events API's routes: create and list locations, create, list and
+/// find events (by id or name).
+pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/locations", h::get().to(list_locations))
         .route("/locations", web::post().to(create_location))
         .route("/events", h::get().to(list_events))
@@ -32,16 +30,24 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/events/name/{name}", h::get().to(event_by_name));
 }
 
+/// A location as the API shows it.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct LocationJson {
+    /// The location's id.
     #[serde(rename = "ID")]
     pub id: String,
+    /// Its name.
     pub name: String,
+    /// Its street address.
     pub address: String,
+    /// Its country.
     pub country: String,
+    /// When it opens (as the client sent it).
     pub open_time: i32,
+    /// When it closes (as the client sent it).
     pub close_time: i32,
+    /// Its halls, with their capacities.
     pub halls: Vec<Hall>,
 }
 
@@ -59,21 +65,30 @@ impl From<&LocationRow> for LocationJson {
     }
 }
 
+/// An event as the API shows it.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct EventJson {
+    /// The event's id.
     #[serde(rename = "ID")]
     pub id: String,
+    /// Its name.
     pub name: String,
+    /// Its duration, as the client sent it.
     pub duration: i32,
+    /// Its start, in Unix seconds.
     pub start_date: i64,
+    /// Its end, in Unix seconds.
     pub end_date: i64,
+    /// Where it takes place.
     pub location: LocationJson,
+    /// The hall it takes place in, if one was named.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hall: Option<String>,
     /// Absent: unlimited.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub capacity: Option<i32>,
+    /// Seats booked so far (as the booking context announced them).
     pub seats_booked: i64,
 }
 
@@ -173,12 +188,10 @@ async fn list_locations(service: web::Data<Service>) -> Result<HttpResponse, Api
 
 async fn create_location(
     service: web::Data<Service>,
-    request: HttpRequest,
-    payload: web::Payload,
+    request: CommandRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let body = h::read_body(payload).await?;
-    let keyed = h::idempotency_key(&request)?.map(|k| Keyed::new("POST /locations", k, &body));
-    let row = h::parse_json::<NewLocation>(&body)?.validate()?;
+    let (new, keyed) = request.parse::<NewLocation>()?;
+    let row = new.validate()?;
     let record = LocationRecord {
         created: LocationCreated {
             id: row.id.clone(),
@@ -190,13 +203,19 @@ async fn create_location(
         open_time: row.open_time,
         close_time: row.close_time,
     };
-    let response =
-        command::<Location, _>(&service, &row.id, record, keyed, |c, created, producer| {
-            let LocationEvent::Created(record) = created;
-            outbox::append(c, &record.created, producer, None)?;
-            let row = store::location(c, &record.created.id)?.ok_or(StoreError::NotFound)?;
-            Ok(h::stored(StatusCode::CREATED, &LocationJson::from(&row)))
-        })
+    let response = service
+        .command::<Location, _>(
+            &row.id,
+            record,
+            keyed,
+            |c, executed, producer| {
+                let LocationEvent::Created(record) = created(executed)?;
+                outbox::append(c, &record.created, producer, None)?;
+                let row = store::location(c, &record.created.id)?.ok_or(StoreError::NotFound)?;
+                Ok(h::stored(StatusCode::CREATED, &LocationJson::from(&row)))
+            },
+            exists::<Location>(&row.id),
+        )
         .await?;
     Ok(h::replay(&response))
 }
@@ -237,12 +256,9 @@ async fn event_by_name(
 
 async fn create_event(
     service: web::Data<Service>,
-    request: HttpRequest,
-    payload: web::Payload,
+    request: CommandRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let body = h::read_body(payload).await?;
-    let keyed = h::idempotency_key(&request)?.map(|k| Keyed::new("POST /events", k, &body));
-    let new: NewEvent = h::parse_json(&body)?;
+    let (new, keyed) = request.parse::<NewEvent>()?;
     let name = new.name.trim().to_owned();
     if name.is_empty() {
         return Err(ApiError::bad_request("Name must not be empty"));
@@ -296,70 +312,38 @@ async fn create_event(
         },
         duration: new.duration,
     };
-    let response = command::<Event, _>(
-        &service,
-        &id,
-        EventCommand::Create(record),
-        keyed,
-        |c, created, producer| {
-            let EventEvent::Created(record) = created else {
-                return Err(StoreError::Corrupt(
-                    "creating an event decided no eventCreated".into(),
-                ));
-            };
-            outbox::append(c, &record.created, producer, None)?;
-            let row = store::event(c, &record.created.id)?.ok_or(StoreError::NotFound)?;
-            Ok(h::stored(StatusCode::CREATED, &EventJson::from(&row)))
-        },
-    )
-    .await?;
+    let response = service
+        .command::<Event, _>(
+            &id,
+            EventCommand::Create(record),
+            keyed,
+            |c, executed, producer| {
+                let EventEvent::Created(record) = created(executed)? else {
+                    return Err(StoreError::Corrupt(
+                        "creating an event decided no eventCreated".into(),
+                    ));
+                };
+                outbox::append(c, &record.created, producer, None)?;
+                let row = store::event(c, &record.created.id)?.ok_or(StoreError::NotFound)?;
+                Ok(h::stored(StatusCode::CREATED, &EventJson::from(&row)))
+            },
+            exists::<Event>(&id),
+        )
+        .await?;
     Ok(h::replay(&response))
 }
 
-/// Runs a creating command on aggregate `id`. In the append's transaction the
-/// read models catch up, `respond` writes the outbox row and the answer, and
-/// the answer is remembered for the request's idempotency key.
-async fn command<A, F>(
-    service: &Service,
-    id: &str,
-    command: A::Command,
-    keyed: Option<Keyed>,
-    respond: F,
-) -> Result<StoredResponse, ApiError>
-where
-    A: Aggregate<Error = ModelError>,
-    F: Fn(&mut SqliteConnection, &A::Event, &str) -> Result<StoredResponse, StoreError>
-        + Clone
-        + Send
-        + 'static,
-{
-    let options = service.execute_options(None);
-    let (producer, views, replay_key) = (
-        service.name.clone(),
-        service.projections.clone(),
-        keyed.clone(),
-    );
-    repository::execute_unless::<A, _, _, _>(
-        &service.db,
-        id,
-        command,
-        &options,
-        move |c| idempotency::replay(c, replay_key.as_ref()),
-        move |c, executed| {
-            views.catch_up(c)?;
-            let event = executed
-                .events
-                .first()
-                .ok_or_else(|| StoreError::Corrupt("the command decided no event".into()))?;
-            let response = respond(c, event, &producer)?;
-            idempotency::remember(c, keyed.as_ref(), &response)?;
-            Ok(response)
-        },
-    )
-    .await
-    .map_err(|e| {
-        h::command_error(e, |ModelError::Exists| {
-            ApiError::conflict(format!("{} {id} exists already", A::KIND))
-        })
-    })
+/// The event a creating command decided.
+fn created<A: Aggregate>(
+    executed: &herald::store::repository::Executed<A>,
+) -> Result<&A::Event, StoreError> {
+    executed
+        .events
+        .first()
+        .ok_or_else(|| StoreError::Corrupt("the command decided no event".into()))
+}
+
+/// The refusal of creating aggregate `id` twice: 409.
+fn exists<A: Aggregate<Error = ModelError>>(id: &str) -> impl FnOnce(ModelError) -> ApiError + '_ {
+    move |ModelError::Exists| ApiError::conflict(format!("{} {id} exists already", A::KIND))
 }

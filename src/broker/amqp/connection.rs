@@ -6,6 +6,7 @@
 //! opens a fresh one, so there is no background task to supervise and every
 //! caller keeps its own retry policy.
 
+use secrecy::ExposeSecret;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -60,16 +61,20 @@ impl Inner {
         options: &AmqpOptions,
         blocked: &watch::Sender<bool>,
     ) -> Result<Self, BrokerError> {
-        let mut uri: AMQPUri = options.url.parse().map_err(|reason: String| {
-            BrokerError::Amqp(lapin::Error::from(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!(
-                    "invalid broker url {}: {}",
-                    redact_url(&options.url),
-                    crate::config::redact_in(&reason, &options.url)
-                ),
-            )))
-        })?;
+        let mut uri: AMQPUri = options
+            .url
+            .expose_secret()
+            .parse()
+            .map_err(|reason: String| {
+                BrokerError::Amqp(lapin::Error::from(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "invalid broker url {}: {}",
+                        redact_url(options.url.expose_secret()),
+                        crate::config::redact_in(&reason, options.url.expose_secret())
+                    ),
+                )))
+            })?;
         uri.query.heartbeat = Some(options.heartbeat_secs);
         let properties = ConnectionProperties::default()
             .with_connection_name(options.connection_name.clone().into());
@@ -130,7 +135,7 @@ impl AmqpBroker {
         log::info!(
             target: "herald::broker",
             "connected url={} exchange={} heartbeat_s={}",
-            redact_url(&options.url),
+            redact_url(options.url.expose_secret()),
             options.exchange,
             options.heartbeat_secs
         );
@@ -174,7 +179,7 @@ impl AmqpBroker {
             log::warn!(
                 target: "herald::broker",
                 "connection to {} lost; reconnecting",
-                redact_url(&options.url)
+                redact_url(options.url.expose_secret())
             );
         }
         match Inner::open(options, &self.shared.blocked).await {
@@ -185,7 +190,7 @@ impl AmqpBroker {
                 log::info!(
                     target: "herald::broker",
                     "reconnected url={}",
-                    redact_url(&options.url)
+                    redact_url(options.url.expose_secret())
                 );
                 Ok(fresh)
             }

@@ -1,11 +1,14 @@
 //! How to reach RabbitMQ: the settings a connection is opened with, kept apart
 //! from the connection so configuration code never needs lapin.
 
+use secrecy::SecretString;
+
 /// How to reach RabbitMQ and which exchange carries the events.
 #[derive(Debug, Clone)]
 pub struct AmqpOptions {
-    /// `amqp://user:pass@host:port/vhost`; never logged unredacted.
-    pub url: String,
+    /// `amqp://user:pass@host:port/vhost`: a secret (it holds the password),
+    /// shown redacted in `Debug` and logs.
+    pub url: SecretString,
     /// The topic exchange events are published to (the book's `events`).
     pub exchange: String,
     /// Heartbeat interval in seconds (0 disables heartbeats).
@@ -29,7 +32,7 @@ impl AmqpOptions {
     /// connection name `herald`.
     pub fn new(url: impl Into<String>) -> Self {
         AmqpOptions {
-            url: url.into(),
+            url: SecretString::from(url.into()),
             exchange: "events".into(),
             heartbeat_secs: 30,
             connection_name: "herald".into(),
