@@ -44,6 +44,7 @@
 //! `examples/own_context.rs` is the whole program (the README shows it too).
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub)]
 
 pub mod admin;
 pub mod aggregate;
