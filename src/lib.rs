@@ -41,7 +41,7 @@
 //!
 //! Declare an [`Event`], register a handler with [`ContextBuilder::handle`],
 //! start it on a broker and [`Context::run_until`] a shutdown signal:
-//! `examples/own_context.rs` is the whole program (the README shows it too).
+//! `examples/own-context/` is the whole program (the README shows it too).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
@@ -71,6 +71,9 @@ pub use runtime::{
 /// context needs no `schemars` dependency of its own: derive
 /// `herald::JsonSchema` and add `#[schemars(crate = "herald::schemars")]`.
 pub use schemars::{self, JsonSchema};
+/// Re-exported so a context needs no dependency of its own for them:
+/// `herald::actix::System` runs a context, `herald::log::info!` logs.
+pub use {actix, log};
 
 /// What writing a context needs, in one import: `use herald::prelude::*;`.
 pub mod prelude {
