@@ -37,8 +37,6 @@ struct Shared {
     /// Set while the connection is down, so the loss is logged once.
     lost: AtomicBool,
     closed: AtomicBool,
-    /// The broker's resource alarm (`connection.blocked`): publishing waits.
-    blocked: watch::Sender<bool>,
 }
 
 /// One live connection and its publishing channel.
@@ -54,13 +52,14 @@ pub(super) struct Inner {
     /// duplicate) while an unroutable one succeeded (and was lost).
     pub(super) publish_lock: tokio::sync::Mutex<()>,
     pub(super) exchange: String,
+    /// This connection's resource alarm (`connection.blocked`): publishing
+    /// waits. Per connection, so a dying one cannot clear what its successor
+    /// reported.
+    blocked: watch::Sender<bool>,
 }
 
 impl Inner {
-    async fn open(
-        options: &AmqpOptions,
-        blocked: &watch::Sender<bool>,
-    ) -> Result<Self, BrokerError> {
+    async fn open(options: &AmqpOptions) -> Result<Self, BrokerError> {
         let mut uri: AMQPUri = options
             .url
             .expose_secret()
@@ -79,6 +78,7 @@ impl Inner {
         let properties = ConnectionProperties::default()
             .with_connection_name(options.connection_name.clone().into());
         let connection = Connection::connect_uri(uri, properties).await?;
+        let blocked = watch::Sender::new(false);
         watch_alarms(&connection, blocked.clone());
         let publisher = connection.create_channel().await?;
         publisher
@@ -90,6 +90,7 @@ impl Inner {
             publisher,
             publish_lock: tokio::sync::Mutex::new(()),
             exchange: options.exchange.clone(),
+            blocked,
         })
     }
 
@@ -130,8 +131,7 @@ impl AmqpBroker {
     /// # Errors
     /// [`BrokerError::Amqp`] when the broker cannot be reached or refuses us.
     pub async fn connect(options: &AmqpOptions) -> Result<Self, BrokerError> {
-        let (blocked, _) = watch::channel(false);
-        let inner = Inner::open(options, &blocked).await?;
+        let inner = Inner::open(options).await?;
         log::info!(
             target: "herald::broker",
             "connected url={} exchange={} heartbeat_s={}",
@@ -146,7 +146,6 @@ impl AmqpBroker {
                 reconnecting: tokio::sync::Mutex::new(()),
                 lost: AtomicBool::new(false),
                 closed: AtomicBool::new(false),
-                blocked,
             }),
         })
     }
@@ -182,7 +181,7 @@ impl AmqpBroker {
                 redact_url(options.url.expose_secret())
             );
         }
-        match Inner::open(options, &self.shared.blocked).await {
+        match Inner::open(options).await {
             Ok(fresh) => {
                 let fresh = Arc::new(fresh);
                 *self.shared.link.lock().unwrap_or_else(|p| p.into_inner()) = fresh.clone();
@@ -203,7 +202,7 @@ impl AmqpBroker {
 
     /// Waits while a resource alarm blocks publishing (at once when none does).
     pub(super) async fn unblocked(&self) {
-        let mut blocked = self.shared.blocked.subscribe();
+        let mut blocked = self.current().blocked.subscribe();
         let _ = blocked.wait_for(|b| !*b).await;
     }
 
