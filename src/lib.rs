@@ -44,6 +44,7 @@ pub mod store;
 
 mod broker;
 mod event;
+mod failpoint;
 mod fnv;
 mod runtime;
 
