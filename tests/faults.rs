@@ -2,11 +2,14 @@
 //! its own; `rabbitmqctl close_all_connections -p <vhost>` only touches it.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use herald::transport::{Publisher, Subscriber};
 use herald::{ContextBuilder, Envelope, Event, HandlerError};
-use herald_testkit::{depth_with_retries, eventually, rabbitmqctl, tally, TestVhost, LIVENESS};
+use herald_testkit::{
+    depth_with_retries, eventually, not_exactly_once, rabbitmqctl, tally, TestVhost, LIVENESS,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -153,9 +156,9 @@ async fn the_context_resubscribes_after_each_dropped_connection_and_applies_each
         "queue and retry queues settled"
     );
     assert_eq!(
-        tally(&applied.lock().unwrap()),
-        (0..MESSAGES).map(|seq| (seq, 1)).collect(),
-        "each message applied exactly once (seq -> times)"
+        not_exactly_once(&applied.lock().unwrap(), 0..MESSAGES),
+        BTreeMap::new(),
+        "each message applied exactly once (seq -> times, where not once)"
     );
     context.shutdown().await.unwrap();
 }

@@ -128,3 +128,20 @@ pub fn tally<T: Ord + Clone>(items: &[T]) -> std::collections::BTreeMap<T, usize
     }
     counts
 }
+
+/// The items of `expected` that `items` holds other than exactly once (with
+/// how often: 0 for missing, 2 or more for doubles), and anything unexpected.
+/// Empty means each expected item occurs exactly once.
+pub fn not_exactly_once<T: Ord + Clone>(
+    items: &[T],
+    expected: impl IntoIterator<Item = T>,
+) -> std::collections::BTreeMap<T, usize> {
+    let mut counts = tally(items);
+    for item in expected {
+        let n = counts.remove(&item).unwrap_or(0);
+        if n != 1 {
+            counts.insert(item, n);
+        }
+    }
+    counts
+}
