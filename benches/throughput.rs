@@ -17,6 +17,9 @@
 //! the medians are compared. The target ratio is reported, never enforced.
 //!
 //! `HERALD_BENCH_MESSAGES` overrides N (default 20 000).
+//!
+//! Without `--bench` (`cargo test --all-targets` runs bench binaries that way)
+//! it is a smoke run: one round of `SMOKE_MESSAGES`, to show the bench works.
 
 use std::borrow::Cow;
 use std::error::Error;
@@ -40,6 +43,8 @@ type BenchResult<T> = Result<T, Box<dyn Error>>;
 const AMQP_BASE: &str = "amqp://guest:guest@127.0.0.1:5672";
 const DEFAULT_MESSAGES: usize = 20_000;
 const ROUNDS: usize = 3;
+/// Messages in the one round of a smoke run (without `--bench`).
+const SMOKE_MESSAGES: usize = 500;
 /// Publishes in flight before their confirms are awaited.
 const CONFIRM_BATCH: usize = 1_000;
 const TARGET_PERCENT: f64 = 90.0;
@@ -355,7 +360,7 @@ fn median(mut values: Vec<Duration>) -> Duration {
     values[values.len() / 2]
 }
 
-async fn bench(vhost: &Vhost, n: usize) -> BenchResult<()> {
+async fn bench(vhost: &Vhost, n: usize, rounds: usize) -> BenchResult<()> {
     let mut settings = herald::Settings::for_context(CONTEXT);
     settings.broker.url = vhost.url.clone().into();
     let prefetch = settings.broker.prefetch;
@@ -381,7 +386,7 @@ async fn bench(vhost: &Vhost, n: usize) -> BenchResult<()> {
     let body = herald::Envelope::new(&SeatBooked::new(u64::from(u32::MAX)))?.payload;
     println!(
         "herald throughput: {n} persistent messages of {} bytes, prefetch {prefetch}, \
-         {} shards on {} workers, {ROUNDS} rounds (vhost {})",
+         {} shards on {} workers, {rounds} rounds (vhost {})",
         body.len(),
         settings.runtime.shards,
         settings.runtime.workers,
@@ -398,9 +403,9 @@ async fn bench(vhost: &Vhost, n: usize) -> BenchResult<()> {
         println!("load average {load:.2} on {cpus} cpus{busy}");
     }
 
-    let mut raw_times = Vec::with_capacity(ROUNDS);
-    let mut herald_times = Vec::with_capacity(ROUNDS);
-    for round in 1..=ROUNDS {
+    let mut raw_times = Vec::with_capacity(rounds);
+    let mut herald_times = Vec::with_capacity(rounds);
+    for round in 1..=rounds {
         publisher.declare(RAW_QUEUE).await?;
         publisher.fill(n).await?;
         let raw_time = consume_raw(&raw, n, prefetch).await?;
@@ -429,11 +434,11 @@ async fn bench(vhost: &Vhost, n: usize) -> BenchResult<()> {
     let herald_time = median(herald_times);
     let (raw_rate, herald_rate) = (rate(n, raw_time), rate(n, herald_time));
     println!(
-        "raw lapin   : {n} msgs in {:.2} s = {raw_rate:.0} msg/s (median of {ROUNDS})",
+        "raw lapin   : {n} msgs in {:.2} s = {raw_rate:.0} msg/s (median of {rounds})",
         raw_time.as_secs_f64()
     );
     println!(
-        "herald      : {n} msgs in {:.2} s = {herald_rate:.0} msg/s (median of {ROUNDS})",
+        "herald      : {n} msgs in {:.2} s = {herald_rate:.0} msg/s (median of {rounds})",
         herald_time.as_secs_f64()
     );
     let ratio = 100.0 * herald_rate / raw_rate;
@@ -458,8 +463,14 @@ fn main() -> BenchResult<()> {
         env_logger::Env::default().default_filter_or("warn,herald::mailbox=error"),
     )
     .init();
-    let n = message_count()?;
+    // `cargo bench` passes `--bench`; `cargo test` does not.
+    let (n, rounds) = if std::env::args().any(|arg| arg == "--bench") {
+        (message_count()?, ROUNDS)
+    } else {
+        println!("smoke run (no --bench): 1 round of {SMOKE_MESSAGES} messages");
+        (SMOKE_MESSAGES, 1)
+    };
     let vhost = Vhost::create()?;
     // `vhost` outlives the system: it is deleted on every way out of here.
-    actix::System::new().block_on(bench(&vhost, n))
+    actix::System::new().block_on(bench(&vhost, n, rounds))
 }

@@ -56,6 +56,7 @@ pub mod store;
 
 mod broker;
 mod event;
+mod failpoint;
 mod fnv;
 mod runtime;
 

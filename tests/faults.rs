@@ -2,12 +2,14 @@
 //! its own; `rabbitmqctl close_all_connections -p <vhost>` only touches it.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use herald::transport::{Publisher, Subscriber};
 use herald::{ContextBuilder, Envelope, Event, HandlerError};
-use herald_testkit::{eventually, rabbitmqctl, TestVhost, LIVENESS};
+use herald_testkit::{
+    depth_with_retries, eventually, not_exactly_once, rabbitmqctl, tally, TestVhost, LIVENESS,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -23,15 +25,27 @@ impl Event for Tick {
     }
 }
 
-/// Publishes, trying again while the connection is down (the broker
-/// reconnects on the next call).
-async fn publish_until_confirmed(broker: &herald::AmqpBroker, seq: u32) {
-    let message = Envelope::new(&Tick {
+fn tick(seq: u32) -> herald::transport::Message {
+    Envelope::new(&Tick {
         key: format!("k{}", seq % 16),
         seq,
     })
     .unwrap()
-    .to_message();
+    .to_message()
+}
+
+/// Publishes, trying again while the connection is down (the broker
+/// reconnects on the next call). A publish whose confirm was lost goes out
+/// twice, with the same message id.
+async fn publish_until_confirmed(broker: &herald::AmqpBroker, seq: u32) {
+    publish_message_until_confirmed(broker, seq, tick(seq)).await;
+}
+
+async fn publish_message_until_confirmed(
+    broker: &herald::AmqpBroker,
+    seq: u32,
+    message: herald::transport::Message,
+) {
     let published = eventually(LIVENESS, || {
         let (broker, message) = (broker.clone(), message.clone());
         async move { broker.publish(message).await.is_ok() }
@@ -40,51 +54,76 @@ async fn publish_until_confirmed(broker: &herald::AmqpBroker, seq: u32) {
     assert!(published, "message {seq} never confirmed");
 }
 
-/// A context `name` that records the `seq` of every tick it handles.
+/// The `seq` of every tick a context applied, as often as it applied it.
+type Applied = Arc<Mutex<Vec<u32>>>;
+
+/// A context `name` that applies each tick once: it claims the message in its
+/// inbox (a SQLite database in a temporary folder) and records the `seq` only
+/// when the claim is new, so a redelivery recorded again shows as a double.
 async fn recording_context(
     vhost: &TestVhost,
     broker: &herald::AmqpBroker,
     name: &str,
-) -> (herald::Context, Arc<Mutex<HashSet<u32>>>) {
-    let seen = Arc::new(Mutex::new(HashSet::new()));
-    let s = seen.clone();
+) -> (herald::Context, Applied, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = herald::store::Db::open(dir.path().join("inbox.db").to_str().unwrap()).unwrap();
+    let applied = Applied::default();
+    let a = applied.clone();
     let context = ContextBuilder::new(vhost.settings(name))
-        .handle(move |tick: Tick, _| {
-            let seen = s.clone();
+        .store(db.clone())
+        .handle(move |tick: Tick, message: herald::MessageContext| {
+            let (db, applied) = (db.clone(), a.clone());
             async move {
-                seen.lock().unwrap().insert(tick.seq);
+                let (consumer, key) = (message.context.to_string(), message.dedupe_key.clone());
+                let new = db
+                    .write(move |c| {
+                        herald::store::inbox::claim(c, &consumer, key.as_deref(), Tick::NAME)
+                    })
+                    .await
+                    .map_err(HandlerError::from)?;
+                if new {
+                    applied.lock().unwrap().push(tick.seq);
+                }
                 Ok::<(), HandlerError>(())
             }
         })
         .start(broker)
         .await
         .unwrap();
-    (context, seen)
+    (context, applied, dir)
+}
+
+/// Distinct seqs applied so far.
+fn distinct(applied: &Applied) -> usize {
+    tally(&applied.lock().unwrap()).len()
 }
 
 #[actix_rt::test]
-async fn the_context_resubscribes_after_each_dropped_connection_and_loses_nothing() {
+async fn the_context_resubscribes_after_each_dropped_connection_and_applies_each_message_once() {
     const MESSAGES: u32 = 2000;
     const DROPS: u64 = 5;
     let vhost = TestVhost::new();
     let broker = vhost.broker().await;
-    let (context, seen) = recording_context(&vhost, &broker, "sturdy").await;
+    let delays = vhost.settings("sturdy").retry.delays;
+    let (context, applied, _dir) = recording_context(&vhost, &broker, "sturdy").await;
 
     let publisher = {
         let broker = broker.clone();
         actix_rt::spawn(async move {
             for seq in 0..MESSAGES {
-                publish_until_confirmed(&broker, seq).await;
+                let message = tick(seq);
+                if seq % 100 == 0 {
+                    // A republish (same message id), as after a lost confirm.
+                    publish_message_until_confirmed(&broker, seq, message.clone()).await;
+                }
+                publish_message_until_confirmed(&broker, seq, message).await;
             }
         })
     };
     for drop in 1..=DROPS {
         let threshold = (MESSAGES as usize / (DROPS as usize + 1)) * drop as usize;
         assert!(
-            eventually(LIVENESS, || async {
-                seen.lock().unwrap().len() >= threshold
-            })
-            .await,
+            eventually(LIVENESS, || async { distinct(&applied) >= threshold }).await,
             "progress before drop {drop}"
         );
         rabbitmqctl(&[
@@ -101,24 +140,25 @@ async fn the_context_resubscribes_after_each_dropped_connection_and_loses_nothin
     publisher.await.unwrap();
     assert!(
         eventually(LIVENESS, || async {
-            seen.lock().unwrap().len() == MESSAGES as usize
+            distinct(&applied) == MESSAGES as usize
         })
         .await,
-        "only {} of {MESSAGES} handled",
-        seen.lock().unwrap().len()
+        "only {} of {MESSAGES} applied",
+        distinct(&applied)
     );
     assert_eq!(context.resubscriptions(), DROPS);
     assert!(context.is_consuming());
-    assert!(eventually(LIVENESS, || async { context.in_flight() == 0 }).await);
     assert!(
         eventually(LIVENESS, || async {
-            broker
-                .queue_depth("sturdy")
-                .await
-                .map(|d| d == 0)
-                .unwrap_or(false)
+            context.in_flight() == 0 && depth_with_retries(&broker, "sturdy", &delays).await == 0
         })
-        .await
+        .await,
+        "queue and retry queues settled"
+    );
+    assert_eq!(
+        not_exactly_once(&applied.lock().unwrap(), 0..MESSAGES),
+        BTreeMap::new(),
+        "each message applied exactly once (seq -> times, where not once)"
     );
     context.shutdown().await.unwrap();
 }
@@ -248,9 +288,9 @@ async fn duplicates_with_the_same_message_id_change_state_once_and_emit_once() {
 async fn a_consumer_cancelled_by_the_broker_resubscribes_and_declares_again() {
     let vhost = TestVhost::new();
     let broker = vhost.broker().await;
-    let (context, seen) = recording_context(&vhost, &broker, "cancelled").await;
+    let (context, applied, _dir) = recording_context(&vhost, &broker, "cancelled").await;
     publish_until_confirmed(&broker, 1).await;
-    assert!(eventually(LIVENESS, || async { seen.lock().unwrap().contains(&1) }).await);
+    assert!(eventually(LIVENESS, || async { applied.lock().unwrap().contains(&1) }).await);
     rabbitmqctl(&["delete_queue", "-p", &vhost.name, "cancelled"]);
     assert!(
         eventually(LIVENESS, || async { context.resubscriptions() == 1 }).await,
@@ -258,7 +298,7 @@ async fn a_consumer_cancelled_by_the_broker_resubscribes_and_declares_again() {
     );
     publish_until_confirmed(&broker, 2).await;
     assert!(
-        eventually(LIVENESS, || async { seen.lock().unwrap().contains(&2) }).await,
+        eventually(LIVENESS, || async { applied.lock().unwrap().contains(&2) }).await,
         "the re-declared, re-bound queue is consumed"
     );
     assert!(context.is_consuming());

@@ -2,14 +2,14 @@
 //! supervision and dead letters. Each test has a vhost of its own.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use herald::transport::Publisher;
 use herald::{ContextBuilder, Envelope, Event, HandlerError, MessageContext};
-use herald_testkit::{eventually, TestVhost, LIVENESS};
+use herald_testkit::{depth_with_retries, eventually, not_exactly_once, TestVhost, LIVENESS};
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::BasicProperties;
@@ -37,6 +37,16 @@ fn step(key: impl Into<String>, seq: u32) -> herald::transport::Message {
     })
     .unwrap()
     .to_message()
+}
+
+/// Whatever else the handlers sent (after the queues settled: nothing, if
+/// nothing was handled twice).
+fn drain<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> Vec<T> {
+    let mut out = Vec::new();
+    while let Ok(item) = rx.try_recv() {
+        out.push(item);
+    }
+    out
 }
 
 async fn recv_n<T>(rx: &mut mpsc::UnboundedReceiver<T>, n: usize) -> Vec<T> {
@@ -180,6 +190,7 @@ async fn handler_panics_restart_the_shard_and_the_message_is_retried() {
     let vhost = TestVhost::new();
     let broker = vhost.broker().await;
     let settings = vhost.settings("panicky");
+    let delays = settings.retry.delays.clone();
     let chosen: HashSet<u32> = (0..MESSAGES).filter(|seq| seq % 40 == 7).collect();
     let panicked = Arc::new(Mutex::new(HashSet::new()));
     let (tx, mut rx) = mpsc::unbounded_channel::<(u32, u32)>();
@@ -205,9 +216,21 @@ async fn handler_panics_restart_the_shard_and_the_message_is_retried() {
             .await
             .unwrap();
     }
-    let handled = recv_n(&mut rx, MESSAGES as usize).await;
-    let seqs: HashSet<u32> = handled.iter().map(|(seq, _)| *seq).collect();
-    assert_eq!(seqs.len(), MESSAGES as usize, "each message handled once");
+    let mut handled = recv_n(&mut rx, MESSAGES as usize).await;
+    assert!(
+        eventually(LIVENESS, || async {
+            context.in_flight() == 0 && depth_with_retries(&broker, "panicky", &delays).await == 0
+        })
+        .await,
+        "queue and retry queues settled"
+    );
+    handled.extend(drain(&mut rx));
+    let seqs: Vec<u32> = handled.iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(
+        not_exactly_once(&seqs, 0..MESSAGES),
+        BTreeMap::new(),
+        "each message handled exactly once (seq -> times, where not once)"
+    );
     for (seq, attempt) in &handled {
         let expected = if chosen.contains(seq) { 2 } else { 1 };
         assert_eq!(
@@ -409,6 +432,7 @@ async fn a_message_that_always_fails_is_tried_max_attempts_times_then_dead_lette
     let broker = vhost.broker().await;
     let mut settings = vhost.settings("doomed");
     settings.retry.max_attempts = 4;
+    let delays = settings.retry.delays.clone();
     let tries = Arc::new(AtomicUsize::new(0));
     let (tx, mut rx) = mpsc::unbounded_channel::<u32>();
     let t = tries.clone();
@@ -432,12 +456,7 @@ async fn a_message_that_always_fails_is_tried_max_attempts_times_then_dead_lette
             .await
             .unwrap();
     }
-    let handled: HashSet<u32> = recv_n(&mut rx, MESSAGES as usize - 1)
-        .await
-        .into_iter()
-        .collect();
-    assert_eq!(handled.len(), MESSAGES as usize - 1);
-    assert!(!handled.contains(&POISON));
+    let mut handled = recv_n(&mut rx, MESSAGES as usize - 1).await;
     assert!(
         eventually(LIVENESS, || async {
             broker.queue_depth("doomed.dead-letter").await.unwrap() == 1
@@ -445,10 +464,25 @@ async fn a_message_that_always_fails_is_tried_max_attempts_times_then_dead_lette
         .await,
         "the poison message reached the dead-letter queue"
     );
+    // Once nothing is left to deliver (retry queues included), read again:
+    // a later try would show here.
+    assert!(
+        eventually(LIVENESS, || async {
+            context.in_flight() == 0 && depth_with_retries(&broker, "doomed", &delays).await == 0
+        })
+        .await,
+        "queue and retry queues settled"
+    );
     assert_eq!(
         tries.load(Ordering::SeqCst),
         4,
         "delivered exactly max_attempts times"
+    );
+    handled.extend(drain(&mut rx));
+    assert_eq!(
+        not_exactly_once(&handled, (0..MESSAGES).filter(|seq| *seq != POISON)),
+        BTreeMap::new(),
+        "every other message handled exactly once (seq -> times, where not once)"
     );
 
     let connection = vhost.lapin().await;
@@ -472,8 +506,9 @@ async fn a_message_that_always_fails_is_tried_max_attempts_times_then_dead_lette
     assert!(chrono::DateTime::parse_from_rfc3339(&text("x-herald-first-failure")).is_ok());
     let body: Step = serde_json::from_slice(&dead.delivery.data).unwrap();
     assert_eq!(body.seq, POISON);
-    assert!(eventually(LIVENESS, || async { context.in_flight() == 0 }).await);
-    assert_eq!(broker.queue_depth("doomed").await.unwrap(), 0);
+    assert_eq!(depth_with_retries(&broker, "doomed", &delays).await, 0);
+    assert_eq!(tries.load(Ordering::SeqCst), 4, "still max_attempts tries");
+    assert_eq!(broker.queue_depth("doomed.dead-letter").await.unwrap(), 0);
     context.shutdown().await.unwrap();
 }
 

@@ -1,6 +1,8 @@
 //! Projection rebuild rate: booking's `seats` read model rebuilt from 100,000
 //! stored events (1,000 seat ledgers, each opened and booked 99 times).
 //! `make bench` (`cargo bench --bench rebuild`). Prints events per second.
+//! Without `--bench` (as `cargo test --all-targets` runs it) it is a smoke
+//! run over 10 ledgers.
 
 use std::time::Instant;
 
@@ -12,23 +14,32 @@ use myevents::booking::ledger::{LedgerCommand, SeatLedger};
 use myevents::contract::EventCreated;
 
 const LEDGERS: usize = 1_000;
+/// Ledgers of a smoke run (without `--bench`).
+const SMOKE_LEDGERS: usize = 10;
 const BOOKINGS_PER_LEDGER: usize = 99;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::env::temp_dir().join(format!("herald-bench-{}", uuid::Uuid::new_v4().simple()));
-    let result = run(&dir);
+    // `cargo bench` passes `--bench`; `cargo test` does not.
+    let ledgers = if std::env::args().any(|arg| arg == "--bench") {
+        LEDGERS
+    } else {
+        println!("smoke run (no --bench): {SMOKE_LEDGERS} ledgers");
+        SMOKE_LEDGERS
+    };
+    let result = run(&dir, ledgers);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-fn run(dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+fn run(dir: &std::path::Path, ledgers: usize) -> Result<(), Box<dyn std::error::Error>> {
     let db = myevents::open_database(dir.join("booking.db").to_str().ok_or("temp path")?)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
         let filled = Instant::now();
-        for ledger in 0..LEDGERS {
+        for ledger in 0..ledgers {
             db.write(move |c| {
                 let id = format!("{ledger:024x}");
                 let mut state = SeatLedger::default();
@@ -67,7 +78,7 @@ fn run(dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
             })
             .await?;
         }
-        let events = LEDGERS * (1 + BOOKINGS_PER_LEDGER);
+        let events = ledgers * (1 + BOOKINGS_PER_LEDGER);
         println!(
             "stored      : {events} events in {:.2} s",
             filled.elapsed().as_secs_f64()

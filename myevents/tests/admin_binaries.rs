@@ -67,6 +67,7 @@ async fn the_booking_binary_is_operated_through_its_admin_api() {
         )),
         admin_token: Some(CANARY_TOKEN.into()),
         rust_log: Some("debug".into()),
+        ..Extra::default()
     };
     let booking = Service::start_with(Kind::Booking, &vhost, &dir, &extra).await;
     let admin = &booking.admin;
@@ -228,6 +229,28 @@ async fn the_booking_binary_is_operated_through_its_admin_api() {
     }
     assert!(eventually(LIVENESS, || async { known().await == before + 70 }).await);
 
+    // The broker drops the connections: booking reconnects with the canary
+    // password (consumer and publisher) and logs it, without the password.
+    let reconnects = || booking.stderr().matches("consumer back after").count();
+    assert_eq!(reconnects(), 0);
+    rabbitmqctl(&["close_all_connections", "-p", &vhost.name, "test"]);
+    assert!(
+        eventually(LIVENESS, || async { reconnects() == 1 }).await,
+        "booking logged its reconnect:\n{}",
+        booking.stderr()
+    );
+    assert_eq!(book(&booking.api, &event, 1).await.status, 201);
+    assert!(
+        eventually(LIVENESS, || async {
+            get("/metrics")
+                .await
+                .text()
+                .contains(r#"herald_outbox_pending{context="booking"} 0"#)
+        })
+        .await,
+        "the booking after the reconnect was published"
+    );
+
     // Rebuild while running, and the rest of the routes with the token.
     let rebuilt = post("/projections/seats/rebuild".into()).await;
     assert_eq!(rebuilt.status, 200, "{rebuilt:?}");
@@ -247,11 +270,13 @@ async fn the_booking_binary_is_operated_through_its_admin_api() {
     assert_eq!(config["admin"]["token"], "***");
 
     booking
-        .terminate_and_check(|stderr| {
+        .terminate_and_check_both(|stderr, stdout| {
             for secret in [CANARY_PASSWORD, CANARY_TOKEN] {
-                assert!(!stderr.contains(secret), "a secret reached the log");
+                assert!(!stderr.contains(secret), "a secret reached stderr");
+                assert!(!stdout.contains(secret), "a secret reached stdout");
             }
             assert!(stderr.contains(" DEBUG "), "the run logged at DEBUG");
+            assert!(stderr.contains("consumer lost"), "the loss was logged");
         })
         .await;
     for body in seen_bodies {
@@ -260,4 +285,75 @@ async fn the_booking_binary_is_operated_through_its_admin_api() {
             "{body}"
         );
     }
+}
+
+/// The AsyncAPI documents the running `events` and `booking` binaries serve
+/// on their admin listeners (`GET /asyncapi.json`) pass the official parser
+/// (`make test-tools` installs it) and list what each publishes and consumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_asyncapi_documents_the_binaries_serve_are_valid_and_complete() {
+    let vhost = TestVhost::new();
+    let dir = DataDir::new();
+    let mut files = Vec::new();
+    for kind in [Kind::Events, Kind::Booking] {
+        let service = Service::start(kind, &vhost, &dir).await;
+        let served = service.admin.get("/asyncapi.json").await;
+        assert_eq!(served.status, 200, "{served:?}");
+        let document = served.json();
+        let channels = document["channels"]
+            .as_object()
+            .unwrap_or_else(|| panic!("no channels in {document}"));
+        let operation =
+            |event: &str, op: &str| channels.get(event).is_some_and(|c| c.get(op).is_some());
+        match kind {
+            Kind::Events => {
+                assert!(
+                    operation("eventCreated", "subscribe")
+                        && operation("locationCreated", "subscribe"),
+                    "{document}"
+                );
+                assert!(operation("eventBooked", "publish"), "{document}");
+            }
+            Kind::Booking => {
+                assert!(operation("eventBooked", "subscribe"), "{document}");
+                assert!(
+                    operation("eventCreated", "publish") && operation("locationCreated", "publish"),
+                    "{document}"
+                );
+            }
+        }
+        let payload = &document["components"]["messages"]["eventCreated"]["payload"];
+        assert_eq!(
+            payload["properties"]["start_date"]["format"], "date-time",
+            "{payload}"
+        );
+        assert!(payload["required"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("location_id")));
+        // The bytes as served, not a re-encoding.
+        let file = dir.path().join(format!("{}.asyncapi.json", kind.name()));
+        std::fs::write(&file, &served.body).unwrap();
+        files.push(file);
+        service.terminate().await;
+    }
+    let output = std::process::Command::new("node")
+        .arg("scripts/asyncapi-validate.mjs")
+        .args(&files)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .output()
+        .expect("node runs (make test-tools installs the parser)");
+    assert!(
+        output.status.success(),
+        "AsyncAPI validation failed (run `make test-tools` first):\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout)
+            .matches(": valid AsyncAPI")
+            .count(),
+        2,
+        "both documents validated"
+    );
 }

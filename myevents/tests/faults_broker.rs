@@ -1,14 +1,15 @@
 //! Fault injection: the broker itself stops (`rabbitmqctl stop_app`) and
-//! starts again, twice, during a stream of 10,000 events. This stops every
-//! vhost, so this binary holds this one test (cargo runs test binaries one at
-//! a time).
+//! starts again, twice, during a stream of `eventBooked` into the events
+//! binary. This stops every vhost, so this binary holds this one test (cargo
+//! runs test binaries one at a time). Each booking adds its seats to its
+//! event's `SeatsBooked`: anything applied twice counts above the expected.
 
 mod myevents_support;
 
 use herald_testkit::{eventually, rabbitmqctl, TestVhost, LIVENESS};
 use myevents_support::*;
 
-const EVENTS: i64 = 10_000;
+const TOTAL: i64 = 4_000;
 
 /// Starts the broker app again even when an assertion fails mid-test.
 struct RestartOnDrop;
@@ -22,40 +23,38 @@ impl Drop for RestartOnDrop {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn booking_survives_two_broker_restarts_and_applies_every_event_once() {
+async fn events_survives_two_broker_restarts_and_counts_every_booking_once() {
     let vhost = TestVhost::new();
     let dir = DataDir::new();
-    let mut booking = Service::start(Kind::Booking, &vhost, &dir).await;
-    let db = database(&dir, Kind::Booking);
+    let mut events = Service::start(Kind::Events, &vhost, &dir).await;
+    let ids = some_events(&events.api, 8).await;
+    let stream = booked_stream(&ids, TOTAL, 50);
+    let db = database(&dir, Kind::Events);
     let broker = vhost.broker().await;
-    let publisher = spawn_announcements(&broker, EVENTS, None);
-    let known = || known_events(&db);
+    let publisher = spawn_publishing(&broker, stream.messages.clone());
     let _guard = RestartOnDrop;
-    for threshold in [EVENTS / 4, EVENTS * 3 / 5] {
-        assert!(
-            eventually(LIVENESS * 2, || async { known().await >= threshold }).await,
-            "booking reached {threshold}"
-        );
+    let reconnects = |events: &Service| events.stderr().matches("consumer back after").count();
+    for (restart, threshold) in [TOTAL / 4, TOTAL * 3 / 5].into_iter().enumerate() {
+        wait_for_count("eventBooked facts", threshold, || booked_facts(&db)).await;
         rabbitmqctl(&["stop_app"]);
         rabbitmqctl(&["start_app"]);
-        let before = known().await;
         assert!(
-            eventually(LIVENESS, || async { known().await > before }).await,
-            "consumption resumed within {LIVENESS:?} of the restart"
+            eventually(LIVENESS, || async { reconnects(&events) > restart }).await,
+            "events consumes again within {LIVENESS:?} of restart {}",
+            restart + 1
         );
-        assert!(booking.is_running(), "the process never exits");
+        assert!(events.is_running(), "the process never exits");
     }
     publisher.await.unwrap();
-    assert!(
-        eventually(LIVENESS * 2, || async { known().await == EVENTS }).await,
-        "only {} of {EVENTS} applied",
-        known().await
+    wait_for_count("eventBooked facts", stream.distinct, || booked_facts(&db)).await;
+    wait_until_all_settled(&vhost).await;
+    assert_eq!(
+        booked_facts(&db).await,
+        stream.distinct,
+        "each eventBooked applied exactly once"
     );
-    let opened = ledgers_opened(&db).await;
-    assert_eq!(opened, EVENTS, "each event applied exactly once");
-    wait_until_settled(&vhost, "booking").await;
-    let reconnects = booking.stderr().matches("consumer back after").count();
-    assert!(reconnects >= 2, "{}", booking.stderr());
-    assert!(booking.is_running());
-    booking.terminate().await;
+    assert_seats_counted_once(&events.api, &stream.seats).await;
+    assert!(reconnects(&events) >= 2, "{}", events.stderr());
+    assert!(events.is_running());
+    events.terminate().await;
 }

@@ -489,7 +489,7 @@ async fn a_message_delivered_twice_changes_bookings_state_once() {
         .publish(event_created(&other, Some(5), Some(&message_id)))
         .await
         .unwrap();
-    wait_until_settled(&vhost, "booking").await;
+    wait_until_all_settled(&vhost).await;
     assert_eq!(
         queue_messages(&vhost, "booking.dead-letter").await,
         Some(0),
@@ -544,7 +544,7 @@ async fn an_event_booked_message_delivered_twice_counts_its_seats_once_in_events
     // Same partition key: applied after the ones above.
     broker.publish(booked(5)).await.unwrap();
     wait_for_seats_booked(&events, &id, 6).await;
-    wait_until_settled(&vhost, "events").await;
+    wait_until_all_settled(&vhost).await;
     assert_eq!(seats_booked(&events.api, &id).await, 6);
     assert_eq!(queue_messages(&vhost, "events.dead-letter").await, Some(0));
 }

@@ -149,6 +149,8 @@ async fn relay(parts: RelayParts) {
                         escape(&row.partition_key)
                     );
                     published.push(row.position);
+                    // Tests crash here: published, not yet marked.
+                    crate::failpoint::hit("outbox.after_publish");
                 }
                 Err(BrokerError::Unroutable { .. }) => {
                     if warned_unroutable.insert(row.event_name.clone()) {

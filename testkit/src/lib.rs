@@ -97,3 +97,51 @@ where
 
 /// A generous liveness deadline for tests.
 pub const LIVENESS: Duration = Duration::from_secs(30);
+
+/// Ready messages in `queue` plus those waiting in its retry queues (one per
+/// delay, `<queue>.retry.<delay>`): zero, with nothing in flight, means no
+/// delivery of that queue is still to come.
+pub async fn depth_with_retries(
+    broker: &herald::AmqpBroker,
+    queue: &str,
+    delays: &[Duration],
+) -> u32 {
+    let mut total = broker
+        .queue_depth(queue)
+        .await
+        .unwrap_or_else(|e| panic!("depth of {queue}: {e}"));
+    for delay in delays {
+        let retry = herald::transport::retry_queue(queue, *delay);
+        total += broker
+            .queue_depth(&retry)
+            .await
+            .unwrap_or_else(|e| panic!("depth of {retry}: {e}"));
+    }
+    total
+}
+
+/// How many times each item occurs: a multiset, where a set would hide doubles.
+pub fn tally<T: Ord + Clone>(items: &[T]) -> std::collections::BTreeMap<T, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for item in items {
+        *counts.entry(item.clone()).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// The items of `expected` that `items` holds other than exactly once (with
+/// how often: 0 for missing, 2 or more for doubles), and anything unexpected.
+/// Empty means each expected item occurs exactly once.
+pub fn not_exactly_once<T: Ord + Clone>(
+    items: &[T],
+    expected: impl IntoIterator<Item = T>,
+) -> std::collections::BTreeMap<T, usize> {
+    let mut counts = tally(items);
+    for item in expected {
+        let n = counts.remove(&item).unwrap_or(0);
+        if n != 1 {
+            counts.insert(item, n);
+        }
+    }
+    counts
+}

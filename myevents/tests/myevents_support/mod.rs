@@ -72,6 +72,8 @@ pub struct Extra {
     pub amqp_url: Option<String>,
     pub admin_token: Option<String>,
     pub rust_log: Option<String>,
+    /// `HERALD_FAILPOINTS`: crash points to arm (the test build has them).
+    pub failpoints: Option<String>,
 }
 
 /// Writes (again) the config of `kind` in `dir`: the vhost, port 0, the
@@ -112,8 +114,8 @@ poll_interval = "200ms"
     path
 }
 
-/// One running binary: its stderr lines (collected continuously, so the pipe
-/// never fills) and its REST API. Killed on drop.
+/// One running binary: its stderr and stdout lines (collected continuously,
+/// so no pipe ever fills) and its REST API. Killed on drop.
 pub struct Service {
     pub kind: Kind,
     pub api: Api,
@@ -121,7 +123,29 @@ pub struct Service {
     pub admin: Api,
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
-    reader: Option<JoinHandle<()>>,
+    out_lines: Arc<Mutex<Vec<String>>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+/// Collects the lines of `stream` into `sink` until it closes.
+fn collect_lines(
+    stream: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+    sink: Arc<Mutex<Vec<String>>>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut reader = BufReader::new(stream);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let text = String::from_utf8_lossy(&line).trim_end().to_owned();
+                    sink.lock().unwrap().push(text);
+                }
+            }
+        }
+    })
 }
 
 impl Service {
@@ -148,7 +172,7 @@ impl Service {
                 extra.rust_log.as_deref().unwrap_or("info,lapin=warn"),
             )
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         // Nothing from the environment may override the test config.
@@ -158,6 +182,7 @@ impl Service {
             "HTTP_ADDR",
             "ADMIN_ADDR",
             "ADMIN_TOKEN",
+            "HERALD_FAILPOINTS",
         ] {
             command.env_remove(var);
         }
@@ -172,33 +197,31 @@ impl Service {
         if let Some(token) = &extra.admin_token {
             command.env("ADMIN_TOKEN", token);
         }
+        if let Some(points) = &extra.failpoints {
+            command.env("HERALD_FAILPOINTS", points);
+        }
         let mut child = command
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", kind.exe()));
-        let stderr = child.stderr.take().expect("piped stderr");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        let reader = tokio::spawn(async move {
-            let mut reader = BufReader::new(stderr);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                match reader.read_until(b'\n', &mut line).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        let text = String::from_utf8_lossy(&line).trim_end().to_owned();
-                        sink.lock().unwrap().push(text);
-                    }
-                }
-            }
-        });
+        let (lines, out_lines) = (Arc::default(), Arc::default());
+        let readers = vec![
+            collect_lines(
+                child.stderr.take().expect("piped stderr"),
+                Arc::clone(&lines),
+            ),
+            collect_lines(
+                child.stdout.take().expect("piped stdout"),
+                Arc::clone(&out_lines),
+            ),
+        ];
         let mut service = Service {
             kind,
             api: Api { port: 0 },
             admin: Api { port: 0 },
             child,
             lines,
-            reader: Some(reader),
+            out_lines,
+            readers,
         };
         service.wait_until_started().await;
         service
@@ -248,7 +271,7 @@ impl Service {
     }
 
     async fn finish_reading(&mut self) {
-        if let Some(reader) = self.reader.take() {
+        for reader in self.readers.drain(..) {
             let _ = timeout(Duration::from_secs(5), reader).await;
         }
     }
@@ -256,6 +279,23 @@ impl Service {
     /// Everything the process wrote to stderr so far.
     pub fn stderr(&self) -> String {
         self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Everything the process wrote to stdout so far.
+    pub fn stdout(&self) -> String {
+        self.out_lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits (up to the liveness deadline) until the process exits by itself;
+    /// returns how it ended and its whole stderr.
+    pub async fn wait_for_exit(mut self) -> (ExitStatus, String) {
+        let name = self.kind.name();
+        let status = timeout(LIVENESS, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{name} is still running:\n{}", self.stderr()))
+            .expect("wait for the child");
+        self.finish_reading().await;
+        (status, self.stderr())
     }
 
     /// SIGKILL: no shutdown of any kind (a crash, a power cut).
@@ -271,10 +311,17 @@ impl Service {
 
     /// As [`Service::terminate`], then hands the whole stderr to `check`.
     pub async fn terminate_and_check(self, check: impl FnOnce(&str)) {
-        let lines = self.lines.clone();
+        self.terminate_and_check_both(|stderr, _| check(stderr))
+            .await;
+    }
+
+    /// As [`Service::terminate`], then hands the whole stderr and stdout to `check`.
+    pub async fn terminate_and_check_both(self, check: impl FnOnce(&str, &str)) {
+        let (lines, out_lines) = (self.lines.clone(), self.out_lines.clone());
         self.terminate().await;
         let stderr = lines.lock().unwrap().join("\n");
-        check(&stderr);
+        let stdout = out_lines.lock().unwrap().join("\n");
+        check(&stderr, &stdout);
     }
 
     /// SIGTERM, then waits for the exit; asserts an orderly (zero) exit.
@@ -788,4 +835,158 @@ pub async fn ledgers_opened(db: &herald::store::Db) -> i64 {
         "SELECT count(*) AS n FROM event_store WHERE event_name = 'ledgerOpened'",
     )
     .await
+}
+
+/// Every queue of the vhost with its messages (ready and unacknowledged):
+/// context queues, their retry queues (`<queue>.retry.<delay>`) and dead letters.
+pub async fn all_queues(vhost: &TestVhost) -> Vec<(String, u64)> {
+    let output = Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "-p", &vhost.name, "--no-table-headers"])
+        .args(["name", "messages"])
+        .output()
+        .await
+        .expect("rabbitmqctl runs");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl list_queues: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let (name, count) = line.split_once('\t')?;
+            Some((name.to_owned(), count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Waits until no queue of the vhost holds a message, retry queues included:
+/// nothing is left that could still be applied. (`<queue>.bindings` keeps
+/// herald's record of a queue's bindings as its one message: not a delivery.)
+pub async fn wait_until_all_settled(vhost: &TestVhost) {
+    let settled = eventually(LIVENESS, || async {
+        let queues = all_queues(vhost).await;
+        !queues.is_empty()
+            && queues
+                .iter()
+                .all(|(name, n)| *n == 0 || name.ends_with(".bindings"))
+    })
+    .await;
+    assert!(
+        settled,
+        "queues still hold messages: {:?}",
+        all_queues(vhost).await
+    );
+}
+
+/// Waits until `current` reaches `target`, failing only when it makes no
+/// progress for [`LIVENESS`] (two shared cores make total times vary).
+pub async fn wait_for_count<F, Fut>(what: &str, target: i64, mut current: F) -> i64
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = i64>,
+{
+    let mut last = current().await;
+    let mut progressed = Instant::now();
+    while last < target {
+        assert!(
+            progressed.elapsed() < LIVENESS,
+            "{what}: stuck at {last} of {target} for {LIVENESS:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = current().await;
+        if now != last {
+            progressed = Instant::now();
+            last = now;
+        }
+    }
+    last
+}
+
+/// `eventBooked` facts the events context recorded: one per application, so
+/// an event applied twice counts twice.
+pub async fn booked_facts(db: &herald::store::Db) -> i64 {
+    count(
+        db,
+        "SELECT count(*) AS n FROM event_store WHERE event_name = 'eventBooked'",
+    )
+    .await
+}
+
+/// A stream of `eventBooked` messages as booking publishes them, spread over
+/// `events`, with 1 to 3 seats each, and every `every`-th message published
+/// a second time with the same message id (a republish after a crash).
+pub struct BookedStream {
+    /// What to publish, in order (the copies included).
+    pub messages: Vec<herald::transport::Message>,
+    /// Distinct bookings.
+    pub distinct: i64,
+    /// Seats per event id if each booking is counted exactly once.
+    pub seats: std::collections::BTreeMap<String, i64>,
+}
+
+pub fn booked_stream(events: &[String], total: i64, every: i64) -> BookedStream {
+    let mut stream = BookedStream {
+        messages: Vec::new(),
+        distinct: total,
+        seats: events.iter().map(|id| (id.clone(), 0)).collect(),
+    };
+    for n in 0..total {
+        let event_id = &events[usize::try_from(n).unwrap() % events.len()];
+        let seats = 1 + n % 3;
+        let message = herald::Envelope::new(&myevents::contract::EventBooked {
+            event_id: event_id.clone(),
+            user_id: "alice".into(),
+            booking_id: Some(format!("{n:024x}")),
+            seats: Some(u32::try_from(seats).unwrap()),
+        })
+        .unwrap()
+        .with_producer("booking")
+        .to_message();
+        *stream.seats.get_mut(event_id).unwrap() += seats;
+        if n % every == 0 {
+            stream.messages.push(message.clone());
+        }
+        stream.messages.push(message);
+    }
+    stream
+}
+
+/// Publishes `messages` in the background, each until confirmed.
+pub fn spawn_publishing(
+    broker: &herald::AmqpBroker,
+    messages: Vec<herald::transport::Message>,
+) -> tokio::task::JoinHandle<()> {
+    let broker = broker.clone();
+    tokio::spawn(async move {
+        for message in messages {
+            publish_until_confirmed(&broker, message).await;
+        }
+    })
+}
+
+/// `n` events (each in a hall of its own location) created through the
+/// events REST API; returns their ids.
+pub async fn some_events(events: &Api, n: usize) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        ids.push(event_with_capacity(events, &format!("Concert {i}"), 100_000).await);
+    }
+    ids
+}
+
+/// Asserts that the events context counts exactly `expected` seats for each
+/// event: a booking applied twice would count its seats twice.
+pub async fn assert_seats_counted_once(
+    events: &Api,
+    expected: &std::collections::BTreeMap<String, i64>,
+) {
+    let mut counted = std::collections::BTreeMap::new();
+    for id in expected.keys() {
+        counted.insert(id.clone(), seats_booked(events, id).await);
+    }
+    assert_eq!(
+        &counted, expected,
+        "seats booked per event (counted / expected)"
+    );
 }
