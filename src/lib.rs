@@ -33,6 +33,8 @@
 //!   idempotent commands); [`admin`]: the operator API of a running context.
 //! - [`cli`]: what every binary does around its context (logging, `--config`, exit codes).
 //! - [`prelude`]: what writing a context needs, in one import.
+//! - `failpoint.rs`: named crash points a test build can arm (feature
+//!   `failpoints`, off by default), to kill a process inside a crash window.
 //!
 //! The workspace around it: `myevents/` (the MyEvents contexts, built on this
 //! public API only), `testkit/` (test support), `docs/` (architecture, ADRs).

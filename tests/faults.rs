@@ -74,11 +74,9 @@ async fn recording_context(
         .handle(move |tick: Tick, message: herald::MessageContext| {
             let (db, applied) = (db.clone(), a.clone());
             async move {
-                let (consumer, key) = (message.context.to_string(), message.dedupe_key.clone());
+                let key = message.inbox_key();
                 let new = db
-                    .write(move |c| {
-                        herald::store::inbox::claim(c, &consumer, key.as_deref(), Tick::NAME)
-                    })
+                    .write(move |c| herald::store::inbox::claim(c, &key))
                     .await
                     .map_err(HandlerError::from)?;
                 if new {

@@ -1,4 +1,4 @@
-//! Mailbox lines in the log (DESIGN section 8), captured from the real runtime.
+//! Mailbox lines in the log (stable `key=value` pairs), captured from the real runtime.
 
 use std::borrow::Cow;
 use std::sync::Arc;
