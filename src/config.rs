@@ -553,32 +553,11 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    fn file(contents: &str) -> tempfile_lite::TempToml {
-        tempfile_lite::TempToml::new(contents)
-    }
-
-    /// A throwaway TOML file in the target dir, removed on drop.
-    mod tempfile_lite {
-        use super::*;
-        pub(in super::super) struct TempToml(pub(in super::super) std::path::PathBuf);
-        impl TempToml {
-            pub(in super::super) fn new(contents: &str) -> Self {
-                let dir =
-                    std::env::temp_dir().join(format!("herald-config-{}", uuid::Uuid::new_v4()));
-                std::fs::create_dir_all(&dir).unwrap();
-                let path = dir.join("ctx.toml");
-                std::fs::File::create(&path)
-                    .unwrap()
-                    .write_all(contents.as_bytes())
-                    .unwrap();
-                TempToml(path)
-            }
-        }
-        impl Drop for TempToml {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(self.0.parent().unwrap());
-            }
-        }
+    /// A throwaway TOML file, removed on drop.
+    fn file(contents: &str) -> tempfile::NamedTempFile {
+        let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        file.write_all(contents.as_bytes()).unwrap();
+        file
     }
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
@@ -591,7 +570,7 @@ mod tests {
     #[test]
     fn minimal_file_takes_the_documented_defaults() {
         let f = file("[context]\nname = \"booking\"\n");
-        let s = Settings::load_with_env(&f.0, env(&[])).unwrap();
+        let s = Settings::load_with_env(f.path(), env(&[])).unwrap();
         assert_eq!(
             s.broker.url.expose_secret(),
             "amqp://guest:guest@127.0.0.1:5672/%2f"
@@ -607,7 +586,7 @@ mod tests {
     fn environment_overrides_the_file() {
         let f = file("[context]\nname = \"booking\"\n[broker]\nprefetch = 10\n");
         let s = Settings::load_with_env(
-            &f.0,
+            f.path(),
             env(&[
                 ("AMQP_URL", "amqp://u:p@10.0.0.1:5672/v"),
                 ("ADMIN_TOKEN", "s3cret"),
@@ -634,7 +613,7 @@ mod tests {
     #[test]
     fn malformed_value_names_its_key() {
         let f = file("[context]\nname = \"booking\"\n[broker]\nprefetch = \"lots\"\n");
-        let error = Settings::load_with_env(&f.0, env(&[]))
+        let error = Settings::load_with_env(f.path(), env(&[]))
             .unwrap_err()
             .to_string();
         assert!(error.contains("broker.prefetch"), "{error}");
@@ -643,7 +622,7 @@ mod tests {
     #[test]
     fn out_of_range_value_names_its_key() {
         let f = file("[context]\nname = \"booking\"\n[runtime]\nshards = 0\n");
-        let error = Settings::load_with_env(&f.0, env(&[]))
+        let error = Settings::load_with_env(f.path(), env(&[]))
             .unwrap_err()
             .to_string();
         assert!(error.contains("runtime.shards"), "{error}");
@@ -652,7 +631,7 @@ mod tests {
     #[test]
     fn unknown_key_is_refused() {
         let f = file("[context]\nname = \"booking\"\n[runtime]\nshard = 4\n");
-        let error = Settings::load_with_env(&f.0, env(&[]))
+        let error = Settings::load_with_env(f.path(), env(&[]))
             .unwrap_err()
             .to_string();
         assert!(error.contains("shard"), "{error}");
@@ -661,7 +640,7 @@ mod tests {
     #[test]
     fn bad_broker_url_is_named_and_redacted() {
         let f = file("[context]\nname = \"booking\"\n");
-        let error = Settings::load_with_env(&f.0, env(&[("AMQP_URL", "http://u:hunter2@x/")]))
+        let error = Settings::load_with_env(f.path(), env(&[("AMQP_URL", "http://u:hunter2@x/")]))
             .unwrap_err()
             .to_string();
         assert!(error.contains("broker.url"), "{error}");
@@ -673,7 +652,7 @@ mod tests {
         let url = "amqp:guest:s3cret@rabbit/%2f";
         assert_eq!(redact_url(url), "***@rabbit/%2f");
         let f = file("[context]\nname = \"booking\"\n");
-        let error = Settings::load_with_env(&f.0, env(&[("AMQP_URL", url)]))
+        let error = Settings::load_with_env(f.path(), env(&[("AMQP_URL", url)]))
             .unwrap_err()
             .to_string();
         assert!(

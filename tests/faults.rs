@@ -181,8 +181,8 @@ async fn duplicates_with_the_same_message_id_change_state_once_and_emit_once() {
     const MESSAGES: u32 = 1000;
     let vhost = TestVhost::new();
     let broker = vhost.broker().await;
-    let dir = std::env::temp_dir().join(format!("herald-dup-{}", uuid::Uuid::new_v4().simple()));
-    let db = herald::store::Db::open(dir.join("dup.db").to_str().unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = herald::store::Db::open(dir.path().join("dup.db").to_str().unwrap()).unwrap();
     db.write(|c| {
         c.batch_execute("CREATE TABLE effects (seq INTEGER NOT NULL)")?;
         Ok(())
@@ -277,7 +277,6 @@ async fn duplicates_with_the_same_message_id_change_state_once_and_emit_once() {
     assert_eq!(context.outbox_pending().await.unwrap(), 0);
     context.shutdown().await.unwrap();
     drop(listener);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// The broker cancels the consumer (its queue was deleted): the context

@@ -46,22 +46,15 @@ impl Event for Unused {
     }
 }
 
-struct TempDir(std::path::PathBuf);
+/// A context database in a folder of its own, removed on drop.
+struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     fn new() -> Self {
-        TempDir(
-            std::env::temp_dir().join(format!("herald-outbox-{}", uuid::Uuid::new_v4().simple())),
-        )
+        TempDir(tempfile::tempdir().unwrap())
     }
     fn db(&self) -> Db {
-        Db::open(self.0.join("ctx.db").to_str().unwrap()).unwrap()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        Db::open(self.0.path().join("ctx.db").to_str().unwrap()).unwrap()
     }
 }
 

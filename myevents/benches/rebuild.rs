@@ -19,7 +19,7 @@ const SMOKE_LEDGERS: usize = 10;
 const BOOKINGS_PER_LEDGER: usize = 99;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let dir = std::env::temp_dir().join(format!("herald-bench-{}", uuid::Uuid::new_v4().simple()));
+    let dir = tempfile::tempdir()?;
     // `cargo bench` passes `--bench`; `cargo test` does not.
     let ledgers = if std::env::args().any(|arg| arg == "--bench") {
         LEDGERS
@@ -27,9 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("smoke run (no --bench): {SMOKE_LEDGERS} ledgers");
         SMOKE_LEDGERS
     };
-    let result = run(&dir, ledgers);
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    run(dir.path(), ledgers)
 }
 
 fn run(dir: &std::path::Path, ledgers: usize) -> Result<(), Box<dyn std::error::Error>> {

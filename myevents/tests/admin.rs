@@ -41,6 +41,23 @@ async fn call(api: &Api, method: &str, path: &str, body: Option<&str>) -> Respon
     .await
 }
 
+/// The admin view of `context`, without projections.
+fn admin_of(context: &herald::Context) -> Admin {
+    Admin {
+        context: context.handle(),
+        projections: Arc::new(Projections::default()),
+    }
+}
+
+/// The admin API of `context`, served as `settings` say, and a client for it.
+fn admin_api(
+    context: &herald::Context,
+    settings: &herald::config::AdminSettings,
+) -> (Api, actix_web::dev::ServerHandle) {
+    let (addr, server) = serve(admin_of(context), settings).unwrap();
+    (Api { port: addr.port() }, server)
+}
+
 #[actix_rt::test]
 async fn operators_read_and_steer_a_running_context_with_a_token() {
     let vhost = TestVhost::new();
@@ -59,12 +76,7 @@ async fn operators_read_and_steer_a_running_context_with_a_token() {
         .start(&broker)
         .await
         .unwrap();
-    let admin = Admin {
-        context: context.handle(),
-        projections: Arc::new(Projections::default()),
-    };
-    let (addr, server) = serve(admin, &admin_settings).unwrap();
-    let api = Api { port: addr.port() };
+    let (api, server) = admin_api(&context, &admin_settings);
 
     // Liveness is open; everything else needs the token, and says no more than 401.
     assert_eq!(api.get("/health").await.status, 200);
@@ -228,11 +240,7 @@ fn without_a_token_the_admin_api_refuses_a_non_loopback_address() {
             .start(&broker)
             .await
             .unwrap();
-        let admin = Admin {
-            context: context.handle(),
-            projections: Arc::new(Projections::default()),
-        };
-        let Err(error) = serve(admin, &settings) else {
+        let Err(error) = serve(admin_of(&context), &settings) else {
             panic!("a non-loopback admin address without a token was accepted");
         };
         context.shutdown().await.unwrap();
@@ -274,12 +282,7 @@ async fn without_a_token_browser_requests_are_refused() {
         .start(&broker)
         .await
         .unwrap();
-    let admin = Admin {
-        context: context.handle(),
-        projections: Arc::new(Projections::default()),
-    };
-    let (addr, server) = serve(admin, &admin_settings).unwrap();
-    let api = Api { port: addr.port() };
+    let (api, server) = admin_api(&context, &admin_settings);
     assert_eq!(api.get("/actors").await.status, 200);
     let from_page = api
         .request(

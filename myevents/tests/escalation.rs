@@ -11,28 +11,27 @@ use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 use tokio::time::timeout;
 
-struct TempConfig(PathBuf);
+/// A config file in a folder of its own, removed on drop.
+struct TempConfig {
+    dir: tempfile::TempDir,
+}
 
 impl TempConfig {
     fn new(contents: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("herald-esc-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("demo.toml");
-        std::fs::write(&path, contents).unwrap();
-        TempConfig(path)
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("demo.toml"), contents).unwrap();
+        TempConfig { dir }
     }
-}
 
-impl Drop for TempConfig {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(self.0.parent().unwrap());
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("demo.toml")
     }
 }
 
 fn demo(config: &TempConfig) -> tokio::process::Child {
     Command::new(env!("CARGO_BIN_EXE_demo"))
-        .args(["--config", config.0.to_str().unwrap()])
+        .arg("--config")
+        .arg(config.path())
         .env("RUST_LOG", "info")
         .env_remove("AMQP_URL")
         .stdout(Stdio::null())

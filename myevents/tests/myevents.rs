@@ -15,12 +15,7 @@ use chrono::{DateTime, FixedOffset, TimeZone, Utc};
 use futures_util::StreamExt;
 use herald::transport::{Message, Publisher};
 use herald::{AmqpBroker, Envelope};
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::ExchangeKind;
+use lapin::types::AMQPValue;
 use myevents::contract::{EventBooked, EventCreated};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -355,51 +350,10 @@ async fn a_consumer_set_up_like_the_books_booking_service_decodes_our_event_crea
     let dir = DataDir::new();
     let events = Service::start(Kind::Events, &vhost, &dir).await;
 
+    // The book's booking service: the exchange declared, a durable queue bound.
     let connection = vhost.lapin().await;
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .exchange_declare(
-            "events".into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let queue = format!("gobooking-{}", uuid::Uuid::new_v4().simple());
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            "events".into(),
-            "eventCreated".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "gobooking".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let channel = go_emitter(&connection).await;
+    let mut consumer = listen(&channel, "eventCreated", true).await;
 
     let location = create_location(
         &events.api,
@@ -452,11 +406,6 @@ async fn a_consumer_set_up_like_the_books_booking_service_decodes_our_event_crea
             "{field}: {text}"
         );
     }
-    delivery
-        .acker
-        .ack(BasicAckOptions::default())
-        .await
-        .unwrap();
 }
 
 // 5 -------------------------------------------------------------------------
@@ -559,37 +508,7 @@ async fn a_booking_repeated_with_the_same_idempotency_key_books_once() {
     // A downstream consumer of eventBooked, to count what booking emits.
     let connection = vhost.lapin().await;
     let channel = go_emitter(&connection).await;
-    let spy = format!("spy-{}", uuid::Uuid::new_v4().simple());
-    channel
-        .queue_declare(
-            spy.as_str().into(),
-            QueueDeclareOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            spy.as_str().into(),
-            "events".into(),
-            "eventBooked".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut emitted = channel
-        .basic_consume(
-            spy.as_str().into(),
-            "spy".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut emitted = listen(&channel, "eventBooked", false).await;
 
     let broker = vhost.broker().await;
     let id = announce_event(&broker, Some(10)).await;

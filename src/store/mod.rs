@@ -389,8 +389,8 @@ mod url_tests {
 
     #[test]
     fn database_urls_may_be_paths_or_sqlite_urls() {
-        let dir =
-            std::env::temp_dir().join(format!("herald-url-{}", uuid::Uuid::new_v4().simple()));
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path();
         for url in [
             format!("{}/plain.db", dir.display()),
             format!("sqlite://{}/scheme.db", dir.display()),
@@ -401,6 +401,5 @@ mod url_tests {
         for file in ["plain.db", "scheme.db", "short.db"] {
             assert!(dir.join(file).exists(), "{file}");
         }
-        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -8,7 +8,10 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, ExchangeKind};
 use serde_json::{json, Value};
@@ -21,24 +24,15 @@ use tokio::time::timeout;
 use herald_testkit::{eventually, TestVhost, LIVENESS};
 
 /// A temporary folder for one test's configs and databases; removed on drop.
-pub struct DataDir(pub PathBuf);
+pub struct DataDir(tempfile::TempDir);
 
 impl DataDir {
     pub fn new() -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("herald-myevents-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).expect("create the test data dir");
-        DataDir(dir)
+        DataDir(tempfile::tempdir().expect("create the test data dir"))
     }
 
     pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for DataDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path()
     }
 }
 
@@ -685,6 +679,45 @@ pub async fn go_emitter(connection: &lapin::Connection) -> lapin::Channel {
     channel
 }
 
+/// A consumer of the events with `routing_key`, on a fresh queue bound to
+/// the `events` exchange, as a downstream service (or a test's spy) has.
+pub async fn listen(channel: &lapin::Channel, routing_key: &str, durable: bool) -> lapin::Consumer {
+    let queue = format!("listen-{}", uuid::Uuid::new_v4().simple());
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare the listening queue");
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            "events".into(),
+            routing_key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind the listening queue");
+    channel
+        .basic_consume(
+            queue.as_str().into(),
+            "listen".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume the listening queue")
+}
+
 /// Publishes `body` as the book's Go emitter does: routing key and
 /// `x-event-name` = `name`, JSON content type, no message id, no timestamp,
 /// delivery mode unset, not mandatory, no confirm.
@@ -722,23 +755,10 @@ pub fn fixture(name: &str) -> Value {
 /// Messages in `queue` of the vhost, ready **and unacknowledged**: zero means
 /// every message that reached the queue has been settled.
 pub async fn queue_messages(vhost: &TestVhost, queue: &str) -> Option<u64> {
-    let output = Command::new("rabbitmqctl")
-        .args(["-q", "list_queues", "-p", &vhost.name, "--no-table-headers"])
-        .args(["name", "messages"])
-        .output()
+    all_queues(vhost)
         .await
-        .expect("rabbitmqctl runs");
-    assert!(
-        output.status.success(),
-        "rabbitmqctl list_queues: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .find_map(|line| {
-            let (name, count) = line.split_once('\t')?;
-            (name == queue).then(|| count.trim().parse().ok()).flatten()
-        })
+        .into_iter()
+        .find_map(|(name, count)| (name == queue).then_some(count))
 }
 
 /// Waits until every message in `queue` is settled (none ready, none unacked).
