@@ -145,6 +145,10 @@ pub enum BrokerError {
         /// The routing key (the event name).
         routing_key: String,
     },
+    /// The message cannot be put on the wire as it is (an AMQP short string,
+    /// such as the routing key or a header name, longer than 255 bytes).
+    #[error("the message cannot be encoded: {0}")]
+    Unencodable(String),
     /// The connection or channel is gone (or the transport was closed on purpose).
     #[error("the transport is closed")]
     Closed,
@@ -159,7 +163,10 @@ pub enum BrokerError {
 impl BrokerError {
     /// Whether trying again later can succeed (a reconnect, a broker back from an alarm).
     pub fn is_transient(&self) -> bool {
-        !matches!(self, BrokerError::Unroutable { .. })
+        !matches!(
+            self,
+            BrokerError::Unroutable { .. } | BrokerError::Unencodable(_)
+        )
     }
 }
 

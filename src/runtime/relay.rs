@@ -136,8 +136,8 @@ async fn relay(parts: RelayParts) {
             stats.started();
             let started = Instant::now();
             let result = publisher.publish(row.envelope().to_message()).await;
-            // An unroutable row is parked, not a publish failure.
-            let failed = matches!(&result, Err(e) if !matches!(e, BrokerError::Unroutable { .. }));
+            // An unroutable (or unencodable) row is parked, not a publish failure.
+            let failed = matches!(&result, Err(e) if e.is_transient());
             stats.finished(!failed, started.elapsed());
             match result {
                 Ok(()) => {
@@ -160,6 +160,15 @@ async fn relay(parts: RelayParts) {
                             escape(&row.event_name)
                         );
                     }
+                    unrouted.push(row.position);
+                }
+                Err(BrokerError::Unencodable(reason)) => {
+                    log::error!(
+                        target: "herald::relay",
+                        "context={context} event={} id={} cannot be encoded ({reason}); kept as unrouted",
+                        escape(&row.event_name),
+                        row.event_id
+                    );
                     unrouted.push(row.position);
                 }
                 Err(error) => {

@@ -13,11 +13,43 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
 
 use crate::broker::Message;
+use crate::error::BrokerError;
 
 /// AMQP `delivery_mode` of a message the broker keeps on disk.
 const PERSISTENT: u8 = 2;
 
 /// The properties `message` is published with; headers go out as long strings.
+/// The longest AMQP short string: routing keys, message ids, content types
+/// and header names are short strings (a longer one would be cut on the wire).
+const SHORT_STRING_MAX: usize = 255;
+
+/// Checks that what goes on the wire as short strings fits: the routing key,
+/// the message id, the content type and every header name.
+///
+/// # Errors
+/// [`BrokerError::Unencodable`] naming the field that is too long.
+pub(super) fn check_short_strings(routing_key: &str, message: &Message) -> Result<(), BrokerError> {
+    let fields = [
+        ("routing key", Some(routing_key)),
+        ("message id", message.message_id.as_deref()),
+        ("content type", message.content_type.as_deref()),
+    ];
+    let names = message
+        .headers
+        .keys()
+        .map(|name| ("header name", Some(name.as_str())));
+    for (what, text) in fields.into_iter().chain(names) {
+        if let Some(text) = text.filter(|t| t.len() > SHORT_STRING_MAX) {
+            return Err(BrokerError::Unencodable(format!(
+                "{what} of {} bytes (at most {SHORT_STRING_MAX}) starting {:?}",
+                text.len(),
+                crate::broker::escape(&text.chars().take(32).collect::<String>())
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub(super) fn properties(message: &Message) -> BasicProperties {
     let mut headers = FieldTable::default();
     for (name, value) in &message.headers {
@@ -92,8 +124,9 @@ mod tests {
     use lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString};
     use lapin::BasicProperties;
 
-    use super::{message_from, properties};
+    use super::{check_short_strings, message_from, properties};
     use crate::broker::Message;
+    use crate::error::BrokerError;
 
     /// A delivery as the broker would hand it over, without a channel.
     fn delivery(routing_key: &str, body: &[u8], properties: BasicProperties) -> Delivery {
@@ -324,5 +357,19 @@ mod tests {
         let mut message = Message::new("k".into(), Vec::new());
         message.headers.insert("x-producer".into(), String::new());
         assert_eq!(round_trip(&message).header("x-producer"), Some(""));
+    }
+
+    #[test]
+    fn short_strings_longer_than_255_bytes_are_refused_not_cut() {
+        let fits = Message::new("k".repeat(255), b"{}".to_vec());
+        assert!(check_short_strings(&fits.routing_key, &fits).is_ok());
+        let long_key = Message::new("k".repeat(256), b"{}".to_vec());
+        let error = check_short_strings(&long_key.routing_key, &long_key).unwrap_err();
+        assert!(matches!(&error, BrokerError::Unencodable(m) if m.contains("routing key")));
+        assert!(!error.is_transient(), "retrying cannot shorten it");
+        let mut long_header = Message::new("k".into(), b"{}".to_vec());
+        long_header.headers.insert("h".repeat(300), "v".into());
+        let error = check_short_strings("k", &long_header).unwrap_err();
+        assert!(matches!(&error, BrokerError::Unencodable(m) if m.contains("header name")));
     }
 }

@@ -9,7 +9,7 @@ use futures_util::future::{BoxFuture, FutureExt};
 use lapin::options::BasicPublishOptions;
 use lapin::Confirmation;
 
-use super::codec::properties;
+use super::codec::{check_short_strings, properties};
 use super::connection::{AmqpBroker, Inner};
 use crate::broker::{Message, Publisher};
 use crate::error::BrokerError;
@@ -25,6 +25,7 @@ impl Inner {
         routing_key: &str,
         message: &Message,
     ) -> Result<(), BrokerError> {
+        check_short_strings(routing_key, message)?;
         let _in_flight = self.publish_lock.lock().await;
         let confirmed = async {
             // A publish whose caller gave up before its confirm left that confirm
