@@ -426,15 +426,21 @@ where
     .client_request_timeout(std::time::Duration::from_secs(10))
     .bind(addr)?;
     let bound = server.addrs().first().copied().unwrap_or(addr);
-    let server: Server = server.run();
+    let handle = spawn_server(server.run(), "herald::http");
+    log::info!(target: "herald::http", "context={context} {what} listening on http://{bound}");
+    Ok((bound, handle))
+}
+
+/// Runs a started server on the current actix system; its failure is logged
+/// under `target`. The handle stops it.
+pub(crate) fn spawn_server(server: Server, target: &'static str) -> ServerHandle {
     let handle = server.handle();
     actix::spawn(async move {
         if let Err(error) = server.await {
-            log::error!(target: "herald::http", "server stopped: {error}");
+            log::error!(target: target, "server stopped: {error}");
         }
     });
-    log::info!(target: "herald::http", "context={context} {what} listening on http://{bound}");
-    Ok((bound, handle))
+    handle
 }
 
 #[cfg(test)]

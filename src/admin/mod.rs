@@ -78,13 +78,7 @@ pub fn serve(
     .client_disconnect_timeout(Duration::from_secs(1))
     .bind(settings.addr)?;
     let bound = server.addrs().first().copied().unwrap_or(settings.addr);
-    let server = server.run();
-    let handle = server.handle();
-    actix::spawn(async move {
-        if let Err(error) = server.await {
-            log::error!(target: "herald::admin", "admin server stopped: {error}");
-        }
-    });
+    let handle = h::spawn_server(server.run(), "herald::admin");
     log::info!(target: "herald::admin", "context={name} admin API listening on http://{bound}");
     Ok((bound, handle))
 }
