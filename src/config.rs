@@ -311,6 +311,39 @@ pub struct DatabaseSettings {
     /// hold a password: printed and serialized through [`redact_url`].
     #[serde(serialize_with = "redacted_optional_url")]
     pub url: Option<SecretString>,
+    /// How hard SQLite makes a commit durable before it returns: a delivery is
+    /// acked and a request answered only after its commit.
+    pub synchronous: Synchronous,
+}
+
+/// SQLite's `PRAGMA synchronous` in WAL mode: what a committed (and acked)
+/// write survives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// No fsync: a crash of the operating system or a power loss can lose or
+    /// corrupt recent commits. For throwaway data only.
+    Off,
+    /// The WAL is synced at checkpoints only: survives a process crash
+    /// (`kill -9`), but a power loss can lose the last commits, already acked.
+    Normal,
+    /// The WAL is synced at every commit: an acked write survives a power loss.
+    #[default]
+    Full,
+    /// As `full`, and the directory too after the WAL is reset.
+    Extra,
+}
+
+impl Synchronous {
+    /// The value for `PRAGMA synchronous`.
+    pub fn as_pragma(self) -> &'static str {
+        match self {
+            Synchronous::Off => "OFF",
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Full => "FULL",
+            Synchronous::Extra => "EXTRA",
+        }
+    }
 }
 
 impl std::fmt::Debug for DatabaseSettings {
@@ -320,6 +353,7 @@ impl std::fmt::Debug for DatabaseSettings {
                 "url",
                 &self.url.as_ref().map(|url| redact_url(url.expose_secret())),
             )
+            .field("synchronous", &self.synchronous)
             .finish()
     }
 }
@@ -580,6 +614,23 @@ mod tests {
         assert_eq!(s.runtime.max_restarts, 10);
         assert_eq!(s.runtime.restart_window, Duration::from_secs(60));
         assert_eq!(s.runtime.mailbox_log_interval, Duration::from_secs(10));
+        assert_eq!(
+            s.database.synchronous,
+            Synchronous::Full,
+            "durable by default"
+        );
+    }
+
+    #[test]
+    fn database_synchronous_takes_sqlite_levels_and_names_the_key_otherwise() {
+        let f = file("[context]\nname = \"booking\"\n[database]\nsynchronous = \"normal\"\n");
+        let s = Settings::load_with_env(f.path(), env(&[])).unwrap();
+        assert_eq!(s.database.synchronous, Synchronous::Normal);
+        let f = file("[context]\nname = \"booking\"\n[database]\nsynchronous = \"sometimes\"\n");
+        let error = Settings::load_with_env(f.path(), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("synchronous"), "{error}");
     }
 
     #[test]

@@ -218,7 +218,17 @@ impl HandlerError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// Another writer won (unique or optimistic-concurrency violation).
+    /// An event stream moved on since it was read: another writer appended
+    /// first (optimistic concurrency). Deciding again on fresh state can succeed.
+    #[error("stream {stream} is no longer at version {expected}")]
+    VersionConflict {
+        /// The stream appended to.
+        stream: String,
+        /// The version the append expected.
+        expected: i64,
+    },
+    /// A unique constraint refused a row (a duplicate id): trying the same
+    /// write again cannot succeed.
     #[error("conflict: {0}")]
     Conflict(String),
     /// SQLite stayed locked past its busy timeout: retry later, never a conflict.

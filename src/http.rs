@@ -118,8 +118,12 @@ impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::NotFound => ApiError::not_found("not found"),
-            // Contention or a busy database: the client may try again shortly.
-            StoreError::Busy(_) | StoreError::Pool(_) | StoreError::Conflict(_) => {
+            // Contention or a busy database: the client may try again shortly
+            // (a racing request with the same Idempotency-Key then gets its replay).
+            StoreError::Busy(_)
+            | StoreError::Pool(_)
+            | StoreError::VersionConflict { .. }
+            | StoreError::Conflict(_) => {
                 log::warn!(target: "herald::http", "transient store error: {error}");
                 ApiError {
                     retry_after: Some(1),

@@ -8,6 +8,7 @@ use diesel::SqliteConnection;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations};
 
 use herald::aggregate::Aggregate;
+use herald::config::Synchronous;
 use herald::config::{EventStoreSettings, ExposeSecret};
 use herald::error::StoreError;
 use herald::http::{self as h, ApiError};
@@ -27,7 +28,15 @@ const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 /// # Errors
 /// The file cannot be opened, or a migration fails.
 pub fn open_database(url: &str) -> Result<Db, StoreError> {
-    let db = Db::open(url)?;
+    open_database_with(url, Synchronous::default())
+}
+
+/// As [`open_database`], committing with `synchronous` (`database.synchronous`).
+///
+/// # Errors
+/// As [`open_database`].
+pub fn open_database_with(url: &str, synchronous: Synchronous) -> Result<Db, StoreError> {
+    let db = Db::open_with(url, synchronous)?;
     db.migrate(MIGRATIONS)?;
     Ok(db)
 }
@@ -119,7 +128,8 @@ pub async fn run_service(
         || format!("data/{name}.db"),
         |url| url.expose_secret().to_owned(),
     );
-    let db = tokio::task::spawn_blocking(move || open_database(&url))
+    let synchronous = settings.database.synchronous;
+    let db = tokio::task::spawn_blocking(move || open_database_with(&url, synchronous))
         .await
         .map_err(|e| Error::Context {
             context: name.to_string(),

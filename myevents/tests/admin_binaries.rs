@@ -143,15 +143,26 @@ async fn the_booking_binary_is_operated_through_its_admin_api() {
         .await,
         "1,000 eventBooked published"
     );
-    let metrics = get("/metrics").await.text();
-    for line in [
+    let expected = [
         r#"herald_http_requests_total{route="/events/{event_id}/bookings",status="201"} 1000"#,
         r#"herald_messages_received_total{context="booking",event="eventCreated"} 1"#,
         r#"herald_messages_acked_total{context="booking",event="eventCreated"} 1"#,
         r#"herald_outbox_pending{context="booking"} 0"#,
         r#"herald_consumer_state{context="booking",state="consuming"} 1"#,
-    ] {
-        assert!(metrics.contains(line), "{line} missing in:\n{metrics}");
+    ];
+    // The broker holds all 1,000 once confirmed; the relay marks the last
+    // rows published just after: wait for the gauges to say so too.
+    let complete = eventually(LIVENESS, || async {
+        let metrics = get("/metrics").await.text();
+        expected.iter().all(|line| metrics.contains(line))
+    })
+    .await;
+    let metrics = get("/metrics").await.text();
+    for line in expected {
+        assert!(
+            complete && metrics.contains(line),
+            "{line} missing in:\n{metrics}"
+        );
     }
     let actors = get("/actors").await.json();
     let relay = actors

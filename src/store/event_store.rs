@@ -82,26 +82,28 @@ pub fn stream_version(conn: &mut SqliteConnection, stream_id: &str) -> Result<i6
 /// (0 for a new stream). Run it inside a write transaction.
 ///
 /// # Errors
-/// [`StoreError::Conflict`] when the stream moved on (another writer won);
-/// nothing is written then.
+/// [`StoreError::VersionConflict`] when the stream moved on (another writer
+/// won); [`StoreError::Conflict`] for an event id already stored. Nothing is
+/// written then.
 pub fn append(
     conn: &mut SqliteConnection,
     stream_id: &str,
     expected_version: i64,
     events: &[NewEvent],
 ) -> Result<Vec<RecordedEvent>, StoreError> {
-    let current = stream_version(conn, stream_id)?;
-    if current != expected_version {
-        return Err(StoreError::Conflict(format!(
-            "stream {stream_id} is at version {current}, expected {expected_version}"
-        )));
+    let version_conflict = || StoreError::VersionConflict {
+        stream: stream_id.to_owned(),
+        expected: expected_version,
+    };
+    if stream_version(conn, stream_id)? != expected_version {
+        return Err(version_conflict());
     }
     let recorded_at = now_ms();
     let mut recorded = Vec::with_capacity(events.len());
     for (offset, event) in (1..).zip(events) {
         let metadata = serde_json::to_string(&event.metadata).unwrap_or_else(|_| "{}".into());
         // The (stream, version) unique index is the last guard: a racing writer
-        // on another connection turns into a Conflict, never an overwrite.
+        // on another connection turns into a version conflict, never an overwrite.
         let row = diesel::insert_into(event_store::table)
             .values((
                 event_store::stream_id.eq(stream_id),
@@ -115,7 +117,13 @@ pub fn append(
                 event_store::recorded_at.eq(recorded_at),
             ))
             .returning(RecordedEvent::as_returning())
-            .get_result(conn)?;
+            .get_result(conn)
+            .map_err(|error| match StoreError::from(error) {
+                StoreError::Conflict(index) if index.contains("stream_version") => {
+                    version_conflict()
+                }
+                other => other,
+            })?;
         recorded.push(row);
     }
     Ok(recorded)
@@ -180,6 +188,26 @@ mod tests {
         }
     }
 
+    /// A duplicate event id is not a race another attempt could win: it is
+    /// a plain conflict, never a version conflict (which the repository retries).
+    #[tokio::test]
+    async fn a_duplicate_event_id_is_a_conflict_not_a_version_conflict() {
+        let t = TempDb::new();
+        let first = event(1);
+        let again = NewEvent {
+            payload: r#"{"n":2}"#.into(),
+            ..first.clone()
+        };
+        t.db.write(move |c| append(c, "s-a", 0, &[first]))
+            .await
+            .unwrap();
+        let duplicate = t.db.write(move |c| append(c, "s-b", 0, &[again])).await;
+        assert!(
+            matches!(duplicate, Err(StoreError::Conflict(_))),
+            "{duplicate:?}"
+        );
+    }
+
     #[tokio::test]
     async fn append_at_the_expected_version_and_read_back_in_order() {
         let t = TempDb::new();
@@ -196,7 +224,7 @@ mod tests {
             .unwrap();
         let conflict = t.db.write(|c| append(c, "s-1", 1, &[event(4)])).await;
         assert!(
-            matches!(conflict, Err(StoreError::Conflict(_))),
+            matches!(conflict, Err(StoreError::VersionConflict { ref stream, expected: 1 }) if stream == "s-1"),
             "{conflict:?}"
         );
         let loaded = t.db.read(|c| load(c, "s-1", 1)).await.unwrap();
@@ -214,7 +242,7 @@ mod tests {
 
     /// 8 threads race to append at the same versions, 1,000 appends in all:
     /// each round all 8 read the version, meet at a barrier, then append at
-    /// it. Exactly one wins each version, the 7 others get `Conflict` (never
+    /// it. Exactly one wins each version, the 7 others get `VersionConflict` (never
     /// BUSY or another failure), and the stream holds versions 1..=125.
     #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
     async fn concurrent_appends_at_the_same_version_have_one_winner_each() {
@@ -235,8 +263,10 @@ mod tests {
                             .await
                         {
                             Ok(recorded) => wins.push(recorded[0].stream_version),
-                            Err(StoreError::Conflict(_)) => conflicts += 1,
-                            Err(other) => panic!("only Conflict may fail an append: {other}"),
+                            Err(StoreError::VersionConflict { .. }) => conflicts += 1,
+                            Err(other) => {
+                                panic!("only a version conflict may fail an append: {other}")
+                            }
                         }
                         // Everyone has appended or lost before the next round reads.
                         barrier.wait().await;

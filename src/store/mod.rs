@@ -27,6 +27,7 @@ use diesel::sqlite::SqliteConnection;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use tokio::sync::Notify;
 
+use crate::config::Synchronous;
 use crate::error::{panic_text, StoreError};
 
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
@@ -35,15 +36,19 @@ const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
-struct Pragmas;
+struct Pragmas {
+    synchronous: Synchronous,
+}
 
 impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for Pragmas {
     fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
         // busy_timeout first, so the rest waits for the lock instead of failing.
-        // WAL is a property of the file, set once in `Db::open`.
+        // WAL is a property of the file, set once in `Db::open`; `synchronous`
+        // is per connection.
         conn.batch_execute(&format!(
-            "PRAGMA busy_timeout = {}; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
-            BUSY_TIMEOUT.as_millis()
+            "PRAGMA busy_timeout = {}; PRAGMA synchronous = {}; PRAGMA foreign_keys = ON;",
+            BUSY_TIMEOUT.as_millis(),
+            self.synchronous.as_pragma()
         ))
         .map_err(diesel::r2d2::Error::QueryError)
     }
@@ -73,6 +78,15 @@ impl Db {
     /// # Errors
     /// The file cannot be created or opened, or a migration fails.
     pub fn open(url: &str) -> Result<Self, StoreError> {
+        Db::open_with(url, Synchronous::default())
+    }
+
+    /// As [`Db::open`], committing with SQLite's `synchronous` level (the
+    /// `database.synchronous` setting; [`Db::open`] uses `full`).
+    ///
+    /// # Errors
+    /// As [`Db::open`].
+    pub fn open_with(url: &str, synchronous: Synchronous) -> Result<Self, StoreError> {
         let path = url
             .strip_prefix("sqlite://")
             .or_else(|| url.strip_prefix("sqlite:"))
@@ -94,7 +108,7 @@ impl Db {
         }
         let pool = Pool::builder()
             .max_size(8)
-            .connection_customizer(Box::new(Pragmas))
+            .connection_customizer(Box::new(Pragmas { synchronous }))
             .build(ConnectionManager::<SqliteConnection>::new(path))
             .map_err(|e| StoreError::Pool(e.to_string()))?;
         let db = Db {
@@ -386,6 +400,39 @@ mod tests {
 #[cfg(test)]
 mod url_tests {
     use super::Db;
+    use crate::config::Synchronous;
+
+    #[derive(diesel::QueryableByName)]
+    struct Level {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        synchronous: i32,
+    }
+
+    async fn level(db: &Db) -> i32 {
+        use diesel::RunQueryDsl;
+        db.read(|c| {
+            Ok(diesel::sql_query("PRAGMA synchronous")
+                .get_result::<Level>(c)?
+                .synchronous)
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Every pooled connection commits as `database.synchronous` says; `full`
+    /// (2) unless told otherwise, so an acked write survives a power loss.
+    #[tokio::test]
+    async fn connections_commit_with_the_configured_synchronous_level() {
+        let temp = tempfile::tempdir().unwrap();
+        let full = Db::open(&temp.path().join("full.db").to_string_lossy()).unwrap();
+        assert_eq!(level(&full).await, 2);
+        let normal = Db::open_with(
+            &temp.path().join("normal.db").to_string_lossy(),
+            Synchronous::Normal,
+        )
+        .unwrap();
+        assert_eq!(level(&normal).await, 1);
+    }
 
     #[test]
     fn database_urls_may_be_paths_or_sqlite_urls() {

@@ -81,7 +81,7 @@ pub fn decode_recorded<A: Aggregate>(recorded: &RecordedEvent) -> Result<A::Even
 /// `snapshot_every` (0: never). Run inside a write transaction.
 ///
 /// # Errors
-/// [`StoreError::Conflict`] when the stream moved on since it was loaded.
+/// [`StoreError::VersionConflict`] when the stream moved on since it was loaded.
 pub fn save<A: Aggregate>(
     conn: &mut SqliteConnection,
     id: &str,
@@ -303,7 +303,8 @@ where
             })
             .await;
         match saved {
-            Err(StoreError::Conflict(_)) => continue,
+            // Decide again on fresh state; any other error is final.
+            Err(StoreError::VersionConflict { .. }) => continue,
             other => return other.map_err(CommandError::Store),
         }
     }
@@ -417,6 +418,40 @@ mod tests {
         })
         .await
         .unwrap();
+    }
+
+    /// Only a version conflict is decided again: a unique violation in the
+    /// command's effects (a duplicate outbox id, say) fails at once.
+    #[tokio::test]
+    async fn a_unique_violation_in_the_effects_fails_at_once_without_retries() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        use std::sync::Arc;
+        let t = TempDb::new();
+        let runs = Arc::new(AtomicU32::new(0));
+        let options = ExecuteOptions {
+            max_attempts: 5,
+            ..ExecuteOptions::default()
+        };
+        let counted = runs.clone();
+        let result = execute::<Tally, (), _>(&t.db, "t1", 1, &options, move |c, _| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let duplicate = || crate::store::event_store::NewEvent {
+                event_id: "the-same-id".into(),
+                name: "added".into(),
+                schema_version: 2,
+                payload: r#"{"amount":1}"#.into(),
+                metadata: EventMetadata::default(),
+            };
+            crate::store::event_store::append(c, "other-1", 0, &[duplicate()])?;
+            crate::store::event_store::append(c, "other-2", 0, &[duplicate()])?;
+            Ok(())
+        })
+        .await;
+        assert!(
+            matches!(result, Err(CommandError::Store(StoreError::Conflict(_)))),
+            "{result:?}"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "decided once, not retried");
     }
 
     #[tokio::test]
