@@ -14,6 +14,8 @@
 //! Layers from the bottom up; each uses only the ones above it in this list.
 //!
 //! - [`error`]: one error enum per layer; [`Result`].
+//! - `failpoint.rs`: named crash points a test build can arm (feature
+//!   `failpoints`, off by default), to kill a process inside a crash window.
 //! - [`config`]: [`Settings`] from TOML plus environment overrides, validated.
 //! - `broker/` (public as [`transport`]): the `Publisher` / `Subscriber` /
 //!   `DeadLetters` seam, [`AmqpBroker`] (lapin: topology, confirms, retry and
@@ -33,8 +35,6 @@
 //!   idempotent commands); [`admin`]: the operator API of a running context.
 //! - [`cli`]: what every binary does around its context (logging, `--config`, exit codes).
 //! - [`prelude`]: what writing a context needs, in one import.
-//! - `failpoint.rs`: named crash points a test build can arm (feature
-//!   `failpoints`, off by default), to kill a process inside a crash window.
 //!
 //! The workspace around it: `myevents/` (the MyEvents contexts, built on this
 //! public API only), `testkit/` (test support), `docs/` (architecture, ADRs).
