@@ -176,6 +176,21 @@ pub fn is_object_id_hex(id: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// An `eventCreated` for tests: event `id` in location `loc`, with `capacity`.
+#[cfg(test)]
+pub(crate) fn announced(id: &str, capacity: Option<u32>) -> EventCreated {
+    use chrono::TimeZone;
+    EventCreated {
+        id: id.into(),
+        name: format!("event {id}"),
+        location_id: "loc".into(),
+        start_date: Utc.timestamp_opt(1_800_000_000, 0).unwrap(),
+        end_date: Utc.timestamp_opt(1_800_003_600, 0).unwrap(),
+        hall: None,
+        capacity,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

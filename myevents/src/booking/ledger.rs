@@ -104,21 +104,13 @@ impl Aggregate for SeatLedger {
 
 #[cfg(test)]
 mod tests {
-    use chrono::{TimeZone, Utc};
-
     use super::*;
     use herald::aggregate::{decode_event, Scenario};
 
+    const EVENT: &str = "5a1c3e9b8f1d2c0012345678";
+
     fn announced(capacity: Option<u32>) -> EventCreated {
-        EventCreated {
-            id: "5a1c3e9b8f1d2c0012345678".into(),
-            name: "Opera Night".into(),
-            location_id: "loc".into(),
-            start_date: Utc.timestamp_opt(1_800_000_000, 0).unwrap(),
-            end_date: Utc.timestamp_opt(1_800_003_600, 0).unwrap(),
-            hall: None,
-            capacity,
-        }
+        crate::contract::announced(EVENT, capacity)
     }
 
     fn book(seats: u32) -> LedgerCommand {
@@ -131,7 +123,7 @@ mod tests {
 
     fn booked(seats: u32) -> LedgerEvent {
         LedgerEvent::Booked(EventBooked {
-            event_id: "5a1c3e9b8f1d2c0012345678".into(),
+            event_id: EVENT.into(),
             user_id: "ann".into(),
             booking_id: Some("b1".into()),
             seats: Some(seats),

@@ -192,25 +192,12 @@ pub fn booking(conn: &mut SqliteConnection, id: &str) -> Result<Option<BookingRo
 
 #[cfg(test)]
 mod tests {
-    use chrono::{TimeZone, Utc};
-
     use super::*;
     use crate::booking::ledger::LedgerCommand;
+    use crate::contract::announced;
     use crate::service::TempDb;
     use herald::store::projection::Projections;
     use herald::store::repository::{self, ExecuteOptions};
-
-    fn announced(id: &str, capacity: Option<u32>) -> EventCreated {
-        EventCreated {
-            id: id.into(),
-            name: format!("event {id}"),
-            location_id: "loc".into(),
-            start_date: Utc.timestamp_opt(1_800_000_000, 0).unwrap(),
-            end_date: Utc.timestamp_opt(1_800_003_600, 0).unwrap(),
-            hall: None,
-            capacity,
-        }
-    }
 
     async fn rows(db: &herald::store::Db) -> (Vec<KnownEvent>, Vec<BookingRow>) {
         db.read(|c| {

@@ -94,6 +94,13 @@ impl Inner {
         })
     }
 
+    /// Waits while this connection's resource alarm blocks publishing (at
+    /// once when none does; the alarm ends with the connection).
+    pub(super) async fn unblocked(&self) {
+        let mut blocked = self.blocked.subscribe();
+        let _ = blocked.wait_for(|b| !*b).await;
+    }
+
     fn is_open(&self) -> bool {
         self.connection.status().connected() && self.publisher.status().connected()
     }
@@ -198,12 +205,6 @@ impl AmqpBroker {
                 Err(error)
             }
         }
-    }
-
-    /// Waits while a resource alarm blocks publishing (at once when none does).
-    pub(super) async fn unblocked(&self) {
-        let mut blocked = self.current().blocked.subscribe();
-        let _ = blocked.wait_for(|b| !*b).await;
     }
 
     /// Closes the connection for good; the broker requeues every unsettled delivery.

@@ -81,12 +81,12 @@ impl AmqpBroker {
         self.publish_via(Some(queue), message).await
     }
 
-    /// Publishes on the live connection once any resource alarm is over:
+    /// Publishes on the live connection once its resource alarm (if any) is over:
     /// straight into `queue` (default exchange), or without one to the event
     /// exchange with the message's routing key.
     async fn publish_via(&self, queue: Option<&str>, message: &Message) -> Result<(), BrokerError> {
-        self.unblocked().await;
         let link = self.link().await?;
+        link.unblocked().await;
         match queue {
             Some(queue) => link.publish("", queue, message).await,
             None => {
