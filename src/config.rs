@@ -246,6 +246,9 @@ pub struct RuntimeSettings {
     /// How long shutdown waits for in-flight deliveries to settle.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Aggregates the database writer keeps decided in memory (least recently
+    /// used evicted; 0: none, every command loads its aggregate).
+    pub aggregate_cache: usize,
 }
 
 impl Default for RuntimeSettings {
@@ -262,6 +265,7 @@ impl Default for RuntimeSettings {
             max_restarts: 10,
             restart_window: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(10),
+            aggregate_cache: 10_000,
         }
     }
 }
@@ -304,7 +308,7 @@ impl Default for AdminSettings {
 }
 
 /// The context's database.
-#[derive(Clone, Default, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseSettings {
     /// The SQLite file (`None`: the context picks one). Secret, as a URL may
@@ -314,6 +318,24 @@ pub struct DatabaseSettings {
     /// How hard SQLite makes a commit durable before it returns: a delivery is
     /// acked and a request answered only after its commit.
     pub synchronous: Synchronous,
+    /// The most units (one delivery's or one command's writes) the writer
+    /// commits in one transaction.
+    pub batch_max: usize,
+    /// How long the writer waits for more units before it commits a batch
+    /// that is not full (0: commit as soon as it is free; no added latency).
+    #[serde(with = "humantime_serde")]
+    pub batch_wait: Duration,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        DatabaseSettings {
+            url: None,
+            synchronous: Synchronous::default(),
+            batch_max: 512,
+            batch_wait: Duration::ZERO,
+        }
+    }
 }
 
 /// SQLite's `PRAGMA synchronous` in WAL mode: what a committed (and acked)
@@ -354,6 +376,8 @@ impl std::fmt::Debug for DatabaseSettings {
                 &self.url.as_ref().map(|url| redact_url(url.expose_secret())),
             )
             .field("synchronous", &self.synchronous)
+            .field("batch_max", &self.batch_max)
+            .field("batch_wait", &self.batch_wait)
             .finish()
     }
 }
@@ -520,6 +544,15 @@ impl Settings {
         }
         if self.event_store.command_attempts == 0 {
             return invalid("event_store.command_attempts", "must be at least 1");
+        }
+        if !(1..=100_000).contains(&self.database.batch_max) {
+            return invalid("database.batch_max", "must be between 1 and 100000");
+        }
+        if self.database.batch_wait > Duration::from_secs(1) {
+            return invalid(
+                "database.batch_wait",
+                "must be at most 1s (it delays every commit)",
+            );
         }
         if rt.restart_window.is_zero() {
             return invalid("runtime.restart_window", "must be above 0");

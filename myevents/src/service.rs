@@ -8,7 +8,6 @@ use diesel::SqliteConnection;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations};
 
 use herald::aggregate::Aggregate;
-use herald::config::Synchronous;
 use herald::config::{EventStoreSettings, ExposeSecret};
 use herald::error::StoreError;
 use herald::http::{self as h, ApiError};
@@ -16,7 +15,7 @@ use herald::store::event_store::EventMetadata;
 use herald::store::idempotency::{Keyed, StoredResponse};
 use herald::store::projection::Projections;
 use herald::store::repository::{ExecuteOptions, Executed};
-use herald::store::Db;
+use herald::store::{Db, DbOptions};
 use herald::{AmqpBroker, AmqpOptions, ContextBuilder, Error, Settings};
 
 /// MyEvents' own tables (both contexts' read models), beside the runtime's.
@@ -28,15 +27,16 @@ const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 /// # Errors
 /// The file cannot be opened, or a migration fails.
 pub fn open_database(url: &str) -> Result<Db, StoreError> {
-    open_database_with(url, Synchronous::default())
+    open_database_with(url, &DbOptions::default())
 }
 
-/// As [`open_database`], committing with `synchronous` (`database.synchronous`).
+/// As [`open_database`], committing as `options` say (`[database]` settings,
+/// the aggregate cache).
 ///
 /// # Errors
 /// As [`open_database`].
-pub fn open_database_with(url: &str, synchronous: Synchronous) -> Result<Db, StoreError> {
-    let db = Db::open_with(url, synchronous)?;
+pub fn open_database_with(url: &str, options: &DbOptions) -> Result<Db, StoreError> {
+    let db = Db::open_with(url, options)?;
     db.migrate(MIGRATIONS)?;
     Ok(db)
 }
@@ -128,8 +128,8 @@ pub async fn run_service(
         || format!("data/{name}.db"),
         |url| url.expose_secret().to_owned(),
     );
-    let synchronous = settings.database.synchronous;
-    let db = tokio::task::spawn_blocking(move || open_database_with(&url, synchronous))
+    let options = DbOptions::from_settings(&settings);
+    let db = tokio::task::spawn_blocking(move || open_database_with(&url, &options))
         .await
         .map_err(|e| Error::Context {
             context: name.to_string(),

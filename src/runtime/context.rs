@@ -81,6 +81,33 @@ impl ContextBuilder {
         self
     }
 
+    /// Applies events of type `E` exactly once in the context's database
+    /// (which [`ContextBuilder::store`] must give): `apply` runs on the
+    /// database's writer, in one transaction with the message's inbox entry,
+    /// so its writes (events, read models, outbox rows) commit together with
+    /// the record that the message was applied, and a redelivery changes
+    /// nothing. The delivery is acked after the commit.
+    ///
+    /// Unlike [`handle`](Self::handle), the shard does not wait for the
+    /// commit before it takes the next message: it queues the next unit
+    /// behind this one, the writer keeps their order and commits many
+    /// deliveries in one transaction. Returning `Err` (or panicking) rolls
+    /// back this message's writes alone and fails its delivery.
+    #[must_use]
+    pub fn apply_once<E, F>(mut self, apply: F) -> Self
+    where
+        E: Event,
+        F: Fn(E, &MessageContext, &mut diesel::SqliteConnection) -> Result<(), HandlerError>
+            + Send
+            + Sync
+            + 'static,
+    {
+        self.routes.add_in_store::<E, F>(apply);
+        self.consumes.retain(|d| d.name != E::NAME);
+        self.consumes.push(Documented::of::<E>());
+        self
+    }
+
     /// Declares that the context emits `E` (through its outbox), for its
     /// AsyncAPI document.
     #[must_use]
@@ -109,6 +136,12 @@ impl ContextBuilder {
     {
         let settings = self.settings;
         let name: Arc<str> = Arc::from(settings.context.name.as_str());
+        if self.store.is_none() && self.routes.needs_store() {
+            return Err(Error::Context {
+                context: name.to_string(),
+                reason: "apply_once handlers need a database: call ContextBuilder::store".into(),
+            });
+        }
         let rt = &settings.runtime;
         let arbiters: Vec<Arbiter> = (0..rt.workers).map(|_| Arbiter::new()).collect();
         let handles: Vec<ArbiterHandle> = arbiters.iter().map(Arbiter::handle).collect();
@@ -120,6 +153,7 @@ impl ContextBuilder {
             rt,
             &escalation,
             &handles,
+            self.store.as_ref(),
         ));
 
         let bindings = self.routes.names();

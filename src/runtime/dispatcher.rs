@@ -12,6 +12,7 @@ use super::metrics::Metrics;
 use super::shard::{Outcome, Shard, Work};
 use super::supervisor::{Escalation, Restart, RestartPolicy};
 use crate::config::RuntimeSettings;
+use crate::store::Db;
 
 /// One shard: its address, its mailbox slots and its counters.
 #[derive(Clone)]
@@ -63,6 +64,7 @@ impl Dispatcher {
         settings: &RuntimeSettings,
         escalation: &Escalation,
         arbiters: &[ArbiterHandle],
+        db: Option<&Db>,
     ) -> Self {
         let shards = (0..settings.shards)
             .map(|i| {
@@ -78,6 +80,7 @@ impl Dispatcher {
                     escalation.clone(),
                     settings.handler_timeout,
                     settings.mailbox_capacity,
+                    db.cloned(),
                 );
                 let arbiter = &arbiters[i % arbiters.len()];
                 let addr = Supervisor::start_in_arbiter(arbiter, move |_| shard);

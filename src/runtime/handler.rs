@@ -6,10 +6,12 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 
+use diesel::sqlite::SqliteConnection;
 use futures_util::future::{FutureExt, LocalBoxFuture};
 
 use crate::error::{CodecError, HandlerError};
 use crate::event::{Envelope, Event, Metadata};
+use crate::store::event_store::EventMetadata;
 use crate::store::inbox::InboxKey;
 
 /// What a handler learns about the message besides the event itself.
@@ -38,6 +40,16 @@ impl MessageContext {
             event_name: self.meta.name.clone(),
         }
     }
+
+    /// The metadata to store with a fact recorded as heard in this message:
+    /// its correlation, this message as the cause, its producer.
+    pub fn recorded_metadata(&self) -> EventMetadata {
+        EventMetadata {
+            correlation_id: self.meta.correlation_id.clone(),
+            causation_id: self.meta.id.clone(),
+            producer: self.meta.producer.clone(),
+        }
+    }
 }
 
 pub(crate) type AnyEvent = Box<dyn Any + Send>;
@@ -48,12 +60,30 @@ pub(crate) type HandlerFn = Arc<
         + Sync,
 >;
 
+/// A handler that runs on the database writer, inside the transaction of its
+/// inbox entry (registered with `ContextBuilder::apply_once`).
+pub(crate) type InStoreFn = Arc<
+    dyn Fn(AnyEvent, &MessageContext, &mut SqliteConnection) -> Result<(), HandlerError>
+        + Send
+        + Sync,
+>;
+
+/// What a route does with its event.
+#[derive(Clone)]
+pub(crate) enum Action {
+    /// Runs the handler's future on the shard, one at a time.
+    Run(HandlerFn),
+    /// Queues the handler on the database writer and takes the next message:
+    /// the shard's units commit in order, many in one transaction.
+    InStore(InStoreFn),
+}
+
 type DecodeFn = fn(&Envelope) -> Result<(AnyEvent, String, Option<String>), CodecError>;
 
 struct Route {
     name: &'static str,
     decode: DecodeFn,
-    handler: HandlerFn,
+    action: Action,
 }
 
 /// A delivery decoded and ready for its shard.
@@ -62,7 +92,7 @@ pub(crate) struct Decoded {
     pub(crate) name: &'static str,
     pub(crate) event: AnyEvent,
     pub(crate) partition_key: String,
-    pub(crate) handler: HandlerFn,
+    pub(crate) action: Action,
     pub(crate) ctx: MessageContext,
 }
 
@@ -89,10 +119,41 @@ impl Routes {
                 Err(_) => async { Err(HandlerError::new("event type mismatch")) }.boxed_local(),
             }
         });
+        self.insert::<E>(Action::Run(handler));
+    }
+
+    /// Registers `apply` for `E`, run on the database writer in the
+    /// transaction of the message's inbox entry.
+    pub(crate) fn add_in_store<E, F>(&mut self, apply: F)
+    where
+        E: Event,
+        F: Fn(E, &MessageContext, &mut SqliteConnection) -> Result<(), HandlerError>
+            + Send
+            + Sync
+            + 'static,
+    {
+        let apply: InStoreFn =
+            Arc::new(
+                move |event: AnyEvent, ctx, conn| match event.downcast::<E>() {
+                    Ok(event) => apply(*event, ctx, conn),
+                    Err(_) => Err(HandlerError::new("event type mismatch")),
+                },
+            );
+        self.insert::<E>(Action::InStore(apply));
+    }
+
+    /// Whether some route runs on the database writer.
+    pub(crate) fn needs_store(&self) -> bool {
+        self.routes
+            .values()
+            .any(|r| matches!(r.action, Action::InStore(_)))
+    }
+
+    fn insert<E: Event>(&mut self, action: Action) {
         let route = Route {
             name: E::NAME,
             decode: decode::<E>,
-            handler,
+            action,
         };
         if !self.labels.contains(&E::NAME) {
             self.labels.push(E::NAME);
@@ -133,7 +194,7 @@ impl Routes {
             name: route.name,
             event,
             partition_key,
-            handler: route.handler.clone(),
+            action: route.action.clone(),
             ctx: MessageContext {
                 meta: envelope.meta,
                 dedupe_key,

@@ -3,19 +3,21 @@
 
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use futures_util::FutureExt;
-use tokio::sync::{oneshot, OwnedSemaphorePermit};
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit};
 
-use super::handler::Decoded;
+use super::handler::{Action, AnyEvent, Decoded, HandlerFn, InStoreFn, MessageContext};
 use super::mailbox::{ActorState, ActorStats};
 use super::metrics::Metrics;
 use super::supervisor::{on_restart, Escalation, Restart, RestartPolicy};
 use crate::broker::escape;
-use crate::error::panic_text;
+use crate::error::{panic_text, HandlerError};
+use crate::store::{inbox, Db, Session};
 
 /// How one message's handler ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +97,9 @@ pub(crate) struct Shard {
     handler_timeout: Duration,
     mailbox_capacity: usize,
     backoff: Option<Duration>,
+    /// Where in-store handlers write (`ContextBuilder::store`).
+    db: Option<Db>,
+    queued: Queued,
 }
 
 impl Shard {
@@ -105,8 +110,11 @@ impl Shard {
         escalation: Escalation,
         handler_timeout: Duration,
         mailbox_capacity: usize,
+        db: Option<Db>,
     ) -> Self {
         Shard {
+            db,
+            queued: Queued::default(),
             stats,
             metrics,
             policy,
@@ -161,29 +169,55 @@ impl Handler<Work> for Shard {
                     name: label,
                     event,
                     partition_key,
-                    handler,
+                    action,
                     ctx: message,
                 },
             mut ticket,
         } = work;
         ticket.started = true;
         let waited = self.stats.started();
-        let id = message.meta.id.clone().unwrap_or_else(|| "-".into());
-        let name = message.meta.name.clone();
+        let done = Finish {
+            label,
+            name: message.meta.name.clone(),
+            id: message.meta.id.clone().unwrap_or_else(|| "-".into()),
+            stats: self.stats.clone(),
+            metrics: self.metrics.clone(),
+            ticket,
+        };
         log::debug!(
             target: "herald::shard",
             "recv actor={} event={} id={} key={} waited_ms={}",
             self.stats.name(),
-            name,
-            escape(&id),
+            done.name,
+            escape(&done.id),
             escape(&partition_key),
             waited.as_millis()
         );
+        match action {
+            Action::InStore(apply) => self.queue_in_store(apply, event, message, done),
+            Action::Run(handler) => self.run(handler, event, message, done, ctx),
+        }
+    }
+}
+
+impl Shard {
+    /// Runs an ordinary handler to its end before the next message starts
+    /// (after the shard's queued in-store units have committed).
+    fn run(
+        &mut self,
+        handler: HandlerFn,
+        event: AnyEvent,
+        message: MessageContext,
+        done: Finish,
+        ctx: &mut Context<Self>,
+    ) {
         let timeout = self.handler_timeout;
-        // A handler can panic while building its future, or while it runs.
-        let call = std::panic::catch_unwind(AssertUnwindSafe(|| handler(event, message)));
+        let queued = self.queued.clone();
         let run = async move {
+            queued.drained().await;
             let started = Instant::now();
+            // A handler can panic while building its future, or while it runs.
+            let call = std::panic::catch_unwind(AssertUnwindSafe(|| handler(event, message)));
             let outcome = match call {
                 Err(panic) => Outcome::Panicked(panic_message(panic.as_ref())),
                 Ok(future) => {
@@ -205,42 +239,149 @@ impl Handler<Work> for Shard {
         // `wait`, not `spawn`: the next message starts only after this one, which
         // keeps per-key order.
         ctx.wait(run.into_actor(self).map(move |(outcome, took), act, ctx| {
-            let ok = outcome == Outcome::Done;
-            act.stats.finished(ok, took);
-            ticket.finished = true;
-            act.metrics.handled(label, took.as_secs_f64());
-            log::debug!(
-                target: "herald::shard",
-                "done actor={} event={} id={} took_ms={} outcome={:?}",
-                act.stats.name(),
-                name,
-                escape(&id),
-                took.as_millis(),
-                outcome
-            );
-            let panicked = matches!(outcome, Outcome::Panicked(_));
-            if ok {
+            if outcome == Outcome::Done {
                 act.policy.on_success();
-            } else {
-                log::warn!(
-                    target: "herald::shard",
-                    "actor={} event={} id={} failed: {:?}",
-                    act.stats.name(),
-                    name,
-                    escape(&id),
-                    outcome
-                );
             }
-            // Reply first: the consumer settles the delivery whatever happens next.
-            if let Some(reply) = ticket.reply.take() {
-                let _ = reply.send(outcome);
-            }
-            drop(ticket);
-            if panicked {
+            if done.finish(outcome, took) {
                 // The supervisor restarts us with a fresh context after the backoff.
                 ctx.stop();
             }
         }));
+    }
+
+    /// Queues an in-store handler on the database writer with the message's
+    /// inbox entry, and returns at once: the next message can queue its unit
+    /// behind this one (the writer keeps their order and commits them
+    /// together). The outcome is awaited in a task of its own, which a
+    /// restart of the shard does not cancel.
+    fn queue_in_store(
+        &mut self,
+        apply: InStoreFn,
+        event: AnyEvent,
+        message: MessageContext,
+        done: Finish,
+    ) {
+        let Some(db) = self.db.clone() else {
+            done.finish(
+                Outcome::Failed {
+                    reason: "an in-store handler needs ContextBuilder::store".into(),
+                    permanent: false,
+                },
+                Duration::ZERO,
+            );
+            return;
+        };
+        let key = message.inbox_key();
+        let started = Instant::now();
+        let unit = db.submit(
+            move |session: &mut Session<'_>| -> Result<bool, HandlerError> {
+                if !inbox::claim(session.conn, &key)? {
+                    return Ok(false);
+                }
+                apply(event, &message, session.conn)?;
+                Ok(true)
+            },
+        );
+        let timeout = self.handler_timeout;
+        let queued = self.queued.clone();
+        queued.add();
+        actix::spawn(async move {
+            let outcome = match tokio::time::timeout(timeout, unit).await {
+                Err(_) => Outcome::TimedOut(timeout),
+                Ok(Ok(applied)) => {
+                    if !applied {
+                        log::debug!(target: "herald::shard", "duplicate id={} skipped", escape(&done.id));
+                    }
+                    Outcome::Done
+                }
+                Ok(Err(error)) => Outcome::Failed {
+                    reason: error.to_string(),
+                    permanent: error.is_permanent(),
+                },
+            };
+            queued.remove();
+            done.finish(outcome, started.elapsed());
+        });
+    }
+}
+
+/// What is needed to report one message's outcome.
+struct Finish {
+    label: &'static str,
+    name: String,
+    id: String,
+    stats: Arc<ActorStats>,
+    metrics: Arc<Metrics>,
+    ticket: Ticket,
+}
+
+impl Finish {
+    /// Counts, logs and replies; true when the handler panicked (the shard restarts).
+    fn finish(mut self, outcome: Outcome, took: Duration) -> bool {
+        let ok = outcome == Outcome::Done;
+        self.stats.finished(ok, took);
+        self.ticket.finished = true;
+        self.metrics.handled(self.label, took.as_secs_f64());
+        log::debug!(
+            target: "herald::shard",
+            "done actor={} event={} id={} took_ms={} outcome={:?}",
+            self.stats.name(),
+            self.name,
+            escape(&self.id),
+            took.as_millis(),
+            outcome
+        );
+        if !ok {
+            log::warn!(
+                target: "herald::shard",
+                "actor={} event={} id={} failed: {:?}",
+                self.stats.name(),
+                self.name,
+                escape(&self.id),
+                outcome
+            );
+        }
+        let panicked = matches!(outcome, Outcome::Panicked(_));
+        // Reply first: the consumer settles the delivery whatever happens next.
+        if let Some(reply) = self.ticket.reply.take() {
+            let _ = reply.send(outcome);
+        }
+        panicked
+    }
+}
+
+/// The shard's in-store units not yet committed: an ordinary handler waits
+/// for them, so one key's messages take effect in delivery order.
+///
+/// Atomics only because the shard is built on one thread and runs on its
+/// arbiter's; every use is on the arbiter's thread.
+#[derive(Clone, Default)]
+struct Queued {
+    count: Arc<AtomicUsize>,
+    drained: Arc<Notify>,
+}
+
+impl Queued {
+    fn add(&self) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn remove(&self) {
+        if self.count.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.drained.notify_waiters();
+        }
+    }
+
+    async fn drained(&self) {
+        loop {
+            let notified = self.drained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.count.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 

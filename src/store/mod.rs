@@ -1,11 +1,13 @@
-//! diesel on SQLite: the connection pool, embedded migrations, and the
-//! runtime's tables (outbox, inbox, idempotency).
+//! diesel on SQLite: the connection pool, the group-commit writer, embedded
+//! migrations, and the runtime's tables (outbox, inbox, idempotency).
 //!
-//! Every query is a plain function taking `&mut SqliteConnection`; [`Db`]
-//! runs them on tokio's blocking pool, never on an actor or HTTP thread.
-//! Writes run in `BEGIN IMMEDIATE` transactions (a deferred transaction that
-//! upgrades to a write fails with BUSY at once instead of waiting).
+//! Every query is a plain function taking `&mut SqliteConnection`. [`Db`]
+//! runs reads on tokio's blocking pool and writes on its writer thread
+//! (`writer.rs`), never on an actor or HTTP thread. The writer commits many
+//! callers' writes in one `BEGIN IMMEDIATE` transaction, each under its own
+//! savepoint.
 
+mod cache;
 pub mod event_store;
 pub mod idempotency;
 pub mod inbox;
@@ -13,8 +15,12 @@ pub mod outbox;
 pub mod projection;
 pub mod repository;
 pub(crate) mod schema;
+mod writer;
 
+pub use cache::CacheStats;
 pub use outbox::{OutboxRow, OutboxStatus};
+pub(crate) use writer::Session;
+pub use writer::WriterSnapshot;
 
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
@@ -27,8 +33,9 @@ use diesel::sqlite::SqliteConnection;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use tokio::sync::Notify;
 
-use crate::config::Synchronous;
+use crate::config::{Settings, Synchronous};
 use crate::error::{panic_text, StoreError};
+use writer::{Batching, Writer};
 
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
@@ -40,8 +47,8 @@ struct Pragmas {
     synchronous: Synchronous,
 }
 
-impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for Pragmas {
-    fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
+impl Pragmas {
+    fn apply(&self, conn: &mut SqliteConnection) -> diesel::QueryResult<()> {
         // busy_timeout first, so the rest waits for the lock instead of failing.
         // WAL is a property of the file, set once in `Db::open`; `synchronous`
         // is per connection.
@@ -50,14 +57,52 @@ impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for Pragmas {
             BUSY_TIMEOUT.as_millis(),
             self.synchronous.as_pragma()
         ))
-        .map_err(diesel::r2d2::Error::QueryError)
     }
 }
 
-/// A context's database: a small connection pool over one SQLite file.
+impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for Pragmas {
+    fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
+        self.apply(conn).map_err(diesel::r2d2::Error::QueryError)
+    }
+}
+
+/// How a [`Db`] commits: its `[database]` settings and the aggregate cache.
+#[derive(Debug, Clone)]
+pub struct DbOptions {
+    /// `database.synchronous`.
+    pub synchronous: Synchronous,
+    /// `database.batch_max`: units per transaction at most.
+    pub batch_max: usize,
+    /// `database.batch_wait`: how long a batch that is not full waits for more.
+    pub batch_wait: Duration,
+    /// `runtime.aggregate_cache`: aggregates kept decided in memory.
+    pub aggregate_cache: usize,
+}
+
+impl Default for DbOptions {
+    fn default() -> Self {
+        DbOptions::from_settings(&Settings::for_context("default"))
+    }
+}
+
+impl DbOptions {
+    /// The options a context's settings give.
+    pub fn from_settings(settings: &Settings) -> Self {
+        DbOptions {
+            synchronous: settings.database.synchronous,
+            batch_max: settings.database.batch_max,
+            batch_wait: settings.database.batch_wait,
+            aggregate_cache: settings.runtime.aggregate_cache,
+        }
+    }
+}
+
+/// A context's database: a small pool of reading connections and one
+/// writer thread over one SQLite file.
 #[derive(Clone)]
 pub struct Db {
     pool: Pool<ConnectionManager<SqliteConnection>>,
+    writer: Arc<Writer>,
     /// Woken after every committed write: the outbox relay looks for new rows.
     committed: Arc<Notify>,
 }
@@ -78,15 +123,16 @@ impl Db {
     /// # Errors
     /// The file cannot be created or opened, or a migration fails.
     pub fn open(url: &str) -> Result<Self, StoreError> {
-        Db::open_with(url, Synchronous::default())
+        Db::open_with(url, &DbOptions::default())
     }
 
-    /// As [`Db::open`], committing with SQLite's `synchronous` level (the
-    /// `database.synchronous` setting; [`Db::open`] uses `full`).
+    /// As [`Db::open`], with a context's [`DbOptions`] (SQLite's `synchronous`
+    /// level, the writer's batches, the aggregate cache; [`Db::open`] uses the
+    /// defaults: `full`, 512 units, no wait, 10,000 aggregates).
     ///
     /// # Errors
     /// As [`Db::open`].
-    pub fn open_with(url: &str, synchronous: Synchronous) -> Result<Self, StoreError> {
+    pub fn open_with(url: &str, options: &DbOptions) -> Result<Self, StoreError> {
         let path = url
             .strip_prefix("sqlite://")
             .or_else(|| url.strip_prefix("sqlite:"))
@@ -106,14 +152,30 @@ impl Db {
                 .batch_execute("PRAGMA journal_mode = WAL;")
                 .map_err(StoreError::from)?;
         }
+        let synchronous = options.synchronous;
         let pool = Pool::builder()
             .max_size(8)
             .connection_customizer(Box::new(Pragmas { synchronous }))
             .build(ConnectionManager::<SqliteConnection>::new(path))
             .map_err(|e| StoreError::Pool(e.to_string()))?;
+        let committed = Arc::new(Notify::new());
+        let writer_path = path.to_owned();
+        let connect = move || {
+            use diesel::Connection;
+            let mut conn = SqliteConnection::establish(&writer_path)
+                .map_err(|e| StoreError::Pool(format!("cannot open {writer_path}: {e}")))?;
+            Pragmas { synchronous }.apply(&mut conn)?;
+            Ok(conn)
+        };
+        let batching = Batching {
+            max: options.batch_max.max(1),
+            wait: options.batch_wait,
+            cache: options.aggregate_cache,
+        };
         let db = Db {
             pool,
-            committed: Arc::new(Notify::new()),
+            writer: Arc::new(Writer::start(connect, batching, committed.clone())),
+            committed,
         };
         db.migrate(MIGRATIONS)?;
         Ok(db)
@@ -171,22 +233,37 @@ impl Db {
             .map_err(|e| StoreError::Panicked(e.to_string()))?
     }
 
-    /// Runs `work` in one `BEGIN IMMEDIATE` transaction, committed if it returns `Ok`.
+    /// Runs `work` on the writer thread, in a transaction it may share with
+    /// other callers' work (under a savepoint of its own): committed if it
+    /// returns `Ok` (answered after the commit), rolled back alone if it
+    /// returns `Err` or panics. The work is queued when `write` is called, so
+    /// writes queued one after another commit in that order.
     ///
     /// # Errors
-    /// As [`Db::read`]; [`StoreError::Busy`] when the write lock stayed taken.
-    pub async fn write<T, F>(&self, work: F) -> Result<T, StoreError>
+    /// What `work` returns; [`StoreError::Busy`] when the write lock stayed
+    /// taken (another process); [`StoreError::Panicked`] if it panicked.
+    pub fn write<T, F>(&self, work: F) -> impl std::future::Future<Output = Result<T, StoreError>>
     where
         T: Send + 'static,
         F: FnOnce(&mut SqliteConnection) -> Result<T, StoreError> + Send + 'static,
     {
-        let result = self
-            .read(move |conn| conn.immediate_transaction(work))
-            .await;
-        if result.is_ok() {
-            self.committed.notify_one();
-        }
-        result
+        self.writer.submit(move |s: &mut Session<'_>| work(s.conn))
+    }
+
+    /// As [`Db::write`] with the unit's own error type, queued when called
+    /// (not when first polled) and seeing the aggregate cache.
+    pub(crate) fn submit<T, E, F>(&self, work: F) -> impl std::future::Future<Output = Result<T, E>>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&mut Session<'_>) -> Result<T, E> + Send + 'static,
+    {
+        self.writer.submit(work)
+    }
+
+    /// What the writer has committed, and how the aggregate cache does.
+    pub fn writer_stats(&self) -> WriterSnapshot {
+        self.writer.stats.snapshot()
     }
 
     /// Applies a consumed message's effects exactly once: the inbox entry and
@@ -332,6 +409,70 @@ mod tests {
         );
     }
 
+    /// Units queued while the writer is busy commit together; the one that
+    /// fails and the one that panics roll back alone.
+    #[tokio::test]
+    async fn a_failing_unit_does_not_fail_the_others_of_its_batch() {
+        let t = TempDb::new();
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (started, running) = tokio::sync::oneshot::channel::<()>();
+        let first = t.db.write(move |c| {
+            let _ = started.send(());
+            held.recv().ok();
+            outbox::append(c, &Noted { id: "first".into() }, "ctx", None).map(drop)
+        });
+        let first = tokio::spawn(first);
+        running.await.unwrap();
+        let append = |id: &'static str| {
+            t.db.write(move |c| outbox::append(c, &Noted { id: id.into() }, "ctx", None).map(drop))
+        };
+        let ok_1 = append("ok-1");
+        let refused = t.db.write(|c| {
+            outbox::append(
+                c,
+                &Noted {
+                    id: "refused".into(),
+                },
+                "ctx",
+                None,
+            )?;
+            Err::<(), _>(StoreError::Conflict("refused on purpose".into()))
+        });
+        let panicked = t.db.write(|c| -> Result<(), StoreError> {
+            outbox::append(
+                c,
+                &Noted {
+                    id: "panicked".into(),
+                },
+                "ctx",
+                None,
+            )?;
+            panic!("boom in a batch");
+        });
+        let ok_2 = append("ok-2");
+        release.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        let (ok_1, refused, panicked, ok_2) = tokio::join!(ok_1, refused, panicked, ok_2);
+        ok_1.unwrap();
+        ok_2.unwrap();
+        assert!(
+            matches!(refused, Err(StoreError::Conflict(_))),
+            "{refused:?}"
+        );
+        assert!(matches!(panicked, Err(StoreError::Panicked(ref m)) if m.contains("boom")));
+        let stats = t.db.writer_stats();
+        assert!(stats.largest_batch >= 4, "one batch: {stats:?}");
+        assert_eq!(stats.failed_units, 2);
+        let kept: Vec<String> =
+            t.db.read(|c| outbox::pending(c, 10))
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| row.envelope().decode::<Noted>().unwrap().id)
+                .collect();
+        assert_eq!(kept, ["first", "ok-1", "ok-2"]);
+    }
+
     #[tokio::test]
     async fn a_panic_inside_a_transaction_rolls_back_and_the_pool_keeps_working() {
         let t = TempDb::new();
@@ -428,7 +569,10 @@ mod url_tests {
         assert_eq!(level(&full).await, 2);
         let normal = Db::open_with(
             &temp.path().join("normal.db").to_string_lossy(),
-            Synchronous::Normal,
+            &super::DbOptions {
+                synchronous: Synchronous::Normal,
+                ..super::DbOptions::default()
+            },
         )
         .unwrap();
         assert_eq!(level(&normal).await, 1);

@@ -6,7 +6,7 @@ use diesel::sqlite::SqliteConnection;
 
 use super::event_store::{self, EventMetadata, NewEvent, RecordedEvent};
 use super::schema::snapshots;
-use super::{now_ms, Db};
+use super::{now_ms, Db, Session};
 use crate::aggregate::{decode_event, encode_event, Aggregate};
 use crate::error::StoreError;
 
@@ -211,10 +211,13 @@ pub struct ExecuteOptions {
     pub max_attempts: u32,
 }
 
-/// Runs `command` on aggregate `id`: loads it without holding a lock, decides,
-/// then in one write transaction appends at the loaded version and runs
-/// `effects` (read models, outbox rows). A conflict (another writer appended
-/// first) starts over, up to `max_attempts` times.
+/// Runs `command` on aggregate `id` on the database's writer, in one unit:
+/// takes the aggregate's state from the writer's cache when it is at the
+/// stream's version (else loads it from its snapshot and events), decides,
+/// appends, and runs `effects` (read models, outbox rows). The writer runs
+/// one unit at a time, so commands on one aggregate in one process never
+/// conflict; a conflict with another process (the stream moved on) decides
+/// again on fresh state, up to `max_attempts` times.
 ///
 /// # Errors
 /// [`CommandError::Rejected`] when the aggregate refuses,
@@ -234,9 +237,9 @@ where
     execute_unless(db, id, command, options, |_| Ok(None), effects).await
 }
 
-/// As [`execute`], but first, inside the write transaction, asks `settled`
-/// whether the command already happened (an idempotency key seen before): an
-/// answer is returned as it is and nothing is appended.
+/// As [`execute`], but first, in the same unit, asks `settled` whether the
+/// command already happened (an idempotency key seen before): an answer is
+/// returned as it is and nothing is appended.
 ///
 /// # Errors
 /// As [`execute`].
@@ -256,59 +259,66 @@ where
 {
     let attempts = options.max_attempts.max(1);
     for _ in 0..attempts {
-        let wanted = id.to_owned();
-        let check = settled.clone();
-        let loaded = db
-            .read(move |c| match check(c)? {
-                Some(answer) => Ok(Err(answer)),
-                None => load::<A>(c, &wanted).map(Ok),
-            })
-            .await?;
-        let loaded = match loaded {
-            Ok(loaded) => loaded,
-            Err(answer) => return Ok(answer),
-        };
-        let events = loaded
-            .state
-            .handle(command.clone())
-            .map_err(CommandError::Rejected)?;
-        let mut state = loaded.state;
-        for event in &events {
-            state.apply(event);
-        }
-        let (id, options) = (id.to_owned(), options.clone());
+        let (id, command, options) = (id.to_owned(), command.clone(), options.clone());
         let (settled, effects) = (settled.clone(), effects.clone());
         let saved = db
-            .write(move |c| {
-                if let Some(answer) = settled(c)? {
+            .submit(move |session: &mut Session<'_>| {
+                if let Some(answer) = settled(session.conn)? {
                     return Ok(answer);
                 }
-                let recorded = save::<A>(
-                    c,
-                    &id,
-                    loaded.version,
-                    &state,
-                    &events,
-                    &options.metadata,
-                    options.snapshot_every,
-                )?;
-                let executed = Executed {
-                    id,
-                    version: loaded.version + recorded.len() as i64,
-                    state,
-                    events,
-                    recorded,
-                };
-                effects(c, &executed)
+                let executed = decide::<A>(session, &id, command, &options)?;
+                effects(session.conn, &executed).map_err(CommandError::Store)
             })
             .await;
         match saved {
             // Decide again on fresh state; any other error is final.
-            Err(StoreError::VersionConflict { .. }) => continue,
-            other => return other.map_err(CommandError::Store),
+            Err(CommandError::Store(StoreError::VersionConflict { .. })) => continue,
+            other => return other,
         }
     }
     Err(CommandError::Contention { attempts })
+}
+
+/// Decides `command` on aggregate `id` and appends its events, inside the
+/// writer's transaction; the new state goes to the cache (kept if the unit commits).
+fn decide<A: Aggregate>(
+    session: &mut Session<'_>,
+    id: &str,
+    command: A::Command,
+    options: &ExecuteOptions,
+) -> Result<Executed<A>, CommandError<A::Error>> {
+    let stream = A::stream_id(id);
+    let current = event_store::stream_version(session.conn, &stream)?;
+    let (state, version) = match session.cache.get::<A>(&stream, current) {
+        Some(state) => (state, current),
+        None => {
+            let loaded = load::<A>(session.conn, id)?;
+            (loaded.state, loaded.version)
+        }
+    };
+    let events = state.handle(command).map_err(CommandError::Rejected)?;
+    let mut state = state;
+    for event in &events {
+        state.apply(event);
+    }
+    let recorded = save::<A>(
+        session.conn,
+        id,
+        version,
+        &state,
+        &events,
+        &options.metadata,
+        options.snapshot_every,
+    )?;
+    let version = version + recorded.len() as i64;
+    session.cache.put(&stream, version, state.clone());
+    Ok(Executed {
+        id: id.to_owned(),
+        state,
+        version,
+        events,
+        recorded,
+    })
 }
 
 #[cfg(test)]
@@ -533,6 +543,47 @@ mod tests {
                 adds: 80
             }
         );
+    }
+
+    /// 10,000 aggregates through a cache of 1,000: it never holds more; a
+    /// recent one is decided from memory, an evicted one is reloaded and
+    /// decided on its full history.
+    #[tokio::test]
+    async fn the_aggregate_cache_stays_within_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = crate::store::DbOptions {
+            aggregate_cache: 1_000,
+            ..crate::store::DbOptions::default()
+        };
+        let db = Db::open_with(&dir.path().join("cache.db").to_string_lossy(), &options).unwrap();
+        let execute_options = ExecuteOptions::default();
+        let ids: Vec<String> = (0..10_000).map(|i| format!("a{i}")).collect();
+        for chunk in ids.chunks(500) {
+            let commands = chunk
+                .iter()
+                .map(|id| execute::<Tally, _, _>(&db, id, 1, &execute_options, |_, _| Ok(())));
+            for done in futures_util::future::join_all(commands).await {
+                done.unwrap();
+            }
+        }
+        let cache = db.writer_stats().cache;
+        assert_eq!((cache.entries, cache.capacity), (1_000, 1_000), "{cache:?}");
+        let before = db.writer_stats().cache;
+        let recent = execute::<Tally, _, _>(&db, "a9999", 2, &execute_options, |_, e| {
+            Ok(e.state.clone())
+        })
+        .await
+        .unwrap();
+        assert_eq!(recent, Tally { total: 3, adds: 2 });
+        let evicted =
+            execute::<Tally, _, _>(&db, "a0", 2, &execute_options, |_, e| Ok(e.state.clone()))
+                .await
+                .unwrap();
+        assert_eq!(evicted, Tally { total: 3, adds: 2 });
+        let after = db.writer_stats().cache;
+        assert_eq!(after.hits - before.hits, 1, "a9999 came from memory");
+        assert_eq!(after.misses - before.misses, 1, "a0 was reloaded");
+        assert!(after.entries <= 1_000);
     }
 
     #[tokio::test]

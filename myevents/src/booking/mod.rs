@@ -13,13 +13,15 @@ mod store;
 
 use std::sync::Arc;
 
+use diesel::SqliteConnection;
+
 use crate::contract::{EventCreated, LocationCreated};
 use crate::service::{run_service, Service};
 use herald::escape;
-use herald::store::event_store::{self, EventMetadata, NewEvent};
+use herald::store::event_store::{self, NewEvent};
+use herald::store::inbox;
 use herald::store::projection::Projections;
 use herald::store::repository::{self, CommandError};
-use herald::store::{inbox, Db};
 use herald::{ContextBuilder, Error, Event, HandlerError, MessageContext, Settings};
 
 use ledger::{LedgerCommand, SeatLedger};
@@ -37,17 +39,19 @@ pub fn projections() -> Projections {
 pub fn handlers(builder: ContextBuilder, service: &Service) -> ContextBuilder {
     let views = service.projections.clone();
     let (events_service, events_views) = (service.clone(), views.clone());
-    let locations_db = service.db.clone();
     builder
         .publishes::<crate::contract::EventBooked>()
         .handle(move |created: EventCreated, message: MessageContext| {
             let (service, views) = (events_service.clone(), events_views.clone());
             async move { open_ledger(&service, &views, created, &message).await }
         })
-        .handle(move |location: LocationCreated, message: MessageContext| {
-            let (db, views) = (locations_db.clone(), views.clone());
-            async move { record_location(&db, &views, location, &message).await }
-        })
+        .apply_once(
+            move |location: LocationCreated,
+                  message: &MessageContext,
+                  conn: &mut SqliteConnection| {
+                record_location(&views, location, message, conn)
+            },
+        )
 }
 
 /// An announced event goes on sale: its ledger opens (or takes the new details).
@@ -96,40 +100,27 @@ async fn open_ledger(
     Ok(())
 }
 
-/// A location heard of is recorded as the fact it is, then projected.
-async fn record_location(
-    db: &Db,
-    views: &Arc<Projections>,
+/// A location heard of is recorded as the fact it is, then projected: on the
+/// database writer, in the transaction of the message's inbox entry.
+fn record_location(
+    views: &Projections,
     location: LocationCreated,
     message: &MessageContext,
+    conn: &mut SqliteConnection,
 ) -> Result<(), HandlerError> {
-    let id = location.id.clone();
-    let views = views.clone();
     let payload = serde_json::to_string(&location).map_err(HandlerError::from_error)?;
-    let metadata = EventMetadata {
-        correlation_id: message.meta.correlation_id.clone(),
-        causation_id: message.meta.id.clone(),
-        producer: message.meta.producer.clone(),
+    let stream = format!("{}-{}", store::LOCATION_STREAM, location.id);
+    let version = event_store::stream_version(conn, &stream)?;
+    let fact = NewEvent {
+        event_id: uuid::Uuid::new_v4().to_string(),
+        name: LocationCreated::NAME.to_owned(),
+        schema_version: LocationCreated::SCHEMA_VERSION,
+        payload,
+        metadata: message.recorded_metadata(),
     };
-    let applied = db
-        .apply_once(message.inbox_key(), move |c| {
-            let stream = format!("{}-{}", store::LOCATION_STREAM, location.id);
-            let version = event_store::stream_version(c, &stream)?;
-            let fact = NewEvent {
-                event_id: uuid::Uuid::new_v4().to_string(),
-                name: LocationCreated::NAME.to_owned(),
-                schema_version: LocationCreated::SCHEMA_VERSION,
-                payload,
-                metadata,
-            };
-            event_store::append(c, &stream, version, &[fact])?;
-            views.catch_up(c)
-        })
-        .await
-        .map_err(HandlerError::from)?;
-    if applied {
-        log::info!(target: "myevents::booking", "locationCreated id={} recorded", escape(&id));
-    }
+    event_store::append(conn, &stream, version, &[fact])?;
+    views.catch_up(conn)?;
+    log::info!(target: "myevents::booking", "locationCreated id={} recorded", escape(&location.id));
     Ok(())
 }
 

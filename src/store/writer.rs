@@ -1,0 +1,336 @@
+//! The group-commit writer: one thread per [`Db`](super::Db) owns the only
+//! write connection and commits many units of work in one transaction.
+//!
+//! SQLite has one writer per file, so a transaction per delivery bounds a
+//! context at one commit (and one fsync) per message, whatever its shards
+//! do in parallel. Here callers hand their writes (a *unit*: one delivery's
+//! inbox entry, events, read models and outbox rows, or one command's) to
+//! the writer's queue and await the answer. The writer takes what is queued
+//! (up to `database.batch_max`, waiting up to `database.batch_wait` for
+//! more; by default it commits as soon as it is free), runs each unit under
+//! a savepoint, commits once, and only then answers. A unit that fails or
+//! panics rolls back to its savepoint and fails alone; the others commit.
+//!
+//! Units run in the order they were queued, so a caller that queues its
+//! units in order (a shard, for one partition key) sees them committed in
+//! that order. The writer also owns the [aggregate cache](super::cache).
+
+use std::any::Any;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use diesel::connection::{AnsiTransactionManager, TransactionManager};
+use diesel::sqlite::SqliteConnection;
+use tokio::sync::{oneshot, Notify};
+
+use super::cache::{AggregateCache, CacheStats};
+use crate::error::{panic_text, StoreError};
+
+/// What a unit works with: the writer's connection, inside the batch's
+/// transaction and the unit's savepoint, and the aggregate cache.
+pub(crate) struct Session<'a> {
+    pub(crate) conn: &'a mut SqliteConnection,
+    pub(crate) cache: &'a mut AggregateCache,
+}
+
+type Output = Box<dyn Any + Send>;
+type Work = Box<dyn FnOnce(&mut Session<'_>) -> Result<Output, Output> + Send>;
+
+/// How a unit ended, as the writer reports it.
+enum Reply {
+    Done(Output),
+    /// The unit's own error (typed by its caller), rolled back to its savepoint.
+    Refused(Output),
+    /// The batch or the unit broke: a panic, or the transaction itself failed.
+    Broken(StoreError),
+}
+
+struct Unit {
+    work: Work,
+    reply: oneshot::Sender<Reply>,
+}
+
+/// How the writer batches.
+#[derive(Debug, Clone)]
+pub(crate) struct Batching {
+    pub(crate) max: usize,
+    pub(crate) wait: Duration,
+    pub(crate) cache: usize,
+}
+
+/// Counters of the writer, for metrics and the admin API.
+#[derive(Debug, Default)]
+pub(crate) struct WriterStats {
+    batches: AtomicU64,
+    units: AtomicU64,
+    failed_units: AtomicU64,
+    largest: AtomicU64,
+    cache: Mutex<CacheStats>,
+}
+
+/// What the writer has done since the database was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct WriterSnapshot {
+    /// Transactions committed (or attempted).
+    pub batches: u64,
+    /// Units run in them.
+    pub units: u64,
+    /// Units that failed alone (rolled back to their savepoint).
+    pub failed_units: u64,
+    /// The largest batch so far.
+    pub largest_batch: u64,
+    /// The aggregate cache.
+    pub cache: CacheStats,
+}
+
+impl WriterStats {
+    pub(crate) fn snapshot(&self) -> WriterSnapshot {
+        WriterSnapshot {
+            batches: self.batches.load(Ordering::Relaxed),
+            units: self.units.load(Ordering::Relaxed),
+            failed_units: self.failed_units.load(Ordering::Relaxed),
+            largest_batch: self.largest.load(Ordering::Relaxed),
+            cache: *self.cache.lock().unwrap_or_else(|e| e.into_inner()),
+        }
+    }
+}
+
+/// The queue into the writer thread. The thread ends when the last handle drops.
+pub(crate) struct Writer {
+    queue: Mutex<Sender<Unit>>,
+    pub(crate) stats: Arc<WriterStats>,
+}
+
+impl Writer {
+    /// Starts the writer thread; `connect` opens (and reopens) its connection.
+    pub(crate) fn start<C>(connect: C, batching: Batching, committed: Arc<Notify>) -> Writer
+    where
+        C: Fn() -> Result<SqliteConnection, StoreError> + Send + 'static,
+    {
+        let (queue, units) = mpsc::channel();
+        let stats = Arc::new(WriterStats::default());
+        let thread_stats = stats.clone();
+        let spawned = std::thread::Builder::new()
+            .name("herald-db-writer".into())
+            .spawn(move || {
+                let mut thread = WriterThread {
+                    connect: Box::new(connect),
+                    conn: None,
+                    cache: AggregateCache::new(batching.cache),
+                    batching,
+                    stats: thread_stats,
+                    committed,
+                };
+                thread.run(&units);
+            });
+        if let Err(e) = spawned {
+            // Without a thread every write fails with this error (queue closed).
+            log::error!(target: "herald::store", "cannot start the database writer: {e}");
+        }
+        Writer {
+            queue: Mutex::new(queue),
+            stats,
+        }
+    }
+
+    /// Queues `work` now (not when the returned future is first polled): two
+    /// calls made in order run in that order.
+    pub(crate) fn submit<T, E, F>(&self, work: F) -> impl std::future::Future<Output = Result<T, E>>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&mut Session<'_>) -> Result<T, E> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let work: Work = Box::new(move |session| match work(session) {
+            Ok(value) => Ok(Box::new(value) as Output),
+            Err(error) => Err(Box::new(error) as Output),
+        });
+        let queued = self
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(Unit { work, reply })
+            .is_ok();
+        async move {
+            if !queued {
+                return Err(E::from(StoreError::Pool(
+                    "the database writer stopped".into(),
+                )));
+            }
+            match answer.await {
+                Ok(Reply::Done(value)) => value.downcast::<T>().map(|v| *v).map_err(|_| {
+                    E::from(StoreError::Panicked(
+                        "a unit's answer had another type".into(),
+                    ))
+                }),
+                Ok(Reply::Refused(error)) => Err(error.downcast::<E>().map_or_else(
+                    |_| StoreError::Panicked("a unit's error had another type".into()).into(),
+                    |e| *e,
+                )),
+                Ok(Reply::Broken(error)) => Err(E::from(error)),
+                Err(_) => Err(E::from(StoreError::Panicked(
+                    "the database writer dropped a unit".into(),
+                ))),
+            }
+        }
+    }
+}
+
+struct WriterThread {
+    connect: Box<dyn Fn() -> Result<SqliteConnection, StoreError> + Send>,
+    conn: Option<SqliteConnection>,
+    cache: AggregateCache,
+    batching: Batching,
+    stats: Arc<WriterStats>,
+    committed: Arc<Notify>,
+}
+
+impl WriterThread {
+    fn run(&mut self, units: &Receiver<Unit>) {
+        while let Ok(first) = units.recv() {
+            let batch = self.gather(first, units);
+            self.commit(batch);
+        }
+    }
+
+    /// The first unit and what else is queued, up to the batch size, waiting
+    /// at most `batching.wait` for more.
+    fn gather(&self, first: Unit, units: &Receiver<Unit>) -> Vec<Unit> {
+        let mut batch = vec![first];
+        let deadline = Instant::now() + self.batching.wait;
+        while batch.len() < self.batching.max {
+            match units.try_recv() {
+                Ok(unit) => batch.push(unit),
+                Err(TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break;
+                    }
+                    match units.recv_timeout(deadline - now) {
+                        Ok(unit) => batch.push(unit),
+                        Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+            }
+        }
+        batch
+    }
+
+    fn commit(&mut self, batch: Vec<Unit>) {
+        let size = batch.len() as u64;
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats.units.fetch_add(size, Ordering::Relaxed);
+        self.stats.largest.fetch_max(size, Ordering::Relaxed);
+        let mut replies = Vec::with_capacity(batch.len());
+        let mut works = Vec::with_capacity(batch.len());
+        for unit in batch {
+            replies.push(unit.reply);
+            works.push(unit.work);
+        }
+        let conn = match self.conn.take().map_or_else(|| (self.connect)(), Ok) {
+            Ok(conn) => self.conn.insert(conn),
+            Err(error) => {
+                log::error!(target: "herald::store", "the writer has no connection: {error}");
+                for reply in replies {
+                    let _ = reply.send(Reply::Broken(StoreError::Pool(error.to_string())));
+                }
+                return;
+            }
+        };
+        let cache = &mut self.cache;
+        let mut outcomes: Vec<Reply> = Vec::with_capacity(works.len());
+        let result = conn.immediate_transaction::<_, StoreError, _>(|conn| {
+            for work in works {
+                outcomes.push(run_unit(conn, cache, work)?);
+            }
+            Ok(())
+        });
+        match result {
+            Ok(()) => {
+                self.cache.commit();
+                self.publish_cache_stats();
+                let failed = outcomes
+                    .iter()
+                    .filter(|o| !matches!(o, Reply::Done(_)))
+                    .count() as u64;
+                self.stats.failed_units.fetch_add(failed, Ordering::Relaxed);
+                if failed < size {
+                    self.committed.notify_one();
+                }
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(outcome);
+                }
+            }
+            Err(error) => {
+                // Nothing of the batch is in the database: every unit fails
+                // (a unit's own refusal stays what it was), and the connection
+                // is replaced in case its transaction state is broken.
+                self.cache.abort();
+                self.publish_cache_stats();
+                self.conn = None;
+                self.stats.failed_units.fetch_add(size, Ordering::Relaxed);
+                log::warn!(target: "herald::store", "batch of {size} units rolled back: {error}");
+                let mut outcomes = outcomes.into_iter();
+                for reply in replies {
+                    let outcome = match outcomes.next() {
+                        Some(refused @ Reply::Refused(_)) => refused,
+                        _ => Reply::Broken(copy_of(&error)),
+                    };
+                    let _ = reply.send(outcome);
+                }
+            }
+        }
+    }
+
+    /// Before the replies: whoever is answered sees the cache as it left it.
+    fn publish_cache_stats(&self) {
+        *self.stats.cache.lock().unwrap_or_else(|e| e.into_inner()) = self.cache.stats();
+    }
+}
+
+/// Runs one unit under a savepoint. `Err` only when the savepoint itself
+/// failed: the whole batch must roll back.
+fn run_unit(
+    conn: &mut SqliteConnection,
+    cache: &mut AggregateCache,
+    work: Work,
+) -> Result<Reply, StoreError> {
+    AnsiTransactionManager::begin_transaction(conn)?;
+    let ran = std::panic::catch_unwind(AssertUnwindSafe(|| work(&mut Session { conn, cache })));
+    match ran {
+        Ok(Ok(value)) => {
+            AnsiTransactionManager::commit_transaction(conn)?;
+            cache.keep_unit();
+            Ok(Reply::Done(value))
+        }
+        Ok(Err(error)) => {
+            AnsiTransactionManager::rollback_transaction(conn)?;
+            cache.drop_unit();
+            Ok(Reply::Refused(error))
+        }
+        Err(panic) => {
+            AnsiTransactionManager::rollback_transaction(conn)?;
+            cache.drop_unit();
+            Ok(Reply::Broken(StoreError::Panicked(panic_text(
+                panic.as_ref(),
+            ))))
+        }
+    }
+}
+
+/// The same error for every unit of a failed batch (diesel's errors are not `Clone`).
+fn copy_of(error: &StoreError) -> StoreError {
+    match error {
+        StoreError::Busy(m) => StoreError::Busy(m.clone()),
+        StoreError::Pool(m) => StoreError::Pool(m.clone()),
+        StoreError::Conflict(m) => StoreError::Conflict(m.clone()),
+        StoreError::Corrupt(m) => StoreError::Corrupt(m.clone()),
+        StoreError::Panicked(m) => StoreError::Panicked(m.clone()),
+        other => StoreError::Pool(format!("the batch's transaction failed: {other}")),
+    }
+}
