@@ -39,9 +39,12 @@ async fn assert_each_booking_counted_once(
     assert_seats_counted_once(&events.api, &stream.seats).await;
 }
 
+/// `kill -9` twice while the stream is being applied: the events context
+/// applies `eventBooked` in group commits (many deliveries per transaction,
+/// acked after it), so each kill lands with batches queued or committing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn events_killed_twice_mid_stream_counts_every_booking_exactly_once() {
-    const TOTAL: i64 = 4_000;
+    const TOTAL: i64 = 10_000;
     let vhost = TestVhost::new();
     let dir = DataDir::new();
     let (mut events, db, stream) = events_with_stream(&vhost, &dir, TOTAL).await;

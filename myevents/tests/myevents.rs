@@ -201,6 +201,50 @@ async fn of_150_concurrent_one_seat_requests_for_100_seats_exactly_100_succeed()
     wait_for_seats_booked(&events, &id, SEATS as i64).await;
 }
 
+/// 64 requests at once for 40 seats: one process decides one event's
+/// bookings one after another, so none is lost to a conflict (no 503), and
+/// the event store holds exactly the 40 that were answered 201.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn of_64_simultaneous_bookings_for_40_seats_40_succeed_and_none_answers_503() {
+    const SEATS: usize = 40;
+    const CLIENTS: usize = 64;
+    let vhost = TestVhost::new();
+    let dir = DataDir::new();
+    let booking = Service::start(Kind::Booking, &vhost, &dir).await;
+    let events = Service::start(Kind::Events, &vhost, &dir).await;
+    let id = event_with_capacity(&events.api, "Opening Night", SEATS as u32).await;
+    wait_until_booking_knows(&booking, &id).await;
+
+    let start = Arc::new(tokio::sync::Barrier::new(CLIENTS));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (start, api, id) = (start.clone(), booking.api, id.clone());
+            tokio::spawn(async move {
+                start.wait().await;
+                book(&api, &id, 1).await
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for client in clients {
+        answers.push(client.await.expect("client task"));
+    }
+    let statuses = herald_testkit::tally(&answers.iter().map(|a| a.status).collect::<Vec<_>>());
+    assert_eq!(
+        statuses,
+        [(201, SEATS), (409, CLIENTS - SEATS)].into_iter().collect(),
+        "answers: {answers:?}"
+    );
+    let db = database(&dir, Kind::Booking);
+    let stored = count(
+        &db,
+        "SELECT count(*) AS n FROM event_store WHERE event_name = 'eventBooked'",
+    )
+    .await;
+    assert_eq!(stored, SEATS as i64, "bookings in the event store");
+    wait_for_seats_booked(&events, &id, SEATS as i64).await;
+}
+
 // 3 -------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

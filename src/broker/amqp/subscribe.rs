@@ -11,7 +11,7 @@ use lapin::Channel;
 
 use super::codec::message_from;
 use super::connection::AmqpBroker;
-use super::settle::AmqpAcker;
+use super::settle::{AckWindow, AmqpAcker, SharedWindow};
 use super::topology::{declare_exchange, declare_queue, declare_retry_queue};
 use crate::broker::{
     dead_letter_queue, Delivery, SubscribeSpec, Subscriber, Subscription, SubscriptionControl,
@@ -52,12 +52,16 @@ impl Subscriber for AmqpBroker {
             );
             let broker = self.clone();
             let queue = spec.queue.clone();
+            let window = SharedWindow::default();
             let deliveries = consumer
                 .map(move |delivery| {
                     let delivery = delivery?;
                     let message = message_from(&delivery);
+                    AckWindow::delivered(&window, delivery.delivery_tag);
                     let acker = AmqpAcker {
                         acker: delivery.acker,
+                        tag: delivery.delivery_tag,
+                        window: window.clone(),
                         broker: broker.clone(),
                         queue: queue.clone(),
                     };
