@@ -1,8 +1,15 @@
-//! The one connection an [`AmqpBroker`] and its clones share: opening it,
-//! re-opening it after the broker dropped it, closing it, and the broker's
-//! resource alarms (`connection.blocked`), which hold publishers back.
+//! The two connections an [`AmqpBroker`] and its clones share, one for
+//! publishing and one for consuming: opening them, re-opening one after the
+//! broker dropped it, closing them, and the broker's resource alarms
+//! (`connection.blocked`), which hold publishers back.
 //!
-//! Reconnects are lazy: whoever next needs the connection finds it closed and
+//! Publishing and consuming never share a connection: RabbitMQ blocks a
+//! connection that publishes while a resource alarm is on, and a blocked
+//! connection sends nothing, acks included. With acks on a connection of
+//! their own, consumers keep settling (and freeing the broker's memory)
+//! while publishers wait out the alarm.
+//!
+//! Reconnects are lazy: whoever next needs a connection finds it closed and
 //! opens a fresh one, so there is no background task to supervise and every
 //! caller keeps its own retry policy.
 
@@ -21,9 +28,9 @@ use super::topology::declare_exchange;
 use crate::config::redact_url;
 use crate::error::BrokerError;
 
-/// A RabbitMQ client: a publisher (confirm mode) and a subscriber factory
-/// over one connection, re-opened on demand after the broker dropped it.
-/// Clones share the connection.
+/// A RabbitMQ client: a publisher (confirm mode) on one connection and a
+/// subscriber factory on another, each re-opened on demand after the broker
+/// dropped it. Clones share the connections.
 #[derive(Clone)]
 pub struct AmqpBroker {
     shared: Arc<Shared>,
@@ -31,12 +38,56 @@ pub struct AmqpBroker {
 
 struct Shared {
     options: AmqpOptions,
-    link: Mutex<Arc<Inner>>,
+    /// Publishes events, retries and dead letters.
+    publishing: Link,
+    /// Carries the subscriptions (deliveries in, acks out), declares and
+    /// inspects queues: it never publishes, so an alarm never blocks it.
+    consuming: Link,
+    closed: AtomicBool,
+}
+
+/// What a connection is for: part of its name in the broker's connection list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Role {
+    Publish,
+    Consume,
+}
+
+impl Role {
+    fn suffix(self) -> &'static str {
+        match self {
+            Role::Publish => "publish",
+            Role::Consume => "consume",
+        }
+    }
+}
+
+/// One of the two connections, re-opened on demand.
+struct Link {
+    role: Role,
+    current: Mutex<Arc<Inner>>,
     /// One reconnect at a time; the others wait for its outcome.
     reconnecting: tokio::sync::Mutex<()>,
     /// Set while the connection is down, so the loss is logged once.
     lost: AtomicBool,
-    closed: AtomicBool,
+}
+
+impl Link {
+    fn new(role: Role, inner: Inner) -> Self {
+        Link {
+            role,
+            current: Mutex::new(Arc::new(inner)),
+            reconnecting: tokio::sync::Mutex::new(()),
+            lost: AtomicBool::new(false),
+        }
+    }
+
+    fn current(&self) -> Arc<Inner> {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 /// One live connection and its publishing channel.
@@ -59,7 +110,7 @@ pub(super) struct Inner {
 }
 
 impl Inner {
-    async fn open(options: &AmqpOptions) -> Result<Self, BrokerError> {
+    async fn open(options: &AmqpOptions, role: Role) -> Result<Self, BrokerError> {
         let mut uri: AMQPUri = options
             .url
             .expose_secret()
@@ -75,11 +126,14 @@ impl Inner {
                 )))
             })?;
         uri.query.heartbeat = Some(options.heartbeat_secs);
-        let properties = ConnectionProperties::default()
-            .with_connection_name(options.connection_name.clone().into());
+        let name = format!("{} ({})", options.connection_name, role.suffix());
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
         let connection = Connection::connect_uri(uri, properties).await?;
         let blocked = watch::Sender::new(false);
-        watch_alarms(&connection, blocked.clone());
+        // Only a publishing connection is ever blocked.
+        if role == Role::Publish {
+            watch_alarms(&connection, blocked.clone());
+        }
         let publisher = connection.create_channel().await?;
         publisher
             .confirm_select(ConfirmSelectOptions::default())
@@ -138,7 +192,14 @@ impl AmqpBroker {
     /// # Errors
     /// [`BrokerError::Amqp`] when the broker cannot be reached or refuses us.
     pub async fn connect(options: &AmqpOptions) -> Result<Self, BrokerError> {
-        let inner = Inner::open(options).await?;
+        let publishing = Inner::open(options, Role::Publish).await?;
+        let consuming = match Inner::open(options, Role::Consume).await {
+            Ok(consuming) => consuming,
+            Err(error) => {
+                let _ = publishing.connection.close(200, "bye".into()).await;
+                return Err(error);
+            }
+        };
         log::info!(
             target: "herald::broker",
             "connected url={} exchange={} heartbeat_s={}",
@@ -149,53 +210,59 @@ impl AmqpBroker {
         Ok(AmqpBroker {
             shared: Arc::new(Shared {
                 options: options.clone(),
-                link: Mutex::new(Arc::new(inner)),
-                reconnecting: tokio::sync::Mutex::new(()),
-                lost: AtomicBool::new(false),
+                publishing: Link::new(Role::Publish, publishing),
+                consuming: Link::new(Role::Consume, consuming),
                 closed: AtomicBool::new(false),
             }),
         })
     }
 
-    fn current(&self) -> Arc<Inner> {
-        self.shared
-            .link
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    fn links(&self) -> [&Link; 2] {
+        [&self.shared.publishing, &self.shared.consuming]
     }
 
-    /// The live connection, reconnecting (one attempt) when the broker dropped
-    /// it. Callers retry with their own backoff.
+    /// The live publishing connection, reconnecting (one attempt) when the broker dropped it. Callers retry
+    /// with their own backoff.
     pub(super) async fn link(&self) -> Result<Arc<Inner>, BrokerError> {
-        let current = self.current();
+        self.link_for(Role::Publish).await
+    }
+
+    /// The live connection for `role`, reconnecting as [`AmqpBroker::link`] does.
+    pub(super) async fn link_for(&self, role: Role) -> Result<Arc<Inner>, BrokerError> {
+        let link = match role {
+            Role::Publish => &self.shared.publishing,
+            Role::Consume => &self.shared.consuming,
+        };
+        let current = link.current();
         if current.is_open() {
             return Ok(current);
         }
         if self.shared.closed.load(Ordering::SeqCst) {
             return Err(BrokerError::Closed);
         }
-        let _single = self.shared.reconnecting.lock().await;
-        let current = self.current();
+        let _single = link.reconnecting.lock().await;
+        let current = link.current();
         if current.is_open() {
             return Ok(current);
         }
         let options = &self.shared.options;
-        if !self.shared.lost.swap(true, Ordering::SeqCst) {
+        if !link.lost.swap(true, Ordering::SeqCst) {
             log::warn!(
                 target: "herald::broker",
-                "connection to {} lost; reconnecting",
+                "{} connection to {} lost; reconnecting",
+                link.role.suffix(),
                 redact_url(options.url.expose_secret())
             );
         }
-        match Inner::open(options).await {
+        match Inner::open(options, link.role).await {
             Ok(fresh) => {
                 let fresh = Arc::new(fresh);
-                *self.shared.link.lock().unwrap_or_else(|p| p.into_inner()) = fresh.clone();
-                self.shared.lost.store(false, Ordering::SeqCst);
+                *link.current.lock().unwrap_or_else(|p| p.into_inner()) = fresh.clone();
+                link.lost.store(false, Ordering::SeqCst);
                 log::info!(
                     target: "herald::broker",
-                    "reconnected url={}",
+                    "reconnected {} url={}",
+                    link.role.suffix(),
                     redact_url(options.url.expose_secret())
                 );
                 Ok(fresh)
@@ -207,22 +274,27 @@ impl AmqpBroker {
         }
     }
 
-    /// Closes the connection for good; the broker requeues every unsettled delivery.
+    /// Closes both connections for good; the broker requeues every unsettled delivery.
     ///
     /// # Errors
-    /// [`BrokerError::Amqp`] when the broker does not confirm the close.
+    /// [`BrokerError::Amqp`] when the broker does not confirm a close.
     pub async fn close(&self) -> Result<(), BrokerError> {
         self.shared.closed.store(true, Ordering::SeqCst);
-        let current = self.current();
-        if current.connection.status().connected() {
-            current.connection.close(200, "bye".into()).await?;
+        let mut result = Ok(());
+        for link in self.links() {
+            let current = link.current();
+            if current.connection.status().connected() {
+                if let Err(error) = current.connection.close(200, "bye".into()).await {
+                    result = Err(error.into());
+                }
+            }
         }
-        Ok(())
+        result
     }
 
-    /// Whether the connection and its publishing channel are open now. A
-    /// dropped connection is re-opened by the next operation, not by this.
+    /// Whether both connections are open now. A dropped connection is
+    /// re-opened by the next operation, not by this.
     pub fn is_connected(&self) -> bool {
-        self.current().is_open()
+        self.links().iter().all(|link| link.current().is_open())
     }
 }

@@ -10,7 +10,7 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::Channel;
 
 use super::codec::message_from;
-use super::connection::AmqpBroker;
+use super::connection::{AmqpBroker, Role};
 use super::settle::{AckWindow, AmqpAcker, SharedWindow};
 use super::topology::{declare_exchange, declare_queue, declare_retry_queue};
 use crate::broker::{
@@ -21,7 +21,7 @@ use crate::error::BrokerError;
 impl Subscriber for AmqpBroker {
     fn subscribe(&self, spec: SubscribeSpec) -> BoxFuture<'_, Result<Subscription, BrokerError>> {
         async move {
-            let inner = self.link().await?;
+            let inner = self.link_for(Role::Consume).await?;
             let channel = inner.connection.create_channel().await?;
             channel
                 .basic_qos(spec.prefetch.max(1), BasicQosOptions::default())
@@ -32,7 +32,7 @@ impl Subscriber for AmqpBroker {
             for delay in &spec.retry_delays {
                 declare_retry_queue(&channel, &spec.queue, *delay).await?;
             }
-            inner.sync_bindings(&channel, &spec).await?;
+            inner.sync_bindings(&channel, &spec, self).await?;
             let consumer = channel
                 .basic_consume(
                     spec.queue.as_str().into(),

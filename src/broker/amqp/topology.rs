@@ -13,7 +13,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 
-use super::connection::{AmqpBroker, Inner};
+use super::connection::{AmqpBroker, Inner, Role};
 use crate::broker::{retry_queue, Message, SubscribeSpec};
 use crate::error::BrokerError;
 
@@ -87,10 +87,15 @@ impl Inner {
     /// runtime keeps its own record: the last binding set, as the single
     /// message of the durable queue `<queue>.bindings` (`x-max-length = 1`).
     /// Bindings made by others (the book's Go services) are never touched.
+    ///
+    /// The record is published on `broker`'s publishing connection: the
+    /// consuming connection never publishes, so a resource alarm never blocks
+    /// it (a subscription made during an alarm waits for it to clear here).
     pub(super) async fn sync_bindings(
         &self,
         channel: &Channel,
         spec: &SubscribeSpec,
+        broker: &AmqpBroker,
     ) -> Result<(), BrokerError> {
         let record = format!("{}.bindings", spec.queue);
         let mut arguments = FieldTable::default();
@@ -148,7 +153,7 @@ impl Inner {
         );
         current.persistent = true;
         current.content_type = Some(crate::broker::CONTENT_TYPE_JSON.into());
-        self.publish("", &record, &current).await?;
+        broker.send_to_queue(&record, &current).await?;
         if let Some(last) = last {
             last.delivery.acker.ack(BasicAckOptions::default()).await?;
         }
@@ -162,7 +167,12 @@ impl AmqpBroker {
     /// # Errors
     /// The queue does not exist, or the broker is unreachable.
     pub async fn queue_depth(&self, queue: &str) -> Result<u32, BrokerError> {
-        let channel = self.link().await?.connection.create_channel().await?;
+        let channel = self
+            .link_for(Role::Consume)
+            .await?
+            .connection
+            .create_channel()
+            .await?;
         let result = channel
             .queue_declare(
                 queue.into(),
