@@ -227,6 +227,17 @@ impl AmqpBroker {
         self.link_for(Role::Publish).await
     }
 
+    /// A fresh channel on the consuming connection, for declaring, reading
+    /// and acking queues outside a subscription (never for publishing).
+    pub(super) async fn inspection_channel(&self) -> Result<Channel, BrokerError> {
+        Ok(self
+            .link_for(Role::Consume)
+            .await?
+            .connection
+            .create_channel()
+            .await?)
+    }
+
     /// The live connection for `role`, reconnecting as [`AmqpBroker::link`] does.
     pub(super) async fn link_for(&self, role: Role) -> Result<Arc<Inner>, BrokerError> {
         let link = match role {

@@ -6,7 +6,7 @@ use futures_util::future::{BoxFuture, FutureExt};
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions};
 
 use super::codec::message_from;
-use super::connection::{AmqpBroker, Role};
+use super::connection::AmqpBroker;
 use crate::broker::{dead_letter_queue, redriven, DeadLetters, Message};
 use crate::error::BrokerError;
 
@@ -14,12 +14,7 @@ impl DeadLetters for AmqpBroker {
     fn list(&self, queue: &str, limit: usize) -> BoxFuture<'_, Result<Vec<Message>, BrokerError>> {
         let dlq = dead_letter_queue(queue);
         async move {
-            let channel = self
-                .link_for(Role::Consume)
-                .await?
-                .connection
-                .create_channel()
-                .await?;
+            let channel = self.inspection_channel().await?;
             let mut letters = Vec::new();
             // Held unacked, then all requeued together: nothing is lost and the
             // broker puts them back in their order.
@@ -48,12 +43,7 @@ impl DeadLetters for AmqpBroker {
             // Only the letters there now: one that fails again comes back at the
             // tail and must not be redriven in a loop.
             let present = self.queue_depth(&dlq).await?;
-            let channel = self
-                .link_for(Role::Consume)
-                .await?
-                .connection
-                .create_channel()
-                .await?;
+            let channel = self.inspection_channel().await?;
             let mut moved = 0;
             for _ in 0..present {
                 let Some(letter) = channel
@@ -84,12 +74,7 @@ impl DeadLetters for AmqpBroker {
     fn purge(&self, queue: &str) -> BoxFuture<'_, Result<usize, BrokerError>> {
         let dlq = dead_letter_queue(queue);
         async move {
-            let channel = self
-                .link_for(Role::Consume)
-                .await?
-                .connection
-                .create_channel()
-                .await?;
+            let channel = self.inspection_channel().await?;
             let purged = channel
                 .queue_purge(dlq.as_str().into(), QueuePurgeOptions::default())
                 .await?;

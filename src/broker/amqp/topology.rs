@@ -13,7 +13,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 
-use super::connection::{AmqpBroker, Inner, Role};
+use super::connection::{AmqpBroker, Inner};
 use crate::broker::{retry_queue, Message, SubscribeSpec};
 use crate::error::BrokerError;
 
@@ -167,12 +167,7 @@ impl AmqpBroker {
     /// # Errors
     /// The queue does not exist, or the broker is unreachable.
     pub async fn queue_depth(&self, queue: &str) -> Result<u32, BrokerError> {
-        let channel = self
-            .link_for(Role::Consume)
-            .await?
-            .connection
-            .create_channel()
-            .await?;
+        let channel = self.inspection_channel().await?;
         let result = channel
             .queue_declare(
                 queue.into(),
