@@ -34,6 +34,20 @@ pub trait Projection: Send + Sync + 'static {
     /// # Errors
     /// A database error, or an event it cannot read ([`StoreError::Corrupt`]).
     fn apply(&self, conn: &mut SqliteConnection, event: &RecordedEvent) -> Result<(), StoreError>;
+    /// Folds a batch of stored events, in order (up to 1,000 while catching
+    /// up or rebuilding). The default applies them one by one; a projection
+    /// that can fold many events into fewer writes (sums, multi-row inserts)
+    /// overrides it to make rebuilds fast.
+    ///
+    /// # Errors
+    /// As [`Projection::apply`].
+    fn apply_all(
+        &self,
+        conn: &mut SqliteConnection,
+        events: &[RecordedEvent],
+    ) -> Result<(), StoreError> {
+        events.iter().try_for_each(|event| self.apply(conn, event))
+    }
 }
 
 /// The last position `projection` applied (0: nothing yet).
@@ -82,9 +96,7 @@ pub fn catch_up(
         let batch = event_store::read_all(conn, position, BATCH)?;
         let Some(last) = batch.last() else { break };
         position = last.position;
-        for event in &batch {
-            projection.apply(conn, event)?;
-        }
+        projection.apply_all(conn, &batch)?;
         read += batch.len() as u64;
         if (batch.len() as i64) < BATCH {
             break;

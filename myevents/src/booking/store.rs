@@ -1,5 +1,7 @@
 //! The booking context's queries: plain functions on a connection.
 
+use std::collections::BTreeMap;
+
 use diesel::prelude::*;
 use diesel::sqlite::SqliteConnection;
 use diesel::upsert::excluded;
@@ -54,13 +56,29 @@ impl Projection for SeatsView {
     }
 
     fn apply(&self, conn: &mut SqliteConnection, event: &RecordedEvent) -> Result<(), StoreError> {
-        if !event.stream_id.starts_with(SeatLedger::KIND) {
-            return Ok(());
-        }
-        match decode_recorded::<SeatLedger>(event)? {
-            LedgerEvent::Opened(announced) => remember_event(conn, &announced),
-            LedgerEvent::Booked(booked) => {
-                let row = BookingRow {
+        self.apply_all(conn, std::slice::from_ref(event))
+    }
+
+    /// A batch in few writes: announcements as they come, bookings in
+    /// multi-row inserts, and one seat update per event.
+    fn apply_all(
+        &self,
+        conn: &mut SqliteConnection,
+        events: &[RecordedEvent],
+    ) -> Result<(), StoreError> {
+        let mut pending = PendingBookings::default();
+        for event in events {
+            if !event.stream_id.starts_with(SeatLedger::KIND) {
+                continue;
+            }
+            match decode_recorded::<SeatLedger>(event)? {
+                LedgerEvent::Opened(announced) => {
+                    // Whatever this event was booked for so far lands first, as
+                    // it would one event at a time.
+                    pending.flush(conn, Some(&announced.id))?;
+                    remember_event(conn, &announced)?;
+                }
+                LedgerEvent::Booked(booked) => pending.add(BookingRow {
                     id: booked
                         .booking_id
                         .clone()
@@ -69,16 +87,60 @@ impl Projection for SeatsView {
                     user_id: booked.user_id.clone(),
                     seats: i64::from(booked.seats()),
                     booked_at: event.recorded_at / 1000,
-                };
-                diesel::insert_into(bookings::table)
-                    .values(&row)
-                    .execute(conn)?;
-                diesel::update(known_events::table.find(&row.event_id))
-                    .set(known_events::seats_booked.eq(known_events::seats_booked + row.seats))
-                    .execute(conn)?;
-                Ok(())
+                }),
             }
         }
+        pending.flush(conn, None)
+    }
+}
+
+/// Bookings folded but not yet written: their rows and the seats they add per event.
+#[derive(Default)]
+struct PendingBookings {
+    rows: Vec<BookingRow>,
+    seats: BTreeMap<String, i64>,
+}
+
+/// Rows per multi-row insert (5 bound values each, far below SQLite's limit).
+const ROWS_PER_INSERT: usize = 500;
+
+impl PendingBookings {
+    fn add(&mut self, row: BookingRow) {
+        *self.seats.entry(row.event_id.clone()).or_default() += row.seats;
+        self.rows.push(row);
+    }
+
+    /// Writes what is pending (only for `event_id` when given, else everything).
+    fn flush(
+        &mut self,
+        conn: &mut SqliteConnection,
+        event_id: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let rows: Vec<BookingRow> = match event_id {
+            Some(id) => {
+                let (these, others) = std::mem::take(&mut self.rows)
+                    .into_iter()
+                    .partition(|row| row.event_id == id);
+                self.rows = others;
+                these
+            }
+            None => std::mem::take(&mut self.rows),
+        };
+        for chunk in rows.chunks(ROWS_PER_INSERT) {
+            diesel::insert_into(bookings::table)
+                .values(chunk)
+                .execute(conn)?;
+        }
+        let seats: Vec<(String, i64)> = match event_id {
+            Some(id) => self.seats.remove_entry(id).into_iter().collect(),
+            None => std::mem::take(&mut self.seats).into_iter().collect(),
+        };
+        for (event_id, added) in seats {
+            diesel::update(known_events::table.find(&event_id))
+                .set(known_events::seats_booked.eq(known_events::seats_booked + added))
+                .execute(conn)?;
+        }
+        Ok(())
     }
 }
 

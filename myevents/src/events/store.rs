@@ -1,9 +1,11 @@
 //! The events context's read and write queries: plain functions on a connection.
 
+use std::collections::BTreeMap;
+
 use diesel::prelude::*;
 use diesel::sqlite::SqliteConnection;
 
-use super::model::{Event, EventEvent, Location, LocationEvent};
+use super::model::{Event, EventEvent, EventRecord, Location, LocationEvent, LocationRecord};
 use super::schema::{events, locations};
 use crate::contract::Hall;
 use herald::aggregate::Aggregate;
@@ -116,53 +118,89 @@ impl Projection for EventsView {
     }
 
     fn apply(&self, conn: &mut SqliteConnection, event: &RecordedEvent) -> Result<(), StoreError> {
-        if event.stream_id.starts_with(Location::KIND) {
-            let LocationEvent::Created(record) = decode_recorded::<Location>(event)?;
-            let created = record.created;
-            let row = LocationRow {
-                id: created.id,
-                name: created.name,
-                address: created.address,
-                country: created.country,
-                open_time: record.open_time,
-                close_time: record.close_time,
-                halls: serde_json::to_string(&created.halls).unwrap_or_else(|_| "[]".into()),
-            };
-            diesel::insert_into(locations::table)
-                .values(&row)
-                .execute(conn)?;
-        } else if event.stream_id.starts_with(Event::KIND) {
-            match decode_recorded::<Event>(event)? {
-                EventEvent::Created(record) => {
-                    let created = record.created;
-                    let row = EventRow {
-                        id: created.id,
-                        name: created.name,
-                        duration: record.duration,
-                        start_date: created.start_date.timestamp(),
-                        end_date: created.end_date.timestamp(),
-                        location_id: created.location_id,
-                        hall: created.hall,
-                        capacity: created.capacity.and_then(|c| i32::try_from(c).ok()),
-                        seats_booked: 0,
-                    };
-                    diesel::insert_into(events::table)
-                        .values(&row)
-                        .execute(conn)?;
-                }
-                EventEvent::Booked(booked) => {
-                    // An event unknown here changes no row.
-                    diesel::update(events::table.find(&booked.event_id))
-                        .set(
-                            events::seats_booked
-                                .eq(events::seats_booked + i64::from(booked.seats())),
-                        )
-                        .execute(conn)?;
+        self.apply_all(conn, std::slice::from_ref(event))
+    }
+
+    /// A batch in few writes: locations and events as they come, and the
+    /// seats booked summed into one update per event.
+    fn apply_all(
+        &self,
+        conn: &mut SqliteConnection,
+        events: &[RecordedEvent],
+    ) -> Result<(), StoreError> {
+        let mut seats: BTreeMap<String, i64> = BTreeMap::new();
+        for event in events {
+            if event.stream_id.starts_with(Location::KIND) {
+                let LocationEvent::Created(record) = decode_recorded::<Location>(event)?;
+                insert_location(conn, record)?;
+            } else if event.stream_id.starts_with(Event::KIND) {
+                match decode_recorded::<Event>(event)? {
+                    EventEvent::Created(record) => {
+                        // Seats heard of before the event existed changed no row
+                        // one event at a time; nor do they here.
+                        if let Some(early) = seats.remove_entry(&record.created.id) {
+                            add_seats(conn, early)?;
+                        }
+                        insert_event(conn, record)?;
+                    }
+                    EventEvent::Booked(booked) => {
+                        *seats.entry(booked.event_id.clone()).or_default() +=
+                            i64::from(booked.seats());
+                    }
                 }
             }
         }
-        Ok(())
+        seats
+            .into_iter()
+            .try_for_each(|pending| add_seats(conn, pending))
     }
+}
+
+fn insert_location(conn: &mut SqliteConnection, record: LocationRecord) -> Result<(), StoreError> {
+    let created = record.created;
+    let row = LocationRow {
+        id: created.id,
+        name: created.name,
+        address: created.address,
+        country: created.country,
+        open_time: record.open_time,
+        close_time: record.close_time,
+        halls: serde_json::to_string(&created.halls).unwrap_or_else(|_| "[]".into()),
+    };
+    diesel::insert_into(locations::table)
+        .values(&row)
+        .execute(conn)?;
+    Ok(())
+}
+
+fn insert_event(conn: &mut SqliteConnection, record: EventRecord) -> Result<(), StoreError> {
+    let created = record.created;
+    let row = EventRow {
+        id: created.id,
+        name: created.name,
+        duration: record.duration,
+        start_date: created.start_date.timestamp(),
+        end_date: created.end_date.timestamp(),
+        location_id: created.location_id,
+        hall: created.hall,
+        capacity: created.capacity.and_then(|c| i32::try_from(c).ok()),
+        seats_booked: 0,
+    };
+    diesel::insert_into(events::table)
+        .values(&row)
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Adds seats to an event's count; an event unknown here changes no row.
+fn add_seats(
+    conn: &mut SqliteConnection,
+    (event_id, seats): (String, i64),
+) -> Result<(), StoreError> {
+    diesel::update(events::table.find(&event_id))
+        .set(events::seats_booked.eq(events::seats_booked + seats))
+        .execute(conn)?;
+    Ok(())
 }
 
 #[cfg(test)]
