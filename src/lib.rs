@@ -18,13 +18,15 @@
 //!   `failpoints`, off by default), to kill a process inside a crash window.
 //! - [`config`]: [`Settings`] from TOML plus environment overrides, validated.
 //! - `broker/` (public as [`transport`]): the `Publisher` / `Subscriber` /
-//!   `DeadLetters` seam, [`AmqpBroker`] (lapin: topology, confirms, retry and
-//!   dead-letter queues, reconnect), [`MemoryBroker`] (in-process, same
+//!   `DeadLetters` seam, [`AmqpBroker`] (lapin: a publishing and a consuming
+//!   connection, topology, confirms, coalesced acks, retry and dead-letter
+//!   queues, reconnect), [`MemoryBroker`] (in-process, same
 //!   semantics), header names, [`escape`] for untrusted text in logs.
 //! - `event.rs`: the [`Event`] trait, [`Envelope`] and [`Metadata`], the wire codec.
 //! - [`aggregate`]: event-sourced aggregates (decide / apply), upcasting, the
 //!   given/when/then [`aggregate::Scenario`].
-//! - [`store`]: SQLite through diesel: [`store::Db`], the event store,
+//! - [`store`]: SQLite through diesel: [`store::Db`] (a reading pool and the
+//!   group-commit writer thread with its aggregate cache), the event store,
 //!   repository, projections, outbox, inbox, idempotency keys.
 //! - `runtime/`: [`ContextBuilder`] and [`Context`]; intake (subscription kept
 //!   alive) and the consumer actor that settles every delivery, the
