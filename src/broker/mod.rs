@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::stream::BoxStream;
 
 use crate::error::BrokerError;
@@ -235,6 +235,67 @@ pub trait Publisher: Send + Sync + 'static {
     /// [`BrokerError::Unroutable`] when no queue is bound for the routing key
     /// (the publisher stays usable), [`BrokerError::Nacked`], or a transport error.
     fn publish(&self, message: Message) -> BoxFuture<'_, Result<(), BrokerError>>;
+
+    /// Publishes `messages` in order; resolves with one result per message, in
+    /// the same order, each meaning what [`Publisher::publish`]'s would. A
+    /// transport may have them all in flight at once ([`AmqpBroker`]: one
+    /// window of publisher confirms for messages with distinct message ids).
+    ///
+    /// This default publishes one at a time. After a failure of the
+    /// connection itself (closed, no confirm in time, a channel error) it
+    /// stops: the messages behind get a copy of that error, so none of them
+    /// overtakes the one that failed.
+    fn publish_all(&self, messages: Vec<Message>) -> BoxFuture<'_, Vec<Result<(), BrokerError>>> {
+        async move {
+            let mut results = Vec::with_capacity(messages.len());
+            let mut failed: Option<BrokerError> = None;
+            for message in messages {
+                if let Some(error) = &failed {
+                    results.push(Err(copy_error(error)));
+                    continue;
+                }
+                let result = self.publish(message).await;
+                if let Err(error) = &result {
+                    if connection_failure(error) {
+                        failed = Some(copy_error(error));
+                    }
+                }
+                results.push(result);
+            }
+            results
+        }
+        .boxed()
+    }
+}
+
+/// Whether `error` is about the connection (or channel) rather than one
+/// message: closed, a confirm that did not come in time, an AMQP error. What
+/// follows on the same connection fails too, and none of it is the message's fault.
+pub(crate) fn connection_failure(error: &BrokerError) -> bool {
+    matches!(
+        error,
+        BrokerError::Closed | BrokerError::ConfirmTimeout(_) | BrokerError::Amqp(_)
+    )
+}
+
+/// The same error again, for each message a failure stands for.
+pub(crate) fn copy_error(error: &BrokerError) -> BrokerError {
+    match error {
+        BrokerError::Unroutable {
+            exchange,
+            routing_key,
+        } => BrokerError::Unroutable {
+            exchange: exchange.clone(),
+            routing_key: routing_key.clone(),
+        },
+        BrokerError::Nacked { routing_key } => BrokerError::Nacked {
+            routing_key: routing_key.clone(),
+        },
+        BrokerError::Unencodable(reason) => BrokerError::Unencodable(reason.clone()),
+        BrokerError::Closed => BrokerError::Closed,
+        BrokerError::ConfirmTimeout(after) => BrokerError::ConfirmTimeout(*after),
+        BrokerError::Amqp(error) => BrokerError::Amqp(error.clone()),
+    }
 }
 
 /// A group's dead-letter queue (`<queue>.dead-letter`) as an operator sees it.
