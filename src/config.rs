@@ -141,7 +141,8 @@ impl Default for EventStoreSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OutboxSettings {
-    /// Rows the relay reads per round.
+    /// Rows the relay reads per round and publishes as one window (their
+    /// confirms awaited together).
     pub batch: i64,
     /// How often the relay looks for rows nobody told it about (after a crash).
     #[serde(with = "humantime_serde")]

@@ -490,9 +490,9 @@ async fn a_row_the_broker_keeps_refusing_is_parked_without_holding_back_other_ke
     };
     let mut settings = vhost.settings("shop");
     settings.outbox.max_attempts = 3;
-    // a1's retries wait 300 ms, then 600 ms: time for key B to go out between.
-    settings.runtime.restart_backoff_min = Duration::from_millis(300);
-    settings.runtime.restart_backoff_max = Duration::from_millis(600);
+    // a1's retries wait 500 ms, then 1 s: time for key B to go out between.
+    settings.runtime.restart_backoff_min = Duration::from_millis(500);
+    settings.runtime.restart_backoff_max = Duration::from_secs(1);
     let context = ContextBuilder::new(settings)
         .store(db.clone())
         .handle(|_: Unused, _| async { Ok(()) })

@@ -330,11 +330,65 @@ pub fn escape(raw: &str) -> Cow<'_, str> {
 
 #[cfg(test)]
 mod tests {
-    use super::escape;
+    use super::{escape, BoxFuture, BrokerError, FutureExt, Message, Publisher};
+    use std::sync::Mutex;
 
     #[test]
     fn escape_neutralises_line_breaks() {
         assert_eq!(escape("a\r\nb"), "a\\r\\nb");
         assert_eq!(escape("plain"), "plain");
+    }
+
+    /// Answers each publish from a script; records what it was asked.
+    struct Scripted {
+        answers: Mutex<Vec<Result<(), BrokerError>>>,
+        asked: Mutex<Vec<String>>,
+    }
+
+    impl Publisher for Scripted {
+        fn publish(&self, message: Message) -> BoxFuture<'_, Result<(), BrokerError>> {
+            self.asked.lock().unwrap().push(message.routing_key);
+            let answer = self.answers.lock().unwrap().remove(0);
+            async move { answer }.boxed()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_default_publish_all_answers_each_and_stops_at_a_lost_connection() {
+        let nacked = || BrokerError::Nacked {
+            routing_key: "k".into(),
+        };
+        let publisher = Scripted {
+            answers: Mutex::new(vec![
+                Ok(()),
+                Err(nacked()),
+                Err(BrokerError::Closed),
+                Ok(()),
+            ]),
+            asked: Mutex::default(),
+        };
+        let messages = ["a", "b", "c", "d", "e"]
+            .map(|key| Message::new(key.into(), Vec::new()))
+            .to_vec();
+        let results = publisher.publish_all(messages).await;
+        let verdicts: Vec<String> = results
+            .iter()
+            .map(|r| {
+                r.as_ref()
+                    .map_or_else(ToString::to_string, |()| "ok".into())
+            })
+            .collect();
+        assert_eq!(
+            verdicts,
+            [
+                "ok",
+                &nacked().to_string(),
+                "the transport is closed",
+                "the transport is closed",
+                "the transport is closed"
+            ]
+        );
+        // A nack is the message's own; after the lost connection nothing is tried.
+        assert_eq!(*publisher.asked.lock().unwrap(), ["a", "b", "c"]);
     }
 }
