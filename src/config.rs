@@ -141,7 +141,8 @@ impl Default for EventStoreSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OutboxSettings {
-    /// Rows the relay reads per round.
+    /// Rows the relay reads per round and publishes as one window (their
+    /// confirms awaited together).
     pub batch: i64,
     /// How often the relay looks for rows nobody told it about (after a crash).
     #[serde(with = "humantime_serde")]
@@ -149,6 +150,10 @@ pub struct OutboxSettings {
     /// Published outbox rows and inbox entries older than this are pruned.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
+    /// Publishes of one row the broker refused (nacked) before the row is
+    /// parked (`parked`, kept for an operator). Lost connections and
+    /// timeouts never count.
+    pub max_attempts: u32,
 }
 
 impl Default for OutboxSettings {
@@ -157,6 +162,7 @@ impl Default for OutboxSettings {
             batch: 100,
             poll_interval: Duration::from_secs(1),
             retention: Duration::from_secs(7 * 24 * 3600),
+            max_attempts: 10,
         }
     }
 }
@@ -533,6 +539,12 @@ impl Settings {
         if self.outbox.poll_interval.is_zero() {
             return invalid("outbox.poll_interval", "must be above 0");
         }
+        if self.outbox.max_attempts == 0 {
+            return invalid(
+                "outbox.max_attempts",
+                "must be at least 1 (the first publish)",
+            );
+        }
         if self.retry.max_attempts == 0 {
             return invalid(
                 "retry.max_attempts",
@@ -710,6 +722,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("runtime.shards"), "{error}");
+    }
+
+    #[test]
+    fn outbox_max_attempts_defaults_to_10_and_refuses_0_by_name() {
+        let f = file("[context]\nname = \"booking\"\n");
+        let s = Settings::load_with_env(f.path(), env(&[])).unwrap();
+        assert_eq!(s.outbox.max_attempts, 10);
+        let f = file("[context]\nname = \"booking\"\n[outbox]\nmax_attempts = 0\n");
+        let error = Settings::load_with_env(f.path(), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("outbox.max_attempts"), "{error}");
+        let f = file("[context]\nname = \"booking\"\n[outbox]\nmax_attempts = -1\n");
+        let error = Settings::load_with_env(f.path(), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("max_attempts"), "{error}");
     }
 
     #[test]

@@ -99,6 +99,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("/dead-letters", web::delete().to(purge))
             .route("/dead-letters/redrive", web::post().to(redrive))
             .route("/outbox/unrouted/republish", web::post().to(republish))
+            .route("/outbox/parked", web::get().to(parked))
+            .route("/outbox/parked/retry", web::post().to(retry_parked))
             .route("/projections", web::get().to(projections))
             .route("/projections/{name}/rebuild", web::post().to(rebuild))
             .route("/config", web::get().to(config))
@@ -155,21 +157,38 @@ struct Readiness {
     ready: bool,
     consumer: &'static str,
     database: &'static str,
+    /// Outbox rows waiting and parked, when the database answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outbox: Option<OutboxCounts>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
 }
 
+/// Outbox rows by status, as `/ready` reports them (parked rows do not make
+/// a context unready; they wait for an operator).
+#[derive(Serialize)]
+struct OutboxCounts {
+    pending: i64,
+    parked: i64,
+}
+
 async fn ready(admin: web::Data<Admin>) -> HttpResponse {
+    use crate::store::{outbox, OutboxStatus};
     let context = &admin.context;
     let consumer = context.consumer_state();
-    let database = match context.store() {
-        None => "none",
+    let (database, outbox) = match context.store() {
+        None => ("none", None),
         Some(db) => match db
-            .read(|c| crate::store::outbox::count(c, crate::store::OutboxStatus::Pending))
+            .read(|c| {
+                Ok(OutboxCounts {
+                    pending: outbox::count(c, OutboxStatus::Pending)?,
+                    parked: outbox::count(c, OutboxStatus::Parked)?,
+                })
+            })
             .await
         {
-            Ok(_) => "ok",
-            Err(_) => "failing",
+            Ok(counts) => ("ok", Some(counts)),
+            Err(_) => ("failing", None),
         },
     };
     let error = match (consumer, database) {
@@ -191,6 +210,7 @@ async fn ready(admin: web::Data<Admin>) -> HttpResponse {
             ready: error.is_none(),
             consumer,
             database,
+            outbox,
             error,
         },
     )
@@ -365,10 +385,85 @@ async fn republish(admin: web::Data<Admin>) -> Result<HttpResponse, ApiError> {
         .context
         .republish_unrouted()
         .await
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+        .map_err(store_error)?;
     Ok(h::json(
         StatusCode::OK,
         &serde_json::json!({ "republished": republished }),
+    ))
+}
+
+/// A parked outbox row as operators read it.
+#[derive(Serialize)]
+struct ParkedRow {
+    position: i64,
+    event_id: String,
+    event_name: String,
+    partition_key: String,
+    attempts: i32,
+    last_error: Option<String>,
+}
+
+fn store_error(error: crate::Error) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, error.to_string())
+}
+
+async fn parked(
+    admin: web::Data<Admin>,
+    query: web::Query<Limit>,
+) -> Result<HttpResponse, ApiError> {
+    let limit = query.limit.unwrap_or(100).min(10_000);
+    let rows = admin
+        .context
+        .parked_outbox_rows(limit)
+        .await
+        .map_err(store_error)?;
+    let body: Vec<ParkedRow> = rows
+        .into_iter()
+        .map(|row| ParkedRow {
+            position: row.position,
+            event_id: row.event_id,
+            event_name: row.event_name,
+            partition_key: row.partition_key,
+            attempts: row.attempts,
+            last_error: row.last_error,
+        })
+        .collect();
+    Ok(h::json(
+        StatusCode::OK,
+        &serde_json::json!({ "count": body.len(), "parked": body }),
+    ))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RetryRequest {
+    event_id: Option<String>,
+}
+
+async fn retry_parked(
+    admin: web::Data<Admin>,
+    body: Result<web::Bytes, actix_web::Error>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.map_err(|e| h::api_error(&e))?;
+    // No body: every parked row.
+    let request: RetryRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        RetryRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| h::invalid_json(&e))?
+    };
+    let retried = admin
+        .context
+        .retry_parked(request.event_id.as_deref())
+        .await
+        .map_err(store_error)?;
+    if let (Some(event_id), 0) = (&request.event_id, retried) {
+        return Err(ApiError::not_found(format!(
+            "no parked outbox row with event id {event_id:?}"
+        )));
+    }
+    Ok(h::json(
+        StatusCode::OK,
+        &serde_json::json!({ "retried": retried }),
     ))
 }
 

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::stream::BoxStream;
 
 use crate::error::BrokerError;
@@ -235,6 +235,67 @@ pub trait Publisher: Send + Sync + 'static {
     /// [`BrokerError::Unroutable`] when no queue is bound for the routing key
     /// (the publisher stays usable), [`BrokerError::Nacked`], or a transport error.
     fn publish(&self, message: Message) -> BoxFuture<'_, Result<(), BrokerError>>;
+
+    /// Publishes `messages` in order; resolves with one result per message, in
+    /// the same order, each meaning what [`Publisher::publish`]'s would. A
+    /// transport may have them all in flight at once ([`AmqpBroker`]: one
+    /// window of publisher confirms for messages with distinct message ids).
+    ///
+    /// This default publishes one at a time. After a failure of the
+    /// connection itself (closed, no confirm in time, a channel error) it
+    /// stops: the messages behind get a copy of that error, so none of them
+    /// overtakes the one that failed.
+    fn publish_all(&self, messages: Vec<Message>) -> BoxFuture<'_, Vec<Result<(), BrokerError>>> {
+        async move {
+            let mut results = Vec::with_capacity(messages.len());
+            let mut failed: Option<BrokerError> = None;
+            for message in messages {
+                if let Some(error) = &failed {
+                    results.push(Err(copy_error(error)));
+                    continue;
+                }
+                let result = self.publish(message).await;
+                if let Err(error) = &result {
+                    if connection_failure(error) {
+                        failed = Some(copy_error(error));
+                    }
+                }
+                results.push(result);
+            }
+            results
+        }
+        .boxed()
+    }
+}
+
+/// Whether `error` is about the connection (or channel) rather than one
+/// message: closed, a confirm that did not come in time, an AMQP error. What
+/// follows on the same connection fails too, and none of it is the message's fault.
+pub(crate) fn connection_failure(error: &BrokerError) -> bool {
+    matches!(
+        error,
+        BrokerError::Closed | BrokerError::ConfirmTimeout(_) | BrokerError::Amqp(_)
+    )
+}
+
+/// The same error again, for each message a failure stands for.
+pub(crate) fn copy_error(error: &BrokerError) -> BrokerError {
+    match error {
+        BrokerError::Unroutable {
+            exchange,
+            routing_key,
+        } => BrokerError::Unroutable {
+            exchange: exchange.clone(),
+            routing_key: routing_key.clone(),
+        },
+        BrokerError::Nacked { routing_key } => BrokerError::Nacked {
+            routing_key: routing_key.clone(),
+        },
+        BrokerError::Unencodable(reason) => BrokerError::Unencodable(reason.clone()),
+        BrokerError::Closed => BrokerError::Closed,
+        BrokerError::ConfirmTimeout(after) => BrokerError::ConfirmTimeout(*after),
+        BrokerError::Amqp(error) => BrokerError::Amqp(error.clone()),
+    }
 }
 
 /// A group's dead-letter queue (`<queue>.dead-letter`) as an operator sees it.
@@ -269,11 +330,65 @@ pub fn escape(raw: &str) -> Cow<'_, str> {
 
 #[cfg(test)]
 mod tests {
-    use super::escape;
+    use super::{escape, BoxFuture, BrokerError, FutureExt, Message, Publisher};
+    use std::sync::Mutex;
 
     #[test]
     fn escape_neutralises_line_breaks() {
         assert_eq!(escape("a\r\nb"), "a\\r\\nb");
         assert_eq!(escape("plain"), "plain");
+    }
+
+    /// Answers each publish from a script; records what it was asked.
+    struct Scripted {
+        answers: Mutex<Vec<Result<(), BrokerError>>>,
+        asked: Mutex<Vec<String>>,
+    }
+
+    impl Publisher for Scripted {
+        fn publish(&self, message: Message) -> BoxFuture<'_, Result<(), BrokerError>> {
+            self.asked.lock().unwrap().push(message.routing_key);
+            let answer = self.answers.lock().unwrap().remove(0);
+            async move { answer }.boxed()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_default_publish_all_answers_each_and_stops_at_a_lost_connection() {
+        let nacked = || BrokerError::Nacked {
+            routing_key: "k".into(),
+        };
+        let publisher = Scripted {
+            answers: Mutex::new(vec![
+                Ok(()),
+                Err(nacked()),
+                Err(BrokerError::Closed),
+                Ok(()),
+            ]),
+            asked: Mutex::default(),
+        };
+        let messages = ["a", "b", "c", "d", "e"]
+            .map(|key| Message::new(key.into(), Vec::new()))
+            .to_vec();
+        let results = publisher.publish_all(messages).await;
+        let verdicts: Vec<String> = results
+            .iter()
+            .map(|r| {
+                r.as_ref()
+                    .map_or_else(ToString::to_string, |()| "ok".into())
+            })
+            .collect();
+        assert_eq!(
+            verdicts,
+            [
+                "ok",
+                &nacked().to_string(),
+                "the transport is closed",
+                "the transport is closed",
+                "the transport is closed"
+            ]
+        );
+        // A nack is the message's own; after the lost connection nothing is tried.
+        assert_eq!(*publisher.asked.lock().unwrap(), ["a", "b", "c"]);
     }
 }

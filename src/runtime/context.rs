@@ -13,14 +13,14 @@ use super::dispatcher::Dispatcher;
 use super::handler::{MessageContext, Routes};
 use super::intake::Intake;
 use super::mailbox::{ActorSnapshot, ActorStats, MailboxLogger};
-use super::metrics::Metrics;
+use super::metrics::{Metrics, OutboxCounts};
 use super::relay::{Relay, RelayParts, StopRelay};
 use super::supervisor::{Backoff, Escalated, Escalation, Restart, RestartPolicy};
 use crate::broker::{DeadLetters, Publisher, SubscribeSpec, Subscriber};
 use crate::config::Settings;
 use crate::error::{Error, HandlerError};
 use crate::event::Event;
-use crate::store::{outbox, Db, OutboxStatus};
+use crate::store::{outbox, Db, OutboxRow, OutboxStatus};
 
 /// Declares a context: its settings and a handler per event type it consumes.
 ///
@@ -388,6 +388,48 @@ impl ContextHandle {
         }
     }
 
+    /// Outbox rows parked after the broker refused them `outbox.max_attempts`
+    /// times (0 without a store).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn outbox_parked(&self) -> Result<i64, Error> {
+        match &self.store {
+            Some(db) => Ok(db.read(|c| outbox::count(c, OutboxStatus::Parked)).await?),
+            None => Ok(0),
+        }
+    }
+
+    /// Up to `limit` parked outbox rows, oldest first (none without a store).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn parked_outbox_rows(&self, limit: usize) -> Result<Vec<OutboxRow>, Error> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        match &self.store {
+            Some(db) => Ok(db.read(move |c| outbox::parked(c, limit)).await?),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Puts parked outbox rows (all, or the one with `event_id`) back to
+    /// pending with fresh attempts, so the relay publishes them again;
+    /// returns how many. 0 for a context without a store.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn retry_parked(&self, event_id: Option<&str>) -> Result<usize, Error> {
+        let Some(db) = &self.store else {
+            return Ok(0);
+        };
+        let event_id = event_id.map(str::to_owned);
+        let retried = db
+            .write(move |c| outbox::retry_parked(c, event_id.as_deref()))
+            .await?;
+        log::info!(target: "herald::context", "context={} retried parked_outbox_rows={retried}", self.name);
+        Ok(retried)
+    }
+
     /// Deliveries taken from the broker and not yet settled.
     pub fn in_flight(&self) -> usize {
         self.in_flight.count()
@@ -444,10 +486,11 @@ impl ContextHandle {
         let outbox = match &self.store {
             Some(db) => db
                 .read(|c| {
-                    Ok((
-                        outbox::count(c, OutboxStatus::Pending)?,
-                        outbox::count(c, OutboxStatus::Unrouted)?,
-                    ))
+                    Ok(OutboxCounts {
+                        pending: outbox::count(c, OutboxStatus::Pending)?,
+                        unrouted: outbox::count(c, OutboxStatus::Unrouted)?,
+                        parked: outbox::count(c, OutboxStatus::Parked)?,
+                    })
                 })
                 .await
                 .ok(),

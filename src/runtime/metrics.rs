@@ -18,6 +18,14 @@ pub(crate) enum Fate {
     DeadLettered,
 }
 
+/// Outbox rows by status, read when scraped.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct OutboxCounts {
+    pub(crate) pending: i64,
+    pub(crate) unrouted: i64,
+    pub(crate) parked: i64,
+}
+
 /// A context's Prometheus metrics: messages by event and outcome, handler
 /// durations, mailbox depths, restarts, outbox and REST requests.
 pub struct Metrics {
@@ -33,6 +41,7 @@ pub struct Metrics {
     restarts: IntCounterVec,
     outbox_pending: IntGaugeVec,
     outbox_unrouted: IntGaugeVec,
+    outbox_parked: IntGaugeVec,
     publish_failures: IntCounterVec,
     consumer_state: IntGaugeVec,
     http_requests: IntCounterVec,
@@ -126,6 +135,12 @@ impl Metrics {
                 "Outbox rows no queue was bound for",
                 &["context"],
             ),
+            outbox_parked: gauge(
+                &r,
+                "herald_outbox_parked",
+                "Outbox rows parked after the broker kept refusing them",
+                &["context"],
+            ),
             publish_failures: counter(
                 &r,
                 "herald_publish_failures_total",
@@ -181,7 +196,7 @@ impl Metrics {
     pub(crate) fn render(
         &self,
         actors: &[ActorSnapshot],
-        outbox: Option<(i64, i64)>,
+        outbox: Option<OutboxCounts>,
         consumer: &str,
         publish_failures: u64,
     ) -> String {
@@ -193,13 +208,16 @@ impl Metrics {
             let restarts = self.restarts.with_label_values(&[&actor.name]);
             restarts.inc_by(actor.restarts.saturating_sub(restarts.get()));
         }
-        if let Some((pending, unrouted)) = outbox {
+        if let Some(counts) = outbox {
             self.outbox_pending
                 .with_label_values(&[&self.context])
-                .set(pending);
+                .set(counts.pending);
             self.outbox_unrouted
                 .with_label_values(&[&self.context])
-                .set(unrouted);
+                .set(counts.unrouted);
+            self.outbox_parked
+                .with_label_values(&[&self.context])
+                .set(counts.parked);
         }
         let failures = self.publish_failures.with_label_values(&[&self.context]);
         failures.inc_by(publish_failures.saturating_sub(failures.get()));

@@ -19,6 +19,9 @@ pub enum OutboxStatus {
     Published,
     /// The broker had no queue bound for it; kept until republished on request.
     Unrouted,
+    /// The broker kept refusing it (`outbox.max_attempts` times); kept until
+    /// retried on request. Rows of its partition key no longer wait for it.
+    Parked,
 }
 
 impl OutboxStatus {
@@ -28,6 +31,7 @@ impl OutboxStatus {
             OutboxStatus::Pending => "pending",
             OutboxStatus::Published => "published",
             OutboxStatus::Unrouted => "unrouted",
+            OutboxStatus::Parked => "parked",
         }
     }
 }
@@ -56,10 +60,15 @@ pub struct OutboxRow {
     pub occurred_at: i64,
     /// The event's JSON.
     pub payload: Vec<u8>,
-    /// `pending`, `published` or `unrouted`.
+    /// `pending`, `published`, `unrouted` or `parked`.
     pub status: String,
-    /// How often publishing it was tried.
+    /// How often publishing it was tried (for a pending row: how often the
+    /// broker refused it since it was last put back).
     pub attempts: i32,
+    /// Why it is unrouted or parked, or why the broker refused it last; on a
+    /// pending row it means the row is failing and the rows of its partition
+    /// key behind it wait.
+    pub last_error: Option<String>,
 }
 
 impl OutboxRow {
@@ -149,6 +158,108 @@ pub fn pending(conn: &mut SqliteConnection, limit: i64) -> Result<Vec<OutboxRow>
         .map_err(StoreError::from)
 }
 
+/// The oldest pending rows that may be published now, in outbox order: a row
+/// behind a failing row of its partition key (pending with a `last_error`)
+/// waits until that one is published or parked.
+///
+/// # Errors
+/// A database error.
+pub fn publishable(conn: &mut SqliteConnection, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
+    outbox::table
+        .filter(outbox::status.eq(OutboxStatus::Pending.as_str()))
+        .filter(diesel::dsl::sql::<diesel::sql_types::Bool>(
+            "NOT EXISTS (SELECT 1 FROM outbox AS failing \
+             WHERE failing.status = 'pending' AND failing.last_error IS NOT NULL \
+             AND failing.partition_key = outbox.partition_key \
+             AND failing.position < outbox.position)",
+        ))
+        .order(outbox::position)
+        .limit(limit)
+        .select(OutboxRow::as_select())
+        .load(conn)
+        .map_err(StoreError::from)
+}
+
+/// Records that the broker refused the pending rows at `failures` (position,
+/// error): one more attempt each and the error kept; a row that reached
+/// `max_attempts` is parked. Returns the positions parked now.
+///
+/// # Errors
+/// A database error.
+pub fn record_failures(
+    conn: &mut SqliteConnection,
+    failures: &[(i64, String)],
+    max_attempts: u32,
+) -> Result<Vec<i64>, StoreError> {
+    if failures.is_empty() {
+        return Ok(Vec::new());
+    }
+    let pending = || outbox::status.eq(OutboxStatus::Pending.as_str());
+    for (position, error) in failures {
+        diesel::update(
+            outbox::table
+                .filter(outbox::position.eq(*position))
+                .filter(pending()),
+        )
+        .set((
+            outbox::attempts.eq(outbox::attempts + 1),
+            outbox::last_error.eq(error),
+        ))
+        .execute(conn)?;
+    }
+    let positions: Vec<i64> = failures.iter().map(|(position, _)| *position).collect();
+    diesel::update(
+        outbox::table
+            .filter(outbox::position.eq_any(&positions))
+            .filter(pending())
+            .filter(outbox::attempts.ge(i32::try_from(max_attempts).unwrap_or(i32::MAX))),
+    )
+    .set(outbox::status.eq(OutboxStatus::Parked.as_str()))
+    .returning(outbox::position)
+    .get_results(conn)
+    .map_err(StoreError::from)
+}
+
+/// Up to `limit` parked rows, in outbox order.
+///
+/// # Errors
+/// A database error.
+pub fn parked(conn: &mut SqliteConnection, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
+    outbox::table
+        .filter(outbox::status.eq(OutboxStatus::Parked.as_str()))
+        .order(outbox::position)
+        .limit(limit)
+        .select(OutboxRow::as_select())
+        .load(conn)
+        .map_err(StoreError::from)
+}
+
+/// Puts parked rows (all, or the one with `event_id`) back to pending with
+/// fresh attempts; returns how many.
+///
+/// # Errors
+/// A database error.
+pub fn retry_parked(
+    conn: &mut SqliteConnection,
+    event_id: Option<&str>,
+) -> Result<usize, StoreError> {
+    let mut rows = outbox::table
+        .filter(outbox::status.eq(OutboxStatus::Parked.as_str()))
+        .into_boxed();
+    if let Some(event_id) = event_id {
+        rows = rows.filter(outbox::event_id.eq(event_id));
+    }
+    let positions: Vec<i64> = rows.select(outbox::position).load(conn)?;
+    diesel::update(outbox::table.filter(outbox::position.eq_any(&positions)))
+        .set((
+            outbox::status.eq(OutboxStatus::Pending.as_str()),
+            outbox::attempts.eq(0),
+            outbox::last_error.eq(None::<String>),
+        ))
+        .execute(conn)
+        .map_err(StoreError::from)
+}
+
 /// Sets the status of the rows at `positions` (and the error, for unrouted rows).
 ///
 /// # Errors
@@ -171,10 +282,18 @@ pub fn mark(
         .map_err(StoreError::from)
 }
 
-/// Puts every unrouted row back to pending; returns how many.
+/// Puts every unrouted row back to pending with fresh attempts; returns how many.
+///
+/// # Errors
+/// A database error.
 pub fn republish_unrouted(conn: &mut SqliteConnection) -> Result<usize, StoreError> {
     diesel::update(outbox::table.filter(outbox::status.eq(OutboxStatus::Unrouted.as_str())))
-        .set(outbox::status.eq(OutboxStatus::Pending.as_str()))
+        .set((
+            outbox::status.eq(OutboxStatus::Pending.as_str()),
+            outbox::attempts.eq(0),
+            // A pending row with an error is a failing one: clear it.
+            outbox::last_error.eq(None::<String>),
+        ))
         .execute(conn)
         .map_err(StoreError::from)
 }
@@ -200,4 +319,323 @@ pub fn prune_published(
     )
     .execute(conn)
     .map_err(StoreError::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use diesel::connection::SimpleConnection;
+    use diesel::migration::MigrationSource;
+    use diesel::prelude::*;
+    use diesel::sql_types::{BigInt, Text};
+    use diesel::sqlite::{Sqlite, SqliteConnection};
+    use diesel_migrations::MigrationHarness;
+
+    use super::*;
+    use crate::store::testing::TempDb;
+
+    /// The migration that added `parked` (its directory's name).
+    const PARKED: &str = "2026-11-29-000004_outbox_parked";
+
+    #[derive(QueryableByName, Debug, PartialEq)]
+    struct Row {
+        #[diesel(sql_type = BigInt)]
+        position: i64,
+        #[diesel(sql_type = Text)]
+        event_id: String,
+        #[diesel(sql_type = Text)]
+        status: String,
+        #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+        last_error: Option<String>,
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        attempts: i32,
+    }
+
+    #[derive(QueryableByName)]
+    struct Number {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+
+    fn rows(conn: &mut SqliteConnection) -> Vec<Row> {
+        diesel::sql_query(
+            "SELECT position, event_id, status, last_error, attempts FROM outbox ORDER BY position",
+        )
+        .load(conn)
+        .unwrap()
+    }
+
+    fn number(conn: &mut SqliteConnection, sql: &str) -> i64 {
+        diesel::sql_query(sql).get_result::<Number>(conn).unwrap().n
+    }
+
+    fn sequence(conn: &mut SqliteConnection) -> i64 {
+        number(
+            conn,
+            "SELECT seq AS n FROM sqlite_sequence WHERE name = 'outbox'",
+        )
+    }
+
+    fn insert(conn: &mut SqliteConnection, id: &str, status: &str) -> QueryResult<usize> {
+        diesel::sql_query(format!(
+            "INSERT INTO outbox (event_id, event_name, partition_key, schema_version, \
+             occurred_at, payload, status) VALUES ('{id}', 'noted', 'k', 1, 0, x'7b7d', '{status}')"
+        ))
+        .execute(conn)
+    }
+
+    fn row(position: i64, id: &str, status: &str, error: Option<&str>, attempts: i32) -> Row {
+        Row {
+            position,
+            event_id: id.into(),
+            status: status.into(),
+            last_error: error.map(Into::into),
+            attempts,
+        }
+    }
+
+    /// The table is rebuilt for the new CHECK: rows, positions and the
+    /// AUTOINCREMENT counter survive it, both ways.
+    #[test]
+    fn the_parked_migration_keeps_rows_positions_and_the_sequence_both_ways() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let mut conn = SqliteConnection::establish(path.to_str().unwrap()).unwrap();
+        let mut all = MigrationSource::<Sqlite>::migrations(&crate::store::MIGRATIONS).unwrap();
+        all.sort_by_key(|m| m.name().version().to_string());
+        let parked_at = all
+            .iter()
+            .position(|m| m.name().to_string() == PARKED)
+            .expect("the parked migration is embedded");
+        // Creates diesel's bookkeeping table, as a first `run_pending_migrations` would.
+        assert!(conn.applied_migrations().unwrap().is_empty());
+        for migration in &all[..parked_at] {
+            conn.run_migration(migration.as_ref()).unwrap();
+        }
+        // An outbox as the last release left it.
+        for id in ["e1", "e2", "e3", "e4", "e5"] {
+            insert(&mut conn, id, "pending").unwrap();
+        }
+        conn.batch_execute(
+            "UPDATE outbox SET status = 'published', attempts = 1, published_at = 1 WHERE event_id = 'e1';
+             UPDATE outbox SET status = 'unrouted', attempts = 1, last_error = 'unroutable' WHERE event_id = 'e2';
+             -- republished once unrouted: pending with the old error
+             UPDATE outbox SET attempts = 1, last_error = 'unroutable' WHERE event_id = 'e3';
+             -- pruned rows: position 5 was handed out and must never be again
+             DELETE FROM outbox WHERE event_id IN ('e4', 'e5');",
+        )
+        .unwrap();
+        assert!(
+            insert(&mut conn, "refused", "parked").is_err(),
+            "no parked before"
+        );
+        assert_eq!(sequence(&mut conn), 5);
+
+        let applied = conn
+            .run_pending_migrations(crate::store::MIGRATIONS)
+            .unwrap();
+        assert_eq!(
+            applied.len(),
+            all.len() - parked_at,
+            "the parked migration and those after it"
+        );
+        assert_eq!(
+            rows(&mut conn),
+            [
+                row(1, "e1", "published", None, 1),
+                row(2, "e2", "unrouted", Some("unroutable"), 1),
+                // A pending row's error would make it a failing one.
+                row(3, "e3", "pending", None, 1),
+            ]
+        );
+        assert_eq!(sequence(&mut conn), 5, "the counter is carried over");
+        insert(&mut conn, "e6", "parked").unwrap();
+        assert_eq!(
+            number(
+                &mut conn,
+                "SELECT position AS n FROM outbox WHERE event_id = 'e6'"
+            ),
+            6,
+            "a fresh position, never a pruned one"
+        );
+        assert_eq!(
+            number(
+                &mut conn,
+                "SELECT count(*) AS n FROM sqlite_master WHERE type = 'index' \
+                 AND name IN ('outbox_by_status', 'outbox_failing')"
+            ),
+            2
+        );
+        assert!(insert(&mut conn, "e7", "lost").is_err(), "the CHECK holds");
+        assert!(
+            insert(&mut conn, "e1", "pending").is_err(),
+            "ids stay unique"
+        );
+
+        // And back: parked rows become pending, nothing else moves.
+        conn.revert_last_migration(crate::store::MIGRATIONS)
+            .unwrap();
+        assert_eq!(
+            rows(&mut conn),
+            [
+                row(1, "e1", "published", None, 1),
+                row(2, "e2", "unrouted", Some("unroutable"), 1),
+                row(3, "e3", "pending", None, 1),
+                row(6, "e6", "pending", None, 0),
+            ]
+        );
+        assert_eq!(sequence(&mut conn), 6);
+        assert!(insert(&mut conn, "e8", "parked").is_err());
+        assert_eq!(
+            number(
+                &mut conn,
+                "SELECT count(*) AS n FROM sqlite_master WHERE type = 'index' AND name = 'outbox_by_status'"
+            ),
+            1
+        );
+        // Up once more, as a fresh start after a downgrade would.
+        conn.run_pending_migrations(crate::store::MIGRATIONS)
+            .unwrap();
+        insert(&mut conn, "e9", "pending").unwrap();
+        assert_eq!(
+            number(
+                &mut conn,
+                "SELECT position AS n FROM outbox WHERE event_id = 'e9'"
+            ),
+            7
+        );
+    }
+
+    #[derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+    struct Noted {
+        id: String,
+        key: String,
+    }
+
+    impl crate::Event for Noted {
+        const NAME: &'static str = "noted";
+        fn partition_key(&self) -> std::borrow::Cow<'_, str> {
+            std::borrow::Cow::Borrowed(&self.key)
+        }
+    }
+
+    /// Appends one row per (id, key); returns their positions.
+    async fn append_rows(t: &TempDb, rows: &[(&str, &str)]) -> Vec<i64> {
+        let rows: Vec<(String, String)> = rows
+            .iter()
+            .map(|(id, key)| ((*id).to_owned(), (*key).to_owned()))
+            .collect();
+        t.db.write(move |c| {
+            rows.into_iter()
+                .map(|(id, key)| {
+                    let mut envelope = Envelope::new(&Noted {
+                        id: id.clone(),
+                        key: key.clone(),
+                    })
+                    .map_err(encode_error)?;
+                    envelope.meta.id = Some(id);
+                    append_envelope(c, &envelope, &key)
+                })
+                .collect()
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn publishable_positions(t: &TempDb) -> Vec<i64> {
+        t.db.read(|c| publishable(c, 100))
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.position)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn rows_behind_a_failing_row_of_their_key_wait_until_it_is_published_or_parked() {
+        let t = TempDb::new();
+        let p = append_rows(&t, &[("a1", "A"), ("b1", "B"), ("a2", "A"), ("b2", "B")]).await;
+        assert_eq!(publishable_positions(&t).await, p);
+
+        // The broker refuses a1: a2 waits, B goes on.
+        let a1 = p[0];
+        let parked =
+            t.db.write(move |c| record_failures(c, &[(a1, "nacked".into())], 3))
+                .await
+                .unwrap();
+        assert!(parked.is_empty());
+        assert_eq!(publishable_positions(&t).await, [p[0], p[1], p[3]]);
+        let rows = t.db.read(|c| pending(c, 10)).await.unwrap();
+        assert_eq!(
+            (rows[0].attempts, rows[0].last_error.as_deref()),
+            (1, Some("nacked"))
+        );
+
+        // Twice more: parked; a2 goes.
+        for attempt in 2..=3 {
+            let parked =
+                t.db.write(move |c| record_failures(c, &[(a1, format!("nacked {attempt}"))], 3))
+                    .await
+                    .unwrap();
+            assert_eq!(parked, if attempt == 3 { vec![a1] } else { vec![] });
+        }
+        assert_eq!(publishable_positions(&t).await, [p[1], p[2], p[3]]);
+        let listed = t.db.read(|c| super::parked(c, 10)).await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            (
+                listed[0].event_id.as_str(),
+                listed[0].attempts,
+                listed[0].last_error.as_deref()
+            ),
+            ("a1", 3, Some("nacked 3"))
+        );
+        assert_eq!(
+            t.db.read(|c| count(c, OutboxStatus::Parked)).await.unwrap(),
+            1
+        );
+
+        // A failure recorded for a row no longer pending changes nothing.
+        let parked =
+            t.db.write(move |c| record_failures(c, &[(a1, "late".into())], 3))
+                .await
+                .unwrap();
+        assert!(parked.is_empty());
+
+        // Retried by id: pending again with fresh attempts, first of its key.
+        assert_eq!(
+            t.db.write(|c| retry_parked(c, Some("nobody")))
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            t.db.write(|c| retry_parked(c, Some("a1"))).await.unwrap(),
+            1
+        );
+        let rows = t.db.read(|c| pending(c, 10)).await.unwrap();
+        assert_eq!(
+            (
+                rows[0].event_id.as_str(),
+                rows[0].attempts,
+                rows[0].last_error.as_deref()
+            ),
+            ("a1", 0, None)
+        );
+        assert_eq!(publishable_positions(&t).await, p);
+    }
+
+    #[tokio::test]
+    async fn a_republished_unrouted_row_is_not_a_failing_one() {
+        let t = TempDb::new();
+        let p = append_rows(&t, &[("u1", "U"), ("u2", "U")]).await;
+        let u1 = p[0];
+        t.db.write(move |c| mark(c, &[u1], OutboxStatus::Unrouted, Some("unroutable")))
+            .await
+            .unwrap();
+        assert_eq!(publishable_positions(&t).await, [p[1]]);
+        assert_eq!(t.db.write(republish_unrouted).await.unwrap(), 1);
+        assert_eq!(publishable_positions(&t).await, p, "nothing waits for u1");
+        let rows = t.db.read(|c| pending(c, 10)).await.unwrap();
+        assert_eq!((rows[0].attempts, rows[0].last_error.as_deref()), (0, None));
+    }
 }
