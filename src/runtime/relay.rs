@@ -4,7 +4,8 @@
 //! unroutable row is kept as `unrouted` (WARN once per event name) and never
 //! blocks the rows behind it. A row the broker refuses (nack) is tried again
 //! with its own backoff while the rows of its partition key behind it wait;
-//! after `outbox.max_attempts` it is parked and they go on. A failed
+//! after `outbox.max_attempts` it is parked and they keep waiting behind it
+//! (one key's events go out in order) until an operator retries it. A failed
 //! connection costs no attempt: the relay backs off and tries the window
 //! again. It also prunes old rows.
 //!
@@ -323,7 +324,7 @@ async fn relay(parts: RelayParts) {
                         log::error!(
                             target: "herald::relay",
                             "context={context} event={} id={} key={} parked after {max_attempts} refused publishes; \
-                             rows of its key no longer wait for it (POST /outbox/parked/retry publishes it again)",
+                             rows of its key wait behind it (POST /outbox/parked/retry publishes it, then them)",
                             escape(&row.event_name),
                             row.event_id,
                             escape(&row.partition_key)

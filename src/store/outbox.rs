@@ -159,8 +159,10 @@ pub fn pending(conn: &mut SqliteConnection, limit: i64) -> Result<Vec<OutboxRow>
 }
 
 /// The oldest pending rows that may be published now, in outbox order: a row
-/// behind a failing row of its partition key (pending with a `last_error`)
-/// waits until that one is published or parked.
+/// behind a failing row of its partition key (pending with a `last_error`,
+/// or parked) waits until that one is published: per-key publish order
+/// holds even across parking (an operator retries the parked row, and the
+/// rows behind it follow).
 ///
 /// # Errors
 /// A database error.
@@ -169,7 +171,8 @@ pub fn publishable(conn: &mut SqliteConnection, limit: i64) -> Result<Vec<Outbox
         .filter(outbox::status.eq(OutboxStatus::Pending.as_str()))
         .filter(diesel::dsl::sql::<diesel::sql_types::Bool>(
             "NOT EXISTS (SELECT 1 FROM outbox AS failing \
-             WHERE failing.status = 'pending' AND failing.last_error IS NOT NULL \
+             WHERE ((failing.status = 'pending' AND failing.last_error IS NOT NULL) \
+                    OR failing.status = 'parked') \
              AND failing.partition_key = outbox.partition_key \
              AND failing.position < outbox.position)",
         ))
@@ -551,7 +554,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn rows_behind_a_failing_row_of_their_key_wait_until_it_is_published_or_parked() {
+    async fn rows_behind_a_failing_or_parked_row_of_their_key_wait_until_it_is_published() {
         let t = TempDb::new();
         let p = append_rows(&t, &[("a1", "A"), ("b1", "B"), ("a2", "A"), ("b2", "B")]).await;
         assert_eq!(publishable_positions(&t).await, p);
@@ -570,7 +573,7 @@ mod tests {
             (1, Some("nacked"))
         );
 
-        // Twice more: parked; a2 goes.
+        // Twice more: parked; a2 still waits behind it.
         for attempt in 2..=3 {
             let parked =
                 t.db.write(move |c| record_failures(c, &[(a1, format!("nacked {attempt}"))], 3))
@@ -578,7 +581,7 @@ mod tests {
                     .unwrap();
             assert_eq!(parked, if attempt == 3 { vec![a1] } else { vec![] });
         }
-        assert_eq!(publishable_positions(&t).await, [p[1], p[2], p[3]]);
+        assert_eq!(publishable_positions(&t).await, [p[1], p[3]]);
         let listed = t.db.read(|c| super::parked(c, 10)).await.unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!(
