@@ -542,6 +542,58 @@ async fn an_event_booked_message_delivered_twice_counts_its_seats_once_in_events
     assert_eq!(queue_messages(&vhost, "events.dead-letter").await, Some(0));
 }
 
+/// A booking of an event the events context never created goes to its
+/// dead-letter queue with the reason, and records nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_booked_for_an_unknown_event_is_dead_lettered_with_the_reason() {
+    let vhost = TestVhost::new();
+    let dir = DataDir::new();
+    let events = Service::start(Kind::Events, &vhost, &dir).await;
+    let known = event_with_capacity(&events.api, "Known", 10).await;
+    let broker = vhost.broker().await;
+    let booked = |event_id: &str| {
+        Envelope::new(&EventBooked {
+            event_id: event_id.into(),
+            user_id: "bob".into(),
+            booking_id: Some(fresh_id()),
+            seats: Some(2),
+        })
+        .unwrap()
+        .with_producer("booking")
+        .to_message()
+    };
+    let unknown = fresh_id();
+    broker.publish(booked(&unknown)).await.unwrap();
+    broker.publish(booked(&known)).await.unwrap();
+    wait_for_seats_booked(&events, &known, 2).await;
+    assert!(
+        herald_testkit::eventually(LIVENESS, || async {
+            queue_messages(&vhost, "events.dead-letter").await == Some(1)
+        })
+        .await,
+        "the unknown event's booking is dead-lettered"
+    );
+    let letters = herald::transport::DeadLetters::list(&broker, "events", 10)
+        .await
+        .unwrap();
+    let error = letters[0]
+        .headers
+        .get(herald::transport::headers::ERROR)
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        error.contains("does not know") && error.contains(&unknown),
+        "{error}"
+    );
+    let db = database(&dir, Kind::Events);
+    let facts = count(
+        &db,
+        "SELECT count(*) AS n FROM event_store WHERE event_name = 'eventBooked'",
+    )
+    .await;
+    assert_eq!(facts, 1, "only the known event's booking is recorded");
+}
+
 // 6 -------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

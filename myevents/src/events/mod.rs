@@ -39,13 +39,21 @@ pub fn handlers(builder: ContextBuilder, service: &Service) -> ContextBuilder {
 /// Records a booking heard from booking in its event's stream, as received
 /// (a book-style v1 without seats stays v1 and counts one seat when read),
 /// and brings the read models up to it: on the database writer, in the
-/// transaction of the message's inbox entry.
+/// transaction of the message's inbox entry. A booking for an event this
+/// context never created is refused for good (dead-lettered with the
+/// reason): it would open a stream for an event that does not exist.
 fn count_seats(
     views: &Projections,
     booked: EventBooked,
     message: &MessageContext,
     conn: &mut SqliteConnection,
 ) -> Result<(), HandlerError> {
+    if store::event(conn, &booked.event_id)?.is_none() {
+        return Err(HandlerError::permanent(format!(
+            "eventBooked for event {} which this context does not know",
+            herald::escape(&booked.event_id)
+        )));
+    }
     let fact = NewEvent {
         event_id: uuid::Uuid::new_v4().to_string(),
         name: EventBooked::NAME.to_owned(),
