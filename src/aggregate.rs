@@ -123,6 +123,34 @@ pub fn decode_event<A: Aggregate>(
     )
 }
 
+/// As [`decode_event`], from the payload's JSON text: an event stored at
+/// the current schema version is read straight from the text (no
+/// intermediate JSON tree), as replays need; older ones are upcast.
+///
+/// # Errors
+/// As [`decode_event`]; a payload that is not JSON.
+pub fn decode_event_text<A: Aggregate>(
+    name: &str,
+    schema_version: u32,
+    payload: &str,
+) -> Result<A::Event, CodecError> {
+    let invalid = |source| CodecError::InvalidBody {
+        name: name.to_owned(),
+        source,
+    };
+    if schema_version != A::schema_version(name) {
+        return decode_event::<A>(
+            name,
+            schema_version,
+            serde_json::from_str(payload).map_err(invalid)?,
+        );
+    }
+    // The tag first: serde reads an adjacently tagged payload without buffering it.
+    let tag = serde_json::to_string(name).map_err(invalid)?;
+    let tagged = format!(r#"{{"name":{tag},"payload":{payload}}}"#);
+    serde_json::from_str(&tagged).map_err(invalid)
+}
+
 /// Given/when/then tests for aggregates: given past events, when a command,
 /// then these events or this error.
 ///

@@ -613,6 +613,17 @@ async fn a_row_the_broker_keeps_refusing_is_parked_without_holding_back_other_ke
         metrics.contains(r#"herald_outbox_parked{context="shop"} 1"#),
         "{metrics}"
     );
+    // The database writer's group commits are counted too.
+    let figure = |name: &str| -> u64 {
+        let prefix = format!("{name}{{context=\"shop\"}} ");
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(prefix.as_str()))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {metrics}"))
+    };
+    assert!(figure("herald_db_units_total") >= figure("herald_db_batches_total"));
+    assert!(figure("herald_db_batches_total") > 0);
     let ready: serde_json::Value =
         actix_web::test::call_and_read_body_json(&app, call(Method::GET, "/ready", "")).await;
     assert_eq!(ready["outbox"]["parked"], 1, "{ready}");

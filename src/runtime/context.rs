@@ -502,8 +502,14 @@ impl ContextHandle {
             .iter()
             .find(|a| a.name == relay)
             .map_or(0, |a| a.failed);
-        self.metrics
-            .render(&actors, outbox, self.consumer_state(), publish_failures)
+        let writer = self.store.as_ref().map(Db::writer_stats);
+        self.metrics.render(
+            &actors,
+            outbox,
+            writer,
+            self.consumer_state(),
+            publish_failures,
+        )
     }
 
     /// `consuming`, `paused` (deliberately) or `reconnecting`.

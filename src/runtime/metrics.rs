@@ -8,6 +8,7 @@ use prometheus::{
 };
 
 use super::mailbox::ActorSnapshot;
+use crate::store::WriterSnapshot;
 
 /// What happened to a delivery, for the message counters.
 #[derive(Debug, Clone, Copy)]
@@ -45,6 +46,13 @@ pub struct Metrics {
     publish_failures: IntCounterVec,
     consumer_state: IntGaugeVec,
     http_requests: IntCounterVec,
+    db_batches: IntCounterVec,
+    db_units: IntCounterVec,
+    db_failed_units: IntCounterVec,
+    db_largest_batch: IntGaugeVec,
+    cache_entries: IntGaugeVec,
+    cache_hits: IntCounterVec,
+    cache_misses: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -159,6 +167,48 @@ impl Metrics {
                 "REST requests by route and status",
                 &["route", "status"],
             ),
+            db_batches: counter(
+                &r,
+                "herald_db_batches_total",
+                "Transactions of the database writer (one per group commit)",
+                &["context"],
+            ),
+            db_units: counter(
+                &r,
+                "herald_db_units_total",
+                "Units of work (a delivery's or a command's writes) committed in them",
+                &["context"],
+            ),
+            db_failed_units: counter(
+                &r,
+                "herald_db_failed_units_total",
+                "Units rolled back (alone, or with their batch)",
+                &["context"],
+            ),
+            db_largest_batch: gauge(
+                &r,
+                "herald_db_largest_batch",
+                "The most units one transaction committed so far",
+                &["context"],
+            ),
+            cache_entries: gauge(
+                &r,
+                "herald_aggregate_cache_entries",
+                "Aggregates the writer keeps decided in memory",
+                &["context"],
+            ),
+            cache_hits: counter(
+                &r,
+                "herald_aggregate_cache_hits_total",
+                "Commands decided on a cached aggregate",
+                &["context"],
+            ),
+            cache_misses: counter(
+                &r,
+                "herald_aggregate_cache_misses_total",
+                "Commands that loaded their aggregate from the store",
+                &["context"],
+            ),
             registry: r,
         }
     }
@@ -197,9 +247,27 @@ impl Metrics {
         &self,
         actors: &[ActorSnapshot],
         outbox: Option<OutboxCounts>,
+        writer: Option<WriterSnapshot>,
         consumer: &str,
         publish_failures: u64,
     ) -> String {
+        if let Some(writer) = writer {
+            let total = |counter: &IntCounterVec, value: u64| {
+                let counter = counter.with_label_values(&[&self.context]);
+                counter.inc_by(value.saturating_sub(counter.get()));
+            };
+            total(&self.db_batches, writer.batches);
+            total(&self.db_units, writer.units);
+            total(&self.db_failed_units, writer.failed_units);
+            total(&self.cache_hits, writer.cache.hits);
+            total(&self.cache_misses, writer.cache.misses);
+            self.db_largest_batch
+                .with_label_values(&[&self.context])
+                .set(i64::try_from(writer.largest_batch).unwrap_or(i64::MAX));
+            self.cache_entries
+                .with_label_values(&[&self.context])
+                .set(i64::try_from(writer.cache.entries).unwrap_or(i64::MAX));
+        }
         for actor in actors {
             let depth = i64::try_from(actor.depth).unwrap_or(i64::MAX);
             self.mailbox_depth

@@ -7,7 +7,7 @@ use diesel::sqlite::SqliteConnection;
 use super::event_store::{self, EventMetadata, NewEvent, RecordedEvent};
 use super::schema::snapshots;
 use super::{now_ms, Db, Session};
-use crate::aggregate::{decode_event, encode_event, Aggregate};
+use crate::aggregate::{decode_event, decode_event_text, encode_event, Aggregate};
 use crate::error::StoreError;
 
 /// An aggregate as loaded.
@@ -69,10 +69,8 @@ pub fn load<A: Aggregate>(conn: &mut SqliteConnection, id: &str) -> Result<Loade
 /// # Errors
 /// [`StoreError::Corrupt`] when it cannot be read.
 pub fn decode_recorded<A: Aggregate>(recorded: &RecordedEvent) -> Result<A::Event, StoreError> {
-    let payload = serde_json::from_str(&recorded.payload)
-        .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", recorded.event_id)))?;
     let version = u32::try_from(recorded.schema_version).unwrap_or(0);
-    decode_event::<A>(&recorded.event_name, version, payload)
+    decode_event_text::<A>(&recorded.event_name, version, &recorded.payload)
         .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", recorded.event_id)))
 }
 
