@@ -51,9 +51,11 @@ impl Pragmas {
     fn apply(&self, conn: &mut SqliteConnection) -> diesel::QueryResult<()> {
         // busy_timeout first, so the rest waits for the lock instead of failing.
         // WAL is a property of the file, set once in `Db::open`; `synchronous`
-        // is per connection.
+        // is per connection. Every unit of the writer runs under a savepoint,
+        // whose sub-journal is a temporary file unless temp_store is memory.
         conn.batch_execute(&format!(
-            "PRAGMA busy_timeout = {}; PRAGMA synchronous = {}; PRAGMA foreign_keys = ON;",
+            "PRAGMA busy_timeout = {}; PRAGMA synchronous = {}; PRAGMA foreign_keys = ON; \
+             PRAGMA temp_store = MEMORY;",
             BUSY_TIMEOUT.as_millis(),
             self.synchronous.as_pragma()
         ))
