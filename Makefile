@@ -42,10 +42,13 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps -p herald
 
-## Throughput (herald vs a raw lapin consumer) and the projection rebuild rate.
+## The performance targets in one table, each figure beside its reference
+## (myevents/benches/targets/): the events and booking binaries against raw
+## lapin and GET, a no-op handler, the projection rebuild, idle RSS, start
+## to ready; about 5 minutes. Single figures: `cargo bench -p herald --bench
+## throughput`, `cargo bench -p myevents --bench rebuild` (the same code).
 bench: services
-	$(CARGO) bench -p herald --bench throughput
-	$(CARGO) bench -p myevents --bench rebuild
+	$(CARGO) bench -p myevents --bench targets
 
 check: fmt lint test
 
