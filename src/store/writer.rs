@@ -22,7 +22,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
+use diesel::connection::{AnsiTransactionManager, TransactionManager};
 use diesel::sqlite::SqliteConnection;
 use tokio::sync::{oneshot, Notify};
 
@@ -108,30 +108,21 @@ impl Writer {
     /// Starts the writer thread; `connect` opens (and reopens) its connection.
     pub(crate) fn start<C>(connect: C, batching: Batching, committed: Arc<Notify>) -> Writer
     where
-        C: Fn() -> Result<SqliteConnection, StoreError> + Send + Sync + 'static,
+        C: Fn() -> Result<SqliteConnection, StoreError> + Send + 'static,
     {
         let (queue, units) = mpsc::channel();
         let stats = Arc::new(WriterStats::default());
         let thread_stats = stats.clone();
-        let connect = Arc::new(connect);
-        let checkpoints = start_checkpointer(connect.clone());
         let spawned = std::thread::Builder::new()
             .name("herald-db-writer".into())
             .spawn(move || {
                 let mut thread = WriterThread {
-                    connect: Box::new(move || {
-                        let mut conn = connect()?;
-                        // The checkpointer thread moves the WAL into the
-                        // database file; commits never wait for it.
-                        conn.batch_execute("PRAGMA wal_autocheckpoint = 0;")?;
-                        Ok(conn)
-                    }),
+                    connect: Box::new(connect),
                     conn: None,
                     cache: AggregateCache::new(batching.cache),
                     batching,
                     stats: thread_stats,
                     committed,
-                    checkpoints,
                 };
                 thread.run(&units);
             });
@@ -196,85 +187,6 @@ struct WriterThread {
     batching: Batching,
     stats: Arc<WriterStats>,
     committed: Arc<Notify>,
-    /// Told after every commit.
-    checkpoints: Sender<()>,
-}
-
-/// How often at most the checkpointer copies the WAL into the database file.
-const CHECKPOINT_PAUSE: Duration = Duration::from_millis(200);
-
-/// Starts the thread that checkpoints the WAL on a connection of its own
-/// (SQLite would otherwise do it inside the commit that crosses its
-/// threshold, and that commit's units, and every unit queued behind them,
-/// would wait for the copy and its fsync). `PASSIVE`: it never blocks the
-/// writer or readers. It ends with the writer (its channel closes).
-fn start_checkpointer<C>(connect: Arc<C>) -> Sender<()>
-where
-    C: Fn() -> Result<SqliteConnection, StoreError> + Send + Sync + 'static,
-{
-    let (ticks, committed) = mpsc::channel::<()>();
-    let spawned = std::thread::Builder::new()
-        .name("herald-db-checkpoint".into())
-        .spawn(move || {
-            let mut conn: Option<SqliteConnection> = None;
-            let mut last = Instant::now();
-            while committed.recv().is_ok() {
-                // One checkpoint per pause at most, whatever the commit rate.
-                let wait = CHECKPOINT_PAUSE.saturating_sub(last.elapsed());
-                let deadline = Instant::now() + wait;
-                while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-                    match committed.recv_timeout(left) {
-                        Ok(()) | Err(RecvTimeoutError::Timeout) => {}
-                        Err(RecvTimeoutError::Disconnected) => return,
-                    }
-                }
-                while committed.try_recv().is_ok() {}
-                last = Instant::now();
-                let checkpointed = match conn.take().map_or_else(|| connect(), Ok) {
-                    Ok(mut open) => {
-                        let result = checkpoint(&mut open);
-                        conn = Some(open);
-                        result
-                    }
-                    Err(error) => Err(error),
-                };
-                if let Err(error) = checkpointed {
-                    log::warn!(target: "herald::store", "WAL checkpoint failed: {error}");
-                }
-            }
-        });
-    if let Err(e) = spawned {
-        // SQLite's own checkpoints are off on the writer: without this thread
-        // the WAL would only grow. Say so loudly.
-        log::error!(target: "herald::store", "cannot start the WAL checkpointer: {e}");
-    }
-    ticks
-}
-
-/// WAL frames beyond which a checkpoint also restarts the log.
-const RESTART_FRAMES: i64 = 1_000;
-
-#[derive(diesel::QueryableByName)]
-struct Checkpointed {
-    #[diesel(sql_type = diesel::sql_types::Integer)]
-    busy: i32,
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    log: i64,
-}
-
-/// Copies what the WAL holds into the database file without blocking
-/// anyone (`PASSIVE`). Under steady writes that never lets the log start
-/// over (new frames arrive while it copies), so once the log is long a
-/// `RESTART` checkpoint waits for the writer's current transaction, copies
-/// the few frames left and lets the next transaction start the log afresh.
-fn checkpoint(conn: &mut SqliteConnection) -> Result<(), StoreError> {
-    use diesel::RunQueryDsl;
-    let passive: Checkpointed =
-        diesel::sql_query("PRAGMA wal_checkpoint(PASSIVE)").get_result(conn)?;
-    if passive.busy == 0 && passive.log >= RESTART_FRAMES {
-        diesel::sql_query("PRAGMA wal_checkpoint(RESTART)").get_result::<Checkpointed>(conn)?;
-    }
-    Ok(())
 }
 
 impl WriterThread {
@@ -349,7 +261,6 @@ impl WriterThread {
                 self.stats.failed_units.fetch_add(failed, Ordering::Relaxed);
                 if failed < size {
                     self.committed.notify_one();
-                    let _ = self.checkpoints.send(());
                 }
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(outcome);
