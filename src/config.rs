@@ -192,7 +192,14 @@ pub struct BrokerSettings {
     pub heartbeat: Duration,
     /// A delivered body larger than this is dead-lettered unread.
     pub max_body_bytes: usize,
+    /// The largest AMQP frame negotiated, in bytes (4096 to 131072): each
+    /// connection keeps 64 frames of buffers, so RabbitMQ's 128 KiB default
+    /// costs 8 MiB per connection. Larger bodies go as several frames.
+    pub frame_max: u32,
 }
+
+/// `broker.frame_max` unless set: 16 KiB, 1 MiB of buffers per connection.
+pub const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
 
 impl Default for BrokerSettings {
     fn default() -> Self {
@@ -202,6 +209,7 @@ impl Default for BrokerSettings {
             prefetch: 256,
             heartbeat: Duration::from_secs(30),
             max_body_bytes: 1024 * 1024,
+            frame_max: DEFAULT_FRAME_MAX,
         }
     }
 }
@@ -214,6 +222,7 @@ impl std::fmt::Debug for BrokerSettings {
             .field("prefetch", &self.prefetch)
             .field("heartbeat", &self.heartbeat)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("frame_max", &self.frame_max)
             .finish()
     }
 }
@@ -493,6 +502,9 @@ impl Settings {
         if self.broker.max_body_bytes == 0 {
             return invalid("broker.max_body_bytes", "must be above 0");
         }
+        if !(4096..=131_072).contains(&self.broker.frame_max) {
+            return invalid("broker.frame_max", "must be between 4096 and 131072 bytes");
+        }
         if self.broker.heartbeat.as_secs() > u64::from(u16::MAX) {
             return invalid("broker.heartbeat", "must be at most 65535 s");
         }
@@ -722,6 +734,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("runtime.shards"), "{error}");
+        let f = file("[context]\nname = \"booking\"\n[broker]\nframe_max = 1024\n");
+        let error = Settings::load_with_env(f.path(), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("broker.frame_max"), "{error}");
     }
 
     #[test]

@@ -126,6 +126,7 @@ impl Inner {
                 )))
             })?;
         uri.query.heartbeat = Some(options.heartbeat_secs);
+        uri.query.frame_max = Some(options.frame_max);
         let name = format!("{} ({})", options.connection_name, role.suffix());
         let properties = ConnectionProperties::default().with_connection_name(name.into());
         let connection = Connection::connect_uri(uri, properties).await?;

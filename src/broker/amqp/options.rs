@@ -15,6 +15,11 @@ pub struct AmqpOptions {
     pub heartbeat_secs: u16,
     /// Shown in the broker's connection list.
     pub connection_name: String,
+    /// The largest AMQP frame to negotiate, in bytes. lapin keeps a receive
+    /// and a send buffer of 32 frames per connection, so RabbitMQ's default
+    /// (128 KiB) costs 8 MiB per connection; larger bodies are split into
+    /// several frames.
+    pub frame_max: u32,
 }
 
 impl AmqpOptions {
@@ -25,17 +30,19 @@ impl AmqpOptions {
             exchange: settings.broker.exchange.clone(),
             heartbeat_secs: u16::try_from(settings.broker.heartbeat.as_secs()).unwrap_or(u16::MAX),
             connection_name: format!("herald:{}", settings.context.name),
+            frame_max: settings.broker.frame_max,
         }
     }
 
     /// Options for `url` with the defaults: exchange `events`, 30 s heartbeats,
-    /// connection name `herald`.
+    /// connection name `herald`, frames of at most 16 KiB.
     pub fn new(url: impl Into<String>) -> Self {
         AmqpOptions {
             url: SecretString::from(url.into()),
             exchange: "events".into(),
             heartbeat_secs: 30,
             connection_name: "herald".into(),
+            frame_max: crate::config::DEFAULT_FRAME_MAX,
         }
     }
 }
