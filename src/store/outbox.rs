@@ -149,8 +149,17 @@ fn encode_error(error: CodecError) -> StoreError {
 
 /// The oldest pending rows, in outbox order.
 pub fn pending(conn: &mut SqliteConnection, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
+    with_status(conn, OutboxStatus::Pending, limit)
+}
+
+/// Up to `limit` rows in `status`, in outbox order.
+fn with_status(
+    conn: &mut SqliteConnection,
+    status: OutboxStatus,
+    limit: i64,
+) -> Result<Vec<OutboxRow>, StoreError> {
     outbox::table
-        .filter(outbox::status.eq(OutboxStatus::Pending.as_str()))
+        .filter(outbox::status.eq(status.as_str()))
         .order(outbox::position)
         .limit(limit)
         .select(OutboxRow::as_select())
@@ -228,13 +237,7 @@ pub fn record_failures(
 /// # Errors
 /// A database error.
 pub fn parked(conn: &mut SqliteConnection, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
-    outbox::table
-        .filter(outbox::status.eq(OutboxStatus::Parked.as_str()))
-        .order(outbox::position)
-        .limit(limit)
-        .select(OutboxRow::as_select())
-        .load(conn)
-        .map_err(StoreError::from)
+    with_status(conn, OutboxStatus::Parked, limit)
 }
 
 /// Puts parked rows (all, or the one with `event_id`) back to pending with

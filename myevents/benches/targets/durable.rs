@@ -156,7 +156,7 @@ pub fn open_reader(binary: &Binary) -> BenchResult<SqliteConnection> {
 impl EventsFixture {
     pub async fn start(plan: &Plan, vhost: &Vhost, dir: &std::path::Path) -> BenchResult<Self> {
         let binary = Binary::start(Kind::Events, &vhost.url, dir).await?;
-        let settings = herald::Settings::load(&Kind::Events.config())?;
+        let settings = herald::Settings::load(&crate::process::config(Kind::Events))?;
         let api = binary.api;
         let location = create_location(api, "Main", 1_000_000).await?;
         let single = create_event(api, "One event", &location, "Main").await?;

@@ -23,34 +23,15 @@ const LOG_FILTER: &str =
 /// How long a start or a stop may take before it counts as failed.
 const LIVENESS: Duration = Duration::from_secs(30);
 
-/// The two MyEvents binaries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Events,
-    Booking,
-}
+#[path = "../../tests/myevents_support/kind.rs"]
+mod kind;
+pub use kind::Kind;
 
-impl Kind {
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Events => "events",
-            Kind::Booking => "booking",
-        }
-    }
-
-    fn exe(self) -> &'static str {
-        match self {
-            Kind::Events => env!("CARGO_BIN_EXE_events"),
-            Kind::Booking => env!("CARGO_BIN_EXE_booking"),
-        }
-    }
-
-    /// The shipped config of this context.
-    pub fn config(self) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../config")
-            .join(format!("{}.toml", self.name()))
-    }
+/// The shipped config of a context.
+pub fn config(kind: Kind) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../config")
+        .join(format!("{}.toml", kind.name()))
 }
 
 type Lines = Arc<Mutex<Vec<(Instant, String)>>>;
@@ -87,7 +68,7 @@ impl Binary {
         }
         command
             .arg("--config")
-            .arg(kind.config())
+            .arg(config(kind))
             .env("AMQP_URL", amqp_url)
             .env("DATABASE_URL", &database)
             .env("HTTP_ADDR", "127.0.0.1:0")

@@ -36,28 +36,8 @@ impl DataDir {
     }
 }
 
-/// The two MyEvents binaries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Events,
-    Booking,
-}
-
-impl Kind {
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Events => "events",
-            Kind::Booking => "booking",
-        }
-    }
-
-    fn exe(self) -> &'static str {
-        match self {
-            Kind::Events => env!("CARGO_BIN_EXE_events"),
-            Kind::Booking => env!("CARGO_BIN_EXE_booking"),
-        }
-    }
-}
+mod kind;
+pub use kind::Kind;
 
 /// What a test changes in a service's start: secrets in the environment
 /// (as operators pass them) and the log level.
