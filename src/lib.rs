@@ -67,7 +67,7 @@ mod runtime;
 pub use broker::{escape, AmqpBroker, AmqpOptions, MemoryBroker};
 pub use config::Settings;
 pub use error::{BrokerError, CodecError, ConfigError, Error, HandlerError, Result, StoreError};
-pub use event::{Envelope, Event, Metadata};
+pub use event::{new_id, Envelope, Event, Metadata};
 pub use runtime::{
     signal as shutdown_signal, ActorSnapshot, ActorState, Context, ContextBuilder, ContextHandle,
     MessageContext, Metrics,

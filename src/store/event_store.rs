@@ -177,7 +177,7 @@ mod tests {
 
     fn event(n: u32) -> NewEvent {
         NewEvent {
-            event_id: uuid::Uuid::new_v4().to_string(),
+            event_id: crate::event::new_id(),
             name: "noted".into(),
             schema_version: 1,
             payload: format!(r#"{{"n":{n}}}"#),

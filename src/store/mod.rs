@@ -15,6 +15,7 @@ pub mod outbox;
 pub mod projection;
 pub mod repository;
 pub(crate) mod schema;
+pub mod sql;
 mod writer;
 
 pub use cache::CacheStats;

@@ -7,8 +7,10 @@ use diesel::sqlite::SqliteConnection;
 
 use super::now_ms;
 use super::schema::outbox;
+use super::sql::Sql;
 use crate::error::{CodecError, StoreError};
 use crate::event::{Envelope, Event, Metadata};
+use diesel::sql_types::BigInt;
 
 /// Where an outbox row is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +39,7 @@ impl OutboxStatus {
 }
 
 /// One stored event waiting for (or done with) publication.
-#[derive(Debug, Clone, Queryable, Selectable)]
+#[derive(Debug, Clone, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = outbox)]
 pub struct OutboxRow {
     /// Its place in the outbox: rows are published in this order.
@@ -99,10 +101,7 @@ pub fn append_envelope(
     partition_key: &str,
 ) -> Result<i64, StoreError> {
     let meta = &envelope.meta;
-    let event_id = meta
-        .id
-        .clone()
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let event_id = meta.id.clone().unwrap_or_else(crate::event::new_id);
     diesel::insert_into(outbox::table)
         .values((
             outbox::event_id.eq(event_id),
@@ -176,20 +175,19 @@ fn with_status(
 /// # Errors
 /// A database error.
 pub fn publishable(conn: &mut SqliteConnection, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
-    outbox::table
-        .filter(outbox::status.eq(OutboxStatus::Pending.as_str()))
-        .filter(diesel::dsl::sql::<diesel::sql_types::Bool>(
-            "NOT EXISTS (SELECT 1 FROM outbox AS failing \
+    // Run by the relay for every window: kept prepared.
+    Sql::new(
+        "SELECT outbox.* FROM outbox WHERE status = 'pending' \
+         AND NOT EXISTS (SELECT 1 FROM outbox AS failing \
              WHERE ((failing.status = 'pending' AND failing.last_error IS NOT NULL) \
                     OR failing.status = 'parked') \
              AND failing.partition_key = outbox.partition_key \
-             AND failing.position < outbox.position)",
-        ))
-        .order(outbox::position)
-        .limit(limit)
-        .select(OutboxRow::as_select())
-        .load(conn)
-        .map_err(StoreError::from)
+             AND failing.position < outbox.position) \
+         ORDER BY position LIMIT ?",
+    )
+    .bind::<BigInt, _>(limit)
+    .load(conn)
+    .map_err(StoreError::from)
 }
 
 /// Records that the broker refused the pending rows at `failures` (position,

@@ -13,8 +13,10 @@ use serde::Serialize;
 
 use super::event_store::{self, RecordedEvent};
 use super::schema::checkpoints;
+use super::sql::Sql;
 use super::{now_ms, Db};
 use crate::error::StoreError;
+use diesel::sql_types::{BigInt, Text};
 
 /// Events read per batch while catching up or rebuilding.
 const BATCH: i64 = 1000;
@@ -65,19 +67,15 @@ fn set_checkpoint(
     projection: &str,
     position: i64,
 ) -> Result<(), StoreError> {
-    diesel::insert_into(checkpoints::table)
-        .values((
-            checkpoints::projection.eq(projection),
-            checkpoints::position.eq(position),
-            checkpoints::updated_at.eq(now_ms()),
-        ))
-        .on_conflict(checkpoints::projection)
-        .do_update()
-        .set((
-            checkpoints::position.eq(position),
-            checkpoints::updated_at.eq(now_ms()),
-        ))
-        .execute(conn)?;
+    Sql::new(
+        "INSERT INTO checkpoints (projection, position, updated_at) VALUES (?, ?, ?) \
+         ON CONFLICT (projection) DO UPDATE \
+         SET position = excluded.position, updated_at = excluded.updated_at",
+    )
+    .bind::<Text, _>(projection)
+    .bind::<BigInt, _>(position)
+    .bind::<BigInt, _>(now_ms())
+    .execute(conn)?;
     Ok(())
 }
 
@@ -289,7 +287,7 @@ mod tests {
                     let stream = format!("s-{}", (batch * 1000 + i) % 97);
                     let version = event_store::stream_version(c, &stream)?;
                     let event = NewEvent {
-                        event_id: uuid::Uuid::new_v4().to_string(),
+                        event_id: crate::event::new_id(),
                         name: "noted".into(),
                         schema_version: 1,
                         payload: format!(r#"{{"n":{i}}}"#),
@@ -348,7 +346,7 @@ mod restart_tests {
             for _ in 0..n {
                 let version = event_store::stream_version(c, "s")?;
                 let event = NewEvent {
-                    event_id: uuid::Uuid::new_v4().to_string(),
+                    event_id: crate::event::new_id(),
                     name: "noted".into(),
                     schema_version: 1,
                     payload: "{}".into(),

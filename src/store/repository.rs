@@ -6,9 +6,11 @@ use diesel::sqlite::SqliteConnection;
 
 use super::event_store::{self, EventMetadata, NewEvent, RecordedEvent};
 use super::schema::snapshots;
+use super::sql::Sql;
 use super::{now_ms, Db, Session};
 use crate::aggregate::{decode_event, decode_event_text, encode_event, Aggregate};
 use crate::error::StoreError;
+use diesel::sql_types::{BigInt, Integer, Text};
 
 /// An aggregate as loaded.
 #[derive(Debug, Clone)]
@@ -96,7 +98,7 @@ pub fn save<A: Aggregate>(
             let (name, schema_version, payload) =
                 encode_event::<A>(event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             Ok(NewEvent {
-                event_id: uuid::Uuid::new_v4().to_string(),
+                event_id: crate::event::new_id(),
                 name,
                 schema_version,
                 payload: payload.to_string(),
@@ -121,23 +123,19 @@ fn write_snapshot<A: Aggregate>(
 ) -> Result<(), StoreError> {
     let state = serde_json::to_string(state).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let layout = i32::try_from(A::SNAPSHOT_VERSION).unwrap_or(i32::MAX);
-    diesel::insert_into(snapshots::table)
-        .values((
-            snapshots::stream_id.eq(stream),
-            snapshots::stream_version.eq(version),
-            snapshots::snapshot_version.eq(layout),
-            snapshots::state.eq(&state),
-            snapshots::taken_at.eq(now_ms()),
-        ))
-        .on_conflict(snapshots::stream_id)
-        .do_update()
-        .set((
-            snapshots::stream_version.eq(version),
-            snapshots::snapshot_version.eq(layout),
-            snapshots::state.eq(&state),
-            snapshots::taken_at.eq(now_ms()),
-        ))
-        .execute(conn)?;
+    Sql::new(
+        "INSERT INTO snapshots (stream_id, stream_version, snapshot_version, state, taken_at) \
+         VALUES (?, ?, ?, ?, ?) ON CONFLICT (stream_id) DO UPDATE \
+         SET stream_version = excluded.stream_version, \
+         snapshot_version = excluded.snapshot_version, \
+         state = excluded.state, taken_at = excluded.taken_at",
+    )
+    .bind::<Text, _>(stream)
+    .bind::<BigInt, _>(version)
+    .bind::<Integer, _>(layout)
+    .bind::<Text, _>(&state)
+    .bind::<BigInt, _>(now_ms())
+    .execute(conn)?;
     Ok(())
 }
 

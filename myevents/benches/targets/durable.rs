@@ -57,6 +57,17 @@ pub struct EventsFixture {
     /// Seats the context has counted so far (every booking is one seat).
     counted: i64,
     reader: SqliteConnection,
+    /// What each herald round cost the process, in the order of the rounds.
+    pub spent: Vec<Spent>,
+}
+
+/// What one herald round cost the events process.
+#[derive(Debug, Clone, Copy)]
+pub struct Spent {
+    /// Its CPU time (every thread) divided by the messages of the round.
+    pub cpu_per_message: Duration,
+    /// Units its database writer committed per transaction, on average.
+    pub units_per_batch: f64,
 }
 
 /// The `eventBooked` of booking number `seq` for `event_id`, one seat, as
@@ -179,6 +190,7 @@ impl EventsFixture {
             next_seq: 1,
             counted: 0,
             reader,
+            spent: Vec::new(),
         };
         fixture.consumer("pause").await?;
         Ok(fixture)
@@ -211,8 +223,8 @@ impl EventsFixture {
         )
     }
 
-    /// Deliveries the context acked (`herald_messages_acked_total`).
-    async fn acked(&self) -> BenchResult<u64> {
+    /// The sum of the samples of `metric` in `GET /metrics`.
+    async fn metric(&self, metric: &str) -> BenchResult<u64> {
         let metrics = self.binary.admin.get("/metrics").await?;
         if metrics.status != 200 {
             return Err(format!("GET /metrics: HTTP {}", metrics.status).into());
@@ -220,9 +232,22 @@ impl EventsFixture {
         let text = String::from_utf8_lossy(&metrics.body);
         Ok(text
             .lines()
-            .filter(|line| line.starts_with("herald_messages_acked_total"))
+            .filter(|line| line.split([' ', '{']).next() == Some(metric))
             .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>() as u64)
+    }
+
+    /// Deliveries the context acked (`herald_messages_acked_total`).
+    async fn acked(&self) -> BenchResult<u64> {
+        self.metric("herald_messages_acked_total").await
+    }
+
+    /// The database writer's units and batches so far.
+    async fn writer(&self) -> BenchResult<(u64, u64)> {
+        Ok((
+            self.metric("herald_db_units_total").await?,
+            self.metric("herald_db_batches_total").await?,
+        ))
     }
 
     /// The raw reference: `n` messages straight into `raw`, then consumed.
@@ -255,6 +280,8 @@ impl EventsFixture {
             .await?;
         let want = self.counted + n as i64;
         let want_acked = self.acked().await? + n as u64;
+        let before = self.writer().await?;
+        let cpu_before = self.binary.cpu_time()?;
         let started = Instant::now();
         self.consumer("resume").await?;
         while self.seats_counted()? < want {
@@ -274,7 +301,13 @@ impl EventsFixture {
             tokio::time::sleep(POLL).await;
         }
         let elapsed = started.elapsed();
+        let cpu = self.binary.cpu_time()?.saturating_sub(cpu_before);
+        let after = self.writer().await?;
         self.consumer("pause").await?;
+        self.spent.push(Spent {
+            cpu_per_message: cpu / n as u32,
+            units_per_batch: (after.0 - before.0) as f64 / (after.1 - before.1).max(1) as f64,
+        });
         self.counted = want;
         let counted = self.seats_counted()?;
         if counted != want {
@@ -309,6 +342,7 @@ pub async fn measure(plan: &Plan, fixture: &mut EventsFixture) -> BenchResult<Ve
         raw.push(fixture.raw_round(n).await?);
         single.push(fixture.herald_round(n, false).await?);
         spread.push(fixture.herald_round(n, true).await?);
+        let spent = &fixture.spent[fixture.spent.len() - 2..];
         println!(
             "round {round}     : raw lapin {:>7.0} msg/s, herald 1 event {:>7.0} msg/s, \
              herald {} events {:>7.0} msg/s",
@@ -316,6 +350,15 @@ pub async fn measure(plan: &Plan, fixture: &mut EventsFixture) -> BenchResult<Ve
             rate(n, single[round - 1]),
             fixture.spread.len(),
             rate(n, spread[round - 1]),
+        );
+        println!(
+            "              events process: {} µs CPU per message, {:.1} per commit \
+             (1 event); {} µs, {:.1} per commit ({} events)",
+            spent[0].cpu_per_message.as_micros(),
+            spent[0].units_per_batch,
+            spent[1].cpu_per_message.as_micros(),
+            spent[1].units_per_batch,
+            fixture.spread.len(),
         );
     }
     check_counted(plan, fixture).await?;

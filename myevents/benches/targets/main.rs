@@ -181,19 +181,39 @@ async fn noop(plan: &Plan, vhost: &Vhost) -> Row {
     }
 }
 
+/// Whether target `number` is measured in this run: all of them, unless
+/// `BENCH_ONLY` lists some (`BENCH_ONLY=1,3 make bench`; 1 and 3 share one
+/// binary and run together).
+fn wanted(number: u8) -> bool {
+    match std::env::var("BENCH_ONLY") {
+        Ok(only) => only
+            .split(',')
+            .filter_map(|n| n.trim().parse::<u8>().ok())
+            .any(|n| n == number || (number == 1 && n == 3)),
+        Err(_) => true,
+    }
+}
+
 /// Everything that runs inside the actix system (all but the rebuild).
 async fn measure_all(plan: &Plan, vhost: &Vhost, dir: &Path) -> Vec<Row> {
-    let mut rows = events_path(plan, vhost, dir).await;
-    let row_2 = "2 POST bookings";
-    match subdir(dir, "bookings") {
-        Ok(dir) => match bookings::measure(plan, vhost, &dir).await {
-            Ok(more) => rows.extend(more),
-            Err(error) => rows.push(Row::failed(row_2, "-", &error.to_string())),
-        },
-        Err(error) => rows.push(Row::failed(row_2, "-", &error.to_string())),
+    let mut rows = Vec::new();
+    if wanted(1) {
+        rows.extend(events_path(plan, vhost, dir).await);
     }
-    rows.push(noop(plan, vhost).await);
-    rows.extend(startup::measure(vhost, dir, plan.starts).await);
+    let row_2 = "2 POST bookings";
+    if wanted(2) {
+        match subdir(dir, "bookings") {
+            Ok(dir) => match bookings::measure(plan, vhost, &dir).await {
+                Ok(more) => rows.extend(more),
+                Err(error) => rows.push(Row::failed(row_2, "-", &error.to_string())),
+            },
+            Err(error) => rows.push(Row::failed(row_2, "-", &error.to_string())),
+        }
+    }
+    if wanted(4) {
+        rows.push(noop(plan, vhost).await);
+        rows.extend(startup::measure(vhost, dir, plan.starts).await);
+    }
     rows
 }
 
@@ -264,7 +284,9 @@ fn main() -> BenchResult<()> {
     println!("vhost {}, data in {}", vhost.name, dir.path().display());
     // `vhost` and `dir` outlive the system: both are removed on every way out.
     let mut rows = actix::System::new().block_on(measure_all(&plan, &vhost, dir.path()));
-    rows.push(rebuild_row(&plan, dir.path()));
+    if wanted(4) {
+        rows.push(rebuild_row(&plan, dir.path()));
+    }
     // In the order of the targets (a stable sort on the row's number).
     rows.sort_by_key(|row| row.figure.split([' ', ':']).next().map(str::to_owned));
 

@@ -156,6 +156,28 @@ impl Binary {
             .ok_or_else(|| format!("no VmRSS in /proc/{pid}/status").into())
     }
 
+    /// CPU time it has used so far (user + system, every thread), from
+    /// `/proc/<pid>/stat`.
+    pub fn cpu_time(&self) -> BenchResult<Duration> {
+        let pid = self.child.id().ok_or("the process has exited")?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks = |i: usize| -> BenchResult<u64> {
+            Ok(fields
+                .get(i)
+                .ok_or_else(|| format!("short /proc/{pid}/stat"))?
+                .parse()?)
+        };
+        // utime and stime are fields 14 and 15 of stat(5): 12 and 13 here.
+        let ticks = ticks(11)? + ticks(12)?;
+        let per_second = clock_ticks_per_second()?;
+        Ok(Duration::from_micros(ticks * 1_000_000 / per_second))
+    }
+
     /// Its stderr so far.
     pub fn log(&self) -> String {
         let lines = self.lines.lock().unwrap_or_else(PoisonError::into_inner);
@@ -188,4 +210,13 @@ impl Binary {
 /// The port of `http://host:port`.
 fn port(url: &str) -> Option<u16> {
     url.rsplit_once(':')?.1.parse().ok()
+}
+
+/// `getconf CLK_TCK`: the unit of the CPU times in `/proc/<pid>/stat`.
+fn clock_ticks_per_second() -> BenchResult<u64> {
+    let out = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()?;
+    let ticks: u64 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
+    Ok(ticks.max(1))
 }

@@ -112,7 +112,7 @@ fn record_location(
     let stream = format!("{}-{}", store::LOCATION_STREAM, location.id);
     let version = event_store::stream_version(conn, &stream)?;
     let fact = NewEvent {
-        event_id: uuid::Uuid::new_v4().to_string(),
+        event_id: herald::new_id(),
         name: LocationCreated::NAME.to_owned(),
         schema_version: LocationCreated::SCHEMA_VERSION,
         payload,

@@ -9,11 +9,13 @@ use diesel::upsert::excluded;
 use super::ledger::{LedgerEvent, SeatLedger};
 use super::schema::{bookings, known_events, known_locations};
 use crate::contract::{EventCreated, LocationCreated};
+use diesel::sql_types::{BigInt, Text};
 use herald::aggregate::Aggregate;
 use herald::error::StoreError;
 use herald::store::event_store::RecordedEvent;
 use herald::store::projection::Projection;
 use herald::store::repository::decode_recorded;
+use herald::store::sql::Sql;
 use herald::Event;
 
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
@@ -136,8 +138,9 @@ impl PendingBookings {
             None => std::mem::take(&mut self.seats).into_iter().collect(),
         };
         for (event_id, added) in seats {
-            diesel::update(known_events::table.find(&event_id))
-                .set(known_events::seats_booked.eq(known_events::seats_booked + added))
+            Sql::new("UPDATE known_events SET seats_booked = seats_booked + ? WHERE id = ?")
+                .bind::<BigInt, _>(added)
+                .bind::<Text, _>(&event_id)
                 .execute(conn)?;
         }
         Ok(())

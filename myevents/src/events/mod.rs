@@ -55,7 +55,7 @@ fn count_seats(
         )));
     }
     let fact = NewEvent {
-        event_id: uuid::Uuid::new_v4().to_string(),
+        event_id: herald::new_id(),
         name: EventBooked::NAME.to_owned(),
         schema_version: message.meta.schema_version,
         payload: serde_json::to_string(&booked).map_err(HandlerError::from_error)?,

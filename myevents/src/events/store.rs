@@ -8,11 +8,13 @@ use diesel::sqlite::SqliteConnection;
 use super::model::{Event, EventEvent, EventRecord, Location, LocationEvent, LocationRecord};
 use super::schema::{events, locations};
 use crate::contract::Hall;
+use diesel::sql_types::{BigInt, Text};
 use herald::aggregate::Aggregate;
 use herald::error::StoreError;
 use herald::store::event_store::RecordedEvent;
 use herald::store::projection::Projection;
 use herald::store::repository::decode_recorded;
+use herald::store::sql::Sql;
 
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
 #[diesel(table_name = locations)]
@@ -197,8 +199,9 @@ fn add_seats(
     conn: &mut SqliteConnection,
     (event_id, seats): (String, i64),
 ) -> Result<(), StoreError> {
-    diesel::update(events::table.find(&event_id))
-        .set(events::seats_booked.eq(events::seats_booked + seats))
+    Sql::new("UPDATE events SET seats_booked = seats_booked + ? WHERE id = ?")
+        .bind::<BigInt, _>(seats)
+        .bind::<Text, _>(&event_id)
         .execute(conn)?;
     Ok(())
 }
@@ -273,7 +276,7 @@ mod tests {
             let v = views.clone();
             t.db.write(move |c| {
                 let fact = NewEvent {
-                    event_id: uuid::Uuid::new_v4().to_string(),
+                    event_id: herald::new_id(),
                     name: "eventBooked".into(),
                     schema_version: version,
                     payload: payload.into(),

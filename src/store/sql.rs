@@ -1,0 +1,287 @@
+//! Statements of fixed SQL that a connection prepares once and keeps.
+//!
+//! diesel keeps a prepared statement per connection only for queries it can
+//! tell apart without their values. It never keeps an `UPDATE`, an upsert
+//! (`ON CONFLICT ... DO UPDATE`) or a `sql_query`: those are parsed and
+//! planned by SQLite on every use, which on the database writer costs more
+//! than running them. [`Sql`] is a statement whose text is fixed at compile
+//! time; diesel keeps it prepared, keyed by that text, and only binds new
+//! values on each use.
+//!
+//! ```
+//! use diesel::sql_types::{BigInt, Text};
+//! use diesel::RunQueryDsl;
+//! use herald::store::sql::Sql;
+//!
+//! # fn add(conn: &mut diesel::SqliteConnection, id: &str, seats: i64) -> diesel::QueryResult<usize> {
+//! Sql::new("UPDATE events SET seats = seats + ? WHERE id = ?")
+//!     .bind::<BigInt, _>(seats)
+//!     .bind::<Text, _>(id)
+//!     .execute(conn)
+//! # }
+//! ```
+//!
+//! Rows come back as with `sql_query`: `.load::<T>()` or `.get_result::<T>()`
+//! for a `T` that derives `QueryableByName`.
+
+use std::marker::PhantomData;
+
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::result::Error as DieselError;
+use diesel::serialize::ToSql;
+use diesel::sql_types::{HasSqlType, Untyped};
+use diesel::sqlite::Sqlite;
+use diesel::{QueryResult, RunQueryDsl, SqliteConnection};
+
+/// A statement of fixed SQL with `?` placeholders, and the values bound to
+/// them so far. Run it with diesel's [`RunQueryDsl`] (`execute`, `load`,
+/// `get_result`).
+///
+/// The text must hold exactly one `?` per bound value and no other `?`
+/// (none in a string literal): running it otherwise is an error, never a
+/// wrong statement.
+#[derive(Debug, Clone)]
+#[must_use = "a statement does nothing until it is run"]
+pub struct Sql<B = ()> {
+    text: &'static str,
+    binds: B,
+}
+
+impl Sql {
+    /// A statement with the text `text` and nothing bound yet.
+    pub fn new(text: &'static str) -> Self {
+        Sql { text, binds: () }
+    }
+}
+
+impl<B: Binds> Sql<B> {
+    /// The same statement with `value` bound, as SQL type `ST`, to the next
+    /// `?`.
+    pub fn bind<ST, V>(self, value: V) -> Sql<Bound<B, ST, V>>
+    where
+        Sqlite: HasSqlType<ST>,
+        V: ToSql<ST, Sqlite>,
+    {
+        Sql {
+            text: self.text,
+            binds: Bound {
+                before: self.binds,
+                value,
+                sql_type: PhantomData,
+            },
+        }
+    }
+}
+
+/// The values bound to a [`Sql`] so far: `()`, then one [`Bound`] per value.
+pub trait Binds: sealed::Sealed {
+    /// Writes the text up to each bound value's `?` and binds the value, in
+    /// order, taking the pieces of text between placeholders from `pieces`.
+    #[doc(hidden)]
+    fn walk<'b>(
+        &'b self,
+        out: &mut AstPass<'_, 'b, Sqlite>,
+        pieces: &mut std::str::Split<'static, char>,
+    ) -> QueryResult<()>;
+}
+
+/// A value bound to a [`Sql`], after the values in `before`.
+#[derive(Debug, Clone)]
+pub struct Bound<Before, ST, V> {
+    before: Before,
+    value: V,
+    sql_type: PhantomData<fn() -> ST>,
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for () {}
+    impl<B, ST, V> Sealed for super::Bound<B, ST, V> {}
+}
+
+impl Binds for () {
+    fn walk<'b>(
+        &'b self,
+        _: &mut AstPass<'_, 'b, Sqlite>,
+        _: &mut std::str::Split<'static, char>,
+    ) -> QueryResult<()> {
+        Ok(())
+    }
+}
+
+impl<B, ST, V> Binds for Bound<B, ST, V>
+where
+    B: Binds,
+    Sqlite: HasSqlType<ST>,
+    V: ToSql<ST, Sqlite>,
+{
+    fn walk<'b>(
+        &'b self,
+        out: &mut AstPass<'_, 'b, Sqlite>,
+        pieces: &mut std::str::Split<'static, char>,
+    ) -> QueryResult<()> {
+        self.before.walk(out, pieces)?;
+        let piece = pieces.next().ok_or_else(|| mismatch(MORE_VALUES))?;
+        out.push_sql(piece);
+        // Writes the `?` itself.
+        out.push_bind_param::<ST, V>(&self.value)
+    }
+}
+
+const MORE_VALUES: &str = "more values bound than the text has `?`";
+
+fn mismatch(what: &str) -> DieselError {
+    DieselError::QueryBuilderError(what.into())
+}
+
+impl<B: Binds> QueryFragment<Sqlite> for Sql<B> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
+        let mut pieces = self.text.split('?');
+        self.binds.walk(&mut out, &mut pieces)?;
+        // What follows the last placeholder (the whole text if none).
+        let last = pieces.next().ok_or_else(|| mismatch(MORE_VALUES))?;
+        out.push_sql(last);
+        if pieces.next().is_some() {
+            return Err(mismatch("the text has more `?` than values bound"));
+        }
+        Ok(())
+    }
+}
+
+/// Kept by its text: diesel's cache key for a query without a static id is
+/// its SQL and bind types, and `walk_ast` never marks it unsafe to cache.
+impl<B> QueryId for Sql<B> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+/// Rows are read by name, as with `sql_query`.
+impl<B: Binds> Query for Sql<B> {
+    type SqlType = Untyped;
+}
+
+impl<B> RunQueryDsl<SqliteConnection> for Sql<B> {}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use diesel::connection::{Instrumentation, InstrumentationEvent, SimpleConnection};
+    use diesel::prelude::*;
+    use diesel::sql_types::{BigInt, Text};
+
+    use super::*;
+
+    /// Counts statements the connection prepared for its cache, and
+    /// statements it ran.
+    #[derive(Default)]
+    struct Counts {
+        cached: usize,
+        started: usize,
+    }
+
+    struct Counter(Arc<Mutex<Counts>>);
+
+    impl Instrumentation for Counter {
+        fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
+            let mut counts = self.0.lock().unwrap();
+            match event {
+                InstrumentationEvent::CacheQuery { .. } => counts.cached += 1,
+                InstrumentationEvent::StartQuery { .. } => counts.started += 1,
+                _ => {}
+            }
+        }
+    }
+
+    diesel::table! {
+        seats (id) {
+            id -> Text,
+            n -> BigInt,
+        }
+    }
+
+    #[derive(QueryableByName, Debug, PartialEq)]
+    struct Row {
+        #[diesel(sql_type = Text)]
+        id: String,
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+
+    fn connection() -> (SqliteConnection, Arc<Mutex<Counts>>) {
+        let mut conn = SqliteConnection::establish(":memory:").unwrap();
+        conn.batch_execute(
+            "CREATE TABLE seats (id TEXT PRIMARY KEY NOT NULL, n BIGINT NOT NULL);
+             INSERT INTO seats VALUES ('a', 0), ('b', 0);",
+        )
+        .unwrap();
+        let counts = Arc::new(Mutex::new(Counts::default()));
+        conn.set_instrumentation(Counter(counts.clone()));
+        (conn, counts)
+    }
+
+    fn add(conn: &mut SqliteConnection, id: &str, n: i64) -> QueryResult<usize> {
+        Sql::new("UPDATE seats SET n = n + ? WHERE id = ?")
+            .bind::<BigInt, _>(n)
+            .bind::<Text, _>(id)
+            .execute(conn)
+    }
+
+    #[test]
+    fn an_update_is_prepared_once_and_binds_new_values_each_time() {
+        let (mut conn, counts) = connection();
+        for (id, n) in [("a", 1), ("b", 10), ("a", 2), ("a", 4)] {
+            assert_eq!(add(&mut conn, id, n).unwrap(), 1);
+        }
+        assert_eq!(counts.lock().unwrap().started, 4);
+        assert_eq!(counts.lock().unwrap().cached, 1, "prepared once, kept");
+        let rows: Vec<Row> = Sql::new("SELECT id, n FROM seats WHERE n > ? ORDER BY id")
+            .bind::<BigInt, _>(0)
+            .load(&mut conn)
+            .unwrap();
+        assert_eq!(
+            rows,
+            vec![
+                Row {
+                    id: "a".into(),
+                    n: 7
+                },
+                Row {
+                    id: "b".into(),
+                    n: 10
+                },
+            ]
+        );
+    }
+
+    /// Why this module exists: diesel's own update is prepared every time.
+    #[test]
+    fn diesel_does_not_keep_an_update() {
+        let (mut conn, counts) = connection();
+        for n in 1..=3 {
+            diesel::update(seats::table.find("a"))
+                .set(seats::n.eq(seats::n + n))
+                .execute(&mut conn)
+                .unwrap();
+        }
+        assert_eq!(counts.lock().unwrap().cached, 0);
+    }
+
+    #[test]
+    fn placeholders_and_values_must_match() {
+        let (mut conn, _) = connection();
+        let too_few = Sql::new("UPDATE seats SET n = ? WHERE id = ?")
+            .bind::<BigInt, _>(1)
+            .execute(&mut conn);
+        assert!(matches!(too_few, Err(DieselError::QueryBuilderError(_))));
+        let too_many = Sql::new("UPDATE seats SET n = ?")
+            .bind::<BigInt, _>(1)
+            .bind::<Text, _>("a")
+            .execute(&mut conn);
+        assert!(matches!(too_many, Err(DieselError::QueryBuilderError(_))));
+        let rows: Vec<Row> = Sql::new("SELECT id, n FROM seats WHERE n <> 0")
+            .load(&mut conn)
+            .unwrap();
+        assert!(rows.is_empty(), "nothing ran: {rows:?}");
+    }
+}
