@@ -58,9 +58,9 @@ pub fn handlers(builder: ContextBuilder, service: &Service) -> ContextBuilder {
 /// An announced event goes on sale: its ledger opens. Any location id is
 /// taken as given (the book's service sends raw bytes there), and no
 /// capacity means unlimited (the book's service sends none); a capacity
-/// beyond [`MAX_CAPACITY`](contract::limits::MAX_CAPACITY) is refused. Heard again, the same
-/// announcement changes nothing; with other content it is refused for good
-/// (dead-lettered): a fact is not rewritten.
+/// beyond [`MAX_CAPACITY`](contract::limits::MAX_CAPACITY) is refused.
+/// Heard again, the same announcement changes nothing; with other content it
+/// is refused for good (dead-lettered): a fact is not rewritten.
 async fn open_ledger(
     service: &Service,
     views: &Arc<Projections>,
@@ -112,7 +112,11 @@ async fn open_ledger(
             capacity.map_or("unlimited".into(), |c| c.to_string())
         );
     } else {
-        log::debug!(target: "myevents::booking", "eventCreated id={} heard again: no effect", escape(&id));
+        log::debug!(
+            target: "myevents::booking",
+            "eventCreated id={} heard again: no effect",
+            escape(&id)
+        );
     }
     Ok(())
 }
@@ -121,7 +125,8 @@ async fn open_ledger(
 /// write with the message's inbox entry. As for events, a location announced
 /// before is compared, not recorded again: the same content changes nothing,
 /// other content is refused for good (dead-lettered), whatever message id it
-/// carries; halls beyond [`MAX_CAPACITY`](contract::limits::MAX_CAPACITY) are refused.
+/// carries; halls beyond [`MAX_CAPACITY`](contract::limits::MAX_CAPACITY)
+/// are refused.
 async fn record_location(
     db: &Db,
     views: Arc<Projections>,
@@ -171,7 +176,11 @@ async fn record_location(
     if recorded {
         log::info!(target: "myevents::booking", "locationCreated id={} recorded", escape(&id));
     } else {
-        log::debug!(target: "myevents::booking", "locationCreated id={} heard again: no effect", escape(&id));
+        log::debug!(
+            target: "myevents::booking",
+            "locationCreated id={} heard again: no effect",
+            escape(&id)
+        );
     }
     Ok(())
 }

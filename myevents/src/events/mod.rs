@@ -41,9 +41,10 @@ pub fn handlers(builder: ContextBuilder, service: &Service) -> ContextBuilder {
 /// and brings the read models up to it: on the database writer, in the
 /// transaction of the message's inbox entry. Refused for good (dead-lettered
 /// with the reason, nothing recorded, the inbox entry not taken): seats
-/// outside [`limits::seats`](crate::contract::limits::seats), and a booking for an event this context does
-/// not know, which would open a stream for an event that does not exist.
-/// Redriven once the event exists, it is counted (once).
+/// outside [`limits::seats`](crate::contract::limits::seats), and a booking
+/// for an event this context does not know, which would open a stream for an
+/// event that does not exist. Redriven once the event exists, it is counted
+/// (once).
 fn count_seats(
     views: &Projections,
     booked: EventBooked,
