@@ -106,6 +106,134 @@ impl Event for EventBooked {
     }
 }
 
+/// The numeric limits of MyEvents, one definition for every way in: the
+/// REST APIs answer a value outside them with a 400 naming the field, and a
+/// message from the broker that carries one is dead-lettered with the reason.
+pub mod limits {
+    /// The most seats a hall holds (`Halls[].capacity` in REST,
+    /// `eventCreated.capacity` and `locationCreated.halls[].capacity` on the wire).
+    pub const MAX_CAPACITY: u32 = 1_000_000;
+    /// The most seats one booking takes (`seats` in REST and in `eventBooked`).
+    pub const MAX_SEATS_PER_BOOKING: u32 = 1_000;
+
+    /// A number outside its limits; `field` is its name as the client or the
+    /// message spells it.
+    #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+    #[error("{field} must be a number from {min} to {max}, not {value}")]
+    pub struct OutOfRange {
+        /// The field, e.g. `seats` or `halls[1].capacity`.
+        pub field: String,
+        /// The value given.
+        pub value: i64,
+        /// The smallest allowed.
+        pub min: u32,
+        /// The largest allowed.
+        pub max: u32,
+    }
+
+    fn within(field: impl Into<String>, value: i64, min: u32, max: u32) -> Result<u32, OutOfRange> {
+        match u32::try_from(value) {
+            Ok(n) if (min..=max).contains(&n) => Ok(n),
+            _ => Err(OutOfRange {
+                field: field.into(),
+                value,
+                min,
+                max,
+            }),
+        }
+    }
+
+    /// Seats of one booking: 1 to [`MAX_SEATS_PER_BOOKING`].
+    ///
+    /// # Errors
+    /// [`OutOfRange`] naming `field`.
+    pub fn seats(field: impl Into<String>, value: i64) -> Result<u32, OutOfRange> {
+        within(field, value, 1, MAX_SEATS_PER_BOOKING)
+    }
+
+    /// A hall's capacity: 0 to [`MAX_CAPACITY`].
+    ///
+    /// # Errors
+    /// [`OutOfRange`] naming `field`.
+    pub fn capacity(field: impl Into<String>, value: i64) -> Result<u32, OutOfRange> {
+        within(field, value, 0, MAX_CAPACITY)
+    }
+}
+
+impl LocationCreated {
+    /// Checks every hall's capacity against [`limits`].
+    ///
+    /// # Errors
+    /// The first capacity out of range, named `halls[i].capacity`.
+    pub fn check_limits(&self) -> Result<(), limits::OutOfRange> {
+        for (i, hall) in self.halls.iter().enumerate() {
+            limits::capacity(format!("halls[{i}].capacity"), i64::from(hall.capacity))?;
+        }
+        Ok(())
+    }
+}
+
+impl EventCreated {
+    /// Checks the capacity, if any, against [`limits`].
+    ///
+    /// # Errors
+    /// [`limits::OutOfRange`] named `capacity`.
+    pub fn check_limits(&self) -> Result<(), limits::OutOfRange> {
+        match self.capacity {
+            Some(capacity) => limits::capacity("capacity", i64::from(capacity)).map(drop),
+            None => Ok(()),
+        }
+    }
+}
+
+impl EventBooked {
+    /// Checks the seats against [`limits`] (absent counts one seat).
+    ///
+    /// # Errors
+    /// [`limits::OutOfRange`] named `seats`.
+    pub fn check_limits(&self) -> Result<(), limits::OutOfRange> {
+        limits::seats("seats", i64::from(self.seats())).map(drop)
+    }
+}
+
+/// The fields in which two announcements with the same id differ, by their
+/// names on the wire; empty when both say the same.
+///
+/// Announcements (`eventCreated`, `locationCreated`) are facts: what counts
+/// is their content once decoded, field by field, so key order, whitespace,
+/// the notation of a date (`Z` or `+00:00`, fractions of zero) and fields
+/// MyEvents does not know do not make a difference. An optional field herald
+/// adds to the book's wire (`capacity`, `hall`, a hall's `location`) has a
+/// meaning when absent (no capacity: unlimited), so absent and present
+/// differ. The message's metadata (message id, timestamp, producer,
+/// correlation) is not content.
+pub fn differing_fields<T: Serialize>(known: &T, heard: &T) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(known)), Ok(serde_json::Value::Object(heard))) =
+        (serde_json::to_value(known), serde_json::to_value(heard))
+    else {
+        return vec!["the whole body".to_owned()];
+    };
+    let mut fields: Vec<String> = known
+        .keys()
+        .chain(heard.keys().filter(|key| !known.contains_key(*key)))
+        .filter(|key| known.get(*key) != heard.get(*key))
+        .cloned()
+        .collect();
+    fields.sort();
+    fields
+}
+
+/// The reason a repeated announcement of `name` `id` with other content is
+/// refused (dead-lettered).
+pub fn conflicting_announcement(name: &str, id: &str, fields: &[String]) -> String {
+    format!(
+        "conflicting announcement: {name} {} was announced before with other content \
+         (differs in {}); a fact is not rewritten",
+        herald::escape(id),
+        fields.join(", ")
+    )
+}
+
 /// The schema version MyEvents aggregates store events named `name` with.
 pub fn stored_schema_version(name: &str) -> u32 {
     match name {
@@ -202,6 +330,34 @@ mod tests {
             env!("CARGO_MANIFEST_DIR")
         );
         std::fs::read(path).unwrap()
+    }
+
+    #[test]
+    fn limits_name_the_field_and_hold_for_every_way_in() {
+        assert_eq!(limits::seats("seats", 1), Ok(1));
+        let refused = limits::seats("seats", i64::from(u32::MAX)).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            format!(
+                "seats must be a number from 1 to {}, not 4294967295",
+                limits::MAX_SEATS_PER_BOOKING
+            )
+        );
+        assert!(limits::seats("seats", 0).is_err());
+        assert!(limits::seats("seats", -1).is_err());
+        assert_eq!(limits::capacity("capacity", 0), Ok(0));
+        assert!(limits::capacity("capacity", i64::from(limits::MAX_CAPACITY) + 1).is_err());
+        let location: LocationCreated = serde_json::from_value(serde_json::json!({
+            "id": "l", "name": "n", "address": "a", "country": "c",
+            "halls": [{"name": "ok", "capacity": 2}, {"name": "huge", "capacity": u32::MAX}]
+        }))
+        .unwrap();
+        assert_eq!(
+            location.check_limits().unwrap_err().field,
+            "halls[1].capacity"
+        );
+        assert!(announced("e", Some(u32::MAX)).check_limits().is_err());
+        assert!(announced("e", None).check_limits().is_ok());
     }
 
     #[test]

@@ -9,6 +9,7 @@ use serde_json::Value;
 use crate::contract::{self, EventBooked, EventCreated};
 use herald::aggregate::Aggregate;
 use herald::error::CodecError;
+use herald::Event;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SeatLedger {
@@ -44,6 +45,12 @@ pub enum LedgerError {
     UnknownEvent,
     #[error("only {left} seats left, {asked} asked")]
     NotEnoughSeats { left: u64, asked: u32 },
+    /// The event was announced before with other content: a fact is not rewritten.
+    #[error(
+        "{}",
+        contract::conflicting_announcement(EventCreated::NAME, id, fields)
+    )]
+    ConflictingAnnouncement { id: String, fields: Vec<String> },
 }
 
 impl SeatLedger {
@@ -62,9 +69,16 @@ impl Aggregate for SeatLedger {
 
     fn handle(&self, command: LedgerCommand) -> Result<Vec<LedgerEvent>, LedgerError> {
         match command {
-            // Heard again (a redelivery with another message id): nothing new.
-            LedgerCommand::Open(event) if self.event.as_ref() == Some(&event) => Ok(vec![]),
-            LedgerCommand::Open(event) => Ok(vec![LedgerEvent::Opened(event)]),
+            LedgerCommand::Open(event) => match &self.event {
+                None => Ok(vec![LedgerEvent::Opened(event)]),
+                // Heard again (a redelivery, a republish): nothing new.
+                Some(known) if *known == event => Ok(vec![]),
+                // The same id saying something else: refused, never applied.
+                Some(known) => Err(LedgerError::ConflictingAnnouncement {
+                    id: known.id.clone(),
+                    fields: contract::differing_fields(known, &event),
+                }),
+            },
             LedgerCommand::Book {
                 booking_id,
                 user,
@@ -159,9 +173,43 @@ mod tests {
         Scenario::<SeatLedger>::given(vec![LedgerEvent::Opened(announced(Some(3)))])
             .when(LedgerCommand::Open(announced(Some(3))))
             .then(vec![]);
+    }
+
+    #[test]
+    fn an_announcement_with_other_content_is_refused_naming_what_differs() {
+        let forged = EventCreated {
+            name: "renamed".into(),
+            ..announced(Some(u32::MAX))
+        };
+        Scenario::<SeatLedger>::given(vec![LedgerEvent::Opened(announced(Some(3))), booked(3)])
+            .when(LedgerCommand::Open(forged))
+            .then_error(LedgerError::ConflictingAnnouncement {
+                id: EVENT.into(),
+                fields: vec!["capacity".into(), "name".into()],
+            });
+        // Absent means unlimited: not the same as a capacity.
         Scenario::<SeatLedger>::given(vec![LedgerEvent::Opened(announced(Some(3)))])
-            .when(LedgerCommand::Open(announced(Some(5))))
-            .then(vec![LedgerEvent::Opened(announced(Some(5)))]);
+            .when(LedgerCommand::Open(announced(None)))
+            .then_error(LedgerError::ConflictingAnnouncement {
+                id: EVENT.into(),
+                fields: vec!["capacity".into()],
+            });
+    }
+
+    #[test]
+    fn the_same_announcement_in_another_notation_is_the_same() {
+        let known = announced(Some(3));
+        let mut body = serde_json::to_value(&known).unwrap();
+        body["start_date"] = known
+            .start_date
+            .format("%Y-%m-%dT%H:%M:%S%.3f+00:00")
+            .to_string()
+            .into();
+        body["unknown_field"] = "ignored".into();
+        let heard: EventCreated = serde_json::from_value(body).unwrap();
+        Scenario::<SeatLedger>::given(vec![LedgerEvent::Opened(known)])
+            .when(LedgerCommand::Open(heard))
+            .then(vec![]);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ledger::{LedgerCommand, LedgerError, LedgerEvent, SeatLedger};
 use super::store::{self, BookingRow};
-use crate::contract::new_id;
+use crate::contract::{limits, new_id};
 use crate::service::Service;
 use herald::error::StoreError;
 use herald::http::{self as h, ApiError, CommandRequest};
@@ -76,12 +76,8 @@ async fn book(
     // As the book does: an unknown event is a 404 whatever the body says.
     known(&service, &event_id).await?;
     let (new, keyed) = request.parse::<NewBooking>()?;
-    if !(1..=i64::from(i32::MAX)).contains(&new.seats) {
-        return Err(ApiError::bad_request(format!(
-            "seats must be a number from 1 to {}",
-            i32::MAX
-        )));
-    }
+    let seats =
+        limits::seats("seats", new.seats).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let user = new
         .user
         .map(|u| u.trim().to_owned())
@@ -90,8 +86,7 @@ async fn book(
     let command = LedgerCommand::Book {
         booking_id: new_id(),
         user,
-        // 1..=i32::MAX, checked above.
-        seats: u32::try_from(new.seats).unwrap_or(u32::MAX),
+        seats,
     };
     let response = service
         .command::<SeatLedger, _>(
@@ -122,7 +117,8 @@ async fn book(
                 LedgerError::UnknownEvent => {
                     ApiError::not_found(format!("event {event_id} not found"))
                 }
-                LedgerError::NotEnoughSeats { .. } => {
+                LedgerError::NotEnoughSeats { .. }
+                | LedgerError::ConflictingAnnouncement { .. } => {
                     ApiError::conflict(format!("event {event_id}: {refused}"))
                 }
             },

@@ -12,7 +12,7 @@ use crate::contract::{EventCreated, LocationCreated};
 use diesel::sql_types::{BigInt, Text};
 use herald::aggregate::Aggregate;
 use herald::error::StoreError;
-use herald::store::event_store::RecordedEvent;
+use herald::store::event_store::{self, RecordedEvent};
 use herald::store::projection::Projection;
 use herald::store::repository::decode_recorded;
 use herald::store::sql::Sql;
@@ -171,6 +171,20 @@ impl Projection for LocationsView {
             .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", event.event_id)))?;
         remember_location(conn, &location)
     }
+}
+
+/// The location recorded in `stream` (the last fact, as the read model
+/// shows it), if any.
+pub fn recorded_location(
+    conn: &mut SqliteConnection,
+    stream: &str,
+) -> Result<Option<LocationCreated>, StoreError> {
+    let Some(last) = event_store::load(conn, stream, 0)?.pop() else {
+        return Ok(None);
+    };
+    serde_json::from_str(&last.payload)
+        .map(Some)
+        .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", last.event_id)))
 }
 
 fn remember_event(conn: &mut SqliteConnection, event: &EventCreated) -> Result<(), StoreError> {

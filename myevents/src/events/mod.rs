@@ -39,18 +39,27 @@ pub fn handlers(builder: ContextBuilder, service: &Service) -> ContextBuilder {
 /// Records a booking heard from booking in its event's stream, as received
 /// (a book-style v1 without seats stays v1 and counts one seat when read),
 /// and brings the read models up to it: on the database writer, in the
-/// transaction of the message's inbox entry. A booking for an event this
-/// context never created is refused for good (dead-lettered with the
-/// reason): it would open a stream for an event that does not exist.
+/// transaction of the message's inbox entry. Refused for good (dead-lettered
+/// with the reason, nothing recorded, the inbox entry not taken): seats
+/// outside [`limits::seats`](crate::contract::limits::seats), and a booking
+/// for an event this context does not know, which would open a stream for an
+/// event that does not exist. Redriven once the event exists, it is counted
+/// (once).
 fn count_seats(
     views: &Projections,
     booked: EventBooked,
     message: &MessageContext,
     conn: &mut SqliteConnection,
 ) -> Result<(), HandlerError> {
+    booked.check_limits().map_err(|e| {
+        HandlerError::permanent(format!(
+            "eventBooked for event {}: {e}",
+            herald::escape(&booked.event_id)
+        ))
+    })?;
     if store::event(conn, &booked.event_id)?.is_none() {
         return Err(HandlerError::permanent(format!(
-            "eventBooked for event {} which this context does not know",
+            "unknown event: eventBooked for event {} which this context does not know",
             herald::escape(&booked.event_id)
         )));
     }

@@ -11,7 +11,7 @@ use super::model::{
     ModelError,
 };
 use super::store::{self, EventRow, LocationRow};
-use crate::contract::{new_id, EventCreated, Hall, LocationCreated};
+use crate::contract::{limits, new_id, EventCreated, Hall, LocationCreated};
 use crate::service::Service;
 use herald::aggregate::Aggregate;
 use herald::error::StoreError;
@@ -131,17 +131,12 @@ impl NewLocation {
             return Err(ApiError::bad_request("Name must not be empty"));
         }
         let mut seen = std::collections::HashSet::new();
-        for hall in &self.halls {
+        for (i, hall) in self.halls.iter().enumerate() {
             if hall.name.trim().is_empty() {
                 return Err(ApiError::bad_request("every hall needs a name"));
             }
-            if i32::try_from(hall.capacity).is_err() {
-                return Err(ApiError::bad_request(format!(
-                    "hall {:?}: capacity must be at most {}",
-                    hall.name,
-                    i32::MAX
-                )));
-            }
+            limits::capacity(format!("Halls[{i}].capacity"), i64::from(hall.capacity))
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
             if !seen.insert(hall.name.as_str()) {
                 return Err(ApiError::bad_request(format!(
                     "hall {:?} is listed twice",
