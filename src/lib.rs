@@ -64,7 +64,7 @@ mod failpoint;
 mod fnv;
 mod runtime;
 
-pub use broker::{escape, AmqpBroker, AmqpOptions, MemoryBroker};
+pub use broker::{escape, AmqpBroker, AmqpOptions, MemoryBroker, LOGGED_TEXT_CHARS};
 pub use config::Settings;
 pub use error::{BrokerError, CodecError, ConfigError, Error, HandlerError, Result, StoreError};
 pub use event::{Envelope, Event, Metadata};
@@ -97,7 +97,7 @@ pub mod prelude {
 pub mod transport {
     pub use crate::broker::{
         dead_letter_queue, headers, retry_queue, topic_matches, Acknowledger, DeadLetters,
-        Delivery, DeliveryStream, Message, Publisher, Settlement, SubscribeSpec, Subscriber,
-        Subscription, SubscriptionControl,
+        Delivery, DeliveryStream, ListedLetter, Listing, ListingBounds, Message, Publisher,
+        Settlement, SubscribeSpec, Subscriber, Subscription, SubscriptionControl,
     };
 }
