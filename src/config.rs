@@ -607,7 +607,10 @@ impl Settings {
     fn validate_edges(&self) -> Result<(), ConfigError> {
         let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
         if self.http.body_timeout.is_zero() || self.http.body_timeout > Duration::from_secs(600) {
-            return invalid("http.body_timeout", "must be above 0 and at most 10 min".into());
+            return invalid(
+                "http.body_timeout",
+                "must be above 0 and at most 10 min".into(),
+            );
         }
         if let Some(token) = &self.admin.token {
             let token = token.expose_secret();
@@ -680,7 +683,7 @@ pub fn redact_url(url: &str) -> String {
         // malformed URL: nothing after it is shown).
         Some((scheme, userinfo)) if is_scheme(scheme) => {
             let user = userinfo
-                .split(|c| matches!(c, ':' | '/' | '?' | '#'))
+                .split([':', '/', '?', '#'])
                 .next()
                 .unwrap_or("");
             format!("{scheme}://{user}:***@{host}")
@@ -852,17 +855,26 @@ mod tests {
     #[test]
     fn a_short_or_padded_admin_token_stops_the_start_naming_admin_token() {
         let f = file("[context]\nname = \"booking\"\n");
-        for token in [" ", "q", "fifteen-chars-1", " sixteen-chars-12", "sixteen-chars-12\n"] {
+        for token in [
+            " ",
+            "q",
+            "fifteen-chars-1",
+            " sixteen-chars-12",
+            "sixteen-chars-12\n",
+        ] {
             let error = Settings::load_with_env(f.path(), env(&[("ADMIN_TOKEN", token)]))
                 .map(|_| ())
                 .unwrap_err()
                 .to_string();
             assert!(error.contains("ADMIN_TOKEN"), "{token:?}: {error}");
             let shown = token.trim();
-            assert!(shown.is_empty() || !error.contains(shown), "{token:?}: {error}");
+            assert!(
+                shown.is_empty() || !error.contains(shown),
+                "{token:?}: {error}"
+            );
         }
-        let s = Settings::load_with_env(f.path(), env(&[("ADMIN_TOKEN", "sixteen-chars-12")]))
-            .unwrap();
+        let s =
+            Settings::load_with_env(f.path(), env(&[("ADMIN_TOKEN", "sixteen-chars-12")])).unwrap();
         assert!(s.admin.token.is_some());
     }
 
@@ -937,7 +949,10 @@ mod tests {
                 2 => format!("amqp:guest:{password}@rabbit"),
                 _ => format!("amqp://guest:{password}@rabbit/v@host#frag"),
             };
-            let mut texts = vec![redact_url(&url), redact_in(&format!("Invalid URL: '{url}'"), &url)];
+            let mut texts = vec![
+                redact_url(&url),
+                redact_in(&format!("Invalid URL: '{url}'"), &url),
+            ];
             match Settings::load_with_env(f.path(), env(&[("AMQP_URL", &url)])) {
                 Err(error) => texts.push(error.to_string()),
                 Ok(settings) => {

@@ -27,7 +27,9 @@ use actix_web::dev::{Payload, Server, ServerHandle, ServiceRequest, ServiceRespo
 use actix_web::error::{JsonPayloadError, PayloadError};
 use actix_web::http::{header, ConnectionType, StatusCode};
 use actix_web::middleware::{from_fn, Next};
-use actix_web::{web, App, FromRequest, HttpMessage, HttpRequest, HttpResponse, HttpServer, ResponseError};
+use actix_web::{
+    web, App, FromRequest, HttpMessage, HttpRequest, HttpResponse, HttpServer, ResponseError,
+};
 use diesel::SqliteConnection;
 use futures_util::future::LocalBoxFuture;
 use futures_util::{Stream, StreamExt};
@@ -233,12 +235,13 @@ impl<K: Serialize + DeserializeOwned> Page<K> {
                 Self::MAX_LIMIT
             )));
         }
-        let after = match &query.cursor {
-            None => None,
-            Some(cursor) => Some(decode_cursor(cursor).ok_or_else(|| {
-                ApiError::bad_request("cursor is not one this list handed out")
-            })?),
-        };
+        let after =
+            match &query.cursor {
+                None => None,
+                Some(cursor) => Some(decode_cursor(cursor).ok_or_else(|| {
+                    ApiError::bad_request("cursor is not one this list handed out")
+                })?),
+            };
         Ok(Page { limit, after })
     }
 

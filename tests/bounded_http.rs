@@ -58,11 +58,7 @@ async fn trickle(port: u16) -> (String, Duration) {
     let mut answer = Vec::new();
     // Bounded by the test's own patience, not by the server: 64 bytes at
     // 200 ms take 12.8 s, the deadline under test is 1 s.
-    let read = tokio::time::timeout(
-        Duration::from_secs(8),
-        reader.read_to_end(&mut answer),
-    )
-    .await;
+    let read = tokio::time::timeout(Duration::from_secs(8), reader.read_to_end(&mut answer)).await;
     let elapsed = sent.elapsed();
     dribble.abort();
     assert!(

@@ -174,7 +174,13 @@ async fn start_events(env: &[(&str, &str)]) -> (Option<i32>, String) {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    for var in ["AMQP_URL", "DATABASE_URL", "HTTP_ADDR", "ADMIN_ADDR", "ADMIN_TOKEN"] {
+    for var in [
+        "AMQP_URL",
+        "DATABASE_URL",
+        "HTTP_ADDR",
+        "ADMIN_ADDR",
+        "ADMIN_TOKEN",
+    ] {
         command.env_remove(var);
     }
     let database = dir.path().join("events.db");
@@ -211,7 +217,10 @@ async fn a_password_with_url_characters_never_reaches_the_start_up_error() {
         // connect: either way the start fails, and says so without the secret.
         assert_ne!(code, Some(0), "{url}: {stderr}");
         for piece in ["Zq", "Kx"] {
-            assert!(!stderr.contains(piece), "{piece} of {password:?} in: {stderr}");
+            assert!(
+                !stderr.contains(piece),
+                "{piece} of {password:?} in: {stderr}"
+            );
         }
     }
 }

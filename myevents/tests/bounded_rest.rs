@@ -119,7 +119,12 @@ async fn lists_come_in_pages_linked_to_the_next_one() {
     let api = events.api;
     let mut locations = Vec::new();
     for _ in 0..3 {
-        locations.push(create_location(&api, json!([])).await["ID"].as_str().unwrap().to_owned());
+        locations.push(
+            create_location(&api, json!([])).await["ID"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
     }
     let mut created = Vec::new();
     for n in 0..5 {

@@ -69,9 +69,9 @@ pub fn locations_page(
         .into_boxed();
     if let Some((name, id)) = after {
         query = query.filter(
-            locations::name
-                .gt(name.clone())
-                .or(locations::name.eq(name.clone()).and(locations::id.gt(id.clone()))),
+            locations::name.gt(name.clone()).or(locations::name
+                .eq(name.clone())
+                .and(locations::id.gt(id.clone()))),
         );
     }
     query.load(conn).map_err(StoreError::from)
