@@ -682,10 +682,7 @@ pub fn redact_url(url: &str) -> String {
         // The user name stops at the first `:` (or `/`, `?`, `#` of a
         // malformed URL: nothing after it is shown).
         Some((scheme, userinfo)) if is_scheme(scheme) => {
-            let user = userinfo
-                .split([':', '/', '?', '#'])
-                .next()
-                .unwrap_or("");
+            let user = userinfo.split([':', '/', '?', '#']).next().unwrap_or("");
             format!("{scheme}://{user}:***@{host}")
         }
         _ => format!("***@{host}"),

@@ -278,6 +278,35 @@ impl<K: Serialize + DeserializeOwned> Page<K> {
     }
 }
 
+/// A list endpoint's answer: the page `query` asks for, read by `read`
+/// (given the sort key to start after and how many rows to fetch) on the
+/// reading pool, as [`Page::respond`] answers it.
+///
+/// # Errors
+/// 400 for a bad `limit` or `cursor` ([`Page::from_query`]); store errors
+/// map as everywhere.
+pub async fn paged<K, R, J, F>(
+    db: &Db,
+    request: &HttpRequest,
+    query: &PageQuery,
+    read: F,
+    key: impl Fn(&R) -> K,
+    json: impl Fn(&R) -> J,
+) -> Result<HttpResponse, ApiError>
+where
+    K: Serialize + DeserializeOwned + Clone + Send + 'static,
+    R: Send + 'static,
+    J: Serialize,
+    F: FnOnce(&mut SqliteConnection, Option<&K>, i64) -> Result<Vec<R>, StoreError>
+        + Send
+        + 'static,
+{
+    let page = Page::<K>::from_query(query)?;
+    let (after, fetch) = (page.after.clone(), page.fetch());
+    let rows = db.read(move |c| read(c, after.as_ref(), fetch)).await?;
+    Ok(page.respond(request, rows, key, json))
+}
+
 /// The longest cursor taken, in characters.
 const MAX_CURSOR: usize = 1024;
 
@@ -753,13 +782,12 @@ mod tests {
             assert_eq!(status, expected, "{what}: {answer}");
             assert!(answer["error"].is_string(), "{what}: {answer}");
         }
-        let (status, answer) = post(
-            "/book",
-            &[(IDEMPOTENCY_KEY, "two words")],
-            r#"{"seats": 1}"#,
-        )
-        .await;
-        assert_eq!(status, 400, "bad key: {answer}");
-        assert!(answer["error"].is_string(), "bad key: {answer}");
+        let long = "k".repeat(256);
+        for key in ["two words", long.as_str()] {
+            let (status, answer) =
+                post("/book", &[(IDEMPOTENCY_KEY, key)], r#"{"seats": 1}"#).await;
+            assert_eq!(status, 400, "bad key: {answer}");
+            assert!(answer["error"].is_string(), "bad key: {answer}");
+        }
     }
 }

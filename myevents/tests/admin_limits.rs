@@ -14,6 +14,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use herald::admin::{serve, Admin};
 use herald::store::projection::Projections;
+use herald::transport::{DeadLetters, Publisher, Subscriber};
 use herald::{ContextBuilder, Event, JsonSchema};
 use herald_testkit::{eventually, TestVhost, LIVENESS};
 use lapin::options::BasicPublishOptions;
@@ -36,11 +37,26 @@ impl Event for Job {
     }
 }
 
-fn admin_of(context: &herald::Context) -> Admin {
-    Admin {
+/// A context of `settings` that takes jobs, and its admin API as `settings` say.
+async fn with_admin<B>(
+    settings: herald::Settings,
+    broker: &B,
+) -> (herald::Context, Api, actix_web::dev::ServerHandle)
+where
+    B: Subscriber + Publisher + DeadLetters + Clone,
+{
+    let admin_settings = settings.admin.clone();
+    let context = ContextBuilder::new(settings)
+        .handle(|_: Job, _| async { Ok(()) })
+        .start(broker)
+        .await
+        .unwrap();
+    let admin = Admin {
         context: context.handle(),
         projections: Arc::new(Projections::default()),
-    }
+    };
+    let (addr, server) = serve(admin, &admin_settings).unwrap();
+    (context, Api { port: addr.port() }, server)
 }
 
 fn restarts_of(context: &herald::Context, name: &str) -> u64 {
@@ -60,14 +76,7 @@ async fn operator_restarts_never_escalate_and_are_rate_limited_per_actor() {
     settings.runtime.max_restarts = 2;
     settings.runtime.restart_window = Duration::from_secs(600);
     settings.admin.restart_interval = Duration::from_millis(300);
-    let admin_settings = settings.admin.clone();
-    let mut context = ContextBuilder::new(settings)
-        .handle(|_: Job, _| async { Ok(()) })
-        .start(&broker)
-        .await
-        .unwrap();
-    let (addr, server) = serve(admin_of(&context), &admin_settings).unwrap();
-    let api = Api { port: addr.port() };
+    let (mut context, api, server) = with_admin(settings, &broker).await;
     let path = "/actors/restarted.shard-0/restart";
 
     assert_eq!(api.request("POST", path, &[], None).await.status, 202);
@@ -125,14 +134,8 @@ async fn with_host(port: u16, host: &str) -> (u16, String) {
 async fn without_a_token_only_loopback_hosts_are_answered() {
     let broker = herald::MemoryBroker::new();
     let settings = herald::Settings::for_context("rebound");
-    let admin_settings = settings.admin.clone();
-    let context = ContextBuilder::new(settings)
-        .handle(|_: Job, _| async { Ok(()) })
-        .start(&broker)
-        .await
-        .unwrap();
-    let (addr, server) = serve(admin_of(&context), &admin_settings).unwrap();
-    let port = addr.port();
+    let (context, api, server) = with_admin(settings, &broker).await;
+    let port = api.port;
     for host in [
         format!("evil.example:{port}"),
         "evil.example".to_owned(),
@@ -154,6 +157,10 @@ async fn without_a_token_only_loopback_hosts_are_answered() {
     ] {
         let (status, answer) = with_host(port, &host).await;
         assert_eq!(status, 200, "Host {host}: {answer}");
+        // The new settings are shown with the others.
+        for key in ["body_timeout", "max_listing_bytes", "restart_interval"] {
+            assert!(answer.contains(key), "{key} in {answer}");
+        }
     }
     server.stop(true).await;
     context.shutdown().await.unwrap();
@@ -166,23 +173,16 @@ async fn start_events(env: &[(&str, &str)]) -> (Option<i32>, String) {
     let config = dir.path().join("events.toml");
     std::fs::write(&config, "[context]\nname = \"events\"\n").unwrap();
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_events"));
+    // Nothing from this environment (AMQP_URL, ADMIN_TOKEN, HERALD__...) leaks in.
     command
         .arg("--config")
         .arg(&config)
+        .env_clear()
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    for var in [
-        "AMQP_URL",
-        "DATABASE_URL",
-        "HTTP_ADDR",
-        "ADMIN_ADDR",
-        "ADMIN_TOKEN",
-    ] {
-        command.env_remove(var);
-    }
     let database = dir.path().join("events.db");
     command.env("DATABASE_URL", &database);
     for (var, value) in env {
@@ -233,12 +233,7 @@ async fn a_dead_letter_listing_holds_at_most_max_listing_bytes() {
     let broker = vhost.broker().await;
     let mut settings = vhost.settings("heavy");
     settings.admin.max_listing_bytes = 1024 * 1024;
-    let admin_settings = settings.admin.clone();
-    let context = ContextBuilder::new(settings)
-        .handle(|_: Job, _| async { Ok(()) })
-        .start(&broker)
-        .await
-        .unwrap();
+    let (context, api, server) = with_admin(settings, &broker).await;
     let connection = vhost.lapin().await;
     let channel = connection.create_channel().await.unwrap();
     let body = vec![b'x'; 600 * 1024];
@@ -262,8 +257,6 @@ async fn a_dead_letter_listing_holds_at_most_max_listing_bytes() {
         })
         .await
     );
-    let (addr, server) = serve(admin_of(&context), &admin_settings).unwrap();
-    let api = Api { port: addr.port() };
     let listed = api.get("/dead-letters?limit=10").await;
     assert_eq!(listed.status, 200, "{listed:?}");
     let listed = listed.json();

@@ -9,7 +9,7 @@ use super::store::{self, BookingRow};
 use crate::contract::new_id;
 use crate::service::Service;
 use herald::error::StoreError;
-use herald::http::{self as h, ApiError, CommandRequest, Page, PageQuery};
+use herald::http::{self as h, ApiError, CommandRequest, PageQuery};
 use herald::store::outbox;
 
 // Limits on what a client sends: text in characters.
@@ -148,18 +148,15 @@ async fn list(
 ) -> Result<HttpResponse, ApiError> {
     let event_id = event_id.into_inner();
     known(&service, &event_id).await?;
-    let page = Page::<(i64, String)>::from_query(&query)?;
-    let (after, fetch) = (page.after.clone(), page.fetch());
-    let rows = service
-        .db
-        .read(move |c| store::bookings_page(c, &event_id, after.as_ref(), fetch))
-        .await?;
-    Ok(page.respond(
+    h::paged(
+        &service.db,
         &request,
-        rows,
+        &query,
+        move |c, after, fetch| store::bookings_page(c, &event_id, after, fetch),
         |row: &BookingRow| (row.booked_at, row.id.clone()),
         |row: &BookingRow| BookingJson::from(row),
-    ))
+    )
+    .await
 }
 
 async fn one(service: web::Data<Service>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {

@@ -15,7 +15,7 @@ use crate::contract::{new_id, EventCreated, Hall, LocationCreated};
 use crate::service::Service;
 use herald::aggregate::Aggregate;
 use herald::error::StoreError;
-use herald::http::{self as h, ApiError, CommandRequest, Page, PageQuery};
+use herald::http::{self as h, ApiError, CommandRequest, PageQuery};
 use herald::store::outbox;
 
 // Limits on what a client sends: text in characters, collections in items.
@@ -214,18 +214,15 @@ async fn list_locations(
     request: HttpRequest,
     query: web::Query<PageQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let page = Page::<(String, String)>::from_query(&query)?;
-    let (after, fetch) = (page.after.clone(), page.fetch());
-    let rows = service
-        .db
-        .read(move |c| store::locations_page(c, after.as_ref(), fetch))
-        .await?;
-    Ok(page.respond(
+    h::paged(
+        &service.db,
         &request,
-        rows,
+        &query,
+        store::locations_page,
         |row: &LocationRow| (row.name.clone(), row.id.clone()),
         |row: &LocationRow| LocationJson::from(row),
-    ))
+    )
+    .await
 }
 
 async fn create_location(
@@ -267,18 +264,15 @@ async fn list_events(
     request: HttpRequest,
     query: web::Query<PageQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let page = Page::<(i64, String)>::from_query(&query)?;
-    let (after, fetch) = (page.after.clone(), page.fetch());
-    let rows = service
-        .db
-        .read(move |c| store::events_page(c, after.as_ref(), fetch))
-        .await?;
-    Ok(page.respond(
+    h::paged(
+        &service.db,
         &request,
-        rows,
+        &query,
+        store::events_page,
         |(event, _): &(EventRow, LocationRow)| (event.start_date, event.id.clone()),
         |row: &(EventRow, LocationRow)| EventJson::from(row),
-    ))
+    )
+    .await
 }
 
 async fn event_by_id(
