@@ -33,8 +33,9 @@
 //!   dispatcher, shard actors, supervision (restart policy, one backoff,
 //!   escalation), mailbox counters and log lines, the outbox relay actor,
 //!   AsyncAPI, metrics, shutdown.
-//! - [`http`]: REST plumbing for contexts (JSON errors, CORS, bodies,
-//!   idempotent commands); [`admin`]: the operator API of a running context.
+//! - [`http`]: REST plumbing for contexts (JSON errors, CORS, bodies and
+//!   their deadline, text limits, paged lists, idempotent commands);
+//!   [`admin`]: the operator API of a running context.
 //! - [`cli`]: what every binary does around its context (logging, `--config`, exit codes).
 //! - [`prelude`]: what writing a context needs, in one import.
 //!
