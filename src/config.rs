@@ -291,15 +291,24 @@ impl Default for RuntimeSettings {
 pub struct HttpSettings {
     /// Where it listens; port 0 picks a free port (logged at start).
     pub addr: SocketAddr,
+    /// A request's head and its whole body must arrive within this long,
+    /// or the connection is closed with 408 (a body trickling in byte by
+    /// byte holds a connection and a worker otherwise).
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
 }
 
 impl Default for HttpSettings {
     fn default() -> Self {
         HttpSettings {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            body_timeout: Duration::from_secs(10),
         }
     }
 }
+
+/// `admin.token` (`ADMIN_TOKEN`) is at least this many characters.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
 
 /// The admin listener.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -307,10 +316,18 @@ impl Default for HttpSettings {
 pub struct AdminSettings {
     /// Where it listens; without a token only a loopback address is allowed.
     pub addr: SocketAddr,
-    /// The bearer token every admin route but `/health` needs. Secret:
-    /// serialized as `***`.
+    /// The bearer token every admin route but `/health` needs: at least
+    /// [`MIN_ADMIN_TOKEN_CHARS`] characters, no surrounding whitespace.
+    /// Secret: serialized as `***`.
     #[serde(serialize_with = "redacted_secret")]
     pub token: Option<SecretString>,
+    /// The dead-letter bodies one `GET /dead-letters` holds in memory at
+    /// most, in bytes: the listing stops before a letter that would exceed it.
+    pub max_listing_bytes: usize,
+    /// An operator restarts one actor at most once per this interval
+    /// (`POST /actors/{name}/restart`; sooner: 429).
+    #[serde(with = "humantime_serde")]
+    pub restart_interval: Duration,
 }
 
 impl Default for AdminSettings {
@@ -318,6 +335,8 @@ impl Default for AdminSettings {
         AdminSettings {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             token: None,
+            max_listing_bytes: 4 * 1024 * 1024,
+            restart_interval: Duration::from_secs(10),
         }
     }
 }
@@ -581,6 +600,42 @@ impl Settings {
         if rt.restart_window.is_zero() {
             return invalid("runtime.restart_window", "must be above 0");
         }
+        self.validate_edges()
+    }
+
+    /// The listeners' keys: `http.*` and `admin.*`.
+    fn validate_edges(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        if self.http.body_timeout.is_zero() || self.http.body_timeout > Duration::from_secs(600) {
+            return invalid(
+                "http.body_timeout",
+                "must be above 0 and at most 10 min".into(),
+            );
+        }
+        if let Some(token) = &self.admin.token {
+            let token = token.expose_secret();
+            // The token itself never goes into the message, not even its length.
+            if token.trim() != token {
+                return invalid(
+                    "admin.token",
+                    "ADMIN_TOKEN (admin.token) must not start or end with whitespace".into(),
+                );
+            }
+            if token.chars().count() < MIN_ADMIN_TOKEN_CHARS {
+                return invalid(
+                    "admin.token",
+                    format!(
+                        "ADMIN_TOKEN (admin.token) must be at least {MIN_ADMIN_TOKEN_CHARS} characters"
+                    ),
+                );
+            }
+        }
+        if self.admin.max_listing_bytes == 0 {
+            return invalid("admin.max_listing_bytes", "must be above 0".into());
+        }
+        if self.admin.restart_interval.is_zero() {
+            return invalid("admin.restart_interval", "must be above 0".into());
+        }
         Ok(())
     }
 }
@@ -607,27 +662,30 @@ fn redacted_secret<S: Serializer>(secret: &Option<SecretString>, s: S) -> Result
 }
 
 /// `scheme://user:***@host/...`: the URL without its password, for logs.
-/// Whatever stands before the last `@` of the authority is treated as
-/// credentials, also in URLs too malformed to parse.
+///
+/// Everything before the last `@` is treated as credentials, whatever the
+/// password holds (`/`, `@`, `#`, `?`, `%`, spaces): such a URL does not
+/// parse, and its error must not show it either. A path or query holding an
+/// `@` is redacted too, which costs detail, never a secret.
 pub fn redact_url(url: &str) -> String {
-    let (scheme, rest) = match url.split_once("://") {
-        Some((scheme, rest)) => (format!("{scheme}://"), rest),
-        None => (String::new(), url),
+    let Some(at) = url.rfind('@') else {
+        return url.to_owned();
     };
-    let authority_end = if scheme.is_empty() {
-        // No `//`: the userinfo can hold `/`; redact up to the last `@`.
-        rest.rfind('@').map_or(0, |at| at + 1)
-    } else {
-        rest.find('/').unwrap_or(rest.len())
+    let (credentials, host) = (&url[..at], &url[at + 1..]);
+    let is_scheme = |scheme: &str| {
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
     };
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) if !scheme.is_empty() => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-            format!("{scheme}{user}:***@{host}{path}")
+    match credentials.split_once("://") {
+        // The user name stops at the first `:` (or `/`, `?`, `#` of a
+        // malformed URL: nothing after it is shown).
+        Some((scheme, userinfo)) if is_scheme(scheme) => {
+            let user = userinfo.split([':', '/', '?', '#']).next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}")
         }
-        Some((_, host)) => format!("***@{host}{path}"),
-        None => url.to_owned(),
+        _ => format!("***@{host}"),
     }
 }
 
@@ -697,7 +755,7 @@ mod tests {
             f.path(),
             env(&[
                 ("AMQP_URL", "amqp://u:p@10.0.0.1:5672/v"),
-                ("ADMIN_TOKEN", "s3cret"),
+                ("ADMIN_TOKEN", "s3cret-admin-token"),
                 ("HTTP_ADDR", "127.0.0.1:8282"),
                 ("HERALD__RUNTIME__SHARDS", "3"),
             ]),
@@ -707,7 +765,7 @@ mod tests {
         assert_eq!(s.broker.prefetch, 10);
         assert_eq!(
             s.admin.token.as_ref().map(ExposeSecret::expose_secret),
-            Some("s3cret")
+            Some("s3cret-admin-token")
         );
         assert_eq!(s.http.addr.port(), 8282);
         assert_eq!(s.runtime.shards, 3);
@@ -792,6 +850,122 @@ mod tests {
     }
 
     #[test]
+    fn a_short_or_padded_admin_token_stops_the_start_naming_admin_token() {
+        let f = file("[context]\nname = \"booking\"\n");
+        for token in [
+            " ",
+            "q",
+            "fifteen-chars-1",
+            " sixteen-chars-12",
+            "sixteen-chars-12\n",
+        ] {
+            let error = Settings::load_with_env(f.path(), env(&[("ADMIN_TOKEN", token)]))
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("ADMIN_TOKEN"), "{token:?}: {error}");
+            let shown = token.trim();
+            assert!(
+                shown.is_empty() || !error.contains(shown),
+                "{token:?}: {error}"
+            );
+        }
+        let s =
+            Settings::load_with_env(f.path(), env(&[("ADMIN_TOKEN", "sixteen-chars-12")])).unwrap();
+        assert!(s.admin.token.is_some());
+    }
+
+    #[test]
+    fn edge_settings_have_defaults_and_refuse_zero_by_name() {
+        let f = file("[context]\nname = \"booking\"\n");
+        let s = Settings::load_with_env(f.path(), env(&[])).unwrap();
+        assert_eq!(s.http.body_timeout, Duration::from_secs(10));
+        assert_eq!(s.admin.max_listing_bytes, 4 * 1024 * 1024);
+        for (section, key, value) in [
+            ("http", "body_timeout", "\"0s\""),
+            ("admin", "max_listing_bytes", "0"),
+            ("admin", "restart_interval", "\"0s\""),
+        ] {
+            let f = file(&format!(
+                "[context]\nname = \"booking\"\n[{section}]\n{key} = {value}\n"
+            ));
+            let error = Settings::load_with_env(f.path(), env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(&format!("{section}.{key}")), "{error}");
+        }
+    }
+
+    /// A tiny deterministic generator (xorshift): no dependency for a property test.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            usize::try_from(self.0 % n as u64).unwrap_or(0)
+        }
+    }
+
+    /// Passwords of URL-hostile characters around letters that no message
+    /// holds (`Z`, `J`, `K`, `W`): any window of three characters around one
+    /// of them that shows up somewhere is a leaked piece of the password.
+    fn hostile_password(rng: &mut Rng) -> String {
+        const PIECES: [&str; 20] = [
+            "/", "@", "#", "%", " ", ":", "?", "%2F", "%40", "//", "@@", "Z", "J", "K", "W", "ZJ",
+            "é", "&", "=", "\\",
+        ];
+        let mut password = String::from("ZK");
+        for _ in 0..(2 + rng.below(12)) {
+            password.push_str(PIECES[rng.below(PIECES.len())]);
+        }
+        password.push('W');
+        password
+    }
+
+    fn leaked_piece<'p>(password: &'p str, text: &str) -> Option<&'p str> {
+        let chars: Vec<(usize, char)> = password.char_indices().collect();
+        chars.windows(3).find_map(|w| {
+            let start = w[0].0;
+            let end = w[2].0 + w[2].1.len_utf8();
+            let piece = &password[start..end];
+            (piece.contains(['Z', 'J', 'K', 'W']) && text.contains(piece)).then_some(piece)
+        })
+    }
+
+    #[test]
+    fn no_piece_of_any_password_reaches_an_error_or_a_printed_setting() {
+        let f = file("[context]\nname = \"booking\"\n");
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..2000 {
+            let password = hostile_password(&mut rng);
+            let url = match rng.below(4) {
+                0 => format!("amqp://guest:{password}@127.0.0.1:5672/%2f"),
+                1 => format!("amqps://user@x:{password}@rabbit/vhost?heartbeat=5"),
+                2 => format!("amqp:guest:{password}@rabbit"),
+                _ => format!("amqp://guest:{password}@rabbit/v@host#frag"),
+            };
+            let mut texts = vec![
+                redact_url(&url),
+                redact_in(&format!("Invalid URL: '{url}'"), &url),
+            ];
+            match Settings::load_with_env(f.path(), env(&[("AMQP_URL", &url)])) {
+                Err(error) => texts.push(error.to_string()),
+                Ok(settings) => {
+                    texts.push(format!("{settings:?}"));
+                    texts.push(serde_json::to_string(&settings).unwrap());
+                }
+            }
+            for text in texts {
+                if let Some(piece) = leaked_piece(&password, &text) {
+                    panic!("{piece:?} of password {password:?} in {text:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn redact_url_hides_only_the_password() {
         assert_eq!(
             redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
@@ -799,5 +973,9 @@ mod tests {
         );
         assert_eq!(redact_url("amqp://127.0.0.1/"), "amqp://127.0.0.1/");
         assert_eq!(redact_url("data/booking.db"), "data/booking.db");
+        assert_eq!(
+            redact_url("amqp://guest:a/b@c#d@rabbit:5672/%2f"),
+            "amqp://guest:***@rabbit:5672/%2f"
+        );
     }
 }

@@ -13,24 +13,32 @@
 //! remember commit in one transaction; a repeat of the same request gets the
 //! first success back, the same key with another body a 422.
 
+use std::cell::Cell;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_cors::Cors;
 use actix_web::body::MessageBody;
 use actix_web::dev::{Payload, Server, ServerHandle, ServiceRequest, ServiceResponse};
-use actix_web::error::JsonPayloadError;
-use actix_web::http::{header, StatusCode};
+use actix_web::error::{JsonPayloadError, PayloadError};
+use actix_web::http::{header, ConnectionType, StatusCode};
 use actix_web::middleware::{from_fn, Next};
-use actix_web::{web, App, FromRequest, HttpRequest, HttpResponse, HttpServer, ResponseError};
+use actix_web::{
+    web, App, FromRequest, HttpMessage, HttpRequest, HttpResponse, HttpServer, ResponseError,
+};
 use diesel::SqliteConnection;
 use futures_util::future::LocalBoxFuture;
+use futures_util::{Stream, StreamExt};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::aggregate::Aggregate;
+use crate::config::HttpSettings;
 use crate::error::StoreError;
 use crate::store::idempotency::{self, Keyed, StoredResponse};
 use crate::store::repository::{self, CommandError, ExecuteOptions, Executed};
@@ -188,6 +196,150 @@ pub fn stored<T: Serialize>(status: StatusCode, value: &T) -> StoredResponse {
     }
 }
 
+/// `?limit=` and `?cursor=` of a list endpoint ([`Page`]).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct PageQuery {
+    /// Items per page; [`Page::DEFAULT_LIMIT`] unless given.
+    pub limit: Option<usize>,
+    /// Where the page starts: the `cursor` of the previous page's `Link`.
+    pub cursor: Option<String>,
+}
+
+/// One page of a list endpoint: at most `limit` items after `after` (the
+/// sort key of the last item of the previous page, decoded from the cursor).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page<K> {
+    /// Items on this page at most.
+    pub limit: usize,
+    /// The sort key the page starts after; `None`: the first page.
+    pub after: Option<K>,
+}
+
+impl<K: Serialize + DeserializeOwned> Page<K> {
+    /// Items per page unless `?limit=` says otherwise: the book's frontend
+    /// lists up to this many events in one request.
+    pub const DEFAULT_LIMIT: usize = 1000;
+    /// The largest `?limit=` taken.
+    pub const MAX_LIMIT: usize = 1000;
+
+    /// The page `query` asks for.
+    ///
+    /// # Errors
+    /// 400 naming `limit` (0 or above [`Page::MAX_LIMIT`]) or `cursor`
+    /// (not one this endpoint handed out).
+    pub fn from_query(query: &PageQuery) -> Result<Self, ApiError> {
+        let limit = query.limit.unwrap_or(Self::DEFAULT_LIMIT);
+        if !(1..=Self::MAX_LIMIT).contains(&limit) {
+            return Err(ApiError::bad_request(format!(
+                "limit must be between 1 and {}",
+                Self::MAX_LIMIT
+            )));
+        }
+        let after =
+            match &query.cursor {
+                None => None,
+                Some(cursor) => Some(decode_cursor(cursor).ok_or_else(|| {
+                    ApiError::bad_request("cursor is not one this list handed out")
+                })?),
+            };
+        Ok(Page { limit, after })
+    }
+
+    /// The rows to fetch: one more than the page holds, to learn whether a
+    /// next page exists.
+    pub fn fetch(&self) -> i64 {
+        i64::try_from(self.limit).map_or(i64::MAX, |l| l.saturating_add(1))
+    }
+
+    /// 200 with the first `limit` of `rows` (fetched with [`Page::fetch`])
+    /// as a JSON array, and a `Link: <...>; rel="next"` header when more
+    /// follow; `key` gives a row's sort key, `json` its JSON.
+    pub fn respond<R, J: Serialize>(
+        &self,
+        request: &HttpRequest,
+        mut rows: Vec<R>,
+        key: impl Fn(&R) -> K,
+        json: impl Fn(&R) -> J,
+    ) -> HttpResponse {
+        let more = rows.len() > self.limit;
+        rows.truncate(self.limit);
+        let mut response = HttpResponse::Ok();
+        if let (true, Some(last)) = (more, rows.last()) {
+            let next = format!(
+                "<{}?limit={}&cursor={}>; rel=\"next\"",
+                request.path(),
+                self.limit,
+                encode_cursor(&key(last))
+            );
+            response.insert_header((header::LINK, next));
+        }
+        let body: Vec<J> = rows.iter().map(json).collect();
+        response.json(body)
+    }
+}
+
+/// A list endpoint's answer: the page `query` asks for, read by `read`
+/// (given the sort key to start after and how many rows to fetch) on the
+/// reading pool, as [`Page::respond`] answers it.
+///
+/// # Errors
+/// 400 for a bad `limit` or `cursor` ([`Page::from_query`]); store errors
+/// map as everywhere.
+pub async fn paged<K, R, J, F>(
+    db: &Db,
+    request: &HttpRequest,
+    query: &PageQuery,
+    read: F,
+    key: impl Fn(&R) -> K,
+    json: impl Fn(&R) -> J,
+) -> Result<HttpResponse, ApiError>
+where
+    K: Serialize + DeserializeOwned + Clone + Send + 'static,
+    R: Send + 'static,
+    J: Serialize,
+    F: FnOnce(&mut SqliteConnection, Option<&K>, i64) -> Result<Vec<R>, StoreError>
+        + Send
+        + 'static,
+{
+    let page = Page::<K>::from_query(query)?;
+    let (after, fetch) = (page.after.clone(), page.fetch());
+    let rows = db.read(move |c| read(c, after.as_ref(), fetch)).await?;
+    Ok(page.respond(request, rows, key, json))
+}
+
+/// The longest cursor taken, in characters.
+const MAX_CURSOR: usize = 1024;
+
+/// A sort key as an opaque, URL-safe cursor: its JSON in hex.
+fn encode_cursor<K: Serialize>(key: &K) -> String {
+    let json = serde_json::to_vec(key).unwrap_or_default();
+    json.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_cursor<K: DeserializeOwned>(cursor: &str) -> Option<K> {
+    if cursor.len() > MAX_CURSOR || cursor.len() % 2 != 0 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..cursor.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(cursor.get(i..i + 2)?, 16).ok())
+        .collect();
+    serde_json::from_slice(&bytes?).ok()
+}
+
+/// `Name` as a client sent it, checked against its length limit.
+///
+/// # Errors
+/// 400 naming `field` when `value` has more than `max` characters.
+pub fn bounded<'v>(field: &str, value: &'v str, max: usize) -> Result<&'v str, ApiError> {
+    if value.chars().count() > max {
+        return Err(ApiError::bad_request(format!(
+            "{field} must be at most {max} characters"
+        )));
+    }
+    Ok(value)
+}
+
 /// A route for GET and HEAD (actix routes HEAD separately; CORS allows both).
 pub fn get() -> actix_web::Route {
     web::route().guard(actix_web::guard::Any(actix_web::guard::Get()).or(actix_web::guard::Head()))
@@ -225,6 +377,12 @@ pub fn json_config() -> web::JsonConfig {
         .error_handler(|error, _| ApiError::from(error).into())
 }
 
+/// A query string that does not fit its type is a JSON 400.
+pub fn query_config() -> web::QueryConfig {
+    web::QueryConfig::default()
+        .error_handler(|error, _| ApiError::bad_request(format!("query: {error}")).into())
+}
+
 /// The raw body extractors (`web::Bytes`, `String`) take at most [`BODY_LIMIT`] bytes too.
 pub(crate) fn payload_config() -> web::PayloadConfig {
     web::PayloadConfig::new(BODY_LIMIT)
@@ -243,11 +401,19 @@ impl From<JsonPayloadError> for ApiError {
                 ApiError::bad_request("request body is empty; expected JSON")
             }
             JsonPayloadError::Deserialize(e) => invalid_json(&e),
-            JsonPayloadError::Payload(e) => {
-                ApiError::new(e.status_code(), format!("cannot read body: {e}"))
-            }
+            JsonPayloadError::Payload(e) => payload_error(&e),
             other => ApiError::new(other.status_code(), other.to_string()),
         }
+    }
+}
+
+/// A body that could not be read: 408 when it did not arrive in time.
+pub(crate) fn payload_error(error: &PayloadError) -> ApiError {
+    match error {
+        PayloadError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            ApiError::new(StatusCode::REQUEST_TIMEOUT, format!("request {e}"))
+        }
+        other => ApiError::new(other.status_code(), format!("cannot read body: {other}")),
     }
 }
 
@@ -258,6 +424,9 @@ pub(crate) fn invalid_json(error: &serde_json::Error) -> ApiError {
 /// An extractor's error as herald's JSON error: as it is when it is one
 /// already (see [`json_config`]), else with the extractor's status and text.
 pub(crate) fn api_error(error: &actix_web::Error) -> ApiError {
+    if let Some(e) = error.as_error::<PayloadError>() {
+        return payload_error(e);
+    }
     error.as_error::<ApiError>().cloned().unwrap_or_else(|| {
         ApiError::new(error.as_response_error().status_code(), error.to_string())
     })
@@ -398,9 +567,61 @@ async fn count_requests(
     Ok(response)
 }
 
+/// The time a request's body has to arrive, counted from its head.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BodyDeadline(pub(crate) Duration);
+
+/// actix-web bounds the time a request's head takes (`client_request_timeout`)
+/// but not its body: a client trickling one byte at a time holds a worker
+/// for as long as it likes. This gives the body the time in
+/// [`BodyDeadline`] (from app data), counted from the head; past it the
+/// body read fails, the handler answers 408 and the connection is closed.
+pub(crate) async fn body_deadline(
+    mut request: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let Some(BodyDeadline(limit)) = request.app_data::<BodyDeadline>().copied() else {
+        return next.call(request).await;
+    };
+    let deadline = tokio::time::Instant::now() + limit;
+    let timed_out = Rc::new(Cell::new(false));
+    let flag = timed_out.clone();
+    let body = request.take_payload();
+    let stream = futures_util::stream::unfold(Some(body), move |body| {
+        let flag = flag.clone();
+        async move {
+            let mut body = body?;
+            match tokio::time::timeout_at(deadline, body.next()).await {
+                Ok(Some(chunk)) => Some((chunk, Some(body))),
+                Ok(None) => None,
+                Err(_) => {
+                    flag.set(true);
+                    let error = std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("body not received within {}s", limit.as_secs_f64()),
+                    );
+                    // Nothing after the error: the rest is never read.
+                    Some((Err(PayloadError::Io(error)), None))
+                }
+            }
+        }
+    });
+    let stream: Pin<Box<dyn Stream<Item = Result<web::Bytes, PayloadError>>>> = Box::pin(stream);
+    request.set_payload(Payload::from(stream));
+    let mut response = next.call(request).await?;
+    if timed_out.get() {
+        // The unread rest of the body would be taken for the next request.
+        response
+            .response_mut()
+            .head_mut()
+            .set_connection_type(ConnectionType::Close);
+    }
+    Ok(response)
+}
+
 /// Binds `addr` (port 0 allowed), logs the bound address and serves the
-/// routes `configure` adds, with CORS, JSON 404s and [`json_config`].
-/// Signals are left to the context, which stops the server in order.
+/// routes `configure` adds, as [`serve_with`] does with the default
+/// `http.body_timeout`.
 ///
 /// # Errors
 /// The address cannot be bound.
@@ -414,12 +635,40 @@ pub fn serve<C>(
 where
     C: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
 {
+    let settings = HttpSettings {
+        addr,
+        ..HttpSettings::default()
+    };
+    serve_with(context, what, &settings, metrics, configure)
+}
+
+/// Binds `settings.addr` (port 0 allowed), logs the bound address and serves
+/// the routes `configure` adds, with CORS, JSON 404s, [`json_config`], and
+/// `settings.body_timeout` for each request's head and body (408 after it).
+/// Signals are left to the context, which stops the server in order.
+///
+/// # Errors
+/// The address cannot be bound.
+pub fn serve_with<C>(
+    context: &str,
+    what: &str,
+    settings: &HttpSettings,
+    metrics: Arc<Metrics>,
+    configure: C,
+) -> std::io::Result<(SocketAddr, ServerHandle)>
+where
+    C: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
+{
     let metrics = web::Data::from(metrics);
+    let (addr, body_timeout) = (settings.addr, settings.body_timeout);
     let server = HttpServer::new(move || {
         App::new()
             .app_data(metrics.clone())
             .app_data(json_config())
             .app_data(payload_config())
+            .app_data(query_config())
+            .app_data(BodyDeadline(body_timeout))
+            .wrap(from_fn(body_deadline))
             .wrap(from_fn(count_requests))
             .wrap(cors())
             .configure(configure.clone())
@@ -427,7 +676,7 @@ where
     })
     .workers(2)
     .disable_signals()
-    .client_request_timeout(std::time::Duration::from_secs(10))
+    .client_request_timeout(body_timeout)
     .bind(addr)?;
     let bound = server.addrs().first().copied().unwrap_or(addr);
     let handle = spawn_server(server.run(), "herald::http");
@@ -533,13 +782,12 @@ mod tests {
             assert_eq!(status, expected, "{what}: {answer}");
             assert!(answer["error"].is_string(), "{what}: {answer}");
         }
-        let (status, answer) = post(
-            "/book",
-            &[(IDEMPOTENCY_KEY, "two words")],
-            r#"{"seats": 1}"#,
-        )
-        .await;
-        assert_eq!(status, 400, "bad key: {answer}");
-        assert!(answer["error"].is_string(), "bad key: {answer}");
+        let long = "k".repeat(256);
+        for key in ["two words", long.as_str()] {
+            let (status, answer) =
+                post("/book", &[(IDEMPOTENCY_KEY, key)], r#"{"seats": 1}"#).await;
+            assert_eq!(status, 400, "bad key: {answer}");
+            assert!(answer["error"].is_string(), "bad key: {answer}");
+        }
     }
 }

@@ -33,8 +33,9 @@
 //!   dispatcher, shard actors, supervision (restart policy, one backoff,
 //!   escalation), mailbox counters and log lines, the outbox relay actor,
 //!   AsyncAPI, metrics, shutdown.
-//! - [`http`]: REST plumbing for contexts (JSON errors, CORS, bodies,
-//!   idempotent commands); [`admin`]: the operator API of a running context.
+//! - [`http`]: REST plumbing for contexts (JSON errors, CORS, bodies and
+//!   their deadline, text limits, paged lists, idempotent commands);
+//!   [`admin`]: the operator API of a running context.
 //! - [`cli`]: what every binary does around its context (logging, `--config`, exit codes).
 //! - [`prelude`]: what writing a context needs, in one import.
 //!
@@ -64,7 +65,7 @@ mod failpoint;
 mod fnv;
 mod runtime;
 
-pub use broker::{escape, AmqpBroker, AmqpOptions, MemoryBroker};
+pub use broker::{escape, AmqpBroker, AmqpOptions, MemoryBroker, LOGGED_TEXT_CHARS};
 pub use config::Settings;
 pub use error::{BrokerError, CodecError, ConfigError, Error, HandlerError, Result, StoreError};
 pub use event::{new_id, Envelope, Event, Metadata};
@@ -97,7 +98,7 @@ pub mod prelude {
 pub mod transport {
     pub use crate::broker::{
         dead_letter_queue, headers, retry_queue, topic_matches, Acknowledger, DeadLetters,
-        Delivery, DeliveryStream, Message, Publisher, Settlement, SubscribeSpec, Subscriber,
-        Subscription, SubscriptionControl,
+        Delivery, DeliveryStream, ListedLetter, Listing, ListingBounds, Message, Publisher,
+        Settlement, SubscribeSpec, Subscriber, Subscription, SubscriptionControl,
     };
 }

@@ -142,7 +142,8 @@ pub async fn run_service(
         event_store: settings.event_store.clone(),
     };
     let broker = AmqpBroker::connect(&AmqpOptions::from_settings(&settings)).await?;
-    let addr = settings.http.addr;
+    let http_settings = settings.http.clone();
+    let addr = http_settings.addr;
     let admin_settings = settings.admin.clone();
     let context = handlers(ContextBuilder::new(settings).store(db), &service)
         .start(&broker)
@@ -150,10 +151,16 @@ pub async fn run_service(
     // Serve once the context consumes: clients never act on a half-started context.
     let service_projections = service.projections.clone();
     let data = web::Data::new(service);
-    let served = herald::http::serve(&name, "REST API", addr, context.metrics(), move |cfg| {
-        cfg.app_data(data.clone());
-        routes(cfg);
-    });
+    let served = herald::http::serve_with(
+        &name,
+        "REST API",
+        &http_settings,
+        context.metrics(),
+        move |cfg| {
+            cfg.app_data(data.clone());
+            routes(cfg);
+        },
+    );
     let http = match served {
         Ok((_, http)) => http,
         Err(e) => {

@@ -2,12 +2,17 @@
 //!
 //! Every route but `/health` needs `Authorization: Bearer <admin.token>`
 //! (compared in constant time; a missing or wrong token gets a bare 401).
-//! Without a token the listener only binds to a loopback address. Errors are
-//! JSON, bodies are size-limited, slow clients time out.
+//! Without a token the listener only binds to a loopback address and answers
+//! only requests that carry no `Origin` and whose `Host` names loopback (a
+//! page whose domain was rebound to 127.0.0.1 sends its own name). Operator
+//! restarts are rate-limited per actor. Errors are JSON, bodies are
+//! size-limited, slow clients time out, a dead-letter listing holds at most
+//! `admin.max_listing_bytes` of bodies.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServerHandle, ServiceRequest, ServiceResponse};
@@ -19,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 use crate::broker::headers;
-use crate::broker::Message;
+use crate::broker::{ListedLetter, ListingBounds};
 use crate::config::AdminSettings;
 use crate::http::{self as h, ApiError};
 use crate::store::projection::Projections;
@@ -34,8 +39,39 @@ pub struct Admin {
     pub projections: Arc<Projections>,
 }
 
+/// A request's head, and then its body, must arrive within this long.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The bearer token routes but `/health` need; `None`: loopback only.
 struct Token(Option<SecretString>);
+
+/// What the listener's settings bound: listing bytes and restart pace.
+struct Limits {
+    max_listing_bytes: usize,
+    restart_interval: Duration,
+    /// When each actor was last restarted by an operator (only actors that
+    /// exist get an entry, so it stays as small as the context).
+    restarted: Mutex<HashMap<String, Instant>>,
+}
+
+impl Limits {
+    fn new(settings: &AdminSettings) -> Self {
+        Limits {
+            max_listing_bytes: settings.max_listing_bytes,
+            restart_interval: settings.restart_interval,
+            restarted: Mutex::default(),
+        }
+    }
+
+    /// The listener's limits; the defaults for [`routes`] mounted elsewhere.
+    fn of(data: &Option<web::Data<Limits>>) -> &Limits {
+        static DEFAULT: OnceLock<Limits> = OnceLock::new();
+        match data {
+            Some(limits) => limits,
+            None => DEFAULT.get_or_init(|| Limits::new(&AdminSettings::default())),
+        }
+    }
+}
 
 /// Starts the admin listener on `settings.addr` and logs the bound address.
 ///
@@ -60,13 +96,17 @@ pub fn serve(
     }
     let name = admin.context.name().to_owned();
     let token = web::Data::new(Token(token));
+    let limits = web::Data::new(Limits::new(settings));
     let admin = web::Data::new(admin);
     let server = HttpServer::new(move || {
         App::new()
             .app_data(admin.clone())
             .app_data(token.clone())
+            .app_data(limits.clone())
             .app_data(h::json_config())
             .app_data(h::payload_config())
+            .app_data(h::BodyDeadline(TIMEOUT))
+            .wrap(from_fn(h::body_deadline))
             .configure(routes)
             .default_service(web::to(|| async {
                 ApiError::not_found("no such route").error_response()
@@ -74,7 +114,7 @@ pub fn serve(
     })
     .workers(1)
     .disable_signals()
-    .client_request_timeout(Duration::from_secs(5))
+    .client_request_timeout(TIMEOUT)
     .client_disconnect_timeout(Duration::from_secs(1))
     .bind(settings.addr)?;
     let bound = server.addrs().first().copied().unwrap_or(settings.addr);
@@ -132,6 +172,15 @@ async fn authorize(
         )
         .into());
     }
+    if expected.is_none() && !names_loopback(request_host(&request)) {
+        // A page whose domain was rebound to 127.0.0.1 sends no Origin on a
+        // same-origin GET, but its Host is its own domain.
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "without admin.token the Host must be localhost or a loopback address",
+        )
+        .into());
+    }
     if let Some(expected) = expected {
         let given = request
             .headers()
@@ -146,6 +195,36 @@ async fn authorize(
     next.call(request)
         .await
         .map(ServiceResponse::map_into_boxed_body)
+}
+
+/// The host a request names: its `Host` header, else its URI's authority
+/// (HTTP/2).
+fn request_host(request: &ServiceRequest) -> Option<&str> {
+    match request.headers().get(header::HOST) {
+        // Not text: no name, and no loopback either.
+        Some(value) => Some(value.to_str().unwrap_or("")),
+        None => request.uri().host(),
+    }
+}
+
+/// Whether `host` (with or without a port) is `localhost`, a name under
+/// `.localhost`, or a loopback address. A request without any host (HTTP/1.0,
+/// in-process calls) is no browser's: browsers always send one.
+fn names_loopback(host: Option<&str>) -> bool {
+    let Some(host) = host else {
+        return true;
+    };
+    let name = match host.strip_prefix('[') {
+        // `[::1]:9181`
+        Some(rest) => rest.split_once(']').map_or(rest, |(addr, _)| addr),
+        // `127.0.0.1:9181`, `localhost:9181`, or a bare IPv6 address.
+        None if host.matches(':').count() == 1 => host.split_once(':').map_or(host, |(n, _)| n),
+        None => host,
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 async fn health() -> HttpResponse {
@@ -228,9 +307,34 @@ async fn actors(admin: web::Data<Admin>) -> HttpResponse {
 
 async fn restart(
     admin: web::Data<Admin>,
+    limits: Option<web::Data<Limits>>,
     name: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
+    let limits = Limits::of(&limits);
+    let now = Instant::now();
+    // A poisoned lock only means another request panicked: the map is fine.
+    let mut restarted = limits
+        .restarted
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(last) = restarted.get(name.as_str()) {
+        let wait = limits.restart_interval.saturating_sub(now - *last);
+        if !wait.is_zero() {
+            let seconds = u32::try_from(wait.as_secs().saturating_add(1)).unwrap_or(u32::MAX);
+            return Err(ApiError {
+                retry_after: Some(seconds),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "actor {name:?} was restarted less than {}s ago; try again in {seconds}s",
+                        limits.restart_interval.as_secs_f64()
+                    ),
+                )
+            });
+        }
+    }
     if admin.context.restart_actor(&name) {
+        restarted.insert(name.clone(), now);
         Ok(h::json(
             StatusCode::ACCEPTED,
             &serde_json::json!({ "restarting": *name }),
@@ -284,6 +388,9 @@ struct Limit {
     limit: Option<usize>,
 }
 
+/// Each listed dead letter's body is cut to this many bytes.
+const LISTED_BODY_BYTES: usize = 4096;
+
 /// A dead letter as operators read it.
 #[derive(Serialize)]
 struct DeadLetter {
@@ -293,21 +400,18 @@ struct DeadLetter {
     attempts: Option<String>,
     original_routing_key: Option<String>,
     first_failure: Option<String>,
-    /// The body as text (lossy), cut at 4 KiB.
+    /// The body as text (lossy), cut at [`LISTED_BODY_BYTES`].
     body: String,
+    /// The size of the whole body.
+    body_bytes: usize,
 }
 
-impl From<&Message> for DeadLetter {
-    fn from(m: &Message) -> Self {
+impl From<&ListedLetter> for DeadLetter {
+    fn from(letter: &ListedLetter) -> Self {
+        let m = &letter.message;
         let header = |name| m.header(name).map(str::to_owned);
-        let mut body = String::from_utf8_lossy(&m.body).into_owned();
-        if body.len() > 4096 {
-            let mut cut = 4096;
-            while !body.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            body.truncate(cut);
-        }
+        // Cut on a byte count: a character split there shows as U+FFFD.
+        let body = String::from_utf8_lossy(&m.body).into_owned();
         DeadLetter {
             message_id: m.message_id.clone(),
             event_name: header(headers::EVENT_NAME),
@@ -316,6 +420,7 @@ impl From<&Message> for DeadLetter {
             original_routing_key: header(headers::ORIGINAL_ROUTING_KEY),
             first_failure: header(headers::FIRST_FAILURE),
             body,
+            body_bytes: letter.body_bytes,
         }
     }
 }
@@ -326,18 +431,28 @@ fn broker_error(error: crate::Error) -> ApiError {
 
 async fn dead_letters(
     admin: web::Data<Admin>,
+    limits: Option<web::Data<Limits>>,
     query: web::Query<Limit>,
 ) -> Result<HttpResponse, ApiError> {
-    let limit = query.limit.unwrap_or(100).min(10_000);
-    let letters = admin
+    let bounds = ListingBounds {
+        letters: query.limit.unwrap_or(100).min(10_000),
+        body_cut: LISTED_BODY_BYTES,
+        max_bytes: Limits::of(&limits).max_listing_bytes,
+    };
+    let listing = admin
         .context
-        .dead_letters(limit)
+        .dead_letters_bounded(bounds)
         .await
         .map_err(broker_error)?;
-    let body: Vec<DeadLetter> = letters.iter().map(DeadLetter::from).collect();
+    let body: Vec<DeadLetter> = listing.letters.iter().map(DeadLetter::from).collect();
     Ok(h::json(
         StatusCode::OK,
-        &serde_json::json!({ "count": body.len(), "dead_letters": body }),
+        &serde_json::json!({
+            "count": body.len(),
+            // More letters wait beyond admin.max_listing_bytes.
+            "cut_short": listing.cut_short,
+            "dead_letters": body,
+        }),
     ))
 }
 

@@ -298,10 +298,90 @@ pub(crate) fn copy_error(error: &BrokerError) -> BrokerError {
     }
 }
 
+/// How much of a dead-letter queue one listing holds in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListingBounds {
+    /// Letters at most.
+    pub letters: usize,
+    /// Each body is cut to this many bytes as soon as it arrived.
+    pub body_cut: usize,
+    /// No further letter is fetched once the bodies fetched so far add up to
+    /// this many bytes (whole bodies, before cutting: each one was in memory).
+    pub max_bytes: usize,
+}
+
+/// A dead letter as a bounded listing holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedLetter {
+    /// The letter, its body cut to [`ListingBounds::body_cut`] bytes.
+    pub message: Message,
+    /// The size of its whole body.
+    pub body_bytes: usize,
+}
+
+/// What one bounded listing found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listing {
+    /// Oldest first.
+    pub letters: Vec<ListedLetter>,
+    /// The listing stopped at [`ListingBounds::max_bytes`] with letters left.
+    pub cut_short: bool,
+}
+
+impl Listing {
+    /// Whether another letter may be fetched within `bounds`.
+    pub(crate) fn wants_more(&self, bounds: &ListingBounds) -> bool {
+        self.letters.len() < bounds.letters && self.fetched_bytes() < bounds.max_bytes
+    }
+
+    fn fetched_bytes(&self) -> usize {
+        self.letters.iter().map(|l| l.body_bytes).sum()
+    }
+
+    /// Keeps `message` (whose whole body had `body_bytes`) with its body
+    /// cut; `left` is how many letters the queue still holds after it.
+    pub(crate) fn keep(
+        &mut self,
+        mut message: Message,
+        body_bytes: usize,
+        left: usize,
+        bounds: &ListingBounds,
+    ) {
+        message.body.truncate(bounds.body_cut);
+        message.body.shrink_to_fit();
+        self.letters.push(ListedLetter {
+            message,
+            body_bytes,
+        });
+        self.cut_short =
+            left > 0 && self.letters.len() < bounds.letters && !self.wants_more(bounds);
+    }
+}
+
 /// A group's dead-letter queue (`<queue>.dead-letter`) as an operator sees it.
 pub trait DeadLetters: Send + Sync + 'static {
     /// Up to `limit` dead letters, oldest first; they stay where they are, in order.
     fn list(&self, queue: &str, limit: usize) -> BoxFuture<'_, Result<Vec<Message>, BrokerError>>;
+    /// As [`DeadLetters::list`], holding no more than `bounds` allow: each
+    /// body is cut as it arrives, and the listing stops once the bodies
+    /// fetched reach [`ListingBounds::max_bytes`].
+    fn list_bounded(
+        &self,
+        queue: &str,
+        bounds: ListingBounds,
+    ) -> BoxFuture<'_, Result<Listing, BrokerError>> {
+        let all = self.list(queue, bounds.letters);
+        Box::pin(async move {
+            let mut letters = all.await?.into_iter();
+            let mut listing = Listing::default();
+            while listing.wants_more(&bounds) {
+                let Some(letter) = letters.next() else { break };
+                let body_bytes = letter.body.len();
+                listing.keep(letter, body_bytes, letters.len(), &bounds);
+            }
+            Ok(listing)
+        })
+    }
     /// Moves dead letters (all, or the one with `message_id`) back into `queue`
     /// itself, with fresh attempts; returns how many moved.
     fn redrive<'a>(
@@ -319,13 +399,31 @@ pub trait Subscriber: Send + Sync + 'static {
     fn subscribe(&self, spec: SubscribeSpec) -> BoxFuture<'_, Result<Subscription, BrokerError>>;
 }
 
-/// Escapes control characters (CR, LF, ...) so untrusted text never breaks a log line.
+/// Untrusted text in a log line is cut to this many characters.
+pub const LOGGED_TEXT_CHARS: usize = 200;
+
+/// Escapes control characters (CR, LF, ...) so untrusted text never breaks a
+/// log line, and cuts it to [`LOGGED_TEXT_CHARS`] characters (the last one
+/// `…` when cut) so it never floods one.
 pub fn escape(raw: &str) -> Cow<'_, str> {
-    if raw.chars().any(|c| c.is_control()) {
-        Cow::Owned(raw.escape_default().to_string())
-    } else {
-        Cow::Borrowed(raw)
+    let plain = !raw.chars().any(char::is_control);
+    if plain && raw.chars().nth(LOGGED_TEXT_CHARS).is_none() {
+        return Cow::Borrowed(raw);
     }
+    let mut escaped = raw.chars().flat_map(|c| {
+        let text: Vec<char> = if c.is_control() {
+            c.escape_default().collect()
+        } else {
+            vec![c]
+        };
+        text
+    });
+    let mut out: String = escaped.by_ref().take(LOGGED_TEXT_CHARS).collect();
+    if escaped.next().is_some() {
+        out.pop();
+        out.push('…');
+    }
+    Cow::Owned(out)
 }
 
 #[cfg(test)]
@@ -337,6 +435,20 @@ mod tests {
     fn escape_neutralises_line_breaks() {
         assert_eq!(escape("a\r\nb"), "a\\r\\nb");
         assert_eq!(escape("plain"), "plain");
+    }
+
+    #[test]
+    fn escape_cuts_long_text_to_200_characters() {
+        let exact = "é".repeat(200);
+        assert_eq!(escape(&exact), exact);
+        let long = "é".repeat(64 * 1024);
+        let cut = escape(&long);
+        assert_eq!(cut.chars().count(), 200);
+        assert!(cut.ends_with('…'), "{cut}");
+        let breaks = "\n".repeat(150);
+        let cut = escape(&breaks);
+        assert_eq!(cut.chars().count(), 200);
+        assert!(!cut.contains('\n'));
     }
 
     /// Answers each publish from a script; records what it was asked.

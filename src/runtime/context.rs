@@ -344,6 +344,18 @@ impl ContextHandle {
         Ok(self.dead_letters.list(&self.name, limit).await?)
     }
 
+    /// Dead letters, holding no more of their bodies than `bounds` allow
+    /// (the admin API's listing).
+    ///
+    /// # Errors
+    /// The broker is unreachable.
+    pub async fn dead_letters_bounded(
+        &self,
+        bounds: crate::broker::ListingBounds,
+    ) -> Result<crate::broker::Listing, Error> {
+        Ok(self.dead_letters.list_bounded(&self.name, bounds).await?)
+    }
+
     /// Moves dead letters (all, or the one with `message_id`) back to the
     /// context's own queue with fresh attempts; returns how many.
     ///

@@ -430,6 +430,7 @@ impl Handler<Restart> for Relay {
     type Result = ();
 
     fn handle(&mut self, _: Restart, ctx: &mut Self::Context) {
+        self.policy.request();
         ctx.stop();
     }
 }

@@ -394,6 +394,7 @@ impl Handler<Restart> for Shard {
 
     /// Stops between messages (the mailbox waits); the supervisor restarts it.
     fn handle(&mut self, _: Restart, ctx: &mut Self::Context) {
+        self.policy.request();
         ctx.stop();
     }
 }

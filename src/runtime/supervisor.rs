@@ -58,6 +58,9 @@ pub(crate) struct RestartPolicy {
     max_restarts: usize,
     window: Duration,
     recent: VecDeque<Instant>,
+    /// The coming restart is an operator's: it costs no backoff and does not
+    /// count toward escalation (an admin client must not stop the process).
+    requested: bool,
 }
 
 /// What the supervisor should do after a restart was recorded.
@@ -67,6 +70,8 @@ pub(crate) enum RestartDecision {
     Backoff(Duration),
     /// Too many restarts within the window: give up on the whole context.
     Escalate { restarts: usize },
+    /// An operator asked for it: restart at once, uncounted.
+    Requested,
 }
 
 impl RestartPolicy {
@@ -76,10 +81,19 @@ impl RestartPolicy {
             max_restarts: settings.max_restarts,
             window: settings.restart_window,
             recent: VecDeque::new(),
+            requested: false,
         }
     }
 
+    /// The next restart was asked for by an operator ([`Restart`]).
+    pub(crate) fn request(&mut self) {
+        self.requested = true;
+    }
+
     pub(crate) fn on_restart(&mut self, now: Instant) -> RestartDecision {
+        if std::mem::take(&mut self.requested) {
+            return RestartDecision::Requested;
+        }
         self.recent.push_back(now);
         while self
             .recent
@@ -125,6 +139,15 @@ pub(crate) fn on_restart(
             );
             delay
         }
+        RestartDecision::Requested => {
+            log::warn!(
+                target: "herald::supervisor",
+                "actor={} restarts={} restarting on request (not counted toward escalation)",
+                stats.name(),
+                restarts
+            );
+            Duration::ZERO
+        }
         RestartDecision::Escalate { restarts } => {
             escalation.escalate(Escalated {
                 actor: stats.name().to_owned(),
@@ -138,8 +161,9 @@ pub(crate) fn on_restart(
 }
 
 /// Asks a supervised actor to restart: it stops, and its supervisor starts it
-/// again (counted, re-initialised, after the usual backoff). Every supervised
-/// actor (shards, the outbox relay) handles it.
+/// again at once (counted in its restarts, re-initialised; never toward
+/// escalation, see [`RestartPolicy::request`]). Every supervised actor
+/// (shards, the outbox relay) handles it.
 pub(crate) struct Restart;
 
 impl actix::Message for Restart {
@@ -224,6 +248,23 @@ mod tests {
         assert_eq!(delays, [30, 60, 100, 100]);
         backoff.reset();
         assert_eq!(backoff.next_delay(), Duration::from_millis(30));
+    }
+
+    #[test]
+    fn requested_restarts_never_escalate_nor_use_up_the_window() {
+        let mut p = policy(3);
+        let now = Instant::now();
+        for _ in 0..11 {
+            p.request();
+            assert_eq!(p.on_restart(now), RestartDecision::Requested);
+        }
+        for _ in 0..3 {
+            assert!(matches!(p.on_restart(now), RestartDecision::Backoff(_)));
+        }
+        assert!(matches!(
+            p.on_restart(now),
+            RestartDecision::Escalate { restarts: 4 }
+        ));
     }
 
     #[test]

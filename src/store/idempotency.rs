@@ -4,6 +4,7 @@
 
 use diesel::prelude::*;
 use diesel::sqlite::SqliteConnection;
+use sha2::{Digest, Sha256};
 
 use super::now_ms;
 use super::schema::idempotency;
@@ -36,12 +37,15 @@ pub struct Keyed {
 }
 
 impl Keyed {
-    /// The request with `key` to `scope`, fingerprinted by its `body`.
+    /// The request with `key` to `scope`, fingerprinted by the SHA-256 of
+    /// its `body` (a 64-bit hash lets a client craft a second body that
+    /// replays the first one's answer).
     pub fn new(scope: impl Into<String>, key: impl Into<String>, body: &[u8]) -> Self {
+        let digest = Sha256::digest(body);
         Keyed {
             scope: scope.into(),
             key: key.into(),
-            fingerprint: format!("{:016x}", crate::fnv::fnv1a(body)),
+            fingerprint: digest.iter().map(|b| format!("{b:02x}")).collect(),
         }
     }
 }
@@ -169,6 +173,33 @@ mod tests {
                 .await
                 .unwrap();
         assert_eq!((first.clone(), again), (ok(1), ok(1)));
+    }
+
+    #[test]
+    fn fingerprints_are_sha256_of_the_body() {
+        let keyed = Keyed::new("POST /x", "k1", b"abc");
+        assert_eq!(
+            keyed.fingerprint,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[tokio::test]
+    async fn one_key_on_two_routes_is_two_requests() {
+        let t = TempDb::new();
+        let (a, b) = (
+            Keyed::new("POST /events/e1/bookings", "k1", b"{}"),
+            Keyed::new("POST /events/e2/bookings", "k1", b"{}"),
+        );
+        let first =
+            t.db.write(move |c| once(c, Some(&a), |_| Ok(ok(1))))
+                .await
+                .unwrap();
+        let second =
+            t.db.write(move |c| once(c, Some(&b), |_| Ok(ok(2))))
+                .await
+                .unwrap();
+        assert_eq!((first, second), (ok(1), ok(2)));
     }
 
     #[tokio::test]

@@ -1,7 +1,7 @@
 //! The booking context's REST API.
 
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 
 use super::ledger::{LedgerCommand, LedgerError, LedgerEvent, SeatLedger};
@@ -9,8 +9,12 @@ use super::store::{self, BookingRow};
 use crate::contract::{limits, new_id};
 use crate::service::Service;
 use herald::error::StoreError;
-use herald::http::{self as h, ApiError, CommandRequest};
+use herald::http::{self as h, ApiError, CommandRequest, PageQuery};
 use herald::store::outbox;
+
+// Limits on what a client sends: text in characters.
+/// A booking's `user`.
+const USER_CHARS: usize = 100;
 
 /// The booking API's routes: book seats, list an event's bookings, read one.
 pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
@@ -78,6 +82,7 @@ async fn book(
     let (new, keyed) = request.parse::<NewBooking>()?;
     let seats =
         limits::seats("seats", new.seats).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    h::bounded("user", new.user.as_deref().unwrap_or_default(), USER_CHARS)?;
     let user = new
         .user
         .map(|u| u.trim().to_owned())
@@ -125,23 +130,29 @@ async fn book(
         )
         .await?;
     if response.status == 201 {
-        log::info!(target: "myevents::booking", "booked {}", response.body);
+        // The body holds the client's `user`: escaped and cut.
+        log::info!(target: "myevents::booking", "booked {}", herald::escape(&response.body));
     }
     Ok(h::replay(&response))
 }
 
 async fn list(
     service: web::Data<Service>,
+    request: HttpRequest,
     event_id: web::Path<String>,
+    query: web::Query<PageQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let event_id = event_id.into_inner();
     known(&service, &event_id).await?;
-    let rows = service
-        .db
-        .read(move |c| store::bookings_of(c, &event_id))
-        .await?;
-    let body: Vec<BookingJson> = rows.iter().map(BookingJson::from).collect();
-    Ok(h::json(StatusCode::OK, &body))
+    h::paged(
+        &service.db,
+        &request,
+        &query,
+        move |c, after, fetch| store::bookings_page(c, &event_id, after, fetch),
+        |row: &BookingRow| (row.booked_at, row.id.clone()),
+        |row: &BookingRow| BookingJson::from(row),
+    )
+    .await
 }
 
 async fn one(service: web::Data<Service>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {

@@ -248,16 +248,28 @@ pub fn event(conn: &mut SqliteConnection, id: &str) -> Result<Option<KnownEvent>
         .map_err(StoreError::from)
 }
 
-pub fn bookings_of(
+/// A page of an event's bookings by time (then id), after the booking
+/// `after` names.
+pub fn bookings_page(
     conn: &mut SqliteConnection,
     event_id: &str,
+    after: Option<&(i64, String)>,
+    fetch: i64,
 ) -> Result<Vec<BookingRow>, StoreError> {
-    bookings::table
-        .filter(bookings::event_id.eq(event_id))
+    let mut query = bookings::table
+        .filter(bookings::event_id.eq(event_id.to_owned()))
         .order((bookings::booked_at, bookings::id))
         .select(BookingRow::as_select())
-        .load(conn)
-        .map_err(StoreError::from)
+        .limit(fetch)
+        .into_boxed();
+    if let Some((at, id)) = after {
+        query = query.filter(
+            bookings::booked_at
+                .gt(*at)
+                .or(bookings::booked_at.eq(*at).and(bookings::id.gt(id.clone()))),
+        );
+    }
+    query.load(conn).map_err(StoreError::from)
 }
 
 pub fn booking(conn: &mut SqliteConnection, id: &str) -> Result<Option<BookingRow>, StoreError> {

@@ -2,7 +2,7 @@
 //! JSON keys as its structs (`ID`, `Name`, `StartDate` in Unix seconds, ...).
 
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::{TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -15,8 +15,24 @@ use crate::contract::{limits, new_id, EventCreated, Hall, LocationCreated};
 use crate::service::Service;
 use herald::aggregate::Aggregate;
 use herald::error::StoreError;
-use herald::http::{self as h, ApiError, CommandRequest};
+use herald::http::{self as h, ApiError, CommandRequest, PageQuery};
 use herald::store::outbox;
+
+// Limits on what a client sends: text in characters, collections in items.
+// They bound a location (shown again with each of its events in a list) to a
+// few KiB, so a page of 1,000 events stays a few MiB.
+/// `Name` of a location or an event.
+const NAME_CHARS: usize = 100;
+/// A location's `Address`.
+const ADDRESS_CHARS: usize = 200;
+/// A location's `Country`.
+const COUNTRY_CHARS: usize = 64;
+/// A location's `Halls`.
+const HALLS_PER_LOCATION: usize = 16;
+/// A hall's `name` and `location`, and an event's `Hall`.
+const HALL_CHARS: usize = 64;
+/// `Location.ID` of a new event (ids are 24 hex characters).
+const ID_CHARS: usize = 64;
 
 /// The events API's routes: create and list locations, create, list and
 /// find events (by id or name).
@@ -126,12 +142,25 @@ struct NewLocation {
 
 impl NewLocation {
     fn validate(self) -> Result<LocationRow, ApiError> {
-        let name = self.name.trim();
+        let name = h::bounded("Name", self.name.trim(), NAME_CHARS)?;
         if name.is_empty() {
             return Err(ApiError::bad_request("Name must not be empty"));
         }
+        h::bounded("Address", &self.address, ADDRESS_CHARS)?;
+        h::bounded("Country", &self.country, COUNTRY_CHARS)?;
+        if self.halls.len() > HALLS_PER_LOCATION {
+            return Err(ApiError::bad_request(format!(
+                "Halls must list at most {HALLS_PER_LOCATION} halls"
+            )));
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, hall) in self.halls.iter().enumerate() {
+            h::bounded("Halls[].name", &hall.name, HALL_CHARS)?;
+            h::bounded(
+                "Halls[].location",
+                hall.location.as_deref().unwrap_or_default(),
+                HALL_CHARS,
+            )?;
             if hall.name.trim().is_empty() {
                 return Err(ApiError::bad_request("every hall needs a name"));
             }
@@ -175,10 +204,20 @@ struct NewEvent {
     hall: Option<String>,
 }
 
-async fn list_locations(service: web::Data<Service>) -> Result<HttpResponse, ApiError> {
-    let rows = service.db.read(store::all_locations).await?;
-    let body: Vec<LocationJson> = rows.iter().map(LocationJson::from).collect();
-    Ok(h::json(StatusCode::OK, &body))
+async fn list_locations(
+    service: web::Data<Service>,
+    request: HttpRequest,
+    query: web::Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
+    h::paged(
+        &service.db,
+        &request,
+        &query,
+        store::locations_page,
+        |row: &LocationRow| (row.name.clone(), row.id.clone()),
+        |row: &LocationRow| LocationJson::from(row),
+    )
+    .await
 }
 
 async fn create_location(
@@ -215,10 +254,20 @@ async fn create_location(
     Ok(h::replay(&response))
 }
 
-async fn list_events(service: web::Data<Service>) -> Result<HttpResponse, ApiError> {
-    let rows = service.db.read(store::all_events).await?;
-    let body: Vec<EventJson> = rows.iter().map(EventJson::from).collect();
-    Ok(h::json(StatusCode::OK, &body))
+async fn list_events(
+    service: web::Data<Service>,
+    request: HttpRequest,
+    query: web::Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
+    h::paged(
+        &service.db,
+        &request,
+        &query,
+        store::events_page,
+        |(event, _): &(EventRow, LocationRow)| (event.start_date, event.id.clone()),
+        |row: &(EventRow, LocationRow)| EventJson::from(row),
+    )
+    .await
 }
 
 async fn event_by_id(
@@ -254,7 +303,9 @@ async fn create_event(
     request: CommandRequest,
 ) -> Result<HttpResponse, ApiError> {
     let (new, keyed) = request.parse::<NewEvent>()?;
-    let name = new.name.trim().to_owned();
+    let name = h::bounded("Name", new.name.trim(), NAME_CHARS)?.to_owned();
+    h::bounded("Location.ID", &new.location.id, ID_CHARS)?;
+    h::bounded("Hall", new.hall.as_deref().unwrap_or_default(), HALL_CHARS)?;
     if name.is_empty() {
         return Err(ApiError::bad_request("Name must not be empty"));
     }

@@ -58,22 +58,64 @@ pub fn location(conn: &mut SqliteConnection, id: &str) -> Result<Option<Location
         .map_err(StoreError::from)
 }
 
-pub fn all_locations(conn: &mut SqliteConnection) -> Result<Vec<LocationRow>, StoreError> {
-    locations::table
-        .order(locations::name)
+/// A page of locations by name (then id), after the location `after` names.
+pub fn locations_page(
+    conn: &mut SqliteConnection,
+    after: Option<&(String, String)>,
+    fetch: i64,
+) -> Result<Vec<LocationRow>, StoreError> {
+    let mut query = locations::table
+        .order((locations::name, locations::id))
         .select(LocationRow::as_select())
-        .load(conn)
-        .map_err(StoreError::from)
+        .limit(fetch)
+        .into_boxed();
+    if let Some((name, id)) = after {
+        query = query.filter(
+            locations::name.gt(name.clone()).or(locations::name
+                .eq(name.clone())
+                .and(locations::id.gt(id.clone()))),
+        );
+    }
+    query.load(conn).map_err(StoreError::from)
 }
 
-/// Events with their locations, by start date.
-pub fn all_events(conn: &mut SqliteConnection) -> Result<Vec<(EventRow, LocationRow)>, StoreError> {
-    events::table
-        .inner_join(locations::table)
+/// A page of events with their locations, by start date (then id), after
+/// the event `after` names. Each location is read once per page.
+pub fn events_page(
+    conn: &mut SqliteConnection,
+    after: Option<&(i64, String)>,
+    fetch: i64,
+) -> Result<Vec<(EventRow, LocationRow)>, StoreError> {
+    let mut query = events::table
         .order((events::start_date, events::id))
-        .select((EventRow::as_select(), LocationRow::as_select()))
-        .load(conn)
-        .map_err(StoreError::from)
+        .select(EventRow::as_select())
+        .limit(fetch)
+        .into_boxed();
+    if let Some((start, id)) = after {
+        query = query.filter(
+            events::start_date
+                .gt(*start)
+                .or(events::start_date.eq(*start).and(events::id.gt(id.clone()))),
+        );
+    }
+    let events: Vec<EventRow> = query.load(conn)?;
+    let ids: std::collections::BTreeSet<&str> =
+        events.iter().map(|e| e.location_id.as_str()).collect();
+    let places: std::collections::HashMap<String, LocationRow> = locations::table
+        .filter(locations::id.eq_any(ids))
+        .select(LocationRow::as_select())
+        .load(conn)?
+        .into_iter()
+        .map(|row| (row.id.clone(), row))
+        .collect();
+    // As the inner join did: an event whose location is unknown is not listed.
+    Ok(events
+        .into_iter()
+        .filter_map(|event| {
+            let place = places.get(&event.location_id)?.clone();
+            Some((event, place))
+        })
+        .collect())
 }
 
 pub fn event(

@@ -7,10 +7,45 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions};
 
 use super::codec::message_from;
 use super::connection::AmqpBroker;
-use crate::broker::{dead_letter_queue, redriven, DeadLetters, Message};
+use crate::broker::{dead_letter_queue, redriven, DeadLetters, Listing, ListingBounds, Message};
 use crate::error::BrokerError;
 
 impl DeadLetters for AmqpBroker {
+    /// lapin hands over each letter whole (`basic_get` assembles the body,
+    /// and tells how many letters are left): each is cut at once and its
+    /// whole body dropped before the next is fetched, and none is fetched
+    /// once the bodies fetched reach the bound. At most one whole body is in
+    /// memory at a time.
+    fn list_bounded(
+        &self,
+        queue: &str,
+        bounds: ListingBounds,
+    ) -> BoxFuture<'_, Result<Listing, BrokerError>> {
+        let dlq = dead_letter_queue(queue);
+        async move {
+            let channel = self.inspection_channel().await?;
+            let mut listing = Listing::default();
+            // Held unacked, then all requeued together, as in `list`.
+            while listing.wants_more(&bounds) {
+                let got = channel
+                    .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: false })
+                    .await?;
+                let Some(mut letter) = got else { break };
+                let left = usize::try_from(letter.message_count).unwrap_or(usize::MAX);
+                // The whole body is not copied: cut in place, then the rest freed.
+                let mut body = std::mem::take(&mut letter.delivery.data);
+                let body_bytes = body.len();
+                body.truncate(bounds.body_cut);
+                let mut message = message_from(&letter.delivery);
+                message.body = body;
+                listing.keep(message, body_bytes, left, &bounds);
+            }
+            channel.close(200, "listed".into()).await?;
+            Ok(listing)
+        }
+        .boxed()
+    }
+
     fn list(&self, queue: &str, limit: usize) -> BoxFuture<'_, Result<Vec<Message>, BrokerError>> {
         let dlq = dead_letter_queue(queue);
         async move {
