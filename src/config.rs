@@ -836,10 +836,14 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(error.contains("broker.header_key"), "{error}");
-        let short = Settings::load_with_env(f.path(), env(&[("HERALD__BROKER__HEADER_KEY", "short")]))
-            .unwrap_err()
-            .to_string();
-        assert!(short.contains("broker.header_key") && !short.contains("short\""), "{short}");
+        let short =
+            Settings::load_with_env(f.path(), env(&[("HERALD__BROKER__HEADER_KEY", "short")]))
+                .unwrap_err()
+                .to_string();
+        assert!(
+            short.contains("broker.header_key") && !short.contains("short\""),
+            "{short}"
+        );
         let key = "k".repeat(40);
         let s = Settings::load_with_env(
             f.path(),

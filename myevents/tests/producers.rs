@@ -86,11 +86,20 @@ impl Provisioned {
     /// `[producers]` table naming every provisioned user.
     fn extra(&self, context: &str) -> Extra {
         let mut env = vec![
-            ("HERALD__BROKER__VERIFY_PRODUCERS".to_owned(), "true".to_owned()),
-            ("HERALD__BROKER__HEADER_KEY".to_owned(), HEADER_KEY.to_owned()),
+            (
+                "HERALD__BROKER__VERIFY_PRODUCERS".to_owned(),
+                "true".to_owned(),
+            ),
+            (
+                "HERALD__BROKER__HEADER_KEY".to_owned(),
+                HEADER_KEY.to_owned(),
+            ),
         ];
         for (name, (user, _)) in &self.users {
-            env.push((format!("HERALD__PRODUCERS__{}", name.to_uppercase()), user.clone()));
+            env.push((
+                format!("HERALD__PRODUCERS__{}", name.to_uppercase()),
+                user.clone(),
+            ));
         }
         Extra {
             amqp_url: Some(self.url(context)),
@@ -182,7 +191,12 @@ async fn a_forged_announcement_from_another_user_is_dead_lettered_and_the_normal
     // Someone else (the vhost's admin user) announces it again, 4294967295 seats.
     let guest = vhost.lapin().await;
     let emitter = go_emitter(&guest).await;
-    publish_like_go(&emitter, "eventCreated", &event_created_body(&id, Some(u32::MAX))).await;
+    publish_like_go(
+        &emitter,
+        "eventCreated",
+        &event_created_body(&id, Some(u32::MAX)),
+    )
+    .await;
     let reasons = booking_dead_letters(&vhost, 1).await;
     assert_eq!(reasons.len(), 1, "{reasons:?}");
     assert!(
@@ -194,7 +208,28 @@ async fn a_forged_announcement_from_another_user_is_dead_lettered_and_the_normal
         "herald_untrusted_producers_total{context=\"booking\",event=\"eventCreated\"}",
     )
     .await;
-    assert!(counted.is_some_and(|line| line.ends_with(" 1")), "not counted");
+    assert!(
+        counted.is_some_and(|line| line.ends_with(" 1")),
+        "not counted"
+    );
+
+    // Redriven by an operator (booking republishes it as itself), it is
+    // judged by its first publisher again.
+    let redriven = booking
+        .admin
+        .post_json("/dead-letters/redrive", &serde_json::json!({}))
+        .await;
+    assert_eq!(redriven.json()["redriven"], 1, "{redriven:?}");
+    let judged_again = eventually(LIVENESS, || async {
+        metric(
+            &booking,
+            "herald_untrusted_producers_total{context=\"booking\",event=\"eventCreated\"}",
+        )
+        .await
+        .is_some_and(|line| line.ends_with(" 2"))
+    })
+    .await;
+    assert!(judged_again, "the redriven forgery was not refused again");
 
     // Booking's capacity is still 2; the seats sold reach events.
     let beyond = book(&booking.api, &id, 3).await;
@@ -282,10 +317,7 @@ async fn a_context_user_publishes_only_its_own_events_and_what_it_slips_into_a_q
         .await
         .expect("the default exchange takes it");
     let reasons = booking_dead_letters(&vhost, 1).await;
-    assert!(
-        reasons[0].starts_with("untrusted producer"),
-        "{reasons:?}"
-    );
+    assert!(reasons[0].starts_with("untrusted producer"), "{reasons:?}");
     let unknown = booking.api.get(&bookings_path(&id)).await;
     assert_eq!(unknown.status, 404, "booking must not know {id}");
     booking.terminate().await;
@@ -337,7 +369,11 @@ async fn a_retried_event_keeps_its_producers_verdict_and_is_applied_once() {
     wait_until_settled(&vhost, "booking").await;
     let db = database(&dir, Kind::Booking);
     assert_eq!(ledgers_opened(&db).await, 1, "applied once");
-    let dead = vhost.broker().await.queue_depth("booking.dead-letter").await;
+    let dead = vhost
+        .broker()
+        .await
+        .queue_depth("booking.dead-letter")
+        .await;
     assert_eq!(dead.unwrap(), 0, "the retry kept its verdict");
     let sold = book(&booking.api, &id, 5).await;
     assert_eq!(sold.status, 201, "{sold:?}");

@@ -23,7 +23,9 @@ use futures_util::stream::BoxStream;
 use crate::error::BrokerError;
 
 pub use amqp::{AmqpBroker, AmqpOptions};
-pub(crate) use failure::{dead_letter_message, mark_dead_letter, mark_retry, redriven, retry_message};
+pub(crate) use failure::{
+    dead_letter_message, mark_dead_letter, mark_retry, redriven, retry_message,
+};
 pub use memory::MemoryBroker;
 pub(crate) use seal::HeaderSeal;
 pub use topic::topic_matches;

@@ -47,9 +47,11 @@ impl Trust {
             return Ok(Trust { seal, owners: None });
         }
         if !validates_user_ids {
-            return Err("broker.verify_producers is true, but this transport does not \
+            return Err(
+                "broker.verify_producers is true, but this transport does not \
                         validate who published a message (RabbitMQ does): turn it off"
-                .into());
+                    .into(),
+            );
         }
         let mut verified = BTreeMap::new();
         for event in consumed {
@@ -161,7 +163,11 @@ mod tests {
     #[test]
     fn only_the_owners_user_is_trusted_on_first_delivery() {
         let trust = verifying();
-        for (user, trusted) in [(Some("events"), true), (Some("guest"), false), (None, false)] {
+        for (user, trusted) in [
+            (Some("events"), true),
+            (Some("guest"), false),
+            (None, false),
+        ] {
             let mut message = created(user);
             trust.receive(&mut message);
             let verdict = trust.untrusted(&message);
