@@ -162,6 +162,24 @@ async fn booking_dead_letters(vhost: &TestVhost, n: u32) -> Vec<String> {
         .collect()
 }
 
+/// MyEvents' contexts and the events each owns.
+const MYEVENTS: [(&str, &str); 2] = [
+    ("events", "eventCreated,locationCreated"),
+    ("booking", "eventBooked"),
+];
+
+/// A fresh vhost with `contexts` provisioned, and booking started in it as
+/// its user, verifying producers.
+async fn booking_verifying(
+    contexts: &[(&str, &str)],
+) -> (TestVhost, Provisioned, DataDir, Service) {
+    let vhost = TestVhost::new();
+    let users = Provisioned::new(&vhost, contexts);
+    let dir = DataDir::new();
+    let booking = Service::start_with(Kind::Booking, &vhost, &dir, &users.extra("booking")).await;
+    (vhost, users, dir, booking)
+}
+
 /// One line of a context's `/metrics`, with its value.
 async fn metric(service: &Service, line_start: &str) -> Option<String> {
     let text = service.admin.get("/metrics").await.text();
@@ -172,16 +190,7 @@ async fn metric(service: &Service, line_start: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_forged_announcement_from_another_user_is_dead_lettered_and_the_normal_flow_works() {
-    let vhost = TestVhost::new();
-    let users = Provisioned::new(
-        &vhost,
-        &[
-            ("events", "eventCreated,locationCreated"),
-            ("booking", "eventBooked"),
-        ],
-    );
-    let dir = DataDir::new();
-    let booking = Service::start_with(Kind::Booking, &vhost, &dir, &users.extra("booking")).await;
+    let (vhost, users, dir, booking) = booking_verifying(&MYEVENTS).await;
     let events = Service::start_with(Kind::Events, &vhost, &dir, &users.extra("events")).await;
 
     // The normal flow: announced by events (as its user), sold by booking.
@@ -283,17 +292,9 @@ async fn publish_confirmed(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_context_user_publishes_only_its_own_events_and_what_it_slips_into_a_queue_is_refused() {
-    let vhost = TestVhost::new();
-    let users = Provisioned::new(
-        &vhost,
-        &[
-            ("events", "eventCreated,locationCreated"),
-            ("booking", "eventBooked"),
-            ("ticketing", ""),
-        ],
-    );
-    let dir = DataDir::new();
-    let booking = Service::start_with(Kind::Booking, &vhost, &dir, &users.extra("booking")).await;
+    let [events_owner, booking_owner] = MYEVENTS;
+    let (vhost, users, _dir, booking) =
+        booking_verifying(&[events_owner, booking_owner, ("ticketing", "")]).await;
     let id = fresh_id();
     let body = event_created_body(&id, Some(10));
 
@@ -325,16 +326,7 @@ async fn a_context_user_publishes_only_its_own_events_and_what_it_slips_into_a_q
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_retried_event_keeps_its_producers_verdict_and_is_applied_once() {
-    let vhost = TestVhost::new();
-    let users = Provisioned::new(
-        &vhost,
-        &[
-            ("events", "eventCreated,locationCreated"),
-            ("booking", "eventBooked"),
-        ],
-    );
-    let dir = DataDir::new();
-    let booking = Service::start_with(Kind::Booking, &vhost, &dir, &users.extra("booking")).await;
+    let (vhost, users, dir, booking) = booking_verifying(&MYEVENTS).await;
 
     // Hold booking's database lock: its writer gives up (busy) and the
     // announcement goes through booking's retry queue, republished by
