@@ -32,8 +32,9 @@ fi
 # The largest message body the broker takes; beyond it RabbitMQ closes the
 # publisher's channel, so no consumer's prefetch window ever holds a body
 # herald would refuse anyway. herald's limit is broker.max_body_bytes
-# (1 MiB unless set): pass a raised one as HERALD_MAX_MESSAGE_BYTES.
-max_message_size=${HERALD_MAX_MESSAGE_BYTES:-1048576}
+# (1 MiB unless set): a raised one is read from HERALD__BROKER__MAX_BODY_BYTES,
+# or give the broker's limit as HERALD_MAX_MESSAGE_BYTES.
+max_message_size=${HERALD_MAX_MESSAGE_BYTES:-${HERALD__BROKER__MAX_BODY_BYTES:-1048576}}
 if ! [[ "$max_message_size" =~ ^[0-9]+$ ]] || [ "$max_message_size" -lt 1 ] ||
    [ "$max_message_size" -gt 536870912 ]; then
   log "HERALD_MAX_MESSAGE_BYTES must be between 1 and 536870912 (RabbitMQ's ceiling)"
