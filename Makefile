@@ -4,11 +4,18 @@
 CARGO ?= cargo
 export RUST_BACKTRACE ?= 1
 
-.PHONY: services test-tools run run-demo demo test fmt lint bench check clean
+.PHONY: services provision test-tools run run-demo demo test fmt lint bench check clean
 
 ## Install (from Debian) and start RabbitMQ on loopback; wait until it answers.
 services:
 	./scripts/services.sh
+
+## One RabbitMQ user per MyEvents context in VHOST (default /), each allowed
+## to publish only its own events; new users' passwords are printed once.
+## Other contexts: ./scripts/provision.sh -p VHOST CONTEXT=EVENT,EVENT ...
+VHOST ?= /
+provision: services
+	./scripts/provision.sh -p '$(VHOST)'
 
 ## MyEvents: the booking and events contexts; Ctrl-C stops both.
 run: services

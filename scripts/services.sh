@@ -28,4 +28,32 @@ if ! rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
   log "rabbitmq did not answer: see /var/log/rabbitmq/"
   exit 1
 fi
-log "rabbitmq answers on amqp://127.0.0.1:5672"
+
+# The largest message body the broker takes; beyond it RabbitMQ closes the
+# publisher's channel, so no consumer's prefetch window ever holds a body
+# herald would refuse anyway. herald's limit is broker.max_body_bytes
+# (1 MiB unless set): a raised one is read from HERALD__BROKER__MAX_BODY_BYTES,
+# or give the broker's limit as HERALD_MAX_MESSAGE_BYTES.
+max_message_size=${HERALD_MAX_MESSAGE_BYTES:-${HERALD__BROKER__MAX_BODY_BYTES:-1048576}}
+if ! [[ "$max_message_size" =~ ^[0-9]+$ ]] || [ "$max_message_size" -lt 1 ] ||
+   [ "$max_message_size" -gt 536870912 ]; then
+  log "HERALD_MAX_MESSAGE_BYTES must be between 1 and 536870912 (RabbitMQ's ceiling)"
+  exit 64
+fi
+# The running node reads it whenever a channel opens (connections already
+# open keep their limit until they reconnect) ...
+if [ "$(rabbitmqctl -q eval 'application:get_env(rabbit, max_message_size).')" != "{ok,$max_message_size}" ]; then
+  rabbitmqctl -q eval "ok = application:set_env(rabbit, max_message_size, $max_message_size)." >/dev/null
+  log "max_message_size set to $max_message_size bytes"
+fi
+# ... and rabbitmq.conf keeps it across restarts.
+conf=${RABBITMQ_CONFIG_FILE:-/etc/rabbitmq/rabbitmq.conf}
+conf=${conf%.conf}.conf
+if ! grep -qx "max_message_size = $max_message_size" "$conf" 2>/dev/null; then
+  mkdir -p "$(dirname "$conf")"
+  touch "$conf"
+  sed -i '/^[[:space:]]*max_message_size[[:space:]]*=/d' "$conf"
+  echo "max_message_size = $max_message_size" >>"$conf"
+fi
+
+log "rabbitmq answers on amqp://127.0.0.1:5672 (max_message_size $max_message_size bytes)"

@@ -51,6 +51,11 @@ pub struct Settings {
     /// `[retry]`: failed deliveries.
     #[serde(default)]
     pub retry: RetrySettings,
+    /// `[producers]`: context name -> the broker user it publishes as (a
+    /// context missing here publishes as the user named like it). Read
+    /// when `broker.verify_producers` is on.
+    #[serde(default)]
+    pub producers: std::collections::BTreeMap<String, String>,
 }
 
 /// Failed deliveries: retried through delay queues, then dead-lettered.
@@ -196,6 +201,18 @@ pub struct BrokerSettings {
     /// connection keeps 64 frames of buffers, so RabbitMQ's 128 KiB default
     /// costs 8 MiB per connection. Larger bodies go as several frames.
     pub frame_max: u32,
+    /// Dead-letter at once every event whose AMQP `user_id` (validated by
+    /// RabbitMQ) is not its owning context's user (`[producers]`). Off by
+    /// default: the book's Go services set no `user_id`.
+    pub verify_producers: bool,
+    /// The HMAC-SHA256 key herald seals its own `x-herald-*` headers with
+    /// (attempts, failures, the first publisher), at least 32 characters,
+    /// the same for every instance of a context. Secret: serialized as
+    /// `***`. Unset: a key drawn at start, so retried messages count as
+    /// first attempts again after a restart; required with
+    /// `verify_producers`.
+    #[serde(serialize_with = "redacted_secret")]
+    pub header_key: Option<SecretString>,
 }
 
 /// `broker.frame_max` unless set: 16 KiB, 1 MiB of buffers per connection.
@@ -210,6 +227,8 @@ impl Default for BrokerSettings {
             heartbeat: Duration::from_secs(30),
             max_body_bytes: 1024 * 1024,
             frame_max: DEFAULT_FRAME_MAX,
+            verify_producers: false,
+            header_key: None,
         }
     }
 }
@@ -223,6 +242,8 @@ impl std::fmt::Debug for BrokerSettings {
             .field("heartbeat", &self.heartbeat)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("frame_max", &self.frame_max)
+            .field("verify_producers", &self.verify_producers)
+            .field("header_key", &self.header_key.as_ref().map(|_| "***"))
             .finish()
     }
 }
@@ -476,7 +497,14 @@ impl Settings {
             outbox: OutboxSettings::default(),
             event_store: EventStoreSettings::default(),
             retry: RetrySettings::default(),
+            producers: std::collections::BTreeMap::new(),
         }
+    }
+
+    /// The broker user `context` publishes as: its `[producers]` entry, else
+    /// the context's name.
+    pub fn producer_user<'a>(&'a self, context: &'a str) -> &'a str {
+        self.producers.get(context).map_or(context, String::as_str)
     }
 
     /// Checks every value's range (loading does it already).
@@ -527,6 +555,7 @@ impl Settings {
         if self.broker.heartbeat.as_secs() > u64::from(u16::MAX) {
             return invalid("broker.heartbeat", "must be at most 65535 s");
         }
+        self.validate_trust()?;
         let rt = &self.runtime;
         if rt.shards == 0 || rt.shards > 1024 {
             return invalid("runtime.shards", "must be between 1 and 1024");
@@ -635,6 +664,42 @@ impl Settings {
         }
         if self.admin.restart_interval.is_zero() {
             return invalid("admin.restart_interval", "must be above 0".into());
+        }
+        Ok(())
+    }
+}
+
+impl Settings {
+    fn validate_trust(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        match &self.broker.header_key {
+            Some(key) if key.expose_secret().trim() != key.expose_secret() => {
+                return invalid("broker.header_key", "must not start or end with whitespace");
+            }
+            Some(key) if key.expose_secret().chars().count() < 32 => {
+                return invalid("broker.header_key", "must be at least 32 characters");
+            }
+            None if self.broker.verify_producers => {
+                return invalid(
+                    "broker.header_key",
+                    "is required with broker.verify_producers = true: retried events keep \
+                     their producer's verdict only under a key every instance shares",
+                );
+            }
+            _ => {}
+        }
+        for (context, user) in &self.producers {
+            if context.is_empty() || user.is_empty() || user.trim() != user {
+                return invalid(
+                    "producers",
+                    "each entry maps a context name to a non-empty broker user without surrounding whitespace",
+                );
+            }
         }
         Ok(())
     }
@@ -814,6 +879,45 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("max_attempts"), "{error}");
+    }
+
+    #[test]
+    fn producer_verification_needs_a_header_key_and_shows_it_redacted() {
+        let f = file("[context]\nname = \"booking\"\n");
+        let s = Settings::load_with_env(f.path(), env(&[])).unwrap();
+        assert!(!s.broker.verify_producers, "off by default");
+        assert_eq!(s.producer_user("events"), "events");
+        let error = Settings::load_with_env(
+            f.path(),
+            env(&[("HERALD__BROKER__VERIFY_PRODUCERS", "true")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("broker.header_key"), "{error}");
+        let short =
+            Settings::load_with_env(f.path(), env(&[("HERALD__BROKER__HEADER_KEY", "short")]))
+                .unwrap_err()
+                .to_string();
+        assert!(
+            short.contains("broker.header_key") && !short.contains("short\""),
+            "{short}"
+        );
+        let key = "k".repeat(40);
+        let s = Settings::load_with_env(
+            f.path(),
+            env(&[
+                ("HERALD__BROKER__VERIFY_PRODUCERS", "true"),
+                ("HERALD__BROKER__HEADER_KEY", &key),
+                ("HERALD__PRODUCERS__EVENTS", "events-svc"),
+            ]),
+        )
+        .unwrap();
+        assert!(s.broker.verify_producers);
+        assert_eq!(s.producer_user("events"), "events-svc");
+        assert_eq!(s.producer_user("booking"), "booking");
+        let shown = serde_json::to_string(&s).unwrap() + &format!("{s:?}");
+        assert!(!shown.contains(&key), "{shown}");
+        assert!(shown.contains("\"header_key\":\"***\""), "{shown}");
     }
 
     #[test]

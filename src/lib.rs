@@ -21,7 +21,8 @@
 //!   `DeadLetters` seam, [`AmqpBroker`] (lapin: a publishing and a consuming
 //!   connection, topology, confirms, coalesced acks, retry and dead-letter
 //!   queues, reconnect), [`MemoryBroker`] (in-process, same
-//!   semantics), header names, [`escape`] for untrusted text in logs.
+//!   semantics), header names and their seals (HMAC of herald's own
+//!   `x-herald-*` headers), [`escape`] for untrusted text in logs.
 //! - `event.rs`: the [`Event`] trait, [`Envelope`] and [`Metadata`], the wire codec.
 //! - [`aggregate`]: event-sourced aggregates (decide / apply), upcasting, the
 //!   given/when/then [`aggregate::Scenario`].
@@ -29,7 +30,8 @@
 //!   group-commit writer thread with its aggregate cache), the event store,
 //!   repository, projections, outbox, inbox, idempotency keys.
 //! - `runtime/`: [`ContextBuilder`] and [`Context`]; intake (subscription kept
-//!   alive) and the consumer actor that settles every delivery, the
+//!   alive) and the consumer actor that settles every delivery, trust (sealed
+//!   headers, producers verified against each event's owner), the
 //!   dispatcher, shard actors, supervision (restart policy, one backoff,
 //!   escalation), mailbox counters and log lines, the outbox relay actor,
 //!   AsyncAPI, metrics, shutdown.

@@ -18,24 +18,36 @@ pub(crate) fn redriven(mut message: Message) -> Message {
 /// The message as it goes to a dead-letter queue: the original with the reason,
 /// the attempts, where it first came from and when it first failed, in
 /// `x-herald-*` headers.
-pub(crate) fn dead_letter_message(message: Message, reason: String, attempts: u32) -> Message {
-    let mut message = failed_message(message, reason, attempts);
-    message.headers.remove(headers::LAST_ERROR);
+pub(crate) fn dead_letter_message(mut message: Message, reason: String, attempts: u32) -> Message {
+    mark_dead_letter(&mut message, reason, attempts);
     message
+}
+
+/// [`dead_letter_message`]'s headers, written into `message`.
+pub(crate) fn mark_dead_letter(message: &mut Message, reason: String, attempts: u32) {
+    mark_failed(message, reason, attempts);
+    message.headers.remove(headers::LAST_ERROR);
 }
 
 /// The message as it goes to a retry queue: attempts so far, the last error,
 /// the first failure and the original routing key kept for its dead letter.
-pub(crate) fn retry_message(message: Message, reason: String, attempts: u32) -> Message {
-    let mut message = failed_message(message, reason, attempts);
+pub(crate) fn retry_message(mut message: Message, reason: String, attempts: u32) -> Message {
+    mark_retry(&mut message, reason, attempts);
+    message
+}
+
+/// [`retry_message`]'s headers, written into `message`. Writing them again
+/// changes nothing: the consumer writes and seals them before the transport
+/// builds the copy the same way.
+pub(crate) fn mark_retry(message: &mut Message, reason: String, attempts: u32) {
+    mark_failed(message, reason, attempts);
     let h = &mut message.headers;
     if let Some(error) = h.remove(headers::ERROR) {
         h.insert(headers::LAST_ERROR.into(), error);
     }
-    message
 }
 
-fn failed_message(mut message: Message, reason: String, attempts: u32) -> Message {
+fn mark_failed(message: &mut Message, reason: String, attempts: u32) {
     let h = &mut message.headers;
     h.insert(headers::ERROR.into(), reason);
     h.insert(headers::ATTEMPTS.into(), attempts.to_string());
@@ -45,7 +57,6 @@ fn failed_message(mut message: Message, reason: String, attempts: u32) -> Messag
     h.entry(headers::FIRST_FAILURE.into())
         .or_insert_with(|| chrono::Utc::now().to_rfc3339());
     message.persistent = true;
-    message
 }
 
 #[cfg(test)]

@@ -21,3 +21,11 @@ pub const ORIGINAL_ROUTING_KEY: &str = "x-herald-original-routing-key";
 pub const FIRST_FAILURE: &str = "x-herald-first-failure";
 /// The error of the last failed attempt, on a message waiting to be retried.
 pub const LAST_ERROR: &str = "x-herald-last-error";
+/// The first publisher's AMQP `user_id` (empty when it set none), kept on
+/// herald's retry and dead-letter copies, which herald publishes as itself.
+pub const PRODUCER_USER: &str = "x-herald-producer-user";
+/// herald's seals of its own `x-herald-*` headers (`name=mac;...`): a
+/// header without a valid seal is dropped on delivery.
+pub const SEAL: &str = "x-herald-seal";
+/// Headers with this prefix are herald's own; no one else may set them.
+pub const HERALD_PREFIX: &str = "x-herald-";

@@ -9,6 +9,7 @@ mod amqp;
 mod failure;
 pub mod headers;
 mod memory;
+mod seal;
 mod topic;
 
 use std::borrow::Cow;
@@ -22,8 +23,11 @@ use futures_util::stream::BoxStream;
 use crate::error::BrokerError;
 
 pub use amqp::{AmqpBroker, AmqpOptions};
-pub(crate) use failure::{dead_letter_message, redriven, retry_message};
+pub(crate) use failure::{
+    dead_letter_message, mark_dead_letter, mark_retry, redriven, retry_message,
+};
 pub use memory::MemoryBroker;
+pub(crate) use seal::HeaderSeal;
 pub use topic::topic_matches;
 
 /// The content type of every body herald writes.
@@ -46,6 +50,11 @@ pub struct Message {
     pub body: Vec<u8>,
     /// Survives a broker restart (AMQP `delivery_mode = 2`).
     pub persistent: bool,
+    /// Who published it (AMQP `user_id`). RabbitMQ refuses a `user_id` other
+    /// than the publishing connection's user, so on a delivery from it this
+    /// names the publisher; herald publishes with its own connection's user
+    /// whatever this holds.
+    pub user_id: Option<String>,
 }
 
 impl Message {
@@ -59,6 +68,7 @@ impl Message {
             headers: BTreeMap::new(),
             body,
             persistent: false,
+            user_id: None,
         }
     }
 
@@ -74,6 +84,7 @@ impl fmt::Debug for Message {
         f.debug_struct("Message")
             .field("routing_key", &escape(&self.routing_key))
             .field("message_id", &self.message_id)
+            .field("user_id", &self.user_id.as_deref().map(escape))
             .field("headers", &self.headers.len())
             .field("body_bytes", &self.body.len())
             .finish()
@@ -397,6 +408,13 @@ pub trait DeadLetters: Send + Sync + 'static {
 pub trait Subscriber: Send + Sync + 'static {
     /// Declares the group's queue and bindings (and its dead-letter queue), then consumes.
     fn subscribe(&self, spec: SubscribeSpec) -> BoxFuture<'_, Result<Subscription, BrokerError>>;
+
+    /// Whether the transport proves who published a delivery
+    /// ([`Message::user_id`] is the publisher's, checked by the broker).
+    /// `broker.verify_producers` needs it.
+    fn validates_user_ids(&self) -> bool {
+        false
+    }
 }
 
 /// Untrusted text in a log line is cut to this many characters.

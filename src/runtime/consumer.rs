@@ -15,6 +15,7 @@ use super::handler::{Decoded, Routes};
 use super::mailbox::{ActorState, ActorStats};
 use super::metrics::{Fate, Metrics};
 use super::shard::Outcome;
+use super::trust::Trust;
 use crate::broker::{escape, headers};
 use crate::broker::{Delivery, DeliveryStream, Settlement};
 use crate::config::RetrySettings;
@@ -72,6 +73,7 @@ pub(crate) struct ConsumerParts {
     pub(crate) dispatcher: Arc<Dispatcher>,
     pub(crate) in_flight: InFlight,
     pub(crate) stats: Arc<ActorStats>,
+    pub(crate) trust: Arc<Trust>,
 }
 
 pub(crate) struct Consumer {
@@ -83,6 +85,7 @@ pub(crate) struct Consumer {
     dispatcher: Arc<Dispatcher>,
     in_flight: InFlight,
     stats: Arc<ActorStats>,
+    trust: Arc<Trust>,
     deliveries: Option<DeliveryStream>,
     /// Fired when the actor stops: intake decides whether to resubscribe.
     stopped: Option<oneshot::Sender<()>>,
@@ -103,12 +106,15 @@ impl Consumer {
             dispatcher: parts.dispatcher,
             in_flight: parts.in_flight,
             stats: parts.stats,
+            trust: parts.trust,
             deliveries: Some(deliveries),
             stopped: Some(stopped),
         }
     }
 
-    fn accept(&mut self, delivery: Delivery, ctx: &mut Context<Self>) {
+    fn accept(&mut self, mut delivery: Delivery, ctx: &mut Context<Self>) {
+        // Before anything reads them: herald's headers count only if herald sealed them.
+        self.trust.receive(&mut delivery.message);
         let attempt = attempt_of(&delivery);
         // Only known names become label values: the header is untrusted input.
         let event = self
@@ -116,28 +122,34 @@ impl Consumer {
             .label(delivery.message.header(headers::EVENT_NAME));
         self.metrics.received(event);
         let size = delivery.message.body.len();
+        let untrusted = self.trust.untrusted(&delivery.message);
         let decoded = if size > self.max_body_bytes {
             Err(CodecError::TooLarge {
                 size,
                 limit: self.max_body_bytes,
-            })
+            }
+            .to_string())
+        } else if let Some(reason) = untrusted {
+            self.metrics.untrusted(event);
+            Err(reason)
         } else {
             Envelope::from_message(&delivery.message)
+                .and_then(|envelope| {
+                    self.routes
+                        .decode(envelope, delivery.redelivered, attempt, &self.context)
+                })
+                .map_err(|error| error.to_string())
         };
-        let decoded = decoded.and_then(|envelope| {
-            self.routes
-                .decode(envelope, delivery.redelivered, attempt, &self.context)
-        });
         let decoded = match decoded {
             Ok(decoded) => decoded,
-            Err(error) => {
+            Err(reason) => {
                 // Cannot heal by retrying: dead-letter at once, never crash.
                 let guard = self.in_flight.enter();
                 let stats = self.stats.clone();
                 let context = self.context.clone();
+                let trust = self.trust.clone();
                 self.metrics.settled(event, Fate::DeadLettered);
                 actix::spawn(async move {
-                    let reason = error.to_string();
                     log::warn!(
                         target: "herald::consumer",
                         "context={} routing_key={} id={} dead-lettered: {}",
@@ -150,7 +162,7 @@ impl Consumer {
                         reason,
                         attempts: attempt,
                     };
-                    let ok = settle(&context, delivery, dead).await;
+                    let ok = settle(&context, &trust, delivery, dead).await;
                     stats.finished(ok, Duration::ZERO);
                     drop(guard);
                 });
@@ -183,7 +195,7 @@ impl Consumer {
         let event = decoded.name;
         let reply = shard.send(decoded, slot);
         actix::spawn(settle_when_done(
-            self.context.clone(),
+            (self.context.clone(), self.trust.clone()),
             (self.metrics.clone(), event),
             self.retry.clone(),
             self.stats.clone(),
@@ -196,16 +208,18 @@ impl Consumer {
     /// Shutting down: the shards are closed, so the broker gets it back.
     fn requeue_unrouted(&mut self, delivery: Delivery) {
         let guard = self.in_flight.enter();
-        let context = self.context.clone();
+        let (context, trust) = (self.context.clone(), self.trust.clone());
         self.stats.finished(false, Duration::ZERO);
         actix::spawn(async move {
-            settle(&context, delivery, Settlement::Requeue).await;
+            settle(&context, &trust, delivery, Settlement::Requeue).await;
             drop(guard);
         });
     }
 }
 
-/// Which delivery of its message this is: failed attempts travel in a header.
+/// Which delivery of its message this is: failed attempts travel in a
+/// header, believed only when herald sealed it ([`Trust::receive`] dropped
+/// any other).
 fn attempt_of(delivery: &Delivery) -> u32 {
     delivery
         .message
@@ -238,7 +252,7 @@ pub(crate) fn after_failure(
 }
 
 async fn settle_when_done(
-    context: Arc<str>,
+    (context, trust): (Arc<str>, Arc<Trust>),
     (metrics, event): (Arc<Metrics>, &'static str),
     retry: Arc<RetrySettings>,
     stats: Arc<ActorStats>,
@@ -250,7 +264,7 @@ async fn settle_when_done(
     let (reason, permanent) = match reply.await {
         Ok(Outcome::Done) => {
             metrics.settled(event, Fate::Acked);
-            let settled = settle(&context, delivery, Settlement::Ack).await;
+            let settled = settle(&context, &trust, delivery, Settlement::Ack).await;
             stats.finished(settled, Duration::ZERO);
             return;
         }
@@ -266,7 +280,7 @@ async fn settle_when_done(
                 context,
                 escape(delivery.message.message_id.as_deref().unwrap_or("-"))
             );
-            settle(&context, delivery, Settlement::Requeue).await;
+            settle(&context, &trust, delivery, Settlement::Requeue).await;
             stats.finished(false, Duration::ZERO);
             return;
         }
@@ -289,12 +303,19 @@ async fn settle_when_done(
             escape(reason)
         );
     }
-    settle(&context, delivery, settlement).await;
+    settle(&context, &trust, delivery, settlement).await;
     stats.finished(false, Duration::ZERO);
 }
 
-/// Settles a delivery; a failure only logs: the broker redelivers what it did not hear about.
-async fn settle(context: &str, delivery: Delivery, settlement: Settlement) -> bool {
+/// Settles a delivery, a retry or dead-letter copy with herald's headers
+/// sealed; a failure only logs: the broker redelivers what it did not hear about.
+async fn settle(
+    context: &str,
+    trust: &Trust,
+    mut delivery: Delivery,
+    settlement: Settlement,
+) -> bool {
+    trust.seal_copy(&mut delivery.message, &settlement);
     let id = delivery.message.message_id.clone();
     match delivery.settle(settlement).await {
         Ok(()) => true,

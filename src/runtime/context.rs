@@ -16,6 +16,7 @@ use super::mailbox::{ActorSnapshot, ActorStats, MailboxLogger};
 use super::metrics::{Metrics, OutboxCounts};
 use super::relay::{Relay, RelayParts, StopRelay};
 use super::supervisor::{Backoff, Escalated, Escalation, Restart, RestartPolicy};
+use super::trust::Trust;
 use crate::broker::{DeadLetters, Publisher, SubscribeSpec, Subscriber};
 use crate::config::Settings;
 use crate::error::{Error, HandlerError};
@@ -51,6 +52,8 @@ pub struct ContextBuilder {
     store: Option<Db>,
     publishes: Vec<Documented>,
     consumes: Vec<Documented>,
+    /// Event name -> the context that owns it (producer verification).
+    owners: BTreeMap<String, String>,
 }
 
 impl ContextBuilder {
@@ -62,6 +65,7 @@ impl ContextBuilder {
             store: None,
             publishes: Vec::new(),
             consumes: Vec::new(),
+            owners: BTreeMap::new(),
         }
     }
 
@@ -117,6 +121,16 @@ impl ContextBuilder {
         self
     }
 
+    /// Names `context` as the owner of the consumed event `E`: with
+    /// `broker.verify_producers` on, an `E` whose first publisher is not that
+    /// context's broker user (`[producers]`) is dead-lettered as an
+    /// untrusted producer. Verification needs an owner for every consumed event.
+    #[must_use]
+    pub fn owned_by<E: Event>(mut self, context: &str) -> Self {
+        self.owners.insert(E::NAME.to_owned(), context.to_owned());
+        self
+    }
+
     /// Gives the context a database: its outbox is published by a supervised
     /// relay actor, and old outbox and inbox rows are pruned.
     #[must_use]
@@ -142,6 +156,16 @@ impl ContextBuilder {
                 reason: "apply_once handlers need a database: call ContextBuilder::store".into(),
             });
         }
+        let trust = Trust::new(
+            &settings,
+            &self.owners,
+            &self.routes.names(),
+            broker.validates_user_ids(),
+        )
+        .map_err(|reason| Error::Context {
+            context: name.to_string(),
+            reason,
+        })?;
         let rt = &settings.runtime;
         let arbiters: Vec<Arbiter> = (0..rt.workers).map(|_| Arbiter::new()).collect();
         let handles: Vec<ArbiterHandle> = arbiters.iter().map(Arbiter::handle).collect();
@@ -178,6 +202,7 @@ impl ContextBuilder {
             dispatcher: dispatcher.clone(),
             in_flight: in_flight.clone(),
             stats: consumer_stats.clone(),
+            trust: Arc::new(trust),
         };
         let intake = match Intake::start(broker.clone(), spec, parts, Backoff::new(rt)).await {
             Ok(intake) => intake,

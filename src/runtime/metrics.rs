@@ -37,6 +37,7 @@ pub struct Metrics {
     failed: IntCounterVec,
     retried: IntCounterVec,
     dead_lettered: IntCounterVec,
+    untrusted: IntCounterVec,
     handler_seconds: HistogramVec,
     mailbox_depth: IntGaugeVec,
     restarts: IntCounterVec,
@@ -116,6 +117,12 @@ impl Metrics {
                 &r,
                 "herald_messages_dead_lettered_total",
                 "Deliveries sent to the dead-letter queue",
+                &by_event,
+            ),
+            untrusted: counter(
+                &r,
+                "herald_untrusted_producers_total",
+                "Deliveries dead-lettered because their publisher is not the event's owner",
                 &by_event,
             ),
             handler_seconds,
@@ -227,6 +234,13 @@ impl Metrics {
             Fate::DeadLettered => &self.dead_lettered,
         };
         counter.with_label_values(&[&self.context, event]).inc();
+    }
+
+    /// Counts a delivery refused as published by someone other than its owner.
+    pub(crate) fn untrusted(&self, event: &str) {
+        self.untrusted
+            .with_label_values(&[&self.context, event])
+            .inc();
     }
 
     pub(crate) fn handled(&self, event: &str, seconds: f64) {

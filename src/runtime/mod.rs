@@ -12,6 +12,7 @@ mod relay;
 mod shard;
 mod shutdown;
 mod supervisor;
+mod trust;
 
 pub use context::{Context, ContextBuilder, ContextHandle};
 pub use handler::MessageContext;

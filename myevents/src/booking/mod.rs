@@ -45,6 +45,8 @@ pub fn handlers(builder: ContextBuilder, service: &Service) -> ContextBuilder {
     let db = service.db.clone();
     builder
         .publishes::<crate::contract::EventBooked>()
+        .owned_by::<EventCreated>("events")
+        .owned_by::<LocationCreated>("events")
         .handle(move |created: EventCreated, message: MessageContext| {
             let (service, views) = (events_service.clone(), events_views.clone());
             async move { open_ledger(&service, &views, created, &message).await }

@@ -29,6 +29,7 @@ pub fn handlers(builder: ContextBuilder, service: &Service) -> ContextBuilder {
     builder
         .publishes::<LocationCreated>()
         .publishes::<EventCreated>()
+        .owned_by::<EventBooked>("booking")
         .apply_once(
             move |booked: EventBooked, message: &MessageContext, conn: &mut SqliteConnection| {
                 count_seats(&views, booked, message, conn)

@@ -48,6 +48,8 @@ pub struct Extra {
     pub rust_log: Option<String>,
     /// `HERALD_FAILPOINTS`: crash points to arm (the test build has them).
     pub failpoints: Option<String>,
+    /// Further settings as `HERALD__SECTION__KEY` variables.
+    pub env: Vec<(String, String)>,
 }
 
 /// Writes (again) the config of `kind` in `dir`: the vhost, port 0, the
@@ -174,6 +176,7 @@ impl Service {
         if let Some(points) = &extra.failpoints {
             command.env("HERALD_FAILPOINTS", points);
         }
+        command.envs(extra.env.iter().map(|(k, v)| (k, v)));
         let mut child = command
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", kind.exe()));

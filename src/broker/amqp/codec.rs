@@ -71,6 +71,9 @@ pub(super) fn properties(message: &Message) -> BasicProperties {
     if let Some(timestamp) = message.timestamp {
         properties = properties.with_timestamp(timestamp);
     }
+    if let Some(user) = &message.user_id {
+        properties = properties.with_user_id(user.as_str().into());
+    }
     properties
 }
 
@@ -82,6 +85,7 @@ pub(super) fn message_from(delivery: &lapin::message::Delivery) -> Message {
     message.timestamp = *p.timestamp();
     message.content_type = p.content_type().as_ref().map(|ct| ct.to_string());
     message.persistent = *p.delivery_mode() == Some(PERSISTENT);
+    message.user_id = p.user_id().as_ref().map(|user| user.to_string());
     if let Some(table) = p.headers() {
         for (name, value) in table.inner() {
             if let Some(text) = header_text(value) {
@@ -162,6 +166,7 @@ mod tests {
         message.timestamp = Some(1_700_000_000);
         message.content_type = Some("application/json".into());
         message.persistent = true;
+        message.user_id = Some("events".into());
         message
             .headers
             .insert("x-event-name".into(), "eventCreated".into());

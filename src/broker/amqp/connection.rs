@@ -103,6 +103,9 @@ pub(super) struct Inner {
     /// duplicate) while an unroutable one succeeded (and was lost).
     pub(super) publish_lock: tokio::sync::Mutex<()>,
     pub(super) exchange: String,
+    /// The user this connection logged in as: every publish names it as its
+    /// `user_id`, which the broker validates.
+    pub(super) user: String,
     /// This connection's resource alarm (`connection.blocked`): publishing
     /// waits. Per connection, so a dying one cannot clear what its successor
     /// reported.
@@ -127,6 +130,7 @@ impl Inner {
             })?;
         uri.query.heartbeat = Some(options.heartbeat_secs);
         uri.query.frame_max = Some(options.frame_max);
+        let user = uri.authority.userinfo.username.clone();
         let name = format!("{} ({})", options.connection_name, role.suffix());
         let properties = ConnectionProperties::default().with_connection_name(name.into());
         let connection = Connection::connect_uri(uri, properties).await?;
@@ -145,6 +149,7 @@ impl Inner {
             publisher,
             publish_lock: tokio::sync::Mutex::new(()),
             exchange: options.exchange.clone(),
+            user,
             blocked,
         })
     }

@@ -29,6 +29,14 @@ const MANDATORY: BasicPublishOptions = BasicPublishOptions {
 };
 
 impl Inner {
+    /// The AMQP properties `message` goes out with, as this connection's
+    /// user: RabbitMQ closes the channel of a publish whose `user_id` is
+    /// another's, and herald's retry and dead-letter copies carry the
+    /// original publisher's.
+    fn properties(&self, message: &Message) -> lapin::BasicProperties {
+        properties(message).with_user_id(self.user.as_str().into())
+    }
+
     /// Publishes one message on the confirm-mode channel and waits for its confirm.
     pub(super) async fn publish(
         &self,
@@ -48,7 +56,7 @@ impl Inner {
                     routing_key.into(),
                     MANDATORY,
                     &message.body,
-                    properties(message),
+                    self.properties(message),
                 )
                 .await?
                 .await
@@ -134,7 +142,7 @@ impl Inner {
                         message.routing_key.as_str().into(),
                         MANDATORY,
                         &message.body,
-                        properties(message),
+                        self.properties(message),
                     )
                     .await;
                 match published {

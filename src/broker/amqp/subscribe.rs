@@ -79,6 +79,12 @@ impl Subscriber for AmqpBroker {
         }
         .boxed()
     }
+
+    /// RabbitMQ closes the channel of a publish whose `user_id` is not the
+    /// publishing connection's user.
+    fn validates_user_ids(&self) -> bool {
+        true
+    }
 }
 
 /// Cancels or closes one subscription's consumer on its own channel.
