@@ -91,13 +91,41 @@ pub fn append(
     expected_version: i64,
     events: &[NewEvent],
 ) -> Result<Vec<RecordedEvent>, StoreError> {
-    let version_conflict = || StoreError::VersionConflict {
-        stream: stream_id.to_owned(),
-        expected: expected_version,
-    };
-    if stream_version(conn, stream_id)? != expected_version {
-        return Err(version_conflict());
+    expect_version(conn, stream_id, expected_version)?;
+    append_after(conn, stream_id, expected_version, events)
+}
+
+/// [`StoreError::VersionConflict`] unless `stream_id` is at `expected`.
+pub(crate) fn expect_version(
+    conn: &mut SqliteConnection,
+    stream_id: &str,
+    expected: i64,
+) -> Result<(), StoreError> {
+    if stream_version(conn, stream_id)? == expected {
+        Ok(())
+    } else {
+        Err(version_conflict(stream_id, expected))
     }
+}
+
+fn version_conflict(stream: &str, expected: i64) -> StoreError {
+    StoreError::VersionConflict {
+        stream: stream.to_owned(),
+        expected,
+    }
+}
+
+/// [`append`] after `version`, which the caller read from the store in this
+/// same transaction, so it is not read again (on the writer that read is a
+/// tenth of a unit's work). The (stream, version) unique index still turns a
+/// racing writer into a [`StoreError::VersionConflict`].
+pub(crate) fn append_after(
+    conn: &mut SqliteConnection,
+    stream_id: &str,
+    version: i64,
+    events: &[NewEvent],
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    let expected_version = version;
     let recorded_at = now_ms();
     let mut recorded = Vec::with_capacity(events.len());
     for (offset, event) in (1..).zip(events) {
@@ -120,7 +148,7 @@ pub fn append(
             .get_result(conn)
             .map_err(|error| match StoreError::from(error) {
                 StoreError::Conflict(index) if index.contains("stream_version") => {
-                    version_conflict()
+                    version_conflict(stream_id, expected_version)
                 }
                 other => other,
             })?;

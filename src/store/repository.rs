@@ -91,6 +91,28 @@ pub fn save<A: Aggregate>(
     metadata: &EventMetadata,
     snapshot_every: u32,
 ) -> Result<Vec<RecordedEvent>, StoreError> {
+    event_store::expect_version(conn, &A::stream_id(id), expected_version)?;
+    save_after(
+        conn,
+        id,
+        expected_version,
+        state_after,
+        events,
+        metadata,
+        snapshot_every,
+    )
+}
+
+/// [`save`] after a version read in this same transaction (not read again).
+fn save_after<A: Aggregate>(
+    conn: &mut SqliteConnection,
+    id: &str,
+    expected_version: i64,
+    state_after: &A,
+    events: &[A::Event],
+    metadata: &EventMetadata,
+    snapshot_every: u32,
+) -> Result<Vec<RecordedEvent>, StoreError> {
     let stream = A::stream_id(id);
     let new: Vec<NewEvent> = events
         .iter()
@@ -106,7 +128,7 @@ pub fn save<A: Aggregate>(
             })
         })
         .collect::<Result<_, StoreError>>()?;
-    let recorded = event_store::append(conn, &stream, expected_version, &new)?;
+    let recorded = event_store::append_after(conn, &stream, expected_version, &new)?;
     let version = expected_version + recorded.len() as i64;
     let every = i64::from(snapshot_every);
     if every > 0 && version / every > expected_version / every {
@@ -157,7 +179,7 @@ pub fn record<A: Aggregate>(
         .map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let stream = A::stream_id(id);
     let version = event_store::stream_version(conn, &stream)?;
-    let mut recorded = event_store::append(conn, &stream, version, &[event])?;
+    let mut recorded = event_store::append_after(conn, &stream, version, &[event])?;
     recorded
         .pop()
         .ok_or_else(|| StoreError::Corrupt("nothing recorded".into()))
@@ -297,7 +319,7 @@ fn decide<A: Aggregate>(
     for event in &events {
         state.apply(event);
     }
-    let recorded = save::<A>(
+    let recorded = save_after::<A>(
         session.conn,
         id,
         version,

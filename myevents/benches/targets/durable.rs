@@ -136,17 +136,22 @@ fn id_of(body: &Value) -> BenchResult<String> {
 
 /// `SeatsBooked` of every event, by ID (`GET /events`).
 pub async fn seats_by_event(api: Api) -> BenchResult<std::collections::HashMap<String, i64>> {
-    let list = api.get("/events").await?.expect(200, "GET /events")?;
-    let list = list.as_array().ok_or("GET /events: not an array")?;
-    Ok(list
-        .iter()
-        .filter_map(|event| {
+    let mut seats = std::collections::HashMap::new();
+    // Every page, following the `Link` to the next.
+    let mut page = Some("/events".to_owned());
+    while let Some(path) = page {
+        let response = api.get(&path).await?;
+        page = response.next.clone();
+        let list = response.expect(200, "GET /events")?;
+        let list = list.as_array().ok_or("GET /events: not an array")?;
+        seats.extend(list.iter().filter_map(|event| {
             Some((
                 event["ID"].as_str()?.to_owned(),
                 event["SeatsBooked"].as_i64()?,
             ))
-        })
-        .collect())
+        }));
+    }
+    Ok(seats)
 }
 
 #[derive(diesel::QueryableByName)]

@@ -15,10 +15,11 @@ use crate::amqp::{percentile, BenchResult};
 /// How long one request may take before it counts as failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A response: status and body.
+/// A response: status, body, and the target of a `Link: <...>; rel="next"`.
 pub struct Response {
     pub status: u16,
     pub body: Vec<u8>,
+    pub next: Option<String>,
 }
 
 impl Response {
@@ -164,7 +165,7 @@ async fn read_response(
         [version, code, ..] if version.starts_with("HTTP/1.") => code.parse::<u16>()?,
         _ => return Err(format!("bad status line {status_line:?}").into()),
     };
-    let (mut length, mut keep_alive) = (0, true);
+    let (mut length, mut keep_alive, mut next) = (0, true, None);
     for line in lines {
         let (name, value) = line
             .split_once(':')
@@ -176,6 +177,11 @@ async fn read_response(
             return Err(format!("Transfer-Encoding {value} is not supported").into());
         } else if name.eq_ignore_ascii_case("connection") {
             keep_alive = !value.eq_ignore_ascii_case("close");
+        } else if name.eq_ignore_ascii_case("link") && value.contains("rel=\"next\"") {
+            next = value
+                .split_once('<')
+                .and_then(|(_, rest)| rest.split_once('>'))
+                .map(|(target, _)| target.to_owned());
         }
     }
     let end = head_end + 4 + length;
@@ -184,7 +190,7 @@ async fn read_response(
     }
     let body = buffer[head_end + 4..end].to_vec();
     buffer.drain(..end);
-    Ok((Response { status, body }, keep_alive))
+    Ok((Response { status, body, next }, keep_alive))
 }
 
 async fn fill(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> BenchResult<()> {

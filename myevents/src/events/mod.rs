@@ -58,7 +58,7 @@ fn count_seats(
             herald::escape(&booked.event_id)
         ))
     })?;
-    if store::event(conn, &booked.event_id)?.is_none() {
+    if !store::exists(conn, &booked.event_id)? {
         return Err(HandlerError::permanent(format!(
             "unknown event: eventBooked for event {} which this context does not know",
             herald::escape(&booked.event_id)

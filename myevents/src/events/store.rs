@@ -118,6 +118,13 @@ pub fn events_page(
         .collect())
 }
 
+/// Whether event `id` is known here.
+pub fn exists(conn: &mut SqliteConnection, id: &str) -> Result<bool, StoreError> {
+    diesel::select(diesel::dsl::exists(events::table.find(id)))
+        .get_result(conn)
+        .map_err(StoreError::from)
+}
+
 pub fn event(
     conn: &mut SqliteConnection,
     id: &str,
