@@ -714,7 +714,10 @@ mod tests {
 
     #[test]
     fn bounded_counts_bytes_and_refuses_control_characters() {
-        assert_eq!(bounded("Name", "Oper", 4).map_err(|e| e.message), Ok("Oper"));
+        assert_eq!(
+            bounded("Name", "Oper", 4).map_err(|e| e.message),
+            Ok("Oper")
+        );
         // Two characters, four bytes.
         assert_eq!(bounded("Name", "éé", 4).map_err(|e| e.message), Ok("éé"));
         let over = bounded("Name", "ééé", 4).unwrap_err();

@@ -240,56 +240,64 @@ async fn a_password_with_url_characters_never_reaches_the_start_up_error() {
     }
 }
 
-/// Four dead letters of 600 KiB and a listing bound of 1 MiB: the listing
-/// stops after the second, each body cut to 4 KiB, and all four stay queued.
-#[actix_rt::test]
-async fn a_dead_letter_listing_holds_at_most_max_listing_bytes() {
+/// Puts four letters of `body` and `properties` straight into `context`'s
+/// dead-letter queue and lists them with `admin.max_listing_bytes` set to
+/// `max_listing_bytes`; checks that the listing stopped after the second
+/// (`cut_short`) and that all four stay queued. Returns the two listed.
+async fn list_four_letters(
+    context: &str,
+    max_listing_bytes: usize,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Vec<serde_json::Value> {
     let vhost = TestVhost::new();
     let broker = vhost.broker().await;
-    let mut settings = vhost.settings("heavy");
-    settings.admin.max_listing_bytes = 1024 * 1024;
+    let mut settings = vhost.settings(context);
+    settings.admin.max_listing_bytes = max_listing_bytes;
     let (context, api, server) = with_admin(settings, &broker).await;
+    let dlq = format!("{}.dead-letter", context.name());
     let connection = vhost.lapin().await;
     let channel = connection.create_channel().await.unwrap();
-    let body = vec![b'x'; 600 * 1024];
     for _ in 0..4 {
         channel
             .basic_publish(
                 "".into(),
-                "heavy.dead-letter".into(),
+                dlq.as_str().into(),
                 BasicPublishOptions::default(),
-                &body,
-                BasicProperties::default(),
+                body,
+                properties.clone(),
             )
             .await
             .unwrap()
             .await
             .unwrap();
     }
-    assert!(
-        eventually(LIVENESS, || async {
-            broker.queue_depth("heavy.dead-letter").await.unwrap_or(0) == 4
-        })
-        .await
-    );
+    let all_four = || async { broker.queue_depth(&dlq).await.unwrap_or(0) == 4 };
+    assert!(eventually(LIVENESS, all_four).await);
     let listed = api.get("/dead-letters?limit=10").await;
     assert_eq!(listed.status, 200, "{listed:?}");
     let listed = listed.json();
     assert_eq!(listed["count"], 2, "{}", listed["count"]);
     assert_eq!(listed["cut_short"], true);
-    for letter in listed["dead_letters"].as_array().unwrap() {
-        assert_eq!(letter["body"].as_str().unwrap().len(), 4096);
-        assert_eq!(letter["body_bytes"], 600 * 1024);
-    }
     assert!(
-        eventually(LIVENESS, || async {
-            broker.queue_depth("heavy.dead-letter").await.unwrap_or(0) == 4
-        })
-        .await,
+        eventually(LIVENESS, all_four).await,
         "the listing lost letters"
     );
     server.stop(true).await;
     context.shutdown().await.unwrap();
+    listed["dead_letters"].as_array().unwrap().clone()
+}
+
+/// Four dead letters of 600 KiB and a listing bound of 1 MiB: the listing
+/// stops after the second, each body cut to 4 KiB, and all four stay queued.
+#[actix_rt::test]
+async fn a_dead_letter_listing_holds_at_most_max_listing_bytes() {
+    let body = vec![b'x'; 600 * 1024];
+    let listed = list_four_letters("heavy", 1024 * 1024, &body, BasicProperties::default()).await;
+    for letter in listed {
+        assert_eq!(letter["body"].as_str().unwrap().len(), 4096);
+        assert_eq!(letter["body_bytes"], 600 * 1024);
+    }
 }
 
 /// Four dead letters with empty bodies and 6 KiB of headers each (within
@@ -298,13 +306,6 @@ async fn a_dead_letter_listing_holds_at_most_max_listing_bytes() {
 /// it shows are cut to 1 KiB; all four stay queued.
 #[actix_rt::test]
 async fn a_dead_letter_listing_counts_headers_toward_max_listing_bytes() {
-    let vhost = TestVhost::new();
-    let broker = vhost.broker().await;
-    let mut settings = vhost.settings("headed");
-    settings.admin.max_listing_bytes = 10 * 1024;
-    let (context, api, server) = with_admin(settings, &broker).await;
-    let connection = vhost.lapin().await;
-    let channel = connection.create_channel().await.unwrap();
     let name = "n".repeat(3 * 1024);
     let mut table = FieldTable::default();
     table.insert(
@@ -315,35 +316,9 @@ async fn a_dead_letter_listing_counts_headers_toward_max_listing_bytes() {
         "x-padding".into(),
         AMQPValue::LongString(LongString::from("p".repeat(3 * 1024))),
     );
-    for _ in 0..4 {
-        channel
-            .basic_publish(
-                "".into(),
-                "headed.dead-letter".into(),
-                BasicPublishOptions::default(),
-                b"",
-                BasicProperties::default().with_headers(table.clone()),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-    }
-    let depth_is_4 = || async { broker.queue_depth("headed.dead-letter").await.unwrap_or(0) == 4 };
-    assert!(eventually(LIVENESS, depth_is_4).await);
-    let listed = api.get("/dead-letters?limit=10").await;
-    assert_eq!(listed.status, 200, "{listed:?}");
-    let listed = listed.json();
-    assert_eq!(listed["count"], 2, "{}", listed["count"]);
-    assert_eq!(listed["cut_short"], true);
-    for letter in listed["dead_letters"].as_array().unwrap() {
+    let properties = BasicProperties::default().with_headers(table);
+    for letter in list_four_letters("headed", 10 * 1024, b"", properties).await {
         assert_eq!(letter["body_bytes"], 0);
         assert_eq!(letter["event_name"].as_str(), Some(&name[..1024]));
     }
-    assert!(
-        eventually(LIVENESS, depth_is_4).await,
-        "the listing lost letters"
-    );
-    server.stop(true).await;
-    context.shutdown().await.unwrap();
 }

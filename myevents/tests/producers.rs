@@ -170,9 +170,9 @@ async fn booking_settled_dead_letters(vhost: &TestVhost) -> u64 {
     let last = std::cell::Cell::new(None);
     let settled = eventually(LIVENESS, || async {
         let queues = all_queues(vhost).await;
-        let busy = queues.iter().any(|(name, n)| {
-            *n > 0 && (name == "booking" || name.starts_with("booking.retry."))
-        });
+        let busy = queues
+            .iter()
+            .any(|(name, n)| *n > 0 && (name == "booking" || name.starts_with("booking.retry.")));
         let dead = queues
             .iter()
             .find_map(|(name, n)| (name == "booking.dead-letter").then_some(*n));
@@ -180,7 +180,11 @@ async fn booking_settled_dead_letters(vhost: &TestVhost) -> u64 {
         now.is_some() && last.replace(now) == now
     })
     .await;
-    assert!(settled, "booking never settled: {:?}", all_queues(vhost).await);
+    assert!(
+        settled,
+        "booking never settled: {:?}",
+        all_queues(vhost).await
+    );
     last.get().unwrap_or_default()
 }
 
