@@ -342,8 +342,9 @@ pub struct AdminSettings {
     /// Secret: serialized as `***`.
     #[serde(serialize_with = "redacted_secret")]
     pub token: Option<SecretString>,
-    /// The dead-letter bodies one `GET /dead-letters` holds in memory at
-    /// most, in bytes: the listing stops before a letter that would exceed it.
+    /// The dead letters (whole bodies, headers, properties) one
+    /// `GET /dead-letters` fetches at most, in bytes: no further letter is
+    /// fetched once they reach it.
     pub max_listing_bytes: usize,
     /// An operator restarts one actor at most once per this interval
     /// (`POST /actors/{name}/restart`; sooner: 429).

@@ -327,14 +327,23 @@ fn decode_cursor<K: DeserializeOwned>(cursor: &str) -> Option<K> {
     serde_json::from_slice(&bytes?).ok()
 }
 
-/// `Name` as a client sent it, checked against its length limit.
+/// A text field as a client sent it, checked against its limit in bytes of
+/// UTF-8 (what it costs in memory and on the wire; a character takes 1 to 4)
+/// and for control characters (JSON writes each as a 6-byte `\u00XX`, and
+/// none belongs in a name or an address).
 ///
 /// # Errors
-/// 400 naming `field` when `value` has more than `max` characters.
+/// 400 naming `field` when `value` has more than `max` bytes or a control
+/// character.
 pub fn bounded<'v>(field: &str, value: &'v str, max: usize) -> Result<&'v str, ApiError> {
-    if value.chars().count() > max {
+    if value.len() > max {
         return Err(ApiError::bad_request(format!(
-            "{field} must be at most {max} characters"
+            "{field} must be at most {max} bytes of UTF-8"
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(format!(
+            "{field} must not contain control characters"
         )));
     }
     Ok(value)
@@ -702,6 +711,27 @@ mod tests {
     use serde::Deserialize;
 
     use super::*;
+
+    #[test]
+    fn bounded_counts_bytes_and_refuses_control_characters() {
+        assert_eq!(
+            bounded("Name", "Oper", 4).map_err(|e| e.message),
+            Ok("Oper")
+        );
+        // Two characters, four bytes.
+        assert_eq!(bounded("Name", "éé", 4).map_err(|e| e.message), Ok("éé"));
+        let over = bounded("Name", "ééé", 4).unwrap_err();
+        assert_eq!(over.status, StatusCode::BAD_REQUEST);
+        assert_eq!(over.message, "Name must be at most 4 bytes of UTF-8");
+        for control in ["a\u{0}b", "\n", "tab\t", "del\u{7f}", "c1\u{85}"] {
+            let refused = bounded("Address", control, 100).unwrap_err();
+            assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{control:?}");
+            assert_eq!(
+                refused.message, "Address must not contain control characters",
+                "{control:?}"
+            );
+        }
+    }
 
     #[derive(Debug, Deserialize)]
     struct Seats {

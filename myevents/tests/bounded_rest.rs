@@ -71,15 +71,26 @@ async fn over_long_text_and_too_many_halls_get_400_naming_the_field() {
             "Halls[].name",
             location(json!({"Halls": [{"name": long(65), "capacity": 1}]})),
         ),
+        // Limits are bytes of UTF-8: 51 characters of 2 bytes are too many.
+        ("Name", location(json!({"Name": long(51)}))),
+        ("Address", location(json!({"Address": "🎭".repeat(51)}))),
+        // Control characters: JSON writes each as six bytes.
+        ("Name", location(json!({"Name": "Stadt\u{0}halle"}))),
+        ("Address", location(json!({"Address": "Markt\n\u{1b}[31m"}))),
+        ("Country", location(json!({"Country": "D\u{7f}E"}))),
+        (
+            "Halls[].location",
+            location(json!({"Halls": [{"name": "A", "location": "\u{85}", "capacity": 1}]})),
+        ),
     ];
     for (field, body) in cases {
         assert_names(&api.post_json("/locations", &body).await, field);
     }
-    // At the limits: accepted.
+    // At the limits (100 and 200 bytes): accepted.
     let ok = api
         .post_json(
             "/locations",
-            &location(json!({"Name": long(100), "Address": long(200), "Halls": halls(16)})),
+            &location(json!({"Name": long(50), "Address": "🎭".repeat(50), "Halls": halls(16)})),
         )
         .await;
     assert_eq!(ok.status, 201, "{ok:?}");
@@ -106,6 +117,16 @@ async fn over_long_text_and_too_many_halls_get_400_naming_the_field() {
         &api.post_json("/events", &event(json!({"Location": {"ID": long(65)}})))
             .await,
         "Location.ID",
+    );
+    assert_names(
+        &api.post_json("/events", &event(json!({"Name": long(51)})))
+            .await,
+        "Name",
+    );
+    assert_names(
+        &api.post_json("/events", &event(json!({"Hall": "A\r\nB"})))
+            .await,
+        "Hall",
     );
     events.terminate().await;
 }
@@ -170,8 +191,8 @@ async fn lists_come_in_pages_linked_to_the_next_one() {
     events.terminate().await;
 }
 
-/// A 60 KiB `user` is refused; a short one with a line break is logged
-/// escaped, on one line.
+/// A 60 KiB `user` is refused, and so is a short one with a line break (a
+/// control character): neither reaches a log line.
 #[actix_rt::test]
 async fn a_clients_text_never_floods_or_breaks_a_log_line() {
     let vhost = herald_testkit::TestVhost::new();
@@ -188,9 +209,14 @@ async fn a_clients_text_never_floods_or_breaks_a_log_line() {
         .await;
     assert_names(&refused, "user");
     let forged = "mallory\n[2026-01-01T00:00:00Z INFO  myevents::booking] forged";
-    let booked = booking
+    let refused = booking
         .api
         .post_json(&path, &json!({"seats": 1, "user": forged}))
+        .await;
+    assert_names(&refused, "user");
+    let booked = booking
+        .api
+        .post_json(&path, &json!({"seats": 1, "user": "mallory"}))
         .await;
     assert_eq!(booked.status, 201, "{booked:?}");
     booking
@@ -200,7 +226,8 @@ async fn a_clients_text_never_floods_or_breaks_a_log_line() {
                 stderr.lines().all(|line| !line.starts_with("[2026-01-01")),
                 "a forged log line: {stderr}"
             );
-            assert!(stderr.contains("mallory\\n"), "{stderr}");
+            assert!(!stderr.contains("forged"), "{stderr}");
+            assert!(stderr.contains("mallory"), "{stderr}");
         })
         .await;
     events.terminate().await;

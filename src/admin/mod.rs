@@ -7,7 +7,7 @@
 //! page whose domain was rebound to 127.0.0.1 sends its own name). Operator
 //! restarts are rate-limited per actor. Errors are JSON, bodies are
 //! size-limited, slow clients time out, a dead-letter listing holds at most
-//! `admin.max_listing_bytes` of bodies.
+//! `admin.max_listing_bytes` of letters (bodies, headers and properties).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -391,11 +391,25 @@ struct Limit {
 /// Each listed dead letter's body is cut to this many bytes.
 const LISTED_BODY_BYTES: usize = 4096;
 
+/// Each header value a listing shows is cut to this many bytes (a header
+/// table may be as large as an AMQP frame).
+const LISTED_HEADER_BYTES: usize = 1024;
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn cut(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
 /// A dead letter as operators read it.
 #[derive(Serialize)]
 struct DeadLetter {
     message_id: Option<String>,
     event_name: Option<String>,
+    /// This and the other header values: cut at [`LISTED_HEADER_BYTES`].
     error: Option<String>,
     attempts: Option<String>,
     original_routing_key: Option<String>,
@@ -409,7 +423,7 @@ struct DeadLetter {
 impl From<&ListedLetter> for DeadLetter {
     fn from(letter: &ListedLetter) -> Self {
         let m = &letter.message;
-        let header = |name| m.header(name).map(str::to_owned);
+        let header = |name| m.header(name).map(|v| cut(v, LISTED_HEADER_BYTES));
         // Cut on a byte count: a character split there shows as U+FFFD.
         let body = String::from_utf8_lossy(&m.body).into_owned();
         DeadLetter {

@@ -316,8 +316,9 @@ pub struct ListingBounds {
     pub letters: usize,
     /// Each body is cut to this many bytes as soon as it arrived.
     pub body_cut: usize,
-    /// No further letter is fetched once the bodies fetched so far add up to
-    /// this many bytes (whole bodies, before cutting: each one was in memory).
+    /// No further letter is fetched once the letters fetched so far add up to
+    /// this many bytes ([`ListedLetter::fetched_bytes`]: whole bodies, before
+    /// cutting, and their headers and properties: each one was in memory).
     pub max_bytes: usize,
 }
 
@@ -328,6 +329,10 @@ pub struct ListedLetter {
     pub message: Message,
     /// The size of its whole body.
     pub body_bytes: usize,
+    /// What it took when fetched: its whole body, its header names and
+    /// values (as text) and its routing key, message id, content type and
+    /// user id. Empty bodies with large header tables count too.
+    pub fetched_bytes: usize,
 }
 
 /// What one bounded listing found.
@@ -346,7 +351,7 @@ impl Listing {
     }
 
     fn fetched_bytes(&self) -> usize {
-        self.letters.iter().map(|l| l.body_bytes).sum()
+        self.letters.iter().map(|l| l.fetched_bytes).sum()
     }
 
     /// Keeps `message` (whose whole body had `body_bytes`) with its body
@@ -360,13 +365,34 @@ impl Listing {
     ) {
         message.body.truncate(bounds.body_cut);
         message.body.shrink_to_fit();
+        let fetched_bytes = body_bytes.saturating_add(besides_body(&message));
         self.letters.push(ListedLetter {
             message,
             body_bytes,
+            fetched_bytes,
         });
         self.cut_short =
             left > 0 && self.letters.len() < bounds.letters && !self.wants_more(bounds);
     }
+}
+
+/// The bytes of `message` other than its body: header names and values,
+/// routing key, message id, content type, user id (AMQP allows a header
+/// table as large as a frame, 128 KiB on RabbitMQ, on an empty body).
+fn besides_body(message: &Message) -> usize {
+    let texts = [
+        Some(&message.routing_key),
+        message.message_id.as_ref(),
+        message.content_type.as_ref(),
+        message.user_id.as_ref(),
+    ];
+    let properties: usize = texts.into_iter().flatten().map(String::len).sum();
+    let headers: usize = message
+        .headers
+        .iter()
+        .map(|(name, value)| name.len() + value.len())
+        .sum();
+    properties + headers
 }
 
 /// A group's dead-letter queue (`<queue>.dead-letter`) as an operator sees it.
@@ -374,8 +400,8 @@ pub trait DeadLetters: Send + Sync + 'static {
     /// Up to `limit` dead letters, oldest first; they stay where they are, in order.
     fn list(&self, queue: &str, limit: usize) -> BoxFuture<'_, Result<Vec<Message>, BrokerError>>;
     /// As [`DeadLetters::list`], holding no more than `bounds` allow: each
-    /// body is cut as it arrives, and the listing stops once the bodies
-    /// fetched reach [`ListingBounds::max_bytes`].
+    /// body is cut as it arrives, and the listing stops once the letters
+    /// fetched (bodies, headers and properties) reach [`ListingBounds::max_bytes`].
     fn list_bounded(
         &self,
         queue: &str,
@@ -446,7 +472,9 @@ pub fn escape(raw: &str) -> Cow<'_, str> {
 
 #[cfg(test)]
 mod tests {
-    use super::{escape, BoxFuture, BrokerError, FutureExt, Message, Publisher};
+    use super::{
+        escape, BoxFuture, BrokerError, FutureExt, Listing, ListingBounds, Message, Publisher,
+    };
     use std::sync::Mutex;
 
     #[test]
@@ -520,5 +548,32 @@ mod tests {
         );
         // A nack is the message's own; after the lost connection nothing is tried.
         assert_eq!(*publisher.asked.lock().unwrap(), ["a", "b", "c"]);
+    }
+
+    /// Letters with empty bodies and 60 KiB of headers each: the bound counts
+    /// their headers, so a 100 KiB listing stops after the second.
+    #[test]
+    fn a_listing_counts_headers_and_properties_toward_its_bound() {
+        let bounds = ListingBounds {
+            letters: 100,
+            body_cut: 4096,
+            max_bytes: 100 * 1024,
+        };
+        let mut letter = Message::new("job".into(), Vec::new());
+        letter.message_id = Some("m".repeat(200));
+        letter
+            .headers
+            .insert("x-padding".into(), "h".repeat(60 * 1024));
+        let mut listing = Listing::default();
+        let mut left = 4;
+        while listing.wants_more(&bounds) && left > 0 {
+            left -= 1;
+            listing.keep(letter.clone(), 0, left, &bounds);
+        }
+        assert_eq!(listing.letters.len(), 2);
+        assert!(listing.cut_short);
+        let each = 3 + 200 + "x-padding".len() + 60 * 1024;
+        assert_eq!(listing.letters[0].fetched_bytes, each);
+        assert_eq!(listing.letters[0].body_bytes, 0);
     }
 }

@@ -12,9 +12,10 @@ use herald::error::StoreError;
 use herald::http::{self as h, ApiError, CommandRequest, PageQuery};
 use herald::store::outbox;
 
-// Limits on what a client sends: text in characters.
+// Limits on what a client sends: text in bytes of UTF-8, no control
+// characters (`herald::http::bounded`).
 /// A booking's `user`.
-const USER_CHARS: usize = 100;
+const USER_BYTES: usize = 100;
 
 /// The booking API's routes: book seats, list an event's bookings, read one.
 pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
@@ -82,7 +83,7 @@ async fn book(
     let (new, keyed) = request.parse::<NewBooking>()?;
     let seats =
         limits::seats("seats", new.seats).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    h::bounded("user", new.user.as_deref().unwrap_or_default(), USER_CHARS)?;
+    h::bounded("user", new.user.as_deref().unwrap_or_default(), USER_BYTES)?;
     let user = new
         .user
         .map(|u| u.trim().to_owned())

@@ -18,21 +18,23 @@ use herald::error::StoreError;
 use herald::http::{self as h, ApiError, CommandRequest, PageQuery};
 use herald::store::outbox;
 
-// Limits on what a client sends: text in characters, collections in items.
-// They bound a location (shown again with each of its events in a list) to a
-// few KiB, so a page of 1,000 events stays a few MiB.
+// Limits on what a client sends: text in bytes of UTF-8 without control
+// characters (`herald::http::bounded`), collections in items. They bound a
+// location (shown again with each of its events in a list) to 6 KiB of JSON
+// and an event with its location to 7 KiB, so a page of 1,000 events stays
+// under 7 MiB (`the_largest_page_of_events_stays_under_7_mib`).
 /// `Name` of a location or an event.
-const NAME_CHARS: usize = 100;
+const NAME_BYTES: usize = 100;
 /// A location's `Address`.
-const ADDRESS_CHARS: usize = 200;
+const ADDRESS_BYTES: usize = 200;
 /// A location's `Country`.
-const COUNTRY_CHARS: usize = 64;
+const COUNTRY_BYTES: usize = 64;
 /// A location's `Halls`.
 const HALLS_PER_LOCATION: usize = 16;
 /// A hall's `name` and `location`, and an event's `Hall`.
-const HALL_CHARS: usize = 64;
+const HALL_BYTES: usize = 64;
 /// `Location.ID` of a new event (ids are 24 hex characters).
-const ID_CHARS: usize = 64;
+const ID_BYTES: usize = 64;
 
 /// The events API's routes: create and list locations, create, list and
 /// find events (by id or name).
@@ -142,12 +144,12 @@ struct NewLocation {
 
 impl NewLocation {
     fn validate(self) -> Result<LocationRow, ApiError> {
-        let name = h::bounded("Name", self.name.trim(), NAME_CHARS)?;
+        let name = h::bounded("Name", self.name.trim(), NAME_BYTES)?;
         if name.is_empty() {
             return Err(ApiError::bad_request("Name must not be empty"));
         }
-        h::bounded("Address", &self.address, ADDRESS_CHARS)?;
-        h::bounded("Country", &self.country, COUNTRY_CHARS)?;
+        h::bounded("Address", &self.address, ADDRESS_BYTES)?;
+        h::bounded("Country", &self.country, COUNTRY_BYTES)?;
         if self.halls.len() > HALLS_PER_LOCATION {
             return Err(ApiError::bad_request(format!(
                 "Halls must list at most {HALLS_PER_LOCATION} halls"
@@ -155,11 +157,11 @@ impl NewLocation {
         }
         let mut seen = std::collections::HashSet::new();
         for (i, hall) in self.halls.iter().enumerate() {
-            h::bounded("Halls[].name", &hall.name, HALL_CHARS)?;
+            h::bounded("Halls[].name", &hall.name, HALL_BYTES)?;
             h::bounded(
                 "Halls[].location",
                 hall.location.as_deref().unwrap_or_default(),
-                HALL_CHARS,
+                HALL_BYTES,
             )?;
             if hall.name.trim().is_empty() {
                 return Err(ApiError::bad_request("every hall needs a name"));
@@ -303,9 +305,9 @@ async fn create_event(
     request: CommandRequest,
 ) -> Result<HttpResponse, ApiError> {
     let (new, keyed) = request.parse::<NewEvent>()?;
-    let name = h::bounded("Name", new.name.trim(), NAME_CHARS)?.to_owned();
-    h::bounded("Location.ID", &new.location.id, ID_CHARS)?;
-    h::bounded("Hall", new.hall.as_deref().unwrap_or_default(), HALL_CHARS)?;
+    let name = h::bounded("Name", new.name.trim(), NAME_BYTES)?.to_owned();
+    h::bounded("Location.ID", &new.location.id, ID_BYTES)?;
+    h::bounded("Hall", new.hall.as_deref().unwrap_or_default(), HALL_BYTES)?;
     if name.is_empty() {
         return Err(ApiError::bad_request("Name must not be empty"));
     }
@@ -392,4 +394,49 @@ fn created<A: Aggregate>(
 /// The refusal of creating aggregate `id` twice: 409.
 fn exists<A: Aggregate<Error = ModelError>>(id: &str) -> impl FnOnce(ModelError) -> ApiError + '_ {
     move |ModelError::Exists| ApiError::conflict(format!("{} {id} exists already", A::KIND))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Text at each limit, all of it `"` (one byte, two in JSON), with the
+    /// longest numbers: the largest page `GET /events` can answer.
+    #[test]
+    fn the_largest_page_of_events_stays_under_7_mib() {
+        let text = |bytes: usize| "\"".repeat(bytes);
+        let hall = Hall {
+            name: text(HALL_BYTES),
+            location: Some(text(HALL_BYTES)),
+            capacity: u32::MAX,
+        };
+        let location = || LocationJson {
+            id: "f".repeat(24),
+            name: text(NAME_BYTES),
+            address: text(ADDRESS_BYTES),
+            country: text(COUNTRY_BYTES),
+            open_time: i32::MIN,
+            close_time: i32::MIN,
+            halls: vec![hall.clone(); HALLS_PER_LOCATION],
+        };
+        let event = || EventJson {
+            id: "f".repeat(24),
+            name: text(NAME_BYTES),
+            duration: i32::MIN,
+            start_date: i64::MIN,
+            end_date: i64::MIN,
+            location: location(),
+            hall: Some(text(HALL_BYTES)),
+            capacity: Some(i32::MIN),
+            seats_booked: i64::MIN,
+        };
+        let location_bytes = serde_json::to_vec(&location()).unwrap().len();
+        let event_bytes = serde_json::to_vec(&event()).unwrap().len();
+        let largest = h::Page::<String>::MAX_LIMIT;
+        let page: Vec<EventJson> = (0..largest).map(|_| event()).collect();
+        let page_bytes = serde_json::to_vec(&page).unwrap().len();
+        assert!(location_bytes < 6 * 1024, "{location_bytes}");
+        assert!(event_bytes < 7 * 1024, "{event_bytes}");
+        assert!(page_bytes < 7 * 1024 * 1024, "{page_bytes}");
+    }
 }

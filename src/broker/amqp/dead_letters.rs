@@ -14,8 +14,8 @@ impl DeadLetters for AmqpBroker {
     /// lapin hands over each letter whole (`basic_get` assembles the body,
     /// and tells how many letters are left): each is cut at once and its
     /// whole body dropped before the next is fetched, and none is fetched
-    /// once the bodies fetched reach the bound. At most one whole body is in
-    /// memory at a time.
+    /// once the letters fetched (bodies, headers, properties) reach the
+    /// bound. At most one whole body is in memory at a time.
     fn list_bounded(
         &self,
         queue: &str,
