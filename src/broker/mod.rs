@@ -27,7 +27,7 @@ pub(crate) use failure::{
     dead_letter_message, mark_dead_letter, mark_retry, redriven, retry_message,
 };
 pub use memory::MemoryBroker;
-pub(crate) use seal::HeaderSeal;
+pub(crate) use seal::{body_digest, HeaderSeal};
 pub use topic::topic_matches;
 
 /// The content type of every body herald writes.
@@ -328,6 +328,9 @@ pub struct ListedLetter {
     pub message: Message,
     /// The size of its whole body.
     pub body_bytes: usize,
+    /// The SHA-256 of its whole body: herald's header seals are bound to it,
+    /// so they can still be checked once the body is cut.
+    pub body_sha256: [u8; 32],
 }
 
 /// What one bounded listing found.
@@ -349,20 +352,17 @@ impl Listing {
         self.letters.iter().map(|l| l.body_bytes).sum()
     }
 
-    /// Keeps `message` (whose whole body had `body_bytes`) with its body
-    /// cut; `left` is how many letters the queue still holds after it.
-    pub(crate) fn keep(
-        &mut self,
-        mut message: Message,
-        body_bytes: usize,
-        left: usize,
-        bounds: &ListingBounds,
-    ) {
+    /// Keeps `message`, given with its whole body, with that body cut;
+    /// `left` is how many letters the queue still holds after it.
+    pub(crate) fn keep(&mut self, mut message: Message, left: usize, bounds: &ListingBounds) {
+        let body_bytes = message.body.len();
+        let body_sha256 = body_digest(&message.body);
         message.body.truncate(bounds.body_cut);
         message.body.shrink_to_fit();
         self.letters.push(ListedLetter {
             message,
             body_bytes,
+            body_sha256,
         });
         self.cut_short =
             left > 0 && self.letters.len() < bounds.letters && !self.wants_more(bounds);
@@ -387,8 +387,7 @@ pub trait DeadLetters: Send + Sync + 'static {
             let mut listing = Listing::default();
             while listing.wants_more(&bounds) {
                 let Some(letter) = letters.next() else { break };
-                let body_bytes = letter.body.len();
-                listing.keep(letter, body_bytes, letters.len(), &bounds);
+                listing.keep(letter, letters.len(), &bounds);
             }
             Ok(listing)
         })
