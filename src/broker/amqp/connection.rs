@@ -143,7 +143,7 @@ impl Inner {
         publisher
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        declare_exchange(&publisher, &options.exchange).await?;
+        declare_exchange(&connection, &options.exchange).await?;
         Ok(Inner {
             connection,
             publisher,
