@@ -167,6 +167,17 @@ impl ContextBuilder {
             reason,
         })?;
         let seal = trust.seal().clone();
+        if settings.broker.header_key.is_none() && settings.retry.max_attempts > 1 {
+            log::warn!(
+                target: "herald::context",
+                "context={name} broker.header_key is not set: the attempt count is sealed \
+                 under a key of this process only, so with several instances (or across a \
+                 restart) retry.max_attempts={} holds per process, and a message that always \
+                 fails can be retried without end; set broker.header_key, the same in every \
+                 instance",
+                settings.retry.max_attempts
+            );
+        }
         let rt = &settings.runtime;
         let arbiters: Vec<Arbiter> = (0..rt.workers).map(|_| Arbiter::new()).collect();
         let handles: Vec<ArbiterHandle> = arbiters.iter().map(Arbiter::handle).collect();
