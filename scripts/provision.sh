@@ -17,13 +17,19 @@
 # `USER PASSWORD` for the operator to store, and an existing user keeps
 # its password.
 #
-# Each user gets, in the vhost: configure/read on its own queues
-# (`CONTEXT`, `CONTEXT.*`) and the exchange, write on those plus the default
-# exchange (herald moves failed messages into its retry and dead-letter
-# queues through it), and topic write permission on the exchange for the
-# routing keys of its own events only. The default exchange can reach any
-# queue: `broker.verify_producers` is what refuses an event put there by
-# someone other than its owner.
+# The vhost and the durable topic exchange are created here, as the node's
+# administrator (`rabbitmqctl`), when missing: no context user may configure
+# the shared exchange, since configure would also let it delete it (and every
+# binding with it); herald only checks that it exists.
+#
+# Each user gets, in the vhost: configure on its own queues (`CONTEXT`,
+# `CONTEXT.*`) only, read on those and the exchange (to bind), write on
+# those, the exchange and the default exchange (herald moves failed
+# messages into its retry and dead-letter queues through it), and topic
+# write permission on the exchange for the routing keys of its own events
+# only. The default exchange can reach any queue: `broker.verify_producers`
+# is what refuses an event put there by someone other than its owner, and
+# herald's seals what a letter put straight into a dead-letter queue says.
 set -euo pipefail
 
 log() { echo "provision: $*" >&2; }
@@ -47,10 +53,22 @@ ctl() { rabbitmqctl -q "$@"; }
 # Regex-quotes a name for RabbitMQ's permission patterns.
 quote() { printf '%s' "$1" | sed 's/[][\.*^$(){}+?|/]/\\&/g'; }
 
+# Both names go into an Erlang binary below: printable ASCII, quoted.
+for name in "$vhost" "$exchange"; do
+  if ! [[ "$name" =~ ^[[:print:]]+$ ]] || LC_ALL=C grep -q '[^ -~]' <<<"$name"; then
+    log "not a printable ASCII vhost or exchange name: $name"
+    exit 64
+  fi
+done
+erl_bin() { printf '<<"%s">>' "$(printf '%s' "$1" | sed 's/[\\"]/\\&/g')"; }
+
 if ! rabbitmqctl -q list_vhosts --no-table-headers name | grep -qxF -- "$vhost"; then
-  log "vhost $vhost does not exist"
-  exit 1
+  ctl add_vhost "$vhost" >/dev/null
+  log "vhost $vhost created"
 fi
+# A durable topic exchange, as herald declares it; an existing one is kept.
+ctl eval "rabbit_exchange:declare(rabbit_misc:r($(erl_bin "$vhost"), exchange, $(erl_bin "$exchange")), topic, true, false, false, [], <<\"provision\">>)." >/dev/null
+log "exchange $exchange in $vhost: present"
 existing=$(rabbitmqctl -q list_users --no-table-headers | cut -f1)
 
 for spec in "$@"; do
@@ -82,7 +100,7 @@ for spec in "$@"; do
   fi
   own="$(quote "$context")(\\..*)?"
   ex=$(quote "$exchange")
-  ctl set_permissions -p "$vhost" "$user" "^($own|$ex)\$" "^($own|$ex|amq\\.default)\$" "^($own|$ex)\$"
+  ctl set_permissions -p "$vhost" "$user" "^$own\$" "^($own|$ex|amq\\.default)\$" "^($own|$ex)\$"
   keys=""
   IFS=',' read -r -a names <<<"$events"
   for name in "${names[@]}"; do

@@ -6,8 +6,9 @@ use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use herald::transport::{headers, Message, Publisher, Subscriber};
+use herald::transport::{headers, DeadLetters, Message, Publisher, Subscriber};
 use herald::{ContextBuilder, Envelope, Event, HandlerError, MemoryBroker, MessageContext};
+use herald_testkit::capture::{capture, lines_with};
 use herald_testkit::{depth_with_retries, eventually, TestVhost, LIVENESS};
 use serde::{Deserialize, Serialize};
 
@@ -126,8 +127,10 @@ async fn forged_failure_headers_never_reach_a_dead_letter_as_herald_s() {
         .header(headers::FIRST_FAILURE)
         .expect("herald's first failure");
     assert!(!first.starts_with("1999"), "{first}");
+    // The context lists what verified; on the broker the letter carries the seal.
+    let raw = broker.list("pongs", 10).await.unwrap();
     assert!(
-        dead.header(headers::SEAL).is_some(),
+        raw[0].header(headers::SEAL).is_some(),
         "herald seals what it wrote"
     );
     context.shutdown().await.unwrap();
@@ -174,4 +177,44 @@ async fn verifying_producers_on_a_transport_without_user_ids_stops_the_start() {
         .expect("refused at start");
     let text = refused.to_string();
     assert!(text.contains("broker.verify_producers"), "{text}");
+}
+
+/// Without `broker.header_key` each process seals with a key of its own:
+/// instances drop each other's attempt counts, so the start says so.
+#[actix_rt::test]
+async fn retrying_without_a_header_key_warns_at_start_naming_the_key() {
+    capture();
+    let broker = MemoryBroker::new();
+    let start = |name: &str, key: bool, max_attempts: u32| {
+        let mut settings = herald::Settings::for_context(name);
+        settings.retry.max_attempts = max_attempts;
+        if key {
+            settings.broker.header_key = Some("k".repeat(32).into());
+        }
+        ContextBuilder::new(settings)
+            .handle(|_: Ping, _: MessageContext| async { Ok(()) })
+            .start(&broker)
+    };
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let (unkeyed, keyed, once) = (
+        format!("unkeyed-{id}"),
+        format!("keyed-{id}"),
+        format!("once-{id}"),
+    );
+    for context in [
+        start(&unkeyed, false, 5).await.unwrap(),
+        start(&keyed, true, 5).await.unwrap(),
+        start(&once, false, 1).await.unwrap(),
+    ] {
+        context.shutdown().await.unwrap();
+    }
+    let warned = |name: &str| {
+        lines_with(&format!("context={name} "))
+            .into_iter()
+            .filter(|line| line.starts_with("WARN") && line.contains("broker.header_key"))
+            .count()
+    };
+    assert_eq!(warned(&unkeyed), 1, "{:?}", lines_with(&id));
+    assert_eq!(warned(&keyed), 0);
+    assert_eq!(warned(&once), 0, "no retries, nothing to bound");
 }

@@ -414,6 +414,10 @@ struct DeadLetter {
     attempts: Option<String>,
     original_routing_key: Option<String>,
     first_failure: Option<String>,
+    /// herald dead-lettered it: its failure headers carry herald's seal.
+    /// `false` for a letter put there by anyone else (its unsealed headers
+    /// are left out) or sealed under another key.
+    sealed: bool,
     /// The body as text (lossy), cut at [`LISTED_BODY_BYTES`].
     body: String,
     /// The size of the whole body.
@@ -433,6 +437,7 @@ impl From<&ListedLetter> for DeadLetter {
             attempts: header(headers::ATTEMPTS),
             original_routing_key: header(headers::ORIGINAL_ROUTING_KEY),
             first_failure: header(headers::FIRST_FAILURE),
+            sealed: m.header(headers::ERROR).is_some(),
             body,
             body_bytes: letter.body_bytes,
         }

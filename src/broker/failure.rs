@@ -7,11 +7,15 @@ use super::{headers, Message};
 
 /// The message a redrive puts back: the failure headers cleared (it gets a full
 /// set of attempts); the original routing key and first failure stay in headers
-/// (through the default exchange the routing key is the queue's name).
+/// (through the default exchange the routing key is the queue's name), and
+/// [`headers::REDRIVEN`] marks it as herald's republication.
 pub(crate) fn redriven(mut message: Message) -> Message {
     for name in [headers::ERROR, headers::ATTEMPTS, headers::LAST_ERROR] {
         message.headers.remove(name);
     }
+    message
+        .headers
+        .insert(headers::REDRIVEN.to_owned(), "true".to_owned());
     message
 }
 

@@ -24,6 +24,10 @@ pub const LAST_ERROR: &str = "x-herald-last-error";
 /// The first publisher's AMQP `user_id` (empty when it set none), kept on
 /// herald's retry and dead-letter copies, which herald publishes as itself.
 pub const PRODUCER_USER: &str = "x-herald-producer-user";
+/// Set (unsealed) on the copy a redrive puts back, which herald publishes as
+/// itself: its `user_id` is herald's, so that copy's publisher is known only
+/// from a sealed [`PRODUCER_USER`]; without one it is nobody's.
+pub const REDRIVEN: &str = "x-herald-redriven";
 /// herald's seals of its own `x-herald-*` headers (`name=mac;...`): a
 /// header without a valid seal is dropped on delivery.
 pub const SEAL: &str = "x-herald-seal";

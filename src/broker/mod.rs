@@ -27,7 +27,7 @@ pub(crate) use failure::{
     dead_letter_message, mark_dead_letter, mark_retry, redriven, retry_message,
 };
 pub use memory::MemoryBroker;
-pub(crate) use seal::HeaderSeal;
+pub(crate) use seal::{body_digest, HeaderSeal};
 pub use topic::topic_matches;
 
 /// The content type of every body herald writes.
@@ -333,6 +333,9 @@ pub struct ListedLetter {
     /// values (as text) and its routing key, message id, content type and
     /// user id. Empty bodies with large header tables count too.
     pub fetched_bytes: usize,
+    /// The SHA-256 of its whole body: herald's header seals are bound to it,
+    /// so they can still be checked once the body is cut.
+    pub body_sha256: [u8; 32],
 }
 
 /// What one bounded listing found.
@@ -354,15 +357,11 @@ impl Listing {
         self.letters.iter().map(|l| l.fetched_bytes).sum()
     }
 
-    /// Keeps `message` (whose whole body had `body_bytes`) with its body
-    /// cut; `left` is how many letters the queue still holds after it.
-    pub(crate) fn keep(
-        &mut self,
-        mut message: Message,
-        body_bytes: usize,
-        left: usize,
-        bounds: &ListingBounds,
-    ) {
+    /// Keeps `message`, given with its whole body, with that body cut;
+    /// `left` is how many letters the queue still holds after it.
+    pub(crate) fn keep(&mut self, mut message: Message, left: usize, bounds: &ListingBounds) {
+        let body_bytes = message.body.len();
+        let body_sha256 = body_digest(&message.body);
         message.body.truncate(bounds.body_cut);
         message.body.shrink_to_fit();
         let fetched_bytes = body_bytes.saturating_add(besides_body(&message));
@@ -370,6 +369,7 @@ impl Listing {
             message,
             body_bytes,
             fetched_bytes,
+            body_sha256,
         });
         self.cut_short =
             left > 0 && self.letters.len() < bounds.letters && !self.wants_more(bounds);
@@ -413,8 +413,7 @@ pub trait DeadLetters: Send + Sync + 'static {
             let mut listing = Listing::default();
             while listing.wants_more(&bounds) {
                 let Some(letter) = letters.next() else { break };
-                let body_bytes = letter.body.len();
-                listing.keep(letter, body_bytes, letters.len(), &bounds);
+                listing.keep(letter, letters.len(), &bounds);
             }
             Ok(listing)
         })
@@ -568,7 +567,7 @@ mod tests {
         let mut left = 4;
         while listing.wants_more(&bounds) && left > 0 {
             left -= 1;
-            listing.keep(letter.clone(), 0, left, &bounds);
+            listing.keep(letter.clone(), left, &bounds);
         }
         assert_eq!(listing.letters.len(), 2);
         assert!(listing.cut_short);

@@ -53,6 +53,13 @@ impl HeaderSeal {
     /// Drops every `x-herald-*` header of `message` that herald did not seal
     /// for this context (the seal header itself included); returns how many.
     pub(crate) fn open(&self, message: &mut Message) -> usize {
+        let digest = body_digest(&message.body);
+        self.open_with(message, &digest)
+    }
+
+    /// [`HeaderSeal::open`] for a message whose body may have been cut:
+    /// `body_digest` is [`body_digest`] of its whole body.
+    pub(crate) fn open_with(&self, message: &mut Message, body_digest: &[u8; 32]) -> usize {
         let seals = message.headers.remove(headers::SEAL).unwrap_or_default();
         let foreign: Vec<String> = message
             .headers
@@ -63,7 +70,7 @@ impl HeaderSeal {
         if foreign.is_empty() {
             return 0;
         }
-        let base = self.base(message);
+        let base = self.base(message, body_digest);
         let mut dropped = 0;
         for name in foreign {
             let value = message.headers.get(&name).map(String::as_str);
@@ -89,7 +96,7 @@ impl HeaderSeal {
     /// earlier seal): call it once the headers are final.
     pub(crate) fn close(&self, message: &mut Message) {
         message.headers.remove(headers::SEAL);
-        let base = self.base(message);
+        let base = self.base(message, &body_digest(&message.body));
         let seals: Vec<String> = message
             .headers
             .iter()
@@ -107,7 +114,7 @@ impl HeaderSeal {
     }
 
     /// The keyed state after what every seal of `message` is bound to.
-    fn base(&self, message: &Message) -> HmacSha256 {
+    fn base(&self, message: &Message, body_digest: &[u8; 32]) -> HmacSha256 {
         let mut mac = self.keyed.clone();
         mac.update(b"herald-header-seal-v1");
         field(&mut mac, self.context.as_bytes());
@@ -122,7 +129,7 @@ impl HeaderSeal {
                 .unwrap_or_default()
                 .as_bytes(),
         );
-        field(&mut mac, &Sha256::digest(&message.body));
+        field(&mut mac, body_digest);
         mac
     }
 
@@ -132,6 +139,11 @@ impl HeaderSeal {
         field(&mut mac, value.as_bytes());
         mac
     }
+}
+
+/// The SHA-256 of a whole body, what each seal is bound to.
+pub(crate) fn body_digest(body: &[u8]) -> [u8; 32] {
+    Sha256::digest(body).into()
 }
 
 /// Length-prefixed, so no two sequences of fields feed the same bytes.

@@ -17,7 +17,7 @@ use super::metrics::{Metrics, OutboxCounts};
 use super::relay::{Relay, RelayParts, StopRelay};
 use super::supervisor::{Backoff, Escalated, Escalation, Restart, RestartPolicy};
 use super::trust::Trust;
-use crate::broker::{DeadLetters, Publisher, SubscribeSpec, Subscriber};
+use crate::broker::{DeadLetters, HeaderSeal, Publisher, SubscribeSpec, Subscriber};
 use crate::config::Settings;
 use crate::error::{Error, HandlerError};
 use crate::event::Event;
@@ -166,6 +166,18 @@ impl ContextBuilder {
             context: name.to_string(),
             reason,
         })?;
+        let seal = trust.seal().clone();
+        if settings.broker.header_key.is_none() && settings.retry.max_attempts > 1 {
+            log::warn!(
+                target: "herald::context",
+                "context={name} broker.header_key is not set: the attempt count is sealed \
+                 under a key of this process only, so with several instances (or across a \
+                 restart) retry.max_attempts={} holds per process, and a message that always \
+                 fails can be retried without end; set broker.header_key, the same in every \
+                 instance",
+                settings.retry.max_attempts
+            );
+        }
         let rt = &settings.runtime;
         let arbiters: Vec<Arbiter> = (0..rt.workers).map(|_| Arbiter::new()).collect();
         let handles: Vec<ArbiterHandle> = arbiters.iter().map(Arbiter::handle).collect();
@@ -252,6 +264,7 @@ impl ContextBuilder {
                 actors,
                 intake,
                 dead_letters: Arc::new(broker.clone()),
+                seal: seal.clone(),
                 in_flight,
                 store: relay.as_ref().map(|(db, _)| db.clone()),
                 restartable: Arc::new(restartable),
@@ -318,6 +331,8 @@ pub struct ContextHandle {
     actors: Vec<Arc<ActorStats>>,
     intake: Intake,
     dead_letters: Arc<dyn DeadLetters>,
+    /// Listed dead letters keep only the `x-herald-*` headers herald sealed.
+    seal: HeaderSeal,
     in_flight: InFlight,
     store: Option<Db>,
     /// Weak: an actor that shut down must not be kept (and restarted) by a handle.
@@ -365,12 +380,19 @@ impl ContextHandle {
     ///
     /// # Errors
     /// The broker is unreachable.
+    /// Their `x-herald-*` headers are only those herald sealed: anyone who
+    /// may publish to the default exchange can put a letter there.
     pub async fn dead_letters(&self, limit: usize) -> Result<Vec<crate::broker::Message>, Error> {
-        Ok(self.dead_letters.list(&self.name, limit).await?)
+        let mut letters = self.dead_letters.list(&self.name, limit).await?;
+        for letter in &mut letters {
+            self.seal.open(letter);
+        }
+        Ok(letters)
     }
 
     /// Dead letters, holding no more of their bodies than `bounds` allow
-    /// (the admin API's listing).
+    /// (the admin API's listing); as in [`ContextHandle::dead_letters`], only
+    /// the `x-herald-*` headers herald sealed are kept.
     ///
     /// # Errors
     /// The broker is unreachable.
@@ -378,7 +400,12 @@ impl ContextHandle {
         &self,
         bounds: crate::broker::ListingBounds,
     ) -> Result<crate::broker::Listing, Error> {
-        Ok(self.dead_letters.list_bounded(&self.name, bounds).await?)
+        let mut listing = self.dead_letters.list_bounded(&self.name, bounds).await?;
+        for letter in &mut listing.letters {
+            self.seal
+                .open_with(&mut letter.message, &letter.body_sha256);
+        }
+        Ok(listing)
     }
 
     /// Moves dead letters (all, or the one with `message_id`) back to the

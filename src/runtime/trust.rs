@@ -78,14 +78,29 @@ impl Trust {
 
     /// Takes a delivery in: drops every `x-herald-*` header herald did not
     /// seal for this context, and records the publisher of a first delivery.
+    ///
+    /// A redriven copy is published by herald as itself: its `user_id` says
+    /// nothing of who first published the letter, so without a sealed
+    /// producer (a letter put straight into the dead-letter queue) its
+    /// publisher is recorded as nobody.
     pub(crate) fn receive(&self, message: &mut Message) {
+        let redriven = message.headers.contains_key(headers::REDRIVEN);
         self.seal.open(message);
         if !message.headers.contains_key(headers::PRODUCER_USER) {
-            let user = message.user_id.clone().unwrap_or_default();
+            let user = if redriven {
+                String::new()
+            } else {
+                message.user_id.clone().unwrap_or_default()
+            };
             message
                 .headers
                 .insert(headers::PRODUCER_USER.to_owned(), user);
         }
+    }
+
+    /// The seal this context's `x-herald-*` headers are checked with.
+    pub(crate) fn seal(&self) -> &HeaderSeal {
+        &self.seal
     }
 
     /// Why the event in `message` (taken in by [`Trust::receive`]) is not
@@ -209,6 +224,23 @@ mod tests {
             .insert(headers::PRODUCER_USER.into(), "events".into());
         trust.receive(&mut forged);
         assert!(trust.untrusted(&forged).is_some());
+    }
+
+    #[test]
+    fn a_redriven_letter_without_a_sealed_producer_is_nobodys() {
+        let trust = verifying();
+        // Put straight into the dead-letter queue, claiming the owner.
+        let mut letter = created(Some("guest"));
+        letter
+            .headers
+            .insert(headers::PRODUCER_USER.into(), "events".into());
+        let mut again = crate::broker::redriven(letter);
+        // herald republishes it as itself, here the owner's user.
+        again.user_id = Some("events".into());
+        trust.receive(&mut again);
+        assert_eq!(again.header(headers::PRODUCER_USER), Some(""));
+        assert_eq!(again.header(headers::REDRIVEN), None);
+        assert!(trust.untrusted(&again).is_some());
     }
 
     #[test]

@@ -50,7 +50,14 @@ pub(super) fn check_short_strings(routing_key: &str, message: &Message) -> Resul
     Ok(())
 }
 
+#[cfg(test)]
 pub(super) fn properties(message: &Message) -> BasicProperties {
+    properties_as(message, message.user_id.as_deref())
+}
+
+/// The properties `message` is published with by broker user `user`
+/// (whatever `message.user_id` says; none: no `user_id` at all).
+pub(super) fn properties_as(message: &Message, user: Option<&str>) -> BasicProperties {
     let mut headers = FieldTable::default();
     for (name, value) in &message.headers {
         headers.insert(
@@ -71,8 +78,8 @@ pub(super) fn properties(message: &Message) -> BasicProperties {
     if let Some(timestamp) = message.timestamp {
         properties = properties.with_timestamp(timestamp);
     }
-    if let Some(user) = &message.user_id {
-        properties = properties.with_user_id(user.as_str().into());
+    if let Some(user) = user {
+        properties = properties.with_user_id(user.into());
     }
     properties
 }

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::stream::StreamExt;
 use lapin::options::ConfirmSelectOptions;
-use lapin::uri::AMQPUri;
+use lapin::uri::{AMQPUri, SASLMechanism};
 use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::watch;
 
@@ -104,12 +104,26 @@ pub(super) struct Inner {
     pub(super) publish_lock: tokio::sync::Mutex<()>,
     pub(super) exchange: String,
     /// The user this connection logged in as: every publish names it as its
-    /// `user_id`, which the broker validates.
-    pub(super) user: String,
+    /// `user_id`, which the broker validates. `None` when the login does not
+    /// name it ([`publishing_user`]).
+    pub(super) user: Option<String>,
     /// This connection's resource alarm (`connection.blocked`): publishing
     /// waits. Per connection, so a dying one cannot clear what its successor
     /// reported.
     blocked: watch::Sender<bool>,
+}
+
+/// The broker user a login with `uri` is: the url's user name for a
+/// password login (the default PLAIN, AMQPLAIN, RABBIT-CR-DEMO); unknown for
+/// EXTERNAL (the client certificate names the user) and ANONYMOUS. Publishing
+/// another user's name as `user_id` would close the channel on every publish.
+fn publishing_user(uri: &AMQPUri) -> Option<String> {
+    match uri.query.auth_mechanism.unwrap_or_default() {
+        SASLMechanism::Plain | SASLMechanism::AMQPlain | SASLMechanism::RabbitCrDemo => {
+            Some(uri.authority.userinfo.username.clone())
+        }
+        SASLMechanism::External | SASLMechanism::Anonymous => None,
+    }
 }
 
 impl Inner {
@@ -130,7 +144,17 @@ impl Inner {
             })?;
         uri.query.heartbeat = Some(options.heartbeat_secs);
         uri.query.frame_max = Some(options.frame_max);
-        let user = uri.authority.userinfo.username.clone();
+        let user = publishing_user(&uri);
+        if user.is_none() {
+            log::warn!(
+                target: "herald::broker",
+                "connection={} auth_mechanism={:?}: the broker user is not named in the url, \
+                 so messages go out without user_id; contexts that verify producers \
+                 (broker.verify_producers) refuse this one's events",
+                crate::broker::escape(&options.connection_name),
+                uri.query.auth_mechanism.unwrap_or_default()
+            );
+        }
         let name = format!("{} ({})", options.connection_name, role.suffix());
         let properties = ConnectionProperties::default().with_connection_name(name.into());
         let connection = Connection::connect_uri(uri, properties).await?;
@@ -143,7 +167,7 @@ impl Inner {
         publisher
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        declare_exchange(&publisher, &options.exchange).await?;
+        declare_exchange(&connection, &options.exchange).await?;
         Ok(Inner {
             connection,
             publisher,
@@ -313,5 +337,35 @@ impl AmqpBroker {
     /// re-opened by the next operation, not by this.
     pub fn is_connected(&self) -> bool {
         self.links().iter().all(|link| link.current().is_open())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::publishing_user;
+
+    fn user_of(url: &str) -> Option<String> {
+        publishing_user(&url.parse().unwrap())
+    }
+
+    #[test]
+    fn only_a_password_login_names_the_user_it_publishes_as() {
+        assert_eq!(
+            user_of("amqp://events:pw@host/vhost").as_deref(),
+            Some("events")
+        );
+        assert_eq!(
+            user_of("amqp://events:pw@host/vhost?auth_mechanism=amqplain").as_deref(),
+            Some("events")
+        );
+        // The default login of a url without a user is guest's.
+        assert_eq!(user_of("amqp://host/vhost").as_deref(), Some("guest"));
+        // The client certificate names the user, not the url.
+        assert_eq!(user_of("amqps://host/vhost?auth_mechanism=external"), None);
+        assert_eq!(
+            user_of("amqps://cn:x@host/vhost?auth_mechanism=external"),
+            None
+        );
+        assert_eq!(user_of("amqp://host/vhost?auth_mechanism=anonymous"), None);
     }
 }

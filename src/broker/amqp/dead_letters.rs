@@ -32,13 +32,11 @@ impl DeadLetters for AmqpBroker {
                     .await?;
                 let Some(mut letter) = got else { break };
                 let left = usize::try_from(letter.message_count).unwrap_or(usize::MAX);
-                // The whole body is not copied: cut in place, then the rest freed.
-                let mut body = std::mem::take(&mut letter.delivery.data);
-                let body_bytes = body.len();
-                body.truncate(bounds.body_cut);
+                // The whole body is moved, not copied; `keep` cuts it in place.
+                let body = std::mem::take(&mut letter.delivery.data);
                 let mut message = message_from(&letter.delivery);
                 message.body = body;
-                listing.keep(message, body_bytes, left, &bounds);
+                listing.keep(message, left, &bounds);
             }
             channel.close(200, "listed".into()).await?;
             Ok(listing)

@@ -14,7 +14,7 @@ use futures_util::future::{BoxFuture, FutureExt};
 use lapin::options::BasicPublishOptions;
 use lapin::Confirmation;
 
-use super::codec::{check_short_strings, properties};
+use super::codec::{check_short_strings, properties_as};
 use super::connection::{AmqpBroker, Inner};
 use crate::broker::{connection_failure, copy_error, Message, Publisher};
 use crate::error::BrokerError;
@@ -32,9 +32,10 @@ impl Inner {
     /// The AMQP properties `message` goes out with, as this connection's
     /// user: RabbitMQ closes the channel of a publish whose `user_id` is
     /// another's, and herald's retry and dead-letter copies carry the
-    /// original publisher's.
+    /// original publisher's. Without a known user (a certificate login), no
+    /// `user_id` at all.
     fn properties(&self, message: &Message) -> lapin::BasicProperties {
-        properties(message).with_user_id(self.user.as_str().into())
+        properties_as(message, self.user.as_deref())
     }
 
     /// Publishes one message on the confirm-mode channel and waits for its confirm.

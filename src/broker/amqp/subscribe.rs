@@ -26,7 +26,7 @@ impl Subscriber for AmqpBroker {
             channel
                 .basic_qos(spec.prefetch.max(1), BasicQosOptions::default())
                 .await?;
-            declare_exchange(&channel, &inner.exchange).await?;
+            declare_exchange(&inner.connection, &inner.exchange).await?;
             declare_queue(&channel, &spec.queue).await?;
             declare_queue(&channel, &dead_letter_queue(&spec.queue)).await?;
             for delay in &spec.retry_delays {

@@ -11,14 +11,41 @@ use lapin::options::{
     BasicAckOptions, BasicGetOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 use super::connection::{AmqpBroker, Inner};
 use crate::broker::{retry_queue, Message, SubscribeSpec};
 use crate::error::BrokerError;
 
-/// Declares the durable topic exchange events are published to.
-pub(super) async fn declare_exchange(channel: &Channel, exchange: &str) -> Result<(), BrokerError> {
+/// Makes sure the durable topic exchange events are published to exists.
+///
+/// Passively first, on a channel of its own (a missing exchange closes it):
+/// the exchange is shared by every context, and a context user provisioned
+/// with least rights has no configure permission on it (configure would also
+/// let it delete the exchange, dropping every binding). Only when it is
+/// missing is it declared, which needs that permission (guest has it).
+pub(super) async fn declare_exchange(
+    connection: &Connection,
+    exchange: &str,
+) -> Result<(), BrokerError> {
+    let probe = connection.create_channel().await?;
+    let existing = probe
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                passive: true,
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    if existing.is_ok() {
+        let _ = probe.close(200, "declared".into()).await;
+        return Ok(());
+    }
+    let channel = connection.create_channel().await?;
     channel
         .exchange_declare(
             exchange.into(),
@@ -30,6 +57,7 @@ pub(super) async fn declare_exchange(channel: &Channel, exchange: &str) -> Resul
             FieldTable::default(),
         )
         .await?;
+    let _ = channel.close(200, "declared".into()).await;
     Ok(())
 }
 
