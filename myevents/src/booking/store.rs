@@ -61,8 +61,8 @@ impl Projection for SeatsView {
         self.apply_all(conn, std::slice::from_ref(event))
     }
 
-    /// A batch in few writes: announcements as they come, bookings in
-    /// multi-row inserts, and one seat update per event.
+    /// A batch in few writes: announcements as they come, bookings through
+    /// one kept-prepared insert, and one seat update per event.
     fn apply_all(
         &self,
         conn: &mut SqliteConnection,
@@ -103,9 +103,6 @@ struct PendingBookings {
     seats: BTreeMap<String, i64>,
 }
 
-/// Rows per multi-row insert (5 bound values each, far below SQLite's limit).
-const ROWS_PER_INSERT: usize = 500;
-
 impl PendingBookings {
     fn add(&mut self, row: BookingRow) {
         *self.seats.entry(row.event_id.clone()).or_default() += row.seats;
@@ -128,10 +125,19 @@ impl PendingBookings {
             }
             None => std::mem::take(&mut self.rows),
         };
-        for chunk in rows.chunks(ROWS_PER_INSERT) {
-            diesel::insert_into(bookings::table)
-                .values(chunk)
-                .execute(conn)?;
+        // One kept-prepared statement per row: diesel turns a multi-row insert
+        // on SQLite into one freshly built statement per row under a savepoint.
+        for row in &rows {
+            Sql::new(
+                "INSERT INTO bookings (id, event_id, user_id, seats, booked_at) \
+                 VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind::<Text, _>(&row.id)
+            .bind::<Text, _>(&row.event_id)
+            .bind::<Text, _>(&row.user_id)
+            .bind::<BigInt, _>(row.seats)
+            .bind::<BigInt, _>(row.booked_at)
+            .execute(conn)?;
         }
         let seats: Vec<(String, i64)> = match event_id {
             Some(id) => self.seats.remove_entry(id).into_iter().collect(),
