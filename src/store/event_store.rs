@@ -39,7 +39,7 @@ pub struct EventMetadata {
 }
 
 /// An event as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = event_store)]
 pub struct RecordedEvent {
     /// Its place in the global order of the store.

@@ -479,6 +479,42 @@ mod tests {
         assert_eq!(kept, ["first", "ok-1", "ok-2"]);
     }
 
+    /// A unit may open transactions of its own (savepoints inside the
+    /// writer's): a failed inner one rolls back alone, and a unit that fails
+    /// after a committed inner one loses it too.
+    #[tokio::test]
+    async fn a_unit_may_open_its_own_transactions() {
+        use diesel::Connection;
+        let t = TempDb::new();
+        let note = |c: &mut SqliteConnection, id: &str| {
+            outbox::append(c, &Noted { id: id.into() }, "ctx", None).map(drop)
+        };
+        t.db.write(move |c| {
+            note(c, "kept")?;
+            let inner = c.transaction(|c| {
+                note(c, "inner-refused")?;
+                Err::<(), _>(StoreError::Conflict("inner".into()))
+            });
+            assert!(inner.is_err());
+            c.transaction(|c| note(c, "inner-kept"))
+        })
+        .await
+        .unwrap();
+        let refused = t.db.write(move |c| {
+            c.transaction(|c| note(c, "inner-of-refused"))?;
+            Err::<(), _>(StoreError::Conflict("outer".into()))
+        });
+        assert!(refused.await.is_err());
+        let kept: Vec<String> =
+            t.db.read(|c| outbox::pending(c, 10))
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| row.envelope().decode::<Noted>().unwrap().id)
+                .collect();
+        assert_eq!(kept, ["kept", "inner-kept"]);
+    }
+
     /// The writer's commits checkpoint the WAL (SQLite's automatic
     /// checkpoint, between transactions), so it does not grow with every commit.
     #[tokio::test]

@@ -22,11 +22,12 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use diesel::connection::{AnsiTransactionManager, TransactionManager};
 use diesel::sqlite::SqliteConnection;
+use diesel::RunQueryDsl;
 use tokio::sync::{oneshot, Notify};
 
 use super::cache::{AggregateCache, CacheStats};
+use super::sql::Sql;
 use crate::error::{panic_text, StoreError};
 
 /// What a unit works with: the writer's connection, inside the batch's
@@ -295,32 +296,44 @@ impl WriterThread {
 
 /// Runs one unit under a savepoint. `Err` only when the savepoint itself
 /// failed: the whole batch must roll back.
+///
+/// The savepoint statements are kept prepared ([`Sql`]) rather than left to
+/// diesel's transaction manager, which has SQLite parse them on every unit.
+/// Code inside the unit may still open its own (diesel) transactions: they
+/// are savepoints of other names, inside this one.
 fn run_unit(
     conn: &mut SqliteConnection,
     cache: &mut AggregateCache,
     work: Work,
 ) -> Result<Reply, StoreError> {
-    AnsiTransactionManager::begin_transaction(conn)?;
+    Sql::new("SAVEPOINT herald_unit").execute(conn)?;
     let ran = std::panic::catch_unwind(AssertUnwindSafe(|| work(&mut Session { conn, cache })));
     match ran {
         Ok(Ok(value)) => {
-            AnsiTransactionManager::commit_transaction(conn)?;
+            Sql::new("RELEASE herald_unit").execute(conn)?;
             cache.keep_unit();
             Ok(Reply::Done(value))
         }
         Ok(Err(error)) => {
-            AnsiTransactionManager::rollback_transaction(conn)?;
+            roll_back_unit(conn)?;
             cache.drop_unit();
             Ok(Reply::Refused(error))
         }
         Err(panic) => {
-            AnsiTransactionManager::rollback_transaction(conn)?;
+            roll_back_unit(conn)?;
             cache.drop_unit();
             Ok(Reply::Broken(StoreError::Panicked(panic_text(
                 panic.as_ref(),
             ))))
         }
     }
+}
+
+/// Undoes what the unit wrote and ends its savepoint.
+fn roll_back_unit(conn: &mut SqliteConnection) -> Result<(), StoreError> {
+    Sql::new("ROLLBACK TO herald_unit").execute(conn)?;
+    Sql::new("RELEASE herald_unit").execute(conn)?;
+    Ok(())
 }
 
 /// The same error for every unit of a failed batch (diesel's errors are not `Clone`).
