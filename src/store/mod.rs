@@ -415,6 +415,16 @@ mod tests {
         );
     }
 
+    /// The ids of the pending outbox rows, in order.
+    async fn pending_ids(t: &TempDb) -> Vec<String> {
+        t.db.read(|c| outbox::pending(c, 10))
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.envelope().decode::<Noted>().unwrap().id)
+            .collect()
+    }
+
     /// Units queued while the writer is busy commit together; the one that
     /// fails and the one that panics roll back alone.
     #[tokio::test]
@@ -469,13 +479,7 @@ mod tests {
         let stats = t.db.writer_stats();
         assert!(stats.largest_batch >= 4, "one batch: {stats:?}");
         assert_eq!(stats.failed_units, 2);
-        let kept: Vec<String> =
-            t.db.read(|c| outbox::pending(c, 10))
-                .await
-                .unwrap()
-                .iter()
-                .map(|row| row.envelope().decode::<Noted>().unwrap().id)
-                .collect();
+        let kept = pending_ids(&t).await;
         assert_eq!(kept, ["first", "ok-1", "ok-2"]);
     }
 
@@ -505,13 +509,7 @@ mod tests {
             Err::<(), _>(StoreError::Conflict("outer".into()))
         });
         assert!(refused.await.is_err());
-        let kept: Vec<String> =
-            t.db.read(|c| outbox::pending(c, 10))
-                .await
-                .unwrap()
-                .iter()
-                .map(|row| row.envelope().decode::<Noted>().unwrap().id)
-                .collect();
+        let kept = pending_ids(&t).await;
         assert_eq!(kept, ["kept", "inner-kept"]);
     }
 
