@@ -28,7 +28,8 @@
 //!   given/when/then [`aggregate::Scenario`].
 //! - [`store`]: SQLite through diesel: [`store::Db`] (a reading pool and the
 //!   group-commit writer thread with its aggregate cache), the event store,
-//!   repository, projections, outbox, inbox, idempotency keys.
+//!   repository, projections, outbox, inbox, idempotency keys, and
+//!   [`store::sql::Sql`] for statements the connection keeps prepared.
 //! - `runtime/`: [`ContextBuilder`] and [`Context`]; intake (subscription kept
 //!   alive) and the consumer actor that settles every delivery, trust (sealed
 //!   headers, producers verified against each event's owner), the
