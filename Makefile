@@ -1,14 +1,20 @@
 # herald: `make run` (the demo) and `make test` (every test) work on a fresh
-# Debian machine as root; both start RabbitMQ first.
+# Debian machine as root; both start RabbitMQ first (`make test` PostgreSQL too).
 
 CARGO ?= cargo
 export RUST_BACKTRACE ?= 1
 
-.PHONY: services provision test-tools run run-demo demo test fmt lint bench check clean
+.PHONY: services services-postgres provision test-tools run run-demo demo test fmt lint bench check clean
 
 ## Install (from Debian) and start RabbitMQ on loopback; wait until it answers.
 services:
 	./scripts/services.sh
+
+## Install (from Debian) and start PostgreSQL on loopback with role and
+## database `herald` (password `herald`, HERALD_PG_PASSWORD to change it):
+## what the tests on PostgreSQL need. `make run` does not (SQLite).
+services-postgres:
+	./scripts/services-postgres.sh
 
 ## One RabbitMQ user per MyEvents context in VHOST (default /), each allowed
 ## to publish only its own events; new users' passwords are printed once.
@@ -36,8 +42,8 @@ test-tools:
 	@test -d target/asyncapi/node_modules/@asyncapi/parser || \
 		npm install --silent --no-audit --no-fund --prefix target/asyncapi @asyncapi/parser@3
 
-## Every test: unit, integration against the real RabbitMQ, doctests.
-test: services test-tools
+## Every test: unit, integration against the real RabbitMQ and PostgreSQL, doctests.
+test: services services-postgres test-tools
 	$(CARGO) test --workspace --all-targets
 	$(CARGO) test --workspace --doc
 

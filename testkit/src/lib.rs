@@ -1,6 +1,7 @@
 //! Test support for herald and the contexts built on it: a fresh RabbitMQ
-//! vhost per test, waiting for conditions the broker knows, and captured log
-//! lines. Shared by herald's own tests and MyEvents' (one copy).
+//! vhost per test, a fresh PostgreSQL database per test, waiting for
+//! conditions the broker knows, and captured log lines. Shared by herald's
+//! own tests and MyEvents' (one copy).
 
 pub mod capture;
 
@@ -61,6 +62,61 @@ impl Drop for TestVhost {
             .args(["-q", "delete_vhost", &self.name])
             .output();
     }
+}
+
+/// Where the test PostgreSQL listens, as a URL naming a database its role
+/// may create databases from. `make test` starts it (`make services-postgres`).
+pub fn postgres_base() -> String {
+    std::env::var("HERALD_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://herald:herald@127.0.0.1:5432/herald".into())
+}
+
+/// A PostgreSQL database of its own for one test; dropped on drop (its
+/// connections closed by force, as a killed context's would be).
+pub struct TestDatabase {
+    pub name: String,
+    /// `postgres://…/name`, for `DATABASE_URL` or `Db::open`.
+    pub url: String,
+}
+
+impl TestDatabase {
+    /// Creates the database on the server `make test` started.
+    #[allow(clippy::new_without_default)] // a side effect on the server, not a default value
+    pub fn new() -> Self {
+        let name = format!("herald_test_{}", uuid::Uuid::new_v4().simple());
+        psql(&format!("create database {name}"));
+        let base = postgres_base();
+        let server = base
+            .rsplit_once('/')
+            .map_or(base.as_str(), |(server, _)| server);
+        let url = format!("{server}/{name}");
+        TestDatabase { name, url }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args([&postgres_base(), "-qAtc"])
+            .arg(format!(
+                "drop database if exists {} with (force)",
+                self.name
+            ))
+            .output();
+    }
+}
+
+/// Runs one SQL statement on the test server's base database as the test role.
+pub fn psql(sql: &str) {
+    let output = Command::new("psql")
+        .args([&postgres_base(), "-v", "ON_ERROR_STOP=1", "-qAtc", sql])
+        .output()
+        .expect("psql runs (make services-postgres installs it)");
+    assert!(
+        output.status.success(),
+        "psql {sql:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 pub fn rabbitmqctl(args: &[&str]) {
@@ -144,4 +200,29 @@ pub fn not_exactly_once<T: Ord + Clone>(
         }
     }
     counts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_test_database_is_created_and_dropped() {
+        let exists = |name: &str| {
+            let output = Command::new("psql")
+                .args([&postgres_base(), "-qAtc"])
+                .arg(format!(
+                    "select count(*) from pg_database where datname = '{name}'"
+                ))
+                .output()
+                .expect("psql runs");
+            String::from_utf8_lossy(&output.stdout).trim().to_owned()
+        };
+        let db = TestDatabase::new();
+        let name = db.name.clone();
+        assert!(db.url.ends_with(&format!("/{name}")), "{}", db.url);
+        assert_eq!(exists(&name), "1");
+        drop(db);
+        assert_eq!(exists(&name), "0");
+    }
 }
