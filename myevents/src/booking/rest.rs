@@ -10,6 +10,7 @@ use crate::contract::{limits, new_id};
 use crate::service::Service;
 use herald::error::StoreError;
 use herald::http::{self as h, ApiError, CommandRequest, PageQuery};
+use herald::store::idempotency::Keyed;
 use herald::store::outbox;
 
 // Limits on what a client sends: text in bytes of UTF-8, no control
@@ -78,21 +79,16 @@ async fn book(
     request: CommandRequest,
 ) -> Result<HttpResponse, ApiError> {
     let event_id = event_id.into_inner();
-    // As the book does: an unknown event is a 404 whatever the body says.
-    known(&service, &event_id).await?;
-    let (new, keyed) = request.parse::<NewBooking>()?;
-    let seats =
-        limits::seats("seats", new.seats).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    h::bounded("user", new.user.as_deref().unwrap_or_default(), USER_BYTES)?;
-    let user = new
-        .user
-        .map(|u| u.trim().to_owned())
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| ANONYMOUS.to_owned());
-    let command = LedgerCommand::Book {
-        booking_id: new_id(),
-        user,
-        seats,
+    // As the book does, an unknown event is a 404 whatever the body says: a
+    // body that does not pass asks whether the event exists first. A good
+    // one goes straight to the ledger, which refuses an event it has not
+    // heard of (404 as well), so a booking costs no read of its own.
+    let (command, keyed) = match booking_command(request) {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            known(&service, &event_id).await?;
+            return Err(error);
+        }
     };
     let response = service
         .command::<SeatLedger, _>(
@@ -135,6 +131,25 @@ async fn book(
         log::info!(target: "myevents::booking", "booked {}", herald::escape(&response.body));
     }
     Ok(h::replay(&response))
+}
+
+/// The ledger command a booking request asks for, or the 400 it gets.
+fn booking_command(request: CommandRequest) -> Result<(LedgerCommand, Option<Keyed>), ApiError> {
+    let (new, keyed) = request.parse::<NewBooking>()?;
+    let seats =
+        limits::seats("seats", new.seats).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    h::bounded("user", new.user.as_deref().unwrap_or_default(), USER_BYTES)?;
+    let user = new
+        .user
+        .map(|u| u.trim().to_owned())
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| ANONYMOUS.to_owned());
+    let command = LedgerCommand::Book {
+        booking_id: new_id(),
+        user,
+        seats,
+    };
+    Ok((command, keyed))
 }
 
 async fn list(
