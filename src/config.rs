@@ -197,9 +197,12 @@ pub struct BrokerSettings {
     pub heartbeat: Duration,
     /// A delivered body larger than this is dead-lettered unread.
     pub max_body_bytes: usize,
-    /// The largest AMQP frame negotiated, in bytes (4096 to 131072): each
-    /// connection keeps 64 frames of buffers, so RabbitMQ's 128 KiB default
-    /// costs 8 MiB per connection. Larger bodies go as several frames.
+    /// The largest AMQP frame the publishing connection negotiates, in bytes
+    /// (16384 to 131072): each connection keeps 64 frames of buffers, so
+    /// RabbitMQ's 128 KiB default costs 8 MiB. Larger bodies go as several
+    /// frames; a header table cannot be split, and herald's retry and
+    /// dead-letter copies keep theirs within 12 KiB. The consuming connection
+    /// takes RabbitMQ's 128 KiB, the largest header a publisher can send.
     pub frame_max: u32,
     /// Dead-letter at once every event whose AMQP `user_id` (validated by
     /// RabbitMQ) is not its owning context's user (`[producers]`). Off by
@@ -217,6 +220,10 @@ pub struct BrokerSettings {
 
 /// `broker.frame_max` unless set: 16 KiB, 1 MiB of buffers per connection.
 pub const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
+
+/// The smallest `broker.frame_max`: the content header of any retry or
+/// dead-letter copy herald publishes fits it.
+pub const MIN_FRAME_MAX: u32 = 16 * 1024;
 
 impl Default for BrokerSettings {
     fn default() -> Self {
@@ -550,8 +557,8 @@ impl Settings {
         if self.broker.max_body_bytes == 0 {
             return invalid("broker.max_body_bytes", "must be above 0");
         }
-        if !(4096..=131_072).contains(&self.broker.frame_max) {
-            return invalid("broker.frame_max", "must be between 4096 and 131072 bytes");
+        if !(MIN_FRAME_MAX..=131_072).contains(&self.broker.frame_max) {
+            return invalid("broker.frame_max", "must be between 16384 and 131072 bytes");
         }
         if self.broker.heartbeat.as_secs() > u64::from(u16::MAX) {
             return invalid("broker.heartbeat", "must be at most 65535 s");
@@ -858,11 +865,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("runtime.shards"), "{error}");
-        let f = file("[context]\nname = \"booking\"\n[broker]\nframe_max = 1024\n");
-        let error = Settings::load_with_env(f.path(), env(&[]))
-            .unwrap_err()
-            .to_string();
-        assert!(error.contains("broker.frame_max"), "{error}");
+        // Below 16 KiB a retry or dead-letter copy might not fit a frame.
+        for frame_max in [1024, 8192] {
+            let f = file(&format!(
+                "[context]\nname = \"booking\"\n[broker]\nframe_max = {frame_max}\n"
+            ));
+            let error = Settings::load_with_env(f.path(), env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("broker.frame_max"), "{error}");
+        }
     }
 
     #[test]

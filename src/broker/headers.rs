@@ -28,6 +28,9 @@ pub const PRODUCER_USER: &str = "x-herald-producer-user";
 /// itself: its `user_id` is herald's, so that copy's publisher is known only
 /// from a sealed [`PRODUCER_USER`]; without one it is nobody's.
 pub const REDRIVEN: &str = "x-herald-redriven";
+/// What herald dropped from a retry or dead-letter copy whose header table
+/// was too large to republish: each header's name and size, and why.
+pub const DROPPED_HEADERS: &str = "x-herald-dropped-headers";
 /// herald's seals of its own `x-herald-*` headers (`name=mac;...`): a
 /// header without a valid seal is dropped on delivery.
 pub const SEAL: &str = "x-herald-seal";

@@ -50,6 +50,54 @@ pub(super) fn check_short_strings(routing_key: &str, message: &Message) -> Resul
     Ok(())
 }
 
+/// The bytes of the content header frame `message` goes out with as broker
+/// user `user` ([`properties_as`]): the frame's 8 bytes, the class, weight
+/// and body size (12), the property flags (2), then each property set:
+/// short strings with a length byte, the header table with its 4-byte
+/// length and, per header, a name (short string), a type byte and a long
+/// string (4-byte length).
+pub(super) fn header_frame_bytes(message: &Message, user: Option<&str>) -> usize {
+    let short = |text: Option<&str>| text.map_or(0, |t| 1 + t.len());
+    let table: usize = message
+        .headers
+        .iter()
+        .map(|(name, value)| 1 + name.len() + 1 + 4 + value.len())
+        .sum();
+    8 + 12
+        + 2
+        + short(message.content_type.as_deref())
+        + 4
+        + table
+        + usize::from(message.persistent)
+        + short(message.message_id.as_deref())
+        + message.timestamp.map_or(0, |_| 8)
+        + short(user)
+}
+
+/// Checks that `message`'s content header, which AMQP cannot split, fits a
+/// frame of `frame_max` bytes: the broker closes the connection of a
+/// publisher that sends a larger frame.
+///
+/// # Errors
+/// [`BrokerError::Unencodable`] with the header frame's size.
+pub(super) fn check_frame(
+    message: &Message,
+    user: Option<&str>,
+    frame_max: u32,
+) -> Result<(), BrokerError> {
+    let bytes = header_frame_bytes(message, user);
+    let limit = usize::try_from(frame_max).unwrap_or(usize::MAX);
+    // 0: the broker set no limit.
+    if limit == 0 || bytes <= limit {
+        return Ok(());
+    }
+    Err(BrokerError::Unencodable(format!(
+        "properties and {} headers take a {bytes}-byte content header frame, larger \
+         than the connection's frame_max of {limit} bytes",
+        message.headers.len()
+    )))
+}
+
 #[cfg(test)]
 pub(super) fn properties(message: &Message) -> BasicProperties {
     properties_as(message, message.user_id.as_deref())
@@ -135,8 +183,8 @@ mod tests {
     use lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString};
     use lapin::BasicProperties;
 
-    use super::{check_short_strings, message_from, properties};
-    use crate::broker::Message;
+    use super::{check_frame, check_short_strings, header_frame_bytes, message_from, properties};
+    use crate::broker::{dead_letter_message, headers, Message};
     use crate::error::BrokerError;
 
     /// A delivery as the broker would hand it over, without a channel.
@@ -383,5 +431,72 @@ mod tests {
         long_header.headers.insert("h".repeat(300), "v".into());
         let error = check_short_strings("k", &long_header).unwrap_err();
         assert!(matches!(&error, BrokerError::Unencodable(m) if m.contains("header name")));
+    }
+
+    /// What lapin writes for `message`'s content header, frame included.
+    fn encoded_header_frame(message: &Message) -> usize {
+        let props = properties(message);
+        let written = lapin::protocol::basic::gen_properties(&props)(Vec::new().into())
+            .expect("properties encode");
+        let (bytes, _) = written.into_inner();
+        8 + 12 + bytes.len()
+    }
+
+    #[test]
+    fn the_header_frame_size_is_what_lapin_encodes() {
+        let mut long = full_message();
+        long.headers.insert("x-pad".into(), "h".repeat(60_000));
+        long.headers.insert("x-é".into(), String::new());
+        for message in [full_message(), Message::new("k".into(), Vec::new()), long] {
+            assert_eq!(
+                header_frame_bytes(&message, message.user_id.as_deref()),
+                encoded_header_frame(&message),
+                "{message:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_header_frame_larger_than_the_frame_is_refused_not_sent() {
+        let mut message = full_message();
+        assert!(check_frame(&message, Some("events"), 16 * 1024).is_ok());
+        message.headers.insert("x-pad".into(), "h".repeat(60_000));
+        let error = check_frame(&message, Some("events"), 16 * 1024).unwrap_err();
+        assert!(
+            matches!(&error, BrokerError::Unencodable(m) if m.contains("16384")),
+            "{error}"
+        );
+        assert!(!error.is_transient());
+        assert!(check_frame(&message, Some("events"), 131_072).is_ok());
+    }
+
+    /// The largest copy herald republishes: every short string at 255 bytes,
+    /// a long reason, herald's headers and a seal, foreign headers trimmed.
+    #[test]
+    fn any_dead_letter_copy_fits_the_smallest_frame_herald_accepts() {
+        let mut message = Message::new("k".repeat(255), b"{}".to_vec());
+        message.message_id = Some("m".repeat(255));
+        message.content_type = Some("c".repeat(255));
+        message.timestamp = Some(1);
+        for i in 0..40 {
+            message
+                .headers
+                .insert(format!("x-{i:0>253}"), "v".repeat(3000));
+        }
+        message.headers.insert("x-pad".into(), "h".repeat(120_000));
+        message
+            .headers
+            .insert(headers::PRODUCER_USER.into(), "u".repeat(255));
+        let mut dead = dead_letter_message(message, "r".repeat(50_000), 7);
+        let seals = (0..9)
+            .map(|i| format!("x-herald-producer-user-{i}={}", "0".repeat(32)))
+            .collect::<Vec<_>>()
+            .join(";");
+        dead.headers.insert(headers::SEAL.into(), seals);
+        let bytes = header_frame_bytes(&dead, Some(&"u".repeat(255)));
+        assert!(
+            bytes <= crate::config::MIN_FRAME_MAX as usize,
+            "{bytes} bytes"
+        );
     }
 }

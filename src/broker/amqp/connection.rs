@@ -9,6 +9,17 @@
 //! their own, consumers keep settling (and freeing the broker's memory)
 //! while publishers wait out the alarm.
 //!
+//! The two connections negotiate different frame sizes. lapin keeps a
+//! receive and a send buffer of 32 frames per connection, and a content
+//! header frame (a message's properties and header table) cannot be split:
+//! - publishing uses `broker.frame_max` (16 KiB), which every message herald
+//!   publishes fits (checked before it goes out; the copies it republishes
+//!   have bounded header tables);
+//! - consuming uses RabbitMQ's own frame size ([`CONSUME_FRAME_MAX`]): a
+//!   foreign publisher may put a header table that large into a queue, and
+//!   a delivery with a frame larger than the negotiated one makes lapin close
+//!   the connection, so the message would come back after every reconnect.
+//!
 //! Reconnects are lazy: whoever next needs a connection finds it closed and
 //! opens a fresh one, so there is no background task to supervise and every
 //! caller keeps its own retry policy.
@@ -27,6 +38,14 @@ use super::options::AmqpOptions;
 use super::topology::declare_exchange;
 use crate::config::redact_url;
 use crate::error::BrokerError;
+
+/// The frame size the consuming connection asks for: RabbitMQ's default
+/// `frame_max`, the largest frame it accepts from a publisher (a broker set
+/// to a larger one is not covered). Asked for when connecting (not left to the
+/// broker's offer), lapin allocates its buffers at that size at once,
+/// zero-filled memory the kernel maps only as deliveries reach it, instead of
+/// growing and filling them after the handshake.
+pub(super) const CONSUME_FRAME_MAX: u32 = 131_072;
 
 /// A RabbitMQ client: a publisher (confirm mode) on one connection and a
 /// subscriber factory on another, each re-opened on demand after the broker
@@ -143,7 +162,10 @@ impl Inner {
                 )))
             })?;
         uri.query.heartbeat = Some(options.heartbeat_secs);
-        uri.query.frame_max = Some(options.frame_max);
+        uri.query.frame_max = Some(match role {
+            Role::Publish => options.frame_max,
+            Role::Consume => options.frame_max.max(CONSUME_FRAME_MAX),
+        });
         let user = publishing_user(&uri);
         if user.is_none() {
             log::warn!(
@@ -158,6 +180,20 @@ impl Inner {
         let name = format!("{} ({})", options.connection_name, role.suffix());
         let properties = ConnectionProperties::default().with_connection_name(name.into());
         let connection = Connection::connect_uri(uri, properties).await?;
+        let frame_max = connection.configuration().frame_max();
+        if role == Role::Publish && frame_max < crate::config::MIN_FRAME_MAX {
+            // herald's retry and dead-letter copies are bounded to fit this
+            // much; on smaller frames one could fail to publish every time.
+            let _ = connection.close(200, "bye".into()).await;
+            return Err(BrokerError::Amqp(lapin::Error::from(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "the broker negotiated frames of {frame_max} bytes, below the {} \
+                     herald needs: raise RabbitMQ's frame_max",
+                    crate::config::MIN_FRAME_MAX
+                ),
+            ))));
+        }
         let blocked = watch::Sender::new(false);
         // Only a publishing connection is ever blocked.
         if role == Role::Publish {
@@ -183,6 +219,11 @@ impl Inner {
     pub(super) async fn unblocked(&self) {
         let mut blocked = self.blocked.subscribe();
         let _ = blocked.wait_for(|b| !*b).await;
+    }
+
+    /// The largest frame this connection sends or receives (negotiated).
+    pub(super) fn frame_max(&self) -> u32 {
+        self.connection.configuration().frame_max()
     }
 
     fn is_open(&self) -> bool {

@@ -15,10 +15,12 @@ pub struct AmqpOptions {
     pub heartbeat_secs: u16,
     /// Shown in the broker's connection list.
     pub connection_name: String,
-    /// The largest AMQP frame to negotiate, in bytes. lapin keeps a receive
-    /// and a send buffer of 32 frames per connection, so RabbitMQ's default
-    /// (128 KiB) costs 8 MiB per connection; larger bodies are split into
-    /// several frames.
+    /// The largest AMQP frame the publishing connection negotiates, in
+    /// bytes. lapin keeps a receive and a send buffer of 32 frames per
+    /// connection, so RabbitMQ's default (128 KiB) costs 8 MiB per
+    /// connection; larger bodies are split into several frames. The
+    /// consuming connection takes at least RabbitMQ's 128 KiB: a header
+    /// table cannot be split, and a foreign publisher may send one that large.
     pub frame_max: u32,
 }
 

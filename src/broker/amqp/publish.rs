@@ -14,7 +14,7 @@ use futures_util::future::{BoxFuture, FutureExt};
 use lapin::options::BasicPublishOptions;
 use lapin::Confirmation;
 
-use super::codec::{check_short_strings, properties_as};
+use super::codec::{check_frame, check_short_strings, properties_as};
 use super::connection::{AmqpBroker, Inner};
 use crate::broker::{connection_failure, copy_error, Message, Publisher};
 use crate::error::BrokerError;
@@ -38,6 +38,12 @@ impl Inner {
         properties_as(message, self.user.as_deref())
     }
 
+    /// Whether `message`'s content header fits this connection's frames
+    /// ([`check_frame`]): one that does not would close the connection.
+    fn check_frame(&self, message: &Message) -> Result<(), BrokerError> {
+        check_frame(message, self.user.as_deref(), self.frame_max())
+    }
+
     /// Publishes one message on the confirm-mode channel and waits for its confirm.
     pub(super) async fn publish(
         &self,
@@ -46,6 +52,7 @@ impl Inner {
         message: &Message,
     ) -> Result<(), BrokerError> {
         check_short_strings(routing_key, message)?;
+        self.check_frame(message)?;
         let _in_flight = self.publish_lock.lock().await;
         let confirmed = async {
             // A publish whose caller gave up before its confirm left that confirm
@@ -346,9 +353,17 @@ impl AmqpBroker {
         if window.is_empty() {
             return None;
         }
-        let indices = std::mem::take(window);
+        let mut indices = std::mem::take(window);
         let outcome = match self.link().await {
             Ok(link) => {
+                // One that cannot go out is refused alone; the rest keep their order.
+                indices.retain(|&i| match link.check_frame(&messages[i]) {
+                    Ok(()) => true,
+                    Err(error) => {
+                        results[i] = Some(Err(error));
+                        false
+                    }
+                });
                 let batch: Vec<Message> = indices.iter().map(|&i| messages[i].clone()).collect();
                 // A task of its own: should the caller give up, the window still
                 // runs to its confirms (or its timeout) under the lock, and no
