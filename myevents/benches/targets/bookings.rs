@@ -129,7 +129,9 @@ async fn rounds(plan: &Plan, contexts: &Contexts) -> BenchResult<Vec<Row>> {
     let mut only_201_409 = true;
     let mut figures = Vec::new();
     for round in 1..=plan.rounds {
+        let get_cpu = contexts.booking.cpu_time()?;
         let mut gets = http::load(booking.port, clients, n, &get).await?;
+        let get_cpu = contexts.booking.cpu_time()?.saturating_sub(get_cpu);
         if gets.count(200) != n {
             return Err(format!("GET /bookings/{{id}}: {}", gets.statuses_line()).into());
         }
@@ -139,9 +141,14 @@ async fn rounds(plan: &Plan, contexts: &Contexts) -> BenchResult<Vec<Row>> {
             .event(&format!("Round {round}"), &location, "Main")
             .await?;
         let post = Request::post_json(format!("/events/{event}/bookings"), &json!({"seats": 1}));
+        let cpu = (contexts.booking.cpu_time()?, contexts.events.cpu_time()?);
         let mut posts = http::load(booking.port, clients, n, &post).await?;
         contexts.counted(&event, posts.count(201)).await?;
         let window = posts.started.elapsed();
+        let cpu = (
+            contexts.booking.cpu_time()?.saturating_sub(cpu.0),
+            contexts.events.cpu_time()?.saturating_sub(cpu.1),
+        );
         let (post_p50, post_p99) = percentiles(&mut posts)?;
         only_201_409 &= posts.errors == 0 && posts.statuses.keys().all(|s| [201, 409].contains(s));
         for (status, count) in &posts.statuses {
@@ -161,6 +168,13 @@ async fn rounds(plan: &Plan, contexts: &Contexts) -> BenchResult<Vec<Row>> {
             ms(post_p50),
             ms(post_p99),
             posts.statuses_line()
+        );
+        // CPU time per request: steadier than the rates on a busy machine.
+        println!(
+            "              CPU per request: GET booking {} µs; POST booking {} µs + events {} µs",
+            (get_cpu / n as u32).as_micros(),
+            (cpu.0 / n as u32).as_micros(),
+            (cpu.1 / n as u32).as_micros(),
         );
         figures.push(Round {
             get_rate: rate(n, gets.elapsed),
