@@ -31,5 +31,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         rebuilt.report.took.as_secs_f64(),
         rebuilt.events_per_second()
     );
+    if let Some(cpu) = rebuilt.cpu {
+        println!(
+            "rebuild cpu : {:.2} s = {:.0} events per CPU second",
+            cpu.as_secs_f64(),
+            rebuilt.report.replayed as f64 / cpu.as_secs_f64()
+        );
+    }
     Ok(())
 }

@@ -22,7 +22,8 @@
 //! ```
 //!
 //! Rows come back as with `sql_query`: `.load::<T>()` or `.get_result::<T>()`
-//! for a `T` that derives `QueryableByName`.
+//! for a `T` that derives `QueryableByName`. Many rows go in few statements
+//! with [`execute_rows`].
 
 use std::marker::PhantomData;
 
@@ -162,6 +163,90 @@ impl<B: Binds> Query for Sql<B> {
 
 impl<B> RunQueryDsl<SqliteConnection> for Sql<B> {}
 
+/// One statement of many rows: `head`, then each row's text, joined by
+/// commas (`INSERT INTO t (a, b) VALUES ` then `(?, ?)` per row).
+///
+/// Each row is a [`Sql`] with its values bound. SQLite runs a multi-row
+/// statement as one: its per-statement work (cursors, the statement
+/// journal, diesel's cache lookup) is paid once for all its rows, not once
+/// per row. Its text depends on how many rows it holds, and the connection
+/// keeps one prepared statement per text: [`execute_rows`] keeps that set
+/// small.
+#[derive(Debug)]
+#[must_use = "a statement does nothing until it is run"]
+pub struct Rows<'r, B> {
+    head: &'static str,
+    rows: &'r [Sql<B>],
+}
+
+impl<'r, B: Binds> Rows<'r, B> {
+    /// `head` followed by `rows`.
+    pub fn new(head: &'static str, rows: &'r [Sql<B>]) -> Self {
+        Rows { head, rows }
+    }
+}
+
+impl<B: Binds> QueryFragment<Sqlite> for Rows<'_, B> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
+        if self.rows.is_empty() {
+            return Err(mismatch("a statement of rows needs at least one row"));
+        }
+        out.push_sql(self.head);
+        for (n, row) in self.rows.iter().enumerate() {
+            if n > 0 {
+                out.push_sql(", ");
+            }
+            row.walk_ast(out.reborrow())?;
+        }
+        Ok(())
+    }
+}
+
+/// Kept by its text, as [`Sql`] is.
+impl<B> QueryId for Rows<'_, B> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl<B: Binds> Query for Rows<'_, B> {
+    type SqlType = Untyped;
+}
+
+impl<B> RunQueryDsl<SqliteConnection> for Rows<'_, B> {}
+
+/// Most rows [`execute_rows`] puts in one statement.
+pub const MAX_ROWS: usize = 64;
+
+/// Runs `head` over `rows` ([`Rows`]) in as few statements as it can: as
+/// many rows per statement as a power of two up to [`MAX_ROWS`] allows, so a
+/// connection keeps at most seven texts prepared per `head` whatever the
+/// number of rows. Returns the rows changed, as `execute` does; nothing for
+/// no rows.
+///
+/// # Errors
+/// The first statement that fails; the statements before it ran (run it in
+/// a transaction).
+pub fn execute_rows<B: Binds>(
+    conn: &mut SqliteConnection,
+    head: &'static str,
+    rows: &[Sql<B>],
+) -> QueryResult<usize> {
+    let mut changed = 0;
+    let mut rest = rows;
+    while !rest.is_empty() {
+        let take = if rest.len() >= MAX_ROWS {
+            MAX_ROWS
+        } else {
+            // The largest power of two that fits.
+            1 << rest.len().ilog2()
+        };
+        let (these, after) = rest.split_at(take);
+        changed += Rows::new(head, these).execute(conn)?;
+        rest = after;
+    }
+    Ok(changed)
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
@@ -265,6 +350,76 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(counts.lock().unwrap().cached, 0);
+    }
+
+    fn seat_rows(ids: &[String]) -> Vec<Sql<impl Binds + '_>> {
+        ids.iter()
+            .zip(1i64..)
+            .map(|(id, n)| Sql::new("(?, ?)").bind::<Text, _>(id).bind::<BigInt, _>(n))
+            .collect()
+    }
+
+    #[test]
+    fn many_rows_go_in_few_statements_of_few_texts() {
+        let (mut conn, counts) = connection();
+        let mut inserted = 0;
+        // 63 = 32 + 16 + 8 + 4 + 2 + 1; 130 = 64 + 64 + 2; 7 = 4 + 2 + 1.
+        for (size, statements) in [(0, 0), (1, 1), (63, 6), (64, 1), (65, 2), (130, 3), (7, 3)] {
+            let ids: Vec<String> = (0..size).map(|n| format!("r{inserted}-{n}")).collect();
+            let started = counts.lock().unwrap().started;
+            let changed = execute_rows(
+                &mut conn,
+                "INSERT INTO seats (id, n) VALUES ",
+                &seat_rows(&ids),
+            );
+            assert_eq!(changed.unwrap(), size);
+            assert_eq!(
+                counts.lock().unwrap().started - started,
+                statements,
+                "{size} rows"
+            );
+            inserted += size;
+        }
+        assert!(
+            counts.lock().unwrap().cached <= 7,
+            "one text per power of two"
+        );
+        let rows: Vec<Row> = Sql::new("SELECT id, n FROM seats WHERE id LIKE 'r%' ORDER BY rowid")
+            .load(&mut conn)
+            .unwrap();
+        assert_eq!(rows.len(), inserted);
+        // In order, each with its own values.
+        assert_eq!(
+            (&rows[1].id[..], rows[1].n, &rows[63].id[..], rows[63].n),
+            ("r1-0", 1, "r1-62", 63)
+        );
+        assert_eq!(
+            (&rows[inserted - 1].id[..], rows[inserted - 1].n),
+            ("r323-6", 7)
+        );
+    }
+
+    #[test]
+    fn a_failing_row_is_an_error_and_rows_need_one_row() {
+        let (mut conn, _) = connection();
+        let ids = vec!["x".to_owned(), "a".to_owned()];
+        assert!(matches!(
+            execute_rows(
+                &mut conn,
+                "INSERT INTO seats (id, n) VALUES ",
+                &seat_rows(&ids)
+            ),
+            Err(DieselError::DatabaseError(..))
+        ));
+        let rows: Vec<Row> = Sql::new("SELECT id, n FROM seats WHERE id = 'x'")
+            .load(&mut conn)
+            .unwrap();
+        assert!(rows.is_empty(), "a statement fails whole: {rows:?}");
+        let none = seat_rows(&[]);
+        assert!(matches!(
+            Rows::new("INSERT INTO seats (id, n) VALUES ", &none).execute(&mut conn),
+            Err(DieselError::QueryBuilderError(_))
+        ));
     }
 
     #[test]

@@ -4,18 +4,17 @@ use std::collections::BTreeMap;
 
 use diesel::prelude::*;
 use diesel::sqlite::SqliteConnection;
-use diesel::upsert::excluded;
 
 use super::ledger::{LedgerEvent, SeatLedger};
 use super::schema::{bookings, known_events, known_locations};
 use crate::contract::{EventCreated, LocationCreated};
-use diesel::sql_types::{BigInt, Text};
+use diesel::sql_types::{BigInt, Nullable, Text};
 use herald::aggregate::Aggregate;
 use herald::error::StoreError;
 use herald::store::event_store::{self, RecordedEvent};
 use herald::store::projection::Projection;
 use herald::store::repository::decode_recorded;
-use herald::store::sql::Sql;
+use herald::store::sql::{self, Sql};
 use herald::Event;
 
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
@@ -61,8 +60,8 @@ impl Projection for SeatsView {
         self.apply_all(conn, std::slice::from_ref(event))
     }
 
-    /// A batch in few writes: announcements as they come, bookings through
-    /// one kept-prepared insert, and one seat update per event.
+    /// A batch in few writes: announcements as they come, bookings up to
+    /// [`sql::MAX_ROWS`] per insert statement, and one seat update per event.
     fn apply_all(
         &self,
         conn: &mut SqliteConnection,
@@ -80,16 +79,18 @@ impl Projection for SeatsView {
                     pending.flush(conn, Some(&announced.id))?;
                     remember_event(conn, &announced)?;
                 }
-                LedgerEvent::Booked(booked) => pending.add(BookingRow {
-                    id: booked
-                        .booking_id
-                        .clone()
-                        .unwrap_or_else(|| format!("{}-{}", booked.event_id, event.position)),
-                    event_id: booked.event_id.clone(),
-                    user_id: booked.user_id.clone(),
-                    seats: i64::from(booked.seats()),
-                    booked_at: event.recorded_at / 1000,
-                }),
+                LedgerEvent::Booked(booked) => {
+                    let seats = i64::from(booked.seats());
+                    pending.add(BookingRow {
+                        id: booked
+                            .booking_id
+                            .unwrap_or_else(|| format!("{}-{}", booked.event_id, event.position)),
+                        event_id: booked.event_id,
+                        user_id: booked.user_id,
+                        seats,
+                        booked_at: event.recorded_at / 1000,
+                    });
+                }
             }
         }
         pending.flush(conn, None)
@@ -105,7 +106,13 @@ struct PendingBookings {
 
 impl PendingBookings {
     fn add(&mut self, row: BookingRow) {
-        *self.seats.entry(row.event_id.clone()).or_default() += row.seats;
+        // A batch books few events: their ids are copied once each.
+        match self.seats.get_mut(&row.event_id) {
+            Some(seats) => *seats += row.seats,
+            None => {
+                self.seats.insert(row.event_id.clone(), row.seats);
+            }
+        }
         self.rows.push(row);
     }
 
@@ -125,20 +132,24 @@ impl PendingBookings {
             }
             None => std::mem::take(&mut self.rows),
         };
-        // One kept-prepared statement per row: diesel turns a multi-row insert
-        // on SQLite into one freshly built statement per row under a savepoint.
-        for row in &rows {
-            Sql::new(
-                "INSERT INTO bookings (id, event_id, user_id, seats, booked_at) \
-                 VALUES (?, ?, ?, ?, ?)",
-            )
-            .bind::<Text, _>(&row.id)
-            .bind::<Text, _>(&row.event_id)
-            .bind::<Text, _>(&row.user_id)
-            .bind::<BigInt, _>(row.seats)
-            .bind::<BigInt, _>(row.booked_at)
-            .execute(conn)?;
-        }
+        // Many rows per statement: SQLite's work per statement, and diesel's
+        // per query, are paid once for up to `MAX_ROWS` rows.
+        let values: Vec<_> = rows
+            .iter()
+            .map(|row| {
+                Sql::new("(?, ?, ?, ?, ?)")
+                    .bind::<Text, _>(&row.id)
+                    .bind::<Text, _>(&row.event_id)
+                    .bind::<Text, _>(&row.user_id)
+                    .bind::<BigInt, _>(row.seats)
+                    .bind::<BigInt, _>(row.booked_at)
+            })
+            .collect();
+        sql::execute_rows(
+            conn,
+            "INSERT INTO bookings (id, event_id, user_id, seats, booked_at) VALUES ",
+            &values,
+        )?;
         let seats: Vec<(String, i64)> = match event_id {
             Some(id) => self.seats.remove_entry(id).into_iter().collect(),
             None => std::mem::take(&mut self.seats).into_iter().collect(),
@@ -194,29 +205,24 @@ pub fn recorded_location(
 }
 
 fn remember_event(conn: &mut SqliteConnection, event: &EventCreated) -> Result<(), StoreError> {
-    let row = KnownEvent {
-        id: event.id.clone(),
-        name: event.name.clone(),
-        location_id: event.location_id.clone(),
-        start_date: event.start_date.to_rfc3339(),
-        end_date: event.end_date.to_rfc3339(),
-        hall: event.hall.clone(),
-        capacity: event.capacity.map(i64::from),
-        seats_booked: 0,
-    };
-    diesel::insert_into(known_events::table)
-        .values(&row)
-        .on_conflict(known_events::id)
-        .do_update()
-        .set((
-            known_events::name.eq(excluded(known_events::name)),
-            known_events::location_id.eq(excluded(known_events::location_id)),
-            known_events::start_date.eq(excluded(known_events::start_date)),
-            known_events::end_date.eq(excluded(known_events::end_date)),
-            known_events::hall.eq(excluded(known_events::hall)),
-            known_events::capacity.eq(excluded(known_events::capacity)),
-        ))
-        .execute(conn)?;
+    // Kept prepared (diesel would build and parse an upsert each time): a
+    // rebuild announces an event every hundred or so stored events.
+    Sql::new(
+        "INSERT INTO known_events \
+         (id, name, location_id, start_date, end_date, hall, capacity, seats_booked) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, 0) \
+         ON CONFLICT (id) DO UPDATE SET name = excluded.name, \
+         location_id = excluded.location_id, start_date = excluded.start_date, \
+         end_date = excluded.end_date, hall = excluded.hall, capacity = excluded.capacity",
+    )
+    .bind::<Text, _>(&event.id)
+    .bind::<Text, _>(&event.name)
+    .bind::<Text, _>(&event.location_id)
+    .bind::<Text, _>(event.start_date.to_rfc3339())
+    .bind::<Text, _>(event.end_date.to_rfc3339())
+    .bind::<Nullable<Text>, _>(&event.hall)
+    .bind::<Nullable<BigInt>, _>(event.capacity.map(i64::from))
+    .execute(conn)?;
     Ok(())
 }
 
@@ -324,10 +330,14 @@ mod tests {
         for (n, id) in ["e1", "e2", "e3"].iter().enumerate() {
             let capacity = (n != 2).then_some(40);
             let opener = views.clone();
+            let hall = (n == 0).then(|| "Main Hall".to_owned());
             repository::execute::<SeatLedger, _, _>(
                 &t.db,
                 id,
-                LedgerCommand::Open(announced(id, capacity)),
+                LedgerCommand::Open(EventCreated {
+                    hall,
+                    ..announced(id, capacity)
+                }),
                 &options,
                 move |c, _| opener.catch_up(c),
             )
@@ -352,6 +362,21 @@ mod tests {
             }
         }
         let live = rows(&t.db).await;
+        // The announcement as heard, with the seats its bookings took.
+        let first = announced("e1", Some(40));
+        assert_eq!(
+            live.0[0],
+            KnownEvent {
+                id: "e1".into(),
+                name: first.name,
+                location_id: first.location_id,
+                start_date: first.start_date.to_rfc3339(),
+                end_date: first.end_date.to_rfc3339(),
+                hall: Some("Main Hall".into()),
+                capacity: Some(40),
+                seats_booked: 37,
+            }
+        );
         assert!(live
             .0
             .iter()
