@@ -6,8 +6,8 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use diesel::SqliteConnection;
 use herald::store::event_store::{self, EventMetadata, NewEvent};
+use herald::store::Conn;
 use herald::store::Db;
 use herald::transport::{Publisher, Subscriber};
 use herald::{ContextBuilder, Envelope, Event, HandlerError, MessageContext};
@@ -37,7 +37,7 @@ fn id(n: usize) -> String {
 }
 
 /// Records `counted` as one event in the stream `counted-<id>`.
-fn record(conn: &mut SqliteConnection, counted: &Counted) -> Result<(), HandlerError> {
+fn record(conn: &mut Conn, counted: &Counted) -> Result<(), HandlerError> {
     let stream = format!("counted-{}", counted.id);
     let version = event_store::stream_version(conn, &stream)?;
     let fact = NewEvent {
@@ -102,7 +102,7 @@ async fn a_unit_that_fails_in_a_batch_fails_alone_and_is_applied_once_on_retry()
     let context = ContextBuilder::new(settings)
         .store(db.clone())
         .apply_once(
-            move |counted: Counted, message: &MessageContext, conn: &mut SqliteConnection| {
+            move |counted: Counted, message: &MessageContext, conn: &mut Conn| {
                 seen.lock()
                     .unwrap()
                     .push((counted.id.clone(), message.attempt));

@@ -205,7 +205,7 @@ async fn an_unroutable_event_waits_as_unrouted_without_blocking_and_goes_out_whe
 
 /// Appends `event` with the event id `id` (the message id on the wire).
 fn append_as<E: Event>(
-    c: &mut diesel::SqliteConnection,
+    c: &mut herald::store::Conn,
     id: &str,
     event: &E,
 ) -> Result<(), herald::StoreError> {

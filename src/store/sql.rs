@@ -3,17 +3,22 @@
 //! diesel keeps a prepared statement per connection only for queries it can
 //! tell apart without their values. It never keeps an `UPDATE`, an upsert
 //! (`ON CONFLICT ... DO UPDATE`) or a `sql_query`: those are parsed and
-//! planned by SQLite on every use, which on the database writer costs more
-//! than running them. [`Sql`] is a statement whose text is fixed at compile
-//! time; diesel keeps it prepared, keyed by that text, and only binds new
-//! values on each use.
+//! planned by the database on every use, which on the database writer costs
+//! more than running them. [`Sql`] is a statement whose text is fixed at
+//! compile time; diesel keeps it prepared, keyed by that text, and only binds
+//! new values on each use.
+//!
+//! The text is written once with `?` placeholders; each backend's query
+//! builder renders them as it needs (`?` for SQLite, `$1`, `$2` ... for
+//! PostgreSQL), so the same statement runs on a [`Conn`](crate::store::Conn)
+//! of either backend.
 //!
 //! ```
 //! use diesel::sql_types::{BigInt, Text};
 //! use diesel::RunQueryDsl;
 //! use herald::store::sql::Sql;
 //!
-//! # fn add(conn: &mut diesel::SqliteConnection, id: &str, seats: i64) -> diesel::QueryResult<usize> {
+//! # fn add(conn: &mut herald::store::Conn, id: &str, seats: i64) -> diesel::QueryResult<usize> {
 //! Sql::new("UPDATE events SET seats = seats + ? WHERE id = ?")
 //!     .bind::<BigInt, _>(seats)
 //!     .bind::<Text, _>(id)
@@ -26,16 +31,16 @@
 
 use std::marker::PhantomData;
 
+use diesel::backend::Backend;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::result::Error as DieselError;
 use diesel::serialize::ToSql;
 use diesel::sql_types::{HasSqlType, Untyped};
-use diesel::sqlite::Sqlite;
-use diesel::{QueryResult, RunQueryDsl, SqliteConnection};
+use diesel::{QueryResult, RunQueryDsl};
 
 /// A statement of fixed SQL with `?` placeholders, and the values bound to
 /// them so far. Run it with diesel's [`RunQueryDsl`] (`execute`, `load`,
-/// `get_result`).
+/// `get_result`) on any connection whose backend takes the bound types.
 ///
 /// The text must hold exactly one `?` per bound value and no other `?`
 /// (none in a string literal): running it otherwise is an error, never a
@@ -54,14 +59,10 @@ impl Sql {
     }
 }
 
-impl<B: Binds> Sql<B> {
+impl<B> Sql<B> {
     /// The same statement with `value` bound, as SQL type `ST`, to the next
     /// `?`.
-    pub fn bind<ST, V>(self, value: V) -> Sql<Bound<B, ST, V>>
-    where
-        Sqlite: HasSqlType<ST>,
-        V: ToSql<ST, Sqlite>,
-    {
+    pub fn bind<ST, V>(self, value: V) -> Sql<Bound<B, ST, V>> {
         Sql {
             text: self.text,
             binds: Bound {
@@ -74,13 +75,13 @@ impl<B: Binds> Sql<B> {
 }
 
 /// The values bound to a [`Sql`] so far: `()`, then one [`Bound`] per value.
-pub trait Binds: sealed::Sealed {
+pub trait Binds<DB: Backend>: sealed::Sealed {
     /// Writes the text up to each bound value's `?` and binds the value, in
     /// order, taking the pieces of text between placeholders from `pieces`.
     #[doc(hidden)]
     fn walk<'b>(
         &'b self,
-        out: &mut AstPass<'_, 'b, Sqlite>,
+        out: &mut AstPass<'_, 'b, DB>,
         pieces: &mut std::str::Split<'static, char>,
     ) -> QueryResult<()>;
 }
@@ -99,31 +100,31 @@ mod sealed {
     impl<B, ST, V> Sealed for super::Bound<B, ST, V> {}
 }
 
-impl Binds for () {
+impl<DB: Backend> Binds<DB> for () {
     fn walk<'b>(
         &'b self,
-        _: &mut AstPass<'_, 'b, Sqlite>,
+        _: &mut AstPass<'_, 'b, DB>,
         _: &mut std::str::Split<'static, char>,
     ) -> QueryResult<()> {
         Ok(())
     }
 }
 
-impl<B, ST, V> Binds for Bound<B, ST, V>
+impl<B, ST, V, DB> Binds<DB> for Bound<B, ST, V>
 where
-    B: Binds,
-    Sqlite: HasSqlType<ST>,
-    V: ToSql<ST, Sqlite>,
+    DB: Backend + HasSqlType<ST>,
+    B: Binds<DB>,
+    V: ToSql<ST, DB>,
 {
     fn walk<'b>(
         &'b self,
-        out: &mut AstPass<'_, 'b, Sqlite>,
+        out: &mut AstPass<'_, 'b, DB>,
         pieces: &mut std::str::Split<'static, char>,
     ) -> QueryResult<()> {
         self.before.walk(out, pieces)?;
         let piece = pieces.next().ok_or_else(|| mismatch(MORE_VALUES))?;
         out.push_sql(piece);
-        // Writes the `?` itself.
+        // Writes the backend's placeholder (`?`, `$n`).
         out.push_bind_param::<ST, V>(&self.value)
     }
 }
@@ -134,8 +135,8 @@ fn mismatch(what: &str) -> DieselError {
     DieselError::QueryBuilderError(what.into())
 }
 
-impl<B: Binds> QueryFragment<Sqlite> for Sql<B> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
+impl<B: Binds<DB>, DB: Backend> QueryFragment<DB> for Sql<B> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
         let mut pieces = self.text.split('?');
         self.binds.walk(&mut out, &mut pieces)?;
         // What follows the last placeholder (the whole text if none).
@@ -156,11 +157,11 @@ impl<B> QueryId for Sql<B> {
 }
 
 /// Rows are read by name, as with `sql_query`.
-impl<B: Binds> Query for Sql<B> {
+impl<B> Query for Sql<B> {
     type SqlType = Untyped;
 }
 
-impl<B> RunQueryDsl<SqliteConnection> for Sql<B> {}
+impl<B, C> RunQueryDsl<C> for Sql<B> {}
 
 #[cfg(test)]
 mod tests {

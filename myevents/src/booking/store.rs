@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 
 use diesel::prelude::*;
-use diesel::sqlite::SqliteConnection;
 use diesel::upsert::excluded;
 
 use super::ledger::{LedgerEvent, SeatLedger};
@@ -16,6 +15,7 @@ use herald::store::event_store::{self, RecordedEvent};
 use herald::store::projection::Projection;
 use herald::store::repository::decode_recorded;
 use herald::store::sql::Sql;
+use herald::store::Conn;
 use herald::Event;
 
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
@@ -51,23 +51,19 @@ impl Projection for SeatsView {
         "seats"
     }
 
-    fn reset(&self, conn: &mut SqliteConnection) -> Result<(), StoreError> {
+    fn reset(&self, conn: &mut Conn) -> Result<(), StoreError> {
         diesel::delete(bookings::table).execute(conn)?;
         diesel::delete(known_events::table).execute(conn)?;
         Ok(())
     }
 
-    fn apply(&self, conn: &mut SqliteConnection, event: &RecordedEvent) -> Result<(), StoreError> {
+    fn apply(&self, conn: &mut Conn, event: &RecordedEvent) -> Result<(), StoreError> {
         self.apply_all(conn, std::slice::from_ref(event))
     }
 
     /// A batch in few writes: announcements as they come, bookings through
     /// one kept-prepared insert, and one seat update per event.
-    fn apply_all(
-        &self,
-        conn: &mut SqliteConnection,
-        events: &[RecordedEvent],
-    ) -> Result<(), StoreError> {
+    fn apply_all(&self, conn: &mut Conn, events: &[RecordedEvent]) -> Result<(), StoreError> {
         let mut pending = PendingBookings::default();
         for event in events {
             if !event.stream_id.starts_with(SeatLedger::KIND) {
@@ -110,11 +106,7 @@ impl PendingBookings {
     }
 
     /// Writes what is pending (only for `event_id` when given, else everything).
-    fn flush(
-        &mut self,
-        conn: &mut SqliteConnection,
-        event_id: Option<&str>,
-    ) -> Result<(), StoreError> {
+    fn flush(&mut self, conn: &mut Conn, event_id: Option<&str>) -> Result<(), StoreError> {
         let rows: Vec<BookingRow> = match event_id {
             Some(id) => {
                 let (these, others) = std::mem::take(&mut self.rows)
@@ -164,12 +156,12 @@ impl Projection for LocationsView {
         "locations"
     }
 
-    fn reset(&self, conn: &mut SqliteConnection) -> Result<(), StoreError> {
+    fn reset(&self, conn: &mut Conn) -> Result<(), StoreError> {
         diesel::delete(known_locations::table).execute(conn)?;
         Ok(())
     }
 
-    fn apply(&self, conn: &mut SqliteConnection, event: &RecordedEvent) -> Result<(), StoreError> {
+    fn apply(&self, conn: &mut Conn, event: &RecordedEvent) -> Result<(), StoreError> {
         if event.event_name != LocationCreated::NAME {
             return Ok(());
         }
@@ -182,7 +174,7 @@ impl Projection for LocationsView {
 /// The location recorded in `stream` (the last fact, as the read model
 /// shows it), if any.
 pub fn recorded_location(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     stream: &str,
 ) -> Result<Option<LocationCreated>, StoreError> {
     let Some(last) = event_store::load(conn, stream, 0)?.pop() else {
@@ -193,7 +185,7 @@ pub fn recorded_location(
         .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", last.event_id)))
 }
 
-fn remember_event(conn: &mut SqliteConnection, event: &EventCreated) -> Result<(), StoreError> {
+fn remember_event(conn: &mut Conn, event: &EventCreated) -> Result<(), StoreError> {
     let row = KnownEvent {
         id: event.id.clone(),
         name: event.name.clone(),
@@ -204,7 +196,7 @@ fn remember_event(conn: &mut SqliteConnection, event: &EventCreated) -> Result<(
         capacity: event.capacity.map(i64::from),
         seats_booked: 0,
     };
-    diesel::insert_into(known_events::table)
+    let upsert = diesel::insert_into(known_events::table)
         .values(&row)
         .on_conflict(known_events::id)
         .do_update()
@@ -215,17 +207,18 @@ fn remember_event(conn: &mut SqliteConnection, event: &EventCreated) -> Result<(
             known_events::end_date.eq(excluded(known_events::end_date)),
             known_events::hall.eq(excluded(known_events::hall)),
             known_events::capacity.eq(excluded(known_events::capacity)),
-        ))
-        .execute(conn)?;
+        ));
+    // diesel builds an upsert for one backend at a time.
+    match conn {
+        Conn::Sqlite(c) => upsert.execute(c),
+        Conn::Postgres(c) => upsert.execute(c),
+    }?;
     Ok(())
 }
 
-fn remember_location(
-    conn: &mut SqliteConnection,
-    location: &LocationCreated,
-) -> Result<(), StoreError> {
+fn remember_location(conn: &mut Conn, location: &LocationCreated) -> Result<(), StoreError> {
     let halls = serde_json::to_string(&location.halls).unwrap_or_else(|_| "[]".into());
-    diesel::insert_into(known_locations::table)
+    let upsert = diesel::insert_into(known_locations::table)
         .values((
             known_locations::id.eq(&location.id),
             known_locations::name.eq(&location.name),
@@ -240,12 +233,16 @@ fn remember_location(
             known_locations::address.eq(&location.address),
             known_locations::country.eq(&location.country),
             known_locations::halls.eq(&halls),
-        ))
-        .execute(conn)?;
+        ));
+    // diesel builds an upsert for one backend at a time.
+    match conn {
+        Conn::Sqlite(c) => upsert.execute(c),
+        Conn::Postgres(c) => upsert.execute(c),
+    }?;
     Ok(())
 }
 
-pub fn event(conn: &mut SqliteConnection, id: &str) -> Result<Option<KnownEvent>, StoreError> {
+pub fn event(conn: &mut Conn, id: &str) -> Result<Option<KnownEvent>, StoreError> {
     known_events::table
         .find(id)
         .select(KnownEvent::as_select())
@@ -257,7 +254,7 @@ pub fn event(conn: &mut SqliteConnection, id: &str) -> Result<Option<KnownEvent>
 /// A page of an event's bookings by time (then id), after the booking
 /// `after` names.
 pub fn bookings_page(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     event_id: &str,
     after: Option<&(i64, String)>,
     fetch: i64,
@@ -278,7 +275,7 @@ pub fn bookings_page(
     query.load(conn).map_err(StoreError::from)
 }
 
-pub fn booking(conn: &mut SqliteConnection, id: &str) -> Result<Option<BookingRow>, StoreError> {
+pub fn booking(conn: &mut Conn, id: &str) -> Result<Option<BookingRow>, StoreError> {
     bookings::table
         .find(id)
         .select(BookingRow::as_select())
