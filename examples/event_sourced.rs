@@ -76,10 +76,10 @@ impl Projection for Balances {
     fn name(&self) -> &'static str {
         "balances"
     }
-    fn reset(&self, c: &mut SqliteConnection) -> Result<(), StoreError> {
+    fn reset(&self, c: &mut Conn) -> Result<(), StoreError> {
         Ok(c.batch_execute("DELETE FROM balances")?)
     }
-    fn apply(&self, c: &mut SqliteConnection, event: &RecordedEvent) -> Result<(), StoreError> {
+    fn apply(&self, c: &mut Conn, event: &RecordedEvent) -> Result<(), StoreError> {
         let AccountEvent::Changed(changed) = decode_recorded::<Account>(event)?;
         let upsert = diesel::sql_query(UPSERT).bind::<Text, _>(&changed.account);
         upsert.bind::<BigInt, _>(changed.amount).execute(c)?;
@@ -95,7 +95,7 @@ async fn change(db: Data<Db>, id: Path<String>, request: CommandRequest) -> Answ
     let (amount, keyed) = request.parse::<i64>()?;
     let account = id.to_string();
     let asked = BalanceChanged { account, amount };
-    let effects = |c: &mut SqliteConnection, done: &Executed<Account>| {
+    let effects = |c: &mut Conn, done: &Executed<Account>| {
         for AccountEvent::Changed(changed) in &done.events {
             outbox::append(c, changed, "wallet", None)?;
         }

@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
 # Ensure a local RabbitMQ (Debian's package) is installed, running on loopback
-# and answering. Idempotent: safe to run before every `make run` / `make test`.
+# and answering, and libpq's headers are there to build against. Idempotent: safe to run before every `make run` / `make test`.
 set -euo pipefail
 
 log() { echo "services: $*" >&2; }
+
+# herald links libpq (diesel's PostgreSQL backend) even when it runs on
+# SQLite: a build dependency, so `make run` builds on a fresh machine.
+if ! command -v pg_config >/dev/null 2>&1; then
+  log "installing libpq-dev from Debian (a build dependency)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends libpq-dev >/dev/null
+fi
 
 if ! command -v rabbitmq-server >/dev/null 2>&1; then
   log "installing rabbitmq-server from Debian"

@@ -39,7 +39,7 @@ pub struct Settings {
     /// `[admin]`: the admin listener.
     #[serde(default)]
     pub admin: AdminSettings,
-    /// `[database]`: the context's SQLite database.
+    /// `[database]`: the context's database (SQLite or PostgreSQL).
     #[serde(default)]
     pub database: DatabaseSettings,
     /// `[outbox]`: the outbox relay.
@@ -374,8 +374,9 @@ impl Default for AdminSettings {
 #[derive(Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseSettings {
-    /// The SQLite file (`None`: the context picks one). Secret, as a URL may
-    /// hold a password: printed and serialized through [`redact_url`].
+    /// The database: a SQLite file (a path or `sqlite://`; `None`: the
+    /// context picks one) or a `postgres://` URL. Secret, as a URL may hold a
+    /// password: printed and serialized through [`redact_url`].
     #[serde(serialize_with = "redacted_optional_url")]
     pub url: Option<SecretString>,
     /// How hard SQLite makes a commit durable before it returns: a delivery is
@@ -402,7 +403,8 @@ impl Default for DatabaseSettings {
 }
 
 /// SQLite's `PRAGMA synchronous` in WAL mode: what a committed (and acked)
-/// write survives.
+/// write survives. On PostgreSQL it sets `synchronous_commit`
+/// ([`Synchronous::as_synchronous_commit`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Synchronous {
@@ -427,6 +429,17 @@ impl Synchronous {
             Synchronous::Normal => "NORMAL",
             Synchronous::Full => "FULL",
             Synchronous::Extra => "EXTRA",
+        }
+    }
+
+    /// PostgreSQL's `synchronous_commit` for this level: `off` there too
+    /// (a server crash may lose the last commits, never corrupts), and `on`
+    /// for the others (PostgreSQL flushes its WAL at every commit; it has no
+    /// level between).
+    pub fn as_synchronous_commit(self) -> &'static str {
+        match self {
+            Synchronous::Off => "off",
+            Synchronous::Normal | Synchronous::Full | Synchronous::Extra => "on",
         }
     }
 }

@@ -271,7 +271,9 @@ impl From<diesel::result::Error> for StoreError {
             }
             D::DatabaseError(_, ref info)
                 if info.message().contains("database is locked")
-                    || info.message().contains("database is busy") =>
+                    || info.message().contains("database is busy")
+                    // PostgreSQL, past `lock_timeout` waiting for the write lock.
+                    || info.message().contains("lock timeout") =>
             {
                 StoreError::Busy(info.message().to_owned())
             }

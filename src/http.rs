@@ -21,6 +21,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::store::Conn;
 use actix_cors::Cors;
 use actix_web::body::MessageBody;
 use actix_web::dev::{Payload, Server, ServerHandle, ServiceRequest, ServiceResponse};
@@ -30,7 +31,6 @@ use actix_web::middleware::{from_fn, Next};
 use actix_web::{
     web, App, FromRequest, HttpMessage, HttpRequest, HttpResponse, HttpServer, ResponseError,
 };
-use diesel::SqliteConnection;
 use futures_util::future::LocalBoxFuture;
 use futures_util::{Stream, StreamExt};
 use serde::de::DeserializeOwned;
@@ -297,9 +297,7 @@ where
     K: Serialize + DeserializeOwned + Clone + Send + 'static,
     R: Send + 'static,
     J: Serialize,
-    F: FnOnce(&mut SqliteConnection, Option<&K>, i64) -> Result<Vec<R>, StoreError>
-        + Send
-        + 'static,
+    F: FnOnce(&mut Conn, Option<&K>, i64) -> Result<Vec<R>, StoreError> + Send + 'static,
 {
     let page = Page::<K>::from_query(query)?;
     let (after, fetch) = (page.after.clone(), page.fetch());
@@ -521,10 +519,7 @@ pub async fn execute<A, F>(
 ) -> Result<StoredResponse, ApiError>
 where
     A: Aggregate,
-    F: Fn(&mut SqliteConnection, &Executed<A>) -> Result<StoredResponse, StoreError>
-        + Clone
-        + Send
-        + 'static,
+    F: Fn(&mut Conn, &Executed<A>) -> Result<StoredResponse, StoreError> + Clone + Send + 'static,
 {
     let replay_key = keyed.clone();
     repository::execute_unless::<A, _, _, _>(

@@ -26,7 +26,8 @@
 //! - `event.rs`: the [`Event`] trait, [`Envelope`] and [`Metadata`], the wire codec.
 //! - [`aggregate`]: event-sourced aggregates (decide / apply), upcasting, the
 //!   given/when/then [`aggregate::Scenario`].
-//! - [`store`]: SQLite through diesel: [`store::Db`] (a reading pool and the
+//! - [`store`]: SQLite or PostgreSQL through diesel, one connection type
+//!   [`store::Conn`] for both: [`store::Db`] (a reading pool and the
 //!   group-commit writer thread with its aggregate cache), the event store,
 //!   repository, projections, outbox, inbox, idempotency keys, and
 //!   [`store::sql::Sql`] for statements the connection keeps prepared.
@@ -86,6 +87,7 @@ pub use {actix, log};
 
 /// What writing a context needs, in one import: `use herald::prelude::*;`.
 pub mod prelude {
+    pub use crate::store::Conn;
     pub use crate::transport::Publisher;
     pub use crate::{
         shutdown_signal, AmqpBroker, AmqpOptions, Context, ContextBuilder, Envelope, Error, Event,

@@ -1,4 +1,4 @@
-//! Group commit on the real RabbitMQ and SQLite: deliveries handled with
+//! Group commit on the real RabbitMQ, on SQLite and on PostgreSQL: deliveries handled with
 //! `ContextBuilder::apply_once` are committed many to a transaction, and a
 //! unit that fails inside a batch fails alone.
 
@@ -6,9 +6,8 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use diesel::SqliteConnection;
 use herald::store::event_store::{self, EventMetadata, NewEvent};
-use herald::store::Db;
+use herald::store::{Backend, Conn, Db};
 use herald::transport::{Publisher, Subscriber};
 use herald::{ContextBuilder, Envelope, Event, HandlerError, MessageContext};
 use herald_testkit::{depth_with_retries, eventually, not_exactly_once, TestVhost, LIVENESS};
@@ -36,8 +35,49 @@ fn id(n: usize) -> String {
     format!("m{n:04}")
 }
 
+/// A context database of its own, removed on drop: a SQLite file in a
+/// temporary folder, or a fresh PostgreSQL database.
+enum TempDb {
+    Sqlite(tempfile::TempDir),
+    Postgres(herald_testkit::TestDatabase),
+}
+
+impl TempDb {
+    fn new(backend: Backend) -> Self {
+        match backend {
+            Backend::Sqlite => TempDb::Sqlite(tempfile::tempdir().unwrap()),
+            Backend::Postgres => TempDb::Postgres(herald_testkit::TestDatabase::new()),
+        }
+    }
+
+    /// Opens it, as a (re)started process would.
+    fn db(&self) -> Db {
+        let url = match self {
+            TempDb::Sqlite(dir) => dir.path().join("ctx.db").to_string_lossy().into_owned(),
+            TempDb::Postgres(database) => database.url.clone(),
+        };
+        Db::open(&url).unwrap()
+    }
+}
+
+/// Runs a test on each backend: `name::sqlite` and `name::postgres`.
+macro_rules! on_each_backend {
+    ($name:ident) => {
+        mod $name {
+            #[actix_rt::test]
+            async fn sqlite() {
+                super::$name(herald::store::Backend::Sqlite).await
+            }
+            #[actix_rt::test]
+            async fn postgres() {
+                super::$name(herald::store::Backend::Postgres).await
+            }
+        }
+    };
+}
+
 /// Records `counted` as one event in the stream `counted-<id>`.
-fn record(conn: &mut SqliteConnection, counted: &Counted) -> Result<(), HandlerError> {
+fn record(conn: &mut Conn, counted: &Counted) -> Result<(), HandlerError> {
     let stream = format!("counted-{}", counted.id);
     let version = event_store::stream_version(conn, &stream)?;
     let fact = NewEvent {
@@ -61,16 +101,16 @@ async fn recorded(db: &Db) -> Vec<String> {
         .collect()
 }
 
+on_each_backend!(a_unit_that_fails_in_a_batch_fails_alone_and_is_applied_once_on_retry);
 /// 400 deliveries queued before the context starts, so its writer finds many
 /// units at once; the first attempt of one of them fails inside a batch. The
 /// others commit and are handled (and acked) once; the failing one is retried
 /// and applied once; the writer saw exactly one failed unit, never a failed batch.
-#[actix_rt::test]
-async fn a_unit_that_fails_in_a_batch_fails_alone_and_is_applied_once_on_retry() {
+async fn a_unit_that_fails_in_a_batch_fails_alone_and_is_applied_once_on_retry(backend: Backend) {
     let vhost = TestVhost::new();
     let broker = vhost.broker().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = Db::open(&dir.path().join("tally.db").to_string_lossy()).unwrap();
+    let dir = TempDb::new(backend);
+    let db = dir.db();
     let settings = vhost.settings(QUEUE);
     let delays = settings.retry.delays.clone();
 
@@ -102,7 +142,7 @@ async fn a_unit_that_fails_in_a_batch_fails_alone_and_is_applied_once_on_retry()
     let context = ContextBuilder::new(settings)
         .store(db.clone())
         .apply_once(
-            move |counted: Counted, message: &MessageContext, conn: &mut SqliteConnection| {
+            move |counted: Counted, message: &MessageContext, conn: &mut Conn| {
                 seen.lock()
                     .unwrap()
                     .push((counted.id.clone(), message.attempt));

@@ -11,7 +11,7 @@ use std::time::Duration;
 use diesel::prelude::*;
 use futures_util::future::{BoxFuture, FutureExt};
 use herald::store::outbox;
-use herald::store::{Db, OutboxStatus};
+use herald::store::{Backend, Db, OutboxStatus};
 use herald::transport::{DeadLetters, Message, Publisher, SubscribeSpec, Subscriber, Subscription};
 use herald::{AmqpBroker, BrokerError, ContextBuilder, Envelope, Event};
 use herald_testkit::{eventually, not_exactly_once, TestVhost, LIVENESS};
@@ -54,16 +54,45 @@ impl Event for Unused {
     }
 }
 
-/// A context database in a folder of its own, removed on drop.
-struct TempDir(tempfile::TempDir);
+/// A context database of its own, removed on drop: a SQLite file in a
+/// temporary folder, or a fresh PostgreSQL database.
+enum TempDb {
+    Sqlite(tempfile::TempDir),
+    Postgres(herald_testkit::TestDatabase),
+}
 
-impl TempDir {
-    fn new() -> Self {
-        TempDir(tempfile::tempdir().unwrap())
+impl TempDb {
+    fn new(backend: Backend) -> Self {
+        match backend {
+            Backend::Sqlite => TempDb::Sqlite(tempfile::tempdir().unwrap()),
+            Backend::Postgres => TempDb::Postgres(herald_testkit::TestDatabase::new()),
+        }
     }
+
+    /// Opens it, as a (re)started process would.
     fn db(&self) -> Db {
-        Db::open(self.0.path().join("ctx.db").to_str().unwrap()).unwrap()
+        let url = match self {
+            TempDb::Sqlite(dir) => dir.path().join("ctx.db").to_string_lossy().into_owned(),
+            TempDb::Postgres(database) => database.url.clone(),
+        };
+        Db::open(&url).unwrap()
     }
+}
+
+/// Runs a test on each backend: `name::sqlite` and `name::postgres`.
+macro_rules! on_each_backend {
+    ($name:ident) => {
+        mod $name {
+            #[actix_rt::test]
+            async fn sqlite() {
+                super::$name(herald::store::Backend::Sqlite).await
+            }
+            #[actix_rt::test]
+            async fn postgres() {
+                super::$name(herald::store::Backend::Postgres).await
+            }
+        }
+    };
 }
 
 /// A queue bound to `name`, consuming nothing: its depth counts what arrived.
@@ -81,11 +110,11 @@ async fn listen(broker: &herald::AmqpBroker, queue: &str, name: &str) {
     subscription.control.close().await.unwrap();
 }
 
-#[actix_rt::test]
-async fn an_event_committed_before_a_crash_is_published_once_after_the_restart() {
+on_each_backend!(an_event_committed_before_a_crash_is_published_once_after_the_restart);
+async fn an_event_committed_before_a_crash_is_published_once_after_the_restart(backend: Backend) {
     let vhost = TestVhost::new();
     let broker = vhost.broker().await;
-    let dir = TempDir::new();
+    let dir = TempDb::new(backend);
     let db = dir.db();
     // The process died right after this commit, before its relay published.
     db.write(|c| {
@@ -133,11 +162,15 @@ async fn an_event_committed_before_a_crash_is_published_once_after_the_restart()
     assert_eq!(broker.queue_depth("warehouse").await.unwrap(), 1);
 }
 
-#[actix_rt::test]
-async fn an_unroutable_event_waits_as_unrouted_without_blocking_and_goes_out_when_republished() {
+on_each_backend!(
+    an_unroutable_event_waits_as_unrouted_without_blocking_and_goes_out_when_republished
+);
+async fn an_unroutable_event_waits_as_unrouted_without_blocking_and_goes_out_when_republished(
+    backend: Backend,
+) {
     let vhost = TestVhost::new();
     let broker = vhost.broker().await;
-    let dir = TempDir::new();
+    let dir = TempDb::new(backend);
     let db = dir.db();
     listen(&broker, "warehouse", "shipped").await;
     let context = ContextBuilder::new(vhost.settings("shop"))
@@ -205,7 +238,7 @@ async fn an_unroutable_event_waits_as_unrouted_without_blocking_and_goes_out_whe
 
 /// Appends `event` with the event id `id` (the message id on the wire).
 fn append_as<E: Event>(
-    c: &mut diesel::SqliteConnection,
+    c: &mut herald::store::Conn,
     id: &str,
     event: &E,
 ) -> Result<(), herald::StoreError> {
@@ -258,17 +291,17 @@ async fn take_ids(vhost: &TestVhost, queue: &str) -> Vec<String> {
     ids
 }
 
+on_each_backend!(a_window_of_mixed_rows_marks_exactly_the_unbound_ones_unrouted);
 /// 200 rows in one window, every other one unroutable: lapin hands returned
 /// messages to whichever confirm completes next (a `multiple` ack completes
 /// many at once, in no set order), so telling them apart by position would
 /// mark routable rows unrouted and lose unroutable ones (it did, in every run
 /// tried with that attribution). By message id, exactly the unbound ones end
 /// unrouted and each bound one arrives once.
-#[actix_rt::test]
-async fn a_window_of_mixed_rows_marks_exactly_the_unbound_ones_unrouted() {
+async fn a_window_of_mixed_rows_marks_exactly_the_unbound_ones_unrouted(backend: Backend) {
     let vhost = TestVhost::new();
     let broker = vhost.broker().await;
-    let dir = TempDir::new();
+    let dir = TempDb::new(backend);
     let db = dir.db();
     listen(&broker, "warehouse", "shipped").await;
     // Committed before the relay starts: it reads them as one window.
@@ -478,16 +511,18 @@ fn nth_offer(offered: &[String], id: &str, n: usize) -> Option<usize> {
         .map(|(i, _)| i)
 }
 
+on_each_backend!(a_row_the_broker_keeps_refusing_is_parked_without_holding_back_other_keys);
 /// The broker keeps refusing a1 (key A): each refusal costs an attempt, the
 /// row behind it of its key (a2) waits, the rows of key B go out meanwhile;
 /// after `outbox.max_attempts` a1 is parked (listed, counted) and a2 keeps
 /// waiting. Retried through the admin API, a1 goes out once the broker takes
 /// it, then a2: key A's order holds.
-#[actix_rt::test]
-async fn a_row_the_broker_keeps_refusing_is_parked_without_holding_back_other_keys() {
+async fn a_row_the_broker_keeps_refusing_is_parked_without_holding_back_other_keys(
+    backend: Backend,
+) {
     let vhost = TestVhost::new();
     let broker = vhost.broker().await;
-    let dir = TempDir::new();
+    let dir = TempDb::new(backend);
     let db = dir.db();
     listen(&broker, "warehouse", "shipped").await;
     let refusing = Refusing {

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use actix_web::web;
-use diesel::SqliteConnection;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations};
 
 use herald::aggregate::Aggregate;
@@ -18,14 +17,17 @@ use herald::store::repository::{ExecuteOptions, Executed};
 use herald::store::{Db, DbOptions};
 use herald::{AmqpBroker, AmqpOptions, ContextBuilder, Error, Settings};
 
-/// MyEvents' own tables (both contexts' read models), beside the runtime's.
-const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+/// MyEvents' own tables (both contexts' read models), beside the runtime's:
+/// on SQLite, and the same versions on PostgreSQL.
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 
-/// Opens (creating it if needed) a MyEvents database at `url` and runs the
-/// runtime's and MyEvents' pending migrations. Blocking.
+/// Opens (creating it if needed) a MyEvents database at `url` (a SQLite
+/// path, or a `postgres://` URL) and runs the runtime's and MyEvents'
+/// pending migrations. Blocking.
 ///
 /// # Errors
-/// The file cannot be opened, or a migration fails.
+/// The database cannot be opened, or a migration fails.
 pub fn open_database(url: &str) -> Result<Db, StoreError> {
     open_database_with(url, &DbOptions::default())
 }
@@ -37,7 +39,7 @@ pub fn open_database(url: &str) -> Result<Db, StoreError> {
 /// As [`open_database`].
 pub fn open_database_with(url: &str, options: &DbOptions) -> Result<Db, StoreError> {
     let db = Db::open_with(url, options)?;
-    db.migrate(MIGRATIONS)?;
+    db.migrate(SQLITE_MIGRATIONS, POSTGRES_MIGRATIONS)?;
     Ok(db)
 }
 
@@ -89,7 +91,7 @@ impl Service {
     ) -> Result<StoredResponse, ApiError>
     where
         A: Aggregate,
-        F: Fn(&mut SqliteConnection, &Executed<A>, &str) -> Result<StoredResponse, StoreError>
+        F: Fn(&mut herald::store::Conn, &Executed<A>, &str) -> Result<StoredResponse, StoreError>
             + Clone
             + Send
             + 'static,

@@ -101,7 +101,7 @@ impl ContextBuilder {
     pub fn apply_once<E, F>(mut self, apply: F) -> Self
     where
         E: Event,
-        F: Fn(E, &MessageContext, &mut diesel::SqliteConnection) -> Result<(), HandlerError>
+        F: Fn(E, &MessageContext, &mut crate::store::Conn) -> Result<(), HandlerError>
             + Send
             + Sync
             + 'static,

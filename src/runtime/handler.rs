@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 
-use diesel::sqlite::SqliteConnection;
+use crate::store::Conn;
 use futures_util::future::{FutureExt, LocalBoxFuture};
 
 use crate::error::{CodecError, HandlerError};
@@ -62,11 +62,8 @@ pub(crate) type HandlerFn = Arc<
 
 /// A handler that runs on the database writer, inside the transaction of its
 /// inbox entry (registered with `ContextBuilder::apply_once`).
-pub(crate) type InStoreFn = Arc<
-    dyn Fn(AnyEvent, &MessageContext, &mut SqliteConnection) -> Result<(), HandlerError>
-        + Send
-        + Sync,
->;
+pub(crate) type InStoreFn =
+    Arc<dyn Fn(AnyEvent, &MessageContext, &mut Conn) -> Result<(), HandlerError> + Send + Sync>;
 
 /// What a route does with its event.
 #[derive(Clone)]
@@ -127,10 +124,7 @@ impl Routes {
     pub(crate) fn add_in_store<E, F>(&mut self, apply: F)
     where
         E: Event,
-        F: Fn(E, &MessageContext, &mut SqliteConnection) -> Result<(), HandlerError>
-            + Send
-            + Sync
-            + 'static,
+        F: Fn(E, &MessageContext, &mut Conn) -> Result<(), HandlerError> + Send + Sync + 'static,
     {
         let apply: InStoreFn =
             Arc::new(

@@ -1,8 +1,8 @@
 //! The event store: append-only streams with optimistic concurrency, read
 //! per stream or globally in order.
 
+use super::Conn;
 use diesel::prelude::*;
-use diesel::sqlite::SqliteConnection;
 use serde::{Deserialize, Serialize};
 
 use super::now_ms;
@@ -70,7 +70,7 @@ impl RecordedEvent {
 }
 
 /// The version of `stream_id`: its last event's version, 0 when empty.
-pub fn stream_version(conn: &mut SqliteConnection, stream_id: &str) -> Result<i64, StoreError> {
+pub fn stream_version(conn: &mut Conn, stream_id: &str) -> Result<i64, StoreError> {
     let version: Option<i64> = event_store::table
         .filter(event_store::stream_id.eq(stream_id))
         .select(diesel::dsl::max(event_store::stream_version))
@@ -86,7 +86,7 @@ pub fn stream_version(conn: &mut SqliteConnection, stream_id: &str) -> Result<i6
 /// won); [`StoreError::Conflict`] for an event id already stored. Nothing is
 /// written then.
 pub fn append(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     stream_id: &str,
     expected_version: i64,
     events: &[NewEvent],
@@ -97,7 +97,7 @@ pub fn append(
 
 /// [`StoreError::VersionConflict`] unless `stream_id` is at `expected`.
 pub(crate) fn expect_version(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     stream_id: &str,
     expected: i64,
 ) -> Result<(), StoreError> {
@@ -120,7 +120,7 @@ fn version_conflict(stream: &str, expected: i64) -> StoreError {
 /// tenth of a unit's work). The (stream, version) unique index still turns a
 /// racing writer into a [`StoreError::VersionConflict`].
 pub(crate) fn append_after(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     stream_id: &str,
     version: i64,
     events: &[NewEvent],
@@ -144,8 +144,10 @@ pub(crate) fn append_after(
                 event_store::metadata.eq(&metadata),
                 event_store::recorded_at.eq(recorded_at),
             ))
-            .returning(RecordedEvent::as_returning())
-            .get_result(conn)
+            // All columns in the struct's order: `as_returning()` builds no
+            // RETURNING clause on a multi-backend connection.
+            .returning(event_store::all_columns)
+            .get_result::<RecordedEvent>(conn)
             .map_err(|error| match StoreError::from(error) {
                 StoreError::Conflict(index) if index.contains("stream_version") => {
                     version_conflict(stream_id, expected_version)
@@ -159,7 +161,7 @@ pub(crate) fn append_after(
 
 /// The events of `stream_id` after `after_version`, in order.
 pub fn load(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     stream_id: &str,
     after_version: i64,
 ) -> Result<Vec<RecordedEvent>, StoreError> {
@@ -174,7 +176,7 @@ pub fn load(
 
 /// Up to `limit` events after global `position`, in order.
 pub fn read_all(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     after_position: i64,
     limit: i64,
 ) -> Result<Vec<RecordedEvent>, StoreError> {
@@ -188,7 +190,7 @@ pub fn read_all(
 }
 
 /// The last global position, 0 when the store is empty.
-pub fn head(conn: &mut SqliteConnection) -> Result<i64, StoreError> {
+pub fn head(conn: &mut Conn) -> Result<i64, StoreError> {
     let head: Option<i64> = event_store::table
         .select(diesel::dsl::max(event_store::position))
         .first(conn)?;
@@ -201,7 +203,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::store::testing::TempDb;
+    use crate::store::testing::{on_each_backend, TempDb};
 
     fn event(n: u32) -> NewEvent {
         NewEvent {
@@ -216,11 +218,13 @@ mod tests {
         }
     }
 
+    on_each_backend!(
+        #[tokio::test]
+        a_duplicate_event_id_is_a_conflict_not_a_version_conflict
+    );
     /// A duplicate event id is not a race another attempt could win: it is
     /// a plain conflict, never a version conflict (which the repository retries).
-    #[tokio::test]
-    async fn a_duplicate_event_id_is_a_conflict_not_a_version_conflict() {
-        let t = TempDb::new();
+    async fn a_duplicate_event_id_is_a_conflict_not_a_version_conflict(t: TempDb) {
         let first = event(1);
         let again = NewEvent {
             payload: r#"{"n":2}"#.into(),
@@ -236,9 +240,11 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn append_at_the_expected_version_and_read_back_in_order() {
-        let t = TempDb::new();
+    on_each_backend!(
+        #[tokio::test]
+        append_at_the_expected_version_and_read_back_in_order
+    );
+    async fn append_at_the_expected_version_and_read_back_in_order(t: TempDb) {
         let first =
             t.db.write(|c| append(c, "s-1", 0, &[event(1), event(2)]))
                 .await
@@ -268,15 +274,17 @@ mod tests {
         assert_eq!(t.db.read(|c| read_all(c, 2, 10)).await.unwrap().len(), 1);
     }
 
+    on_each_backend!(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+        concurrent_appends_at_the_same_version_have_one_winner_each
+    );
     /// 8 threads race to append at the same versions, 1,000 appends in all:
     /// each round all 8 read the version, meet at a barrier, then append at
     /// it. Exactly one wins each version, the 7 others get `VersionConflict` (never
     /// BUSY or another failure), and the stream holds versions 1..=125.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
-    async fn concurrent_appends_at_the_same_version_have_one_winner_each() {
+    async fn concurrent_appends_at_the_same_version_have_one_winner_each(t: TempDb) {
         const WRITERS: usize = 8;
         const ROUNDS: usize = 125;
-        let t = TempDb::new();
         let barrier = Arc::new(tokio::sync::Barrier::new(WRITERS));
         let writers: Vec<_> = (0..WRITERS)
             .map(|_| {

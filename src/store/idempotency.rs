@@ -2,8 +2,8 @@
 //! request is stored in the transaction of its effects and returned for every
 //! repeat of the same request.
 
+use super::Conn;
 use diesel::prelude::*;
-use diesel::sqlite::SqliteConnection;
 use sha2::{Digest, Sha256};
 
 use super::now_ms;
@@ -56,7 +56,7 @@ impl Keyed {
 /// # Errors
 /// A database error.
 pub fn replay(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     keyed: Option<&Keyed>,
 ) -> Result<Option<StoredResponse>, StoreError> {
     let Some(keyed) = keyed else {
@@ -94,7 +94,7 @@ pub fn replay(
 /// # Errors
 /// A database error.
 pub fn remember(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     keyed: Option<&Keyed>,
     response: &StoredResponse,
 ) -> Result<(), StoreError> {
@@ -122,12 +122,12 @@ pub fn remember(
 /// # Errors
 /// What `command` returns (its effects roll back with the transaction).
 pub fn once<F>(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     keyed: Option<&Keyed>,
     command: F,
 ) -> Result<StoredResponse, StoreError>
 where
-    F: FnOnce(&mut SqliteConnection) -> Result<StoredResponse, StoreError>,
+    F: FnOnce(&mut Conn) -> Result<StoredResponse, StoreError>,
 {
     if let Some(answer) = replay(conn, keyed)? {
         return Ok(answer);
@@ -141,7 +141,7 @@ where
 ///
 /// # Errors
 /// A database error.
-pub fn prune(conn: &mut SqliteConnection, older_than_ms: i64) -> Result<usize, StoreError> {
+pub fn prune(conn: &mut Conn, older_than_ms: i64) -> Result<usize, StoreError> {
     diesel::delete(idempotency::table.filter(idempotency::created_at.lt(older_than_ms)))
         .execute(conn)
         .map_err(StoreError::from)
@@ -150,7 +150,7 @@ pub fn prune(conn: &mut SqliteConnection, older_than_ms: i64) -> Result<usize, S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::testing::TempDb;
+    use crate::store::testing::{on_each_backend, TempDb};
 
     fn ok(n: u32) -> StoredResponse {
         StoredResponse {
@@ -159,9 +159,11 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_repeat_returns_the_first_success_and_runs_nothing() {
-        let t = TempDb::new();
+    on_each_backend!(
+        #[tokio::test]
+        a_repeat_returns_the_first_success_and_runs_nothing
+    );
+    async fn a_repeat_returns_the_first_success_and_runs_nothing(t: TempDb) {
         let keyed = Keyed::new("POST /x", "k1", b"{}");
         let (a, b) = (keyed.clone(), keyed.clone());
         let first =
@@ -184,9 +186,11 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn one_key_on_two_routes_is_two_requests() {
-        let t = TempDb::new();
+    on_each_backend!(
+        #[tokio::test]
+        one_key_on_two_routes_is_two_requests
+    );
+    async fn one_key_on_two_routes_is_two_requests(t: TempDb) {
         let (a, b) = (
             Keyed::new("POST /events/e1/bookings", "k1", b"{}"),
             Keyed::new("POST /events/e2/bookings", "k1", b"{}"),
@@ -202,9 +206,11 @@ mod tests {
         assert_eq!((first, second), (ok(1), ok(2)));
     }
 
-    #[tokio::test]
-    async fn failures_are_not_stored_and_other_bodies_are_refused() {
-        let t = TempDb::new();
+    on_each_backend!(
+        #[tokio::test]
+        failures_are_not_stored_and_other_bodies_are_refused
+    );
+    async fn failures_are_not_stored_and_other_bodies_are_refused(t: TempDb) {
         let keyed = Keyed::new("POST /x", "k1", b"{\"a\":1}");
         let refused = StoredResponse {
             status: 400,

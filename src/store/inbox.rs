@@ -1,12 +1,14 @@
 //! The inbox: which messages a consumer already applied. Written in the same
 //! transaction as the handler's effects, so a redelivery changes nothing twice.
 
+use super::Conn;
 use diesel::prelude::*;
-use diesel::sqlite::SqliteConnection;
 
 use super::now_ms;
 use super::schema::inbox;
+use super::sql::Sql;
 use crate::error::StoreError;
+use diesel::sql_types::{BigInt, Text};
 
 /// One consumed message as the inbox knows it: who consumed it and the key
 /// its duplicates share (a handler's `MessageContext::inbox_key` gives it).
@@ -26,18 +28,21 @@ pub struct InboxKey {
 ///
 /// # Errors
 /// A database error (the transaction then rolls back).
-pub fn claim(conn: &mut SqliteConnection, key: &InboxKey) -> Result<bool, StoreError> {
+pub fn claim(conn: &mut Conn, key: &InboxKey) -> Result<bool, StoreError> {
     let Some(dedupe_key) = key.dedupe_key.as_deref() else {
         return Ok(true);
     };
-    let inserted = diesel::insert_or_ignore_into(inbox::table)
-        .values((
-            inbox::consumer.eq(&key.consumer),
-            inbox::dedupe_key.eq(dedupe_key),
-            inbox::event_name.eq(&key.event_name),
-            inbox::received_at.eq(now_ms()),
-        ))
-        .execute(conn)?;
+    // SQLite and PostgreSQL both read this text; diesel's
+    // `on_conflict_do_nothing` does not build on a multi-backend connection.
+    let inserted = Sql::new(
+        "INSERT INTO inbox (consumer, dedupe_key, event_name, received_at) \
+         VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+    )
+    .bind::<Text, _>(&key.consumer)
+    .bind::<Text, _>(dedupe_key)
+    .bind::<Text, _>(&key.event_name)
+    .bind::<BigInt, _>(now_ms())
+    .execute(conn)?;
     Ok(inserted == 1)
 }
 
@@ -45,7 +50,7 @@ pub fn claim(conn: &mut SqliteConnection, key: &InboxKey) -> Result<bool, StoreE
 ///
 /// # Errors
 /// A database error.
-pub fn seen(conn: &mut SqliteConnection, key: &InboxKey) -> Result<bool, StoreError> {
+pub fn seen(conn: &mut Conn, key: &InboxKey) -> Result<bool, StoreError> {
     let Some(dedupe_key) = key.dedupe_key.as_deref() else {
         return Ok(false);
     };
@@ -58,7 +63,7 @@ pub fn seen(conn: &mut SqliteConnection, key: &InboxKey) -> Result<bool, StoreEr
 }
 
 /// Deletes entries older than `older_than_ms`; returns how many.
-pub fn prune(conn: &mut SqliteConnection, older_than_ms: i64) -> Result<usize, StoreError> {
+pub fn prune(conn: &mut Conn, older_than_ms: i64) -> Result<usize, StoreError> {
     diesel::delete(inbox::table.filter(inbox::received_at.lt(older_than_ms)))
         .execute(conn)
         .map_err(StoreError::from)

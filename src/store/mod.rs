@@ -1,13 +1,16 @@
-//! diesel on SQLite: the connection pool, the group-commit writer, embedded
-//! migrations, and the runtime's tables (outbox, inbox, idempotency).
+//! diesel on SQLite or PostgreSQL: the connection pool, the group-commit
+//! writer, embedded migrations, and the runtime's tables (outbox, inbox,
+//! idempotency).
 //!
-//! Every query is a plain function taking `&mut SqliteConnection`. [`Db`]
-//! runs reads on tokio's blocking pool and writes on its writer thread
+//! Every query is a plain function taking `&mut` [`Conn`], one connection
+//! type over both backends; `DATABASE_URL` picks the backend ([`Backend::of`]).
+//! [`Db`] runs reads on tokio's blocking pool and writes on its writer thread
 //! (`writer.rs`), never on an actor or HTTP thread. The writer commits many
-//! callers' writes in one `BEGIN IMMEDIATE` transaction, each under its own
-//! savepoint.
+//! callers' writes in one transaction (SQLite: `BEGIN IMMEDIATE`; PostgreSQL:
+//! `BEGIN` and herald's advisory lock), each under its own savepoint.
 
 mod cache;
+mod conn;
 pub mod event_store;
 pub mod idempotency;
 pub mod inbox;
@@ -19,6 +22,7 @@ pub mod sql;
 mod writer;
 
 pub use cache::CacheStats;
+pub use conn::{Backend, Conn, MultiBackend};
 pub use outbox::{OutboxRow, OutboxStatus};
 pub(crate) use writer::Session;
 pub use writer::WriterSnapshot;
@@ -29,45 +33,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use diesel::connection::SimpleConnection;
-use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool};
-use diesel::sqlite::SqliteConnection;
+use diesel::migration::MigrationSource;
+use diesel::r2d2::Pool;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use tokio::sync::Notify;
 
 use crate::config::{Settings, Synchronous};
 use crate::error::{panic_text, StoreError};
+use conn::{sqlite_path, Connector};
 use writer::{Batching, Writer};
 
-const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
-
-/// How long a writer waits for SQLite's lock before giving up with [`StoreError::Busy`].
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-
-#[derive(Debug)]
-struct Pragmas {
-    synchronous: Synchronous,
-}
-
-impl Pragmas {
-    fn apply(&self, conn: &mut SqliteConnection) -> diesel::QueryResult<()> {
-        // busy_timeout first, so the rest waits for the lock instead of failing.
-        // WAL is a property of the file, set once in `Db::open`; `synchronous`
-        // is per connection. Every unit of the writer runs under a savepoint,
-        // whose sub-journal is a temporary file unless temp_store is memory.
-        conn.batch_execute(&format!(
-            "PRAGMA busy_timeout = {}; PRAGMA synchronous = {}; PRAGMA foreign_keys = ON; \
-             PRAGMA temp_store = MEMORY;",
-            BUSY_TIMEOUT.as_millis(),
-            self.synchronous.as_pragma()
-        ))
-    }
-}
-
-impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for Pragmas {
-    fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
-        self.apply(conn).map_err(diesel::r2d2::Error::QueryError)
-    }
-}
+/// The runtime's tables on SQLite.
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+/// The same tables on PostgreSQL: the same versions, PostgreSQL's types.
+const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 
 /// How a [`Db`] commits: its `[database]` settings and the aggregate cache.
 #[derive(Debug, Clone)]
@@ -101,10 +80,11 @@ impl DbOptions {
 }
 
 /// A context's database: a small pool of reading connections and one
-/// writer thread over one SQLite file.
+/// writer thread, over one SQLite file or one PostgreSQL database.
 #[derive(Clone)]
 pub struct Db {
-    pool: Pool<ConnectionManager<SqliteConnection>>,
+    pool: Pool<Connector>,
+    backend: Backend,
     writer: Arc<Writer>,
     /// Woken after every committed write: the outbox relay looks for new rows.
     committed: Arc<Notify>,
@@ -113,66 +93,62 @@ pub struct Db {
 impl std::fmt::Debug for Db {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Db")
+            .field("backend", &self.backend)
             .field("state", &self.pool.state())
             .finish()
     }
 }
 
 impl Db {
-    /// Opens (creating it and its folder if needed) the SQLite database at
-    /// `url` (a path, `sqlite://path` or `file:path`) and runs pending
-    /// migrations. Blocking: call before the actor system or in `spawn_blocking`.
+    /// Opens the database at `url` and runs pending migrations:
+    /// `postgres://` or `postgresql://` is a PostgreSQL database (which must
+    /// exist); anything else a SQLite file (a path, `sqlite://path` or
+    /// `file:path`), created with its folder if needed. Blocking: call
+    /// before the actor system or in `spawn_blocking`.
     ///
     /// # Errors
-    /// The file cannot be created or opened, or a migration fails.
+    /// The database cannot be created, opened or reached (the error names it
+    /// with its password redacted), or a migration fails.
     pub fn open(url: &str) -> Result<Self, StoreError> {
         Db::open_with(url, &DbOptions::default())
     }
 
-    /// As [`Db::open`], with a context's [`DbOptions`] (SQLite's `synchronous`
-    /// level, the writer's batches, the aggregate cache; [`Db::open`] uses the
+    /// As [`Db::open`], with a context's [`DbOptions`] (`synchronous`, the
+    /// writer's batches, the aggregate cache; [`Db::open`] uses the
     /// defaults: `full`, 512 units, no wait, 10,000 aggregates).
     ///
     /// # Errors
     /// As [`Db::open`].
     pub fn open_with(url: &str, options: &DbOptions) -> Result<Self, StoreError> {
-        let path = url
-            .strip_prefix("sqlite://")
-            .or_else(|| url.strip_prefix("sqlite:"))
-            .unwrap_or(url);
-        if let Some(dir) = Path::new(path)
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-        {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| StoreError::Pool(format!("cannot create {}: {e}", dir.display())))?;
+        let connector = Connector::new(url, options.synchronous);
+        let backend = connector.backend();
+        if backend == Backend::Sqlite {
+            let path = sqlite_path(url);
+            if let Some(dir) = Path::new(path)
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+            {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    StoreError::Pool(format!("cannot create {}: {e}", dir.display()))
+                })?;
+            }
         }
-        {
-            use diesel::Connection;
-            let mut first = SqliteConnection::establish(path)
-                .map_err(|e| StoreError::Pool(format!("cannot open {path}: {e}")))?;
-            first
-                .batch_execute("PRAGMA journal_mode = WAL;")
-                .map_err(StoreError::from)?;
+        // A first connection answers at once whether the database can be
+        // reached (the pool would retry for its whole timeout).
+        let mut first = connector.connect()?;
+        if backend == Backend::Sqlite {
+            first.batch_execute("PRAGMA journal_mode = WAL;")?;
         }
-        let synchronous = options.synchronous;
+        drop(first);
         // Reading connections open when needed (each holds SQLite's page
-        // cache): an idle context keeps one.
+        // cache or a PostgreSQL backend process): an idle context keeps one.
         let pool = Pool::builder()
             .max_size(8)
             .min_idle(Some(1))
-            .connection_customizer(Box::new(Pragmas { synchronous }))
-            .build(ConnectionManager::<SqliteConnection>::new(path))
+            .build(connector)
             .map_err(|e| StoreError::Pool(e.to_string()))?;
         let committed = Arc::new(Notify::new());
-        let writer_path = path.to_owned();
-        let connect = move || {
-            use diesel::Connection;
-            let mut conn = SqliteConnection::establish(&writer_path)
-                .map_err(|e| StoreError::Pool(format!("cannot open {writer_path}: {e}")))?;
-            Pragmas { synchronous }.apply(&mut conn)?;
-            Ok(conn)
-        };
+        let writer_connector = Connector::new(url, options.synchronous);
         let batching = Batching {
             max: options.batch_max.max(1),
             wait: options.batch_wait,
@@ -180,28 +156,44 @@ impl Db {
         };
         let db = Db {
             pool,
-            writer: Arc::new(Writer::start(connect, batching, committed.clone())),
+            backend,
+            writer: Arc::new(Writer::start(
+                move || writer_connector.connect(),
+                batching,
+                committed.clone(),
+            )),
             committed,
         };
-        db.migrate(MIGRATIONS)?;
+        db.migrate(SQLITE_MIGRATIONS, POSTGRES_MIGRATIONS)?;
         Ok(db)
     }
 
-    /// Runs the pending migrations of `source`: a crate's own tables, beside
-    /// the runtime's (which [`Db::open`] runs). All migrations share diesel's
-    /// one bookkeeping table, so versions must be unique across sources.
-    /// Blocking, like [`Db::open`]. Returns how many were applied.
+    /// The backend this database runs on.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Runs the pending migrations of a crate's own tables, beside the
+    /// runtime's (which [`Db::open`] runs): `sqlite` on SQLite, `postgres`
+    /// on PostgreSQL (the same versions, each in its backend's SQL). All
+    /// migrations share diesel's one bookkeeping table, keyed by version, so
+    /// versions must be unique across sources. Blocking, like [`Db::open`].
+    /// Returns how many were applied.
     ///
     /// # Errors
     /// [`StoreError::Migration`] when one fails (its transaction is rolled back).
-    pub fn migrate<S>(&self, source: S) -> Result<usize, StoreError>
+    pub fn migrate<S>(&self, sqlite: S, postgres: S) -> Result<usize, StoreError>
     where
-        S: diesel::migration::MigrationSource<diesel::sqlite::Sqlite>,
+        S: MigrationSource<MultiBackend>,
     {
         let mut conn = self
             .pool
             .get()
             .map_err(|e| StoreError::Pool(e.to_string()))?;
+        let source = match self.backend {
+            Backend::Sqlite => sqlite,
+            Backend::Postgres => postgres,
+        };
         let applied = conn
             .run_pending_migrations(source)
             .map_err(|e| StoreError::Migration(e.to_string()))?;
@@ -219,7 +211,7 @@ impl Db {
     pub async fn read<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut SqliteConnection) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&mut Conn) -> Result<T, StoreError> + Send + 'static,
     {
         let pool = self.pool.clone();
         let task = tokio::task::spawn_blocking(move || {
@@ -251,7 +243,7 @@ impl Db {
     pub fn write<T, F>(&self, work: F) -> impl std::future::Future<Output = Result<T, StoreError>>
     where
         T: Send + 'static,
-        F: FnOnce(&mut SqliteConnection) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&mut Conn) -> Result<T, StoreError> + Send + 'static,
     {
         self.writer.submit(move |s: &mut Session<'_>| work(s.conn))
     }
@@ -280,7 +272,7 @@ impl Db {
     /// As [`Db::write`]; nothing is committed then.
     pub async fn apply_once<F>(&self, key: inbox::InboxKey, effects: F) -> Result<bool, StoreError>
     where
-        F: FnOnce(&mut SqliteConnection) -> Result<(), StoreError> + Send + 'static,
+        F: FnOnce(&mut Conn) -> Result<(), StoreError> + Send + 'static,
     {
         self.write(move |conn| {
             if !inbox::claim(conn, &key)? {
@@ -306,27 +298,138 @@ pub(crate) fn now_ms() -> i64 {
 
 #[cfg(test)]
 pub(crate) mod testing {
-    use super::Db;
+    use diesel::connection::SimpleConnection;
+    use diesel::Connection;
 
-    /// A database in a folder of its own, removed on drop.
+    use super::{Backend, Db, DbOptions};
+
+    /// A database of its own for one test, removed on drop: a SQLite file in
+    /// a temporary folder, or a fresh PostgreSQL database on the server
+    /// `HERALD_TEST_POSTGRES` names (default: the one `make services-postgres`
+    /// starts).
     pub(crate) struct TempDb {
         pub(crate) db: Db,
-        _dir: tempfile::TempDir,
+        /// Dropped after `db`.
+        _place: Place,
+    }
+
+    enum Place {
+        Folder(#[allow(dead_code)] tempfile::TempDir),
+        Database(PgDatabase),
     }
 
     impl TempDb {
-        pub(crate) fn new() -> Self {
-            let dir = tempfile::tempdir().expect("a temporary folder");
-            let db = Db::open(&dir.path().join("test.db").to_string_lossy())
-                .expect("open the test database");
-            TempDb { db, _dir: dir }
+        pub(crate) fn new(backend: Backend) -> Self {
+            TempDb::with(backend, &DbOptions::default())
+        }
+
+        pub(crate) fn with(backend: Backend, options: &DbOptions) -> Self {
+            let (url, place) = match backend {
+                Backend::Sqlite => {
+                    let dir = tempfile::tempdir().expect("a temporary folder");
+                    let url = dir.path().join("test.db").to_string_lossy().into_owned();
+                    (url, Place::Folder(dir))
+                }
+                Backend::Postgres => {
+                    let database = PgDatabase::create();
+                    (database.url(), Place::Database(database))
+                }
+            };
+            let db = Db::open_with(&url, options).expect("open the test database");
+            TempDb { db, _place: place }
+        }
+
+        /// Where the database is (a second `Db` may open it, as another process would).
+        pub(crate) fn url(&self) -> String {
+            match &self._place {
+                Place::Folder(dir) => dir.path().join("test.db").to_string_lossy().into_owned(),
+                Place::Database(database) => database.url(),
+            }
         }
     }
+
+    /// The PostgreSQL server tests create their databases on.
+    pub(crate) fn postgres_base() -> String {
+        std::env::var("HERALD_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://herald:herald@127.0.0.1:5432/herald".into())
+    }
+
+    pub(crate) struct PgDatabase {
+        name: String,
+    }
+
+    impl PgDatabase {
+        pub(crate) fn create() -> Self {
+            let name = format!("herald_unit_{}", uuid::Uuid::new_v4().simple());
+            server()
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .expect("create a test database (make services-postgres)");
+            PgDatabase { name }
+        }
+
+        pub(crate) fn url(&self) -> String {
+            let base = postgres_base();
+            let server = base.rsplit_once('/').map_or(base.as_str(), |(s, _)| s);
+            format!("{server}/{}", self.name)
+        }
+    }
+
+    impl Drop for PgDatabase {
+        fn drop(&mut self) {
+            let _ = server().batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ));
+        }
+    }
+
+    fn server() -> diesel::PgConnection {
+        diesel::PgConnection::establish(&postgres_base())
+            .expect("PostgreSQL for tests runs (make services-postgres)")
+    }
+
+    /// Runs a store test on each backend: above `async fn name(t: TempDb)`,
+    /// `on_each_backend!(#[tokio::test] name);` makes the tests
+    /// `name::sqlite` and `name::postgres`, each on a database of its own.
+    /// With `, backend` the function takes the [`Backend`] and opens its own.
+    macro_rules! on_each_backend {
+        (#[$test:meta] $name:ident) => {
+            mod $name {
+                #[$test]
+                async fn sqlite() {
+                    super::$name($crate::store::testing::TempDb::new(
+                        $crate::store::Backend::Sqlite,
+                    ))
+                    .await
+                }
+                #[$test]
+                async fn postgres() {
+                    super::$name($crate::store::testing::TempDb::new(
+                        $crate::store::Backend::Postgres,
+                    ))
+                    .await
+                }
+            }
+        };
+        (#[$test:meta] $name:ident, backend) => {
+            mod $name {
+                #[$test]
+                async fn sqlite() {
+                    super::$name($crate::store::Backend::Sqlite).await
+                }
+                #[$test]
+                async fn postgres() {
+                    super::$name($crate::store::Backend::Postgres).await
+                }
+            }
+        };
+    }
+    pub(crate) use on_each_backend;
 }
 
 #[cfg(test)]
 mod tests {
-    use super::testing::TempDb;
+    use super::testing::{on_each_backend, TempDb};
     use super::*;
     use crate::error::StoreError;
 
@@ -342,9 +445,11 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn inbox_claims_a_key_once_per_consumer() {
-        let t = TempDb::new();
+    on_each_backend!(
+        #[tokio::test]
+        inbox_claims_a_key_once_per_consumer
+    );
+    async fn inbox_claims_a_key_once_per_consumer(t: TempDb) {
         let claim = |consumer: &'static str, key: Option<&'static str>| {
             let key = inbox::InboxKey {
                 consumer: consumer.into(),
@@ -360,9 +465,11 @@ mod tests {
         assert!(claim("booking", None).await.unwrap(), "no key: no dedupe");
     }
 
-    #[tokio::test]
-    async fn outbox_rows_go_pending_published_or_unrouted_in_order() {
-        let t = TempDb::new();
+    on_each_backend!(
+        #[tokio::test]
+        outbox_rows_go_pending_published_or_unrouted_in_order
+    );
+    async fn outbox_rows_go_pending_published_or_unrouted_in_order(t: TempDb) {
         let envelopes =
             t.db.write(|c| {
                 (0..3)
@@ -425,11 +532,13 @@ mod tests {
             .collect()
     }
 
+    on_each_backend!(
+        #[tokio::test]
+        a_failing_unit_does_not_fail_the_others_of_its_batch
+    );
     /// Units queued while the writer is busy commit together; the one that
     /// fails and the one that panics roll back alone.
-    #[tokio::test]
-    async fn a_failing_unit_does_not_fail_the_others_of_its_batch() {
-        let t = TempDb::new();
+    async fn a_failing_unit_does_not_fail_the_others_of_its_batch(t: TempDb) {
         let (release, held) = std::sync::mpsc::channel::<()>();
         let (started, running) = tokio::sync::oneshot::channel::<()>();
         let first = t.db.write(move |c| {
@@ -483,14 +592,16 @@ mod tests {
         assert_eq!(kept, ["first", "ok-1", "ok-2"]);
     }
 
+    on_each_backend!(
+        #[tokio::test]
+        a_unit_may_open_its_own_transactions
+    );
     /// A unit may open transactions of its own (savepoints inside the
     /// writer's): a failed inner one rolls back alone, and a unit that fails
     /// after a committed inner one loses it too.
-    #[tokio::test]
-    async fn a_unit_may_open_its_own_transactions() {
+    async fn a_unit_may_open_its_own_transactions(t: TempDb) {
         use diesel::Connection;
-        let t = TempDb::new();
-        let note = |c: &mut SqliteConnection, id: &str| {
+        let note = |c: &mut Conn, id: &str| {
             outbox::append(c, &Noted { id: id.into() }, "ctx", None).map(drop)
         };
         t.db.write(move |c| {
@@ -544,9 +655,11 @@ mod tests {
         assert!(wal < 16 << 20, "WAL of {wal} bytes after {COMMITS} commits");
     }
 
-    #[tokio::test]
-    async fn a_panic_inside_a_transaction_rolls_back_and_the_pool_keeps_working() {
-        let t = TempDb::new();
+    on_each_backend!(
+        #[tokio::test]
+        a_panic_inside_a_transaction_rolls_back_and_the_pool_keeps_working
+    );
+    async fn a_panic_inside_a_transaction_rolls_back_and_the_pool_keeps_working(t: TempDb) {
         let result: Result<(), StoreError> =
             t.db.write(|c| {
                 outbox::append(c, &Noted { id: "lost".into() }, "ctx", None)?;
@@ -573,9 +686,11 @@ mod tests {
         assert_eq!(pending.len(), 16, "the panicked append was rolled back");
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn concurrent_writers_wait_for_the_lock_instead_of_failing() {
-        let t = TempDb::new();
+    on_each_backend!(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        concurrent_writers_wait_for_the_lock_instead_of_failing
+    );
+    async fn concurrent_writers_wait_for_the_lock_instead_of_failing(t: TempDb) {
         let writers: Vec<_> = (0..8)
             .map(|w| {
                 let db = t.db.clone();
@@ -663,5 +778,148 @@ mod url_tests {
         for file in ["plain.db", "scheme.db", "short.db"] {
             assert!(dir.join(file).exists(), "{file}");
         }
+    }
+}
+
+#[cfg(test)]
+mod postgres_tests {
+    use std::time::Duration;
+
+    use diesel::sql_types::{BigInt, Text};
+    use diesel::RunQueryDsl;
+
+    use super::sql::Sql;
+    use super::testing::{postgres_base, PgDatabase, TempDb};
+    use super::{event_store, Backend, Db, DbOptions};
+    use crate::config::Synchronous;
+    use crate::error::StoreError;
+
+    #[derive(diesel::QueryableByName)]
+    struct Setting {
+        #[diesel(sql_type = Text)]
+        value: String,
+    }
+
+    async fn synchronous_commit(db: &Db) -> String {
+        db.read(|c| {
+            Ok(
+                diesel::sql_query("SELECT current_setting('synchronous_commit') AS value")
+                    .get_result::<Setting>(c)?
+                    .value,
+            )
+        })
+        .await
+        .unwrap()
+    }
+
+    /// `database.synchronous` maps to `synchronous_commit`: `off` stays off,
+    /// every other level is `on` (PostgreSQL flushes its WAL at every commit).
+    #[tokio::test]
+    async fn synchronous_maps_to_synchronous_commit() {
+        let full = TempDb::new(Backend::Postgres);
+        assert_eq!(synchronous_commit(&full.db).await, "on");
+        let off = TempDb::with(
+            Backend::Postgres,
+            &DbOptions {
+                synchronous: Synchronous::Off,
+                ..DbOptions::default()
+            },
+        );
+        assert_eq!(synchronous_commit(&off.db).await, "off");
+    }
+
+    /// A wrong password fails at once, and its error names the database
+    /// without the password.
+    #[test]
+    fn a_wrong_password_is_a_clear_error_without_the_password() {
+        let database = PgDatabase::create();
+        let url = database.url();
+        let (scheme, rest) = url.split_once("://").unwrap();
+        let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+        let secret = "not-the-password-3f9a";
+        let wrong = format!("{scheme}://herald:{secret}@{host}");
+        let error = Db::open(&wrong).unwrap_err();
+        let text = format!("{error} {error:?}");
+        assert!(matches!(error, StoreError::Pool(_)), "{text}");
+        assert!(!text.contains(secret), "{text}");
+        assert!(text.contains("herald:***@"), "{text}");
+        assert!(text.contains("password authentication failed"), "{text}");
+        assert!(
+            postgres_base().starts_with("postgres"),
+            "tests reach the server"
+        );
+    }
+
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+
+    /// Two processes' writers on one database: the second waits for the
+    /// first's transaction (herald's advisory lock), so the positions they
+    /// took become visible in commit order; a reader that saw the first
+    /// commit's position never misses a lower one committed later.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn writers_of_two_processes_commit_one_at_a_time() {
+        let t = TempDb::new(Backend::Postgres);
+        let other = Db::open(&t.url()).unwrap();
+        let event = |n: u32| event_store::NewEvent {
+            event_id: crate::event::new_id(),
+            name: "noted".into(),
+            schema_version: 1,
+            payload: format!(r#"{{"n":{n}}}"#),
+            metadata: event_store::EventMetadata::default(),
+        };
+        // The first process appends and holds its transaction open.
+        let (inside, entered) = tokio::sync::oneshot::channel::<()>();
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let first_event = event(1);
+        let first = tokio::spawn(t.db.write(move |c| {
+            let recorded = event_store::append(c, "a", 0, &[first_event])?;
+            let _ = inside.send(());
+            held.recv().ok();
+            Ok(recorded[0].position)
+        }));
+        entered.await.unwrap();
+        // The second process's write must wait for the lock.
+        let second_event = event(2);
+        let second = tokio::spawn(
+            other.write(move |c| Ok(event_store::append(c, "b", 0, &[second_event])?[0].position)),
+        );
+        let waiting = || async {
+            t.db.read(|c| {
+                Ok(Sql::new(
+                    "SELECT count(*) AS n FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event = 'advisory'",
+                )
+                .get_result::<Count>(c)?
+                .n)
+            })
+            .await
+            .unwrap()
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while waiting().await != 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the second writer never waited for the first"
+            );
+            assert!(!second.is_finished(), "the second writer did not wait");
+            // Polls the condition; the deadline above bounds the wait.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        release.send(()).unwrap();
+        let first = first.await.unwrap().unwrap();
+        let second = second.await.unwrap().unwrap();
+        assert!(first < second, "{first} then {second}");
+        let all =
+            t.db.read(|c| event_store::read_all(c, 0, 10))
+                .await
+                .unwrap();
+        assert_eq!(
+            all.iter().map(|e| e.position).collect::<Vec<_>>(),
+            [first, second]
+        );
     }
 }

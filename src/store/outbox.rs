@@ -3,11 +3,11 @@
 
 use chrono::{TimeZone, Utc};
 use diesel::prelude::*;
-use diesel::sqlite::SqliteConnection;
 
 use super::now_ms;
 use super::schema::outbox;
 use super::sql::Sql;
+use super::Conn;
 use crate::error::{CodecError, StoreError};
 use crate::event::{Envelope, Event, Metadata};
 use diesel::sql_types::BigInt;
@@ -96,7 +96,7 @@ impl OutboxRow {
 /// # Errors
 /// [`StoreError::Conflict`] when the event id is already in the outbox.
 pub fn append_envelope(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     envelope: &Envelope,
     partition_key: &str,
 ) -> Result<i64, StoreError> {
@@ -127,7 +127,7 @@ pub fn append_envelope(
 /// As [`append_envelope`]; an event that does not serialize is a
 /// [`StoreError::Database`] serialization error.
 pub fn append<E: Event>(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     event: &E,
     producer: &str,
     cause: Option<&Metadata>,
@@ -147,13 +147,13 @@ fn encode_error(error: CodecError) -> StoreError {
 }
 
 /// The oldest pending rows, in outbox order.
-pub fn pending(conn: &mut SqliteConnection, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
+pub fn pending(conn: &mut Conn, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
     with_status(conn, OutboxStatus::Pending, limit)
 }
 
 /// Up to `limit` rows in `status`, in outbox order.
 fn with_status(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     status: OutboxStatus,
     limit: i64,
 ) -> Result<Vec<OutboxRow>, StoreError> {
@@ -174,7 +174,7 @@ fn with_status(
 ///
 /// # Errors
 /// A database error.
-pub fn publishable(conn: &mut SqliteConnection, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
+pub fn publishable(conn: &mut Conn, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
     // Run by the relay for every window: kept prepared.
     Sql::new(
         "SELECT outbox.* FROM outbox WHERE status = 'pending' \
@@ -197,7 +197,7 @@ pub fn publishable(conn: &mut SqliteConnection, limit: i64) -> Result<Vec<Outbox
 /// # Errors
 /// A database error.
 pub fn record_failures(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     failures: &[(i64, String)],
     max_attempts: u32,
 ) -> Result<Vec<i64>, StoreError> {
@@ -234,7 +234,7 @@ pub fn record_failures(
 ///
 /// # Errors
 /// A database error.
-pub fn parked(conn: &mut SqliteConnection, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
+pub fn parked(conn: &mut Conn, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
     with_status(conn, OutboxStatus::Parked, limit)
 }
 
@@ -243,10 +243,7 @@ pub fn parked(conn: &mut SqliteConnection, limit: i64) -> Result<Vec<OutboxRow>,
 ///
 /// # Errors
 /// A database error.
-pub fn retry_parked(
-    conn: &mut SqliteConnection,
-    event_id: Option<&str>,
-) -> Result<usize, StoreError> {
+pub fn retry_parked(conn: &mut Conn, event_id: Option<&str>) -> Result<usize, StoreError> {
     let mut rows = outbox::table
         .filter(outbox::status.eq(OutboxStatus::Parked.as_str()))
         .into_boxed();
@@ -269,7 +266,7 @@ pub fn retry_parked(
 /// # Errors
 /// A database error.
 pub fn mark(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     positions: &[i64],
     status: OutboxStatus,
     error: Option<&str>,
@@ -290,7 +287,7 @@ pub fn mark(
 ///
 /// # Errors
 /// A database error.
-pub fn republish_unrouted(conn: &mut SqliteConnection) -> Result<usize, StoreError> {
+pub fn republish_unrouted(conn: &mut Conn) -> Result<usize, StoreError> {
     diesel::update(outbox::table.filter(outbox::status.eq(OutboxStatus::Unrouted.as_str())))
         .set((
             outbox::status.eq(OutboxStatus::Pending.as_str()),
@@ -303,7 +300,7 @@ pub fn republish_unrouted(conn: &mut SqliteConnection) -> Result<usize, StoreErr
 }
 
 /// Rows per status, for metrics and readiness.
-pub fn count(conn: &mut SqliteConnection, status: OutboxStatus) -> Result<i64, StoreError> {
+pub fn count(conn: &mut Conn, status: OutboxStatus) -> Result<i64, StoreError> {
     outbox::table
         .filter(outbox::status.eq(status.as_str()))
         .count()
@@ -312,10 +309,7 @@ pub fn count(conn: &mut SqliteConnection, status: OutboxStatus) -> Result<i64, S
 }
 
 /// Deletes published rows older than `older_than_ms`; returns how many.
-pub fn prune_published(
-    conn: &mut SqliteConnection,
-    older_than_ms: i64,
-) -> Result<usize, StoreError> {
+pub fn prune_published(conn: &mut Conn, older_than_ms: i64) -> Result<usize, StoreError> {
     diesel::delete(
         outbox::table
             .filter(outbox::status.eq(OutboxStatus::Published.as_str()))
@@ -335,7 +329,7 @@ mod tests {
     use diesel_migrations::MigrationHarness;
 
     use super::*;
-    use crate::store::testing::TempDb;
+    use crate::store::testing::{on_each_backend, TempDb};
 
     /// The migration that added `parked` (its directory's name).
     const PARKED: &str = "2026-11-29-000004_outbox_parked";
@@ -404,7 +398,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("old.db");
         let mut conn = SqliteConnection::establish(path.to_str().unwrap()).unwrap();
-        let mut all = MigrationSource::<Sqlite>::migrations(&crate::store::MIGRATIONS).unwrap();
+        let mut all =
+            MigrationSource::<Sqlite>::migrations(&crate::store::SQLITE_MIGRATIONS).unwrap();
         all.sort_by_key(|m| m.name().version().to_string());
         let parked_at = all
             .iter()
@@ -435,7 +430,7 @@ mod tests {
         assert_eq!(sequence(&mut conn), 5);
 
         let applied = conn
-            .run_pending_migrations(crate::store::MIGRATIONS)
+            .run_pending_migrations(crate::store::SQLITE_MIGRATIONS)
             .unwrap();
         assert_eq!(
             applied.len(),
@@ -476,7 +471,7 @@ mod tests {
         );
 
         // And back: parked rows become pending, nothing else moves.
-        conn.revert_last_migration(crate::store::MIGRATIONS)
+        conn.revert_last_migration(crate::store::SQLITE_MIGRATIONS)
             .unwrap();
         assert_eq!(
             rows(&mut conn),
@@ -497,7 +492,7 @@ mod tests {
             1
         );
         // Up once more, as a fresh start after a downgrade would.
-        conn.run_pending_migrations(crate::store::MIGRATIONS)
+        conn.run_pending_migrations(crate::store::SQLITE_MIGRATIONS)
             .unwrap();
         insert(&mut conn, "e9", "pending").unwrap();
         assert_eq!(
@@ -554,9 +549,13 @@ mod tests {
             .collect()
     }
 
-    #[tokio::test]
-    async fn rows_behind_a_failing_or_parked_row_of_their_key_wait_until_it_is_published() {
-        let t = TempDb::new();
+    on_each_backend!(
+        #[tokio::test]
+        rows_behind_a_failing_or_parked_row_of_their_key_wait_until_it_is_published
+    );
+    async fn rows_behind_a_failing_or_parked_row_of_their_key_wait_until_it_is_published(
+        t: TempDb,
+    ) {
         let p = append_rows(&t, &[("a1", "A"), ("b1", "B"), ("a2", "A"), ("b2", "B")]).await;
         assert_eq!(publishable_positions(&t).await, p);
 
@@ -628,9 +627,11 @@ mod tests {
         assert_eq!(publishable_positions(&t).await, p);
     }
 
-    #[tokio::test]
-    async fn a_republished_unrouted_row_is_not_a_failing_one() {
-        let t = TempDb::new();
+    on_each_backend!(
+        #[tokio::test]
+        a_republished_unrouted_row_is_not_a_failing_one
+    );
+    async fn a_republished_unrouted_row_is_not_a_failing_one(t: TempDb) {
         let p = append_rows(&t, &[("u1", "U"), ("u2", "U")]).await;
         let u1 = p[0];
         t.db.write(move |c| mark(c, &[u1], OutboxStatus::Unrouted, Some("unroutable")))

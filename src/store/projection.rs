@@ -7,8 +7,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::Conn;
 use diesel::prelude::*;
-use diesel::sqlite::SqliteConnection;
 use serde::Serialize;
 
 use super::event_store::{self, RecordedEvent};
@@ -29,13 +29,13 @@ pub trait Projection: Send + Sync + 'static {
     ///
     /// # Errors
     /// A database error.
-    fn reset(&self, conn: &mut SqliteConnection) -> Result<(), StoreError>;
+    fn reset(&self, conn: &mut Conn) -> Result<(), StoreError>;
     /// Folds one stored event into the read model; events it does not care
     /// about are ignored.
     ///
     /// # Errors
     /// A database error, or an event it cannot read ([`StoreError::Corrupt`]).
-    fn apply(&self, conn: &mut SqliteConnection, event: &RecordedEvent) -> Result<(), StoreError>;
+    fn apply(&self, conn: &mut Conn, event: &RecordedEvent) -> Result<(), StoreError>;
     /// Folds a batch of stored events, in order (up to 1,000 while catching
     /// up or rebuilding). The default applies them one by one; a projection
     /// that can fold many events into fewer writes (sums, multi-row inserts)
@@ -43,17 +43,13 @@ pub trait Projection: Send + Sync + 'static {
     ///
     /// # Errors
     /// As [`Projection::apply`].
-    fn apply_all(
-        &self,
-        conn: &mut SqliteConnection,
-        events: &[RecordedEvent],
-    ) -> Result<(), StoreError> {
+    fn apply_all(&self, conn: &mut Conn, events: &[RecordedEvent]) -> Result<(), StoreError> {
         events.iter().try_for_each(|event| self.apply(conn, event))
     }
 }
 
 /// The last position `projection` applied (0: nothing yet).
-pub fn checkpoint(conn: &mut SqliteConnection, projection: &str) -> Result<i64, StoreError> {
+pub fn checkpoint(conn: &mut Conn, projection: &str) -> Result<i64, StoreError> {
     let position: Option<i64> = checkpoints::table
         .find(projection)
         .select(checkpoints::position)
@@ -62,11 +58,7 @@ pub fn checkpoint(conn: &mut SqliteConnection, projection: &str) -> Result<i64, 
     Ok(position.unwrap_or(0))
 }
 
-fn set_checkpoint(
-    conn: &mut SqliteConnection,
-    projection: &str,
-    position: i64,
-) -> Result<(), StoreError> {
+fn set_checkpoint(conn: &mut Conn, projection: &str, position: i64) -> Result<(), StoreError> {
     Sql::new(
         "INSERT INTO checkpoints (projection, position, updated_at) VALUES (?, ?, ?) \
          ON CONFLICT (projection) DO UPDATE \
@@ -84,10 +76,7 @@ fn set_checkpoint(
 ///
 /// # Errors
 /// What the projection's `apply` returns; nothing is committed then.
-pub fn catch_up(
-    conn: &mut SqliteConnection,
-    projection: &dyn Projection,
-) -> Result<u64, StoreError> {
+pub fn catch_up(conn: &mut Conn, projection: &dyn Projection) -> Result<u64, StoreError> {
     let mut position = None;
     let mut read = 0u64;
     loop {
@@ -113,10 +102,7 @@ pub fn catch_up(
 }
 
 /// Up to [`BATCH`] events after `projection`'s checkpoint, in order.
-fn after_checkpoint(
-    conn: &mut SqliteConnection,
-    projection: &str,
-) -> Result<Vec<RecordedEvent>, StoreError> {
+fn after_checkpoint(conn: &mut Conn, projection: &str) -> Result<Vec<RecordedEvent>, StoreError> {
     Sql::new(
         "SELECT * FROM event_store WHERE position > \
          coalesce((SELECT position FROM checkpoints WHERE projection = ?), 0) \
@@ -171,7 +157,7 @@ impl Projections {
     ///
     /// # Errors
     /// A projection failed; the transaction must roll back.
-    pub fn catch_up(&self, conn: &mut SqliteConnection) -> Result<(), StoreError> {
+    pub fn catch_up(&self, conn: &mut Conn) -> Result<(), StoreError> {
         for projection in &self.all {
             catch_up(conn, projection.as_ref())?;
         }
@@ -242,7 +228,7 @@ mod tests {
 
     use super::*;
     use crate::store::event_store::{EventMetadata, NewEvent};
-    use crate::store::testing::TempDb;
+    use crate::store::testing::{on_each_backend, TempDb};
 
     /// Per stream: how many events and the sum of their `n`.
     struct Totals;
@@ -258,21 +244,17 @@ mod tests {
             "totals"
         }
 
-        fn reset(&self, conn: &mut SqliteConnection) -> Result<(), StoreError> {
+        fn reset(&self, conn: &mut Conn) -> Result<(), StoreError> {
             conn.batch_execute("DELETE FROM test_totals")?;
             Ok(())
         }
 
-        fn apply(
-            &self,
-            conn: &mut SqliteConnection,
-            event: &RecordedEvent,
-        ) -> Result<(), StoreError> {
+        fn apply(&self, conn: &mut Conn, event: &RecordedEvent) -> Result<(), StoreError> {
             let n: serde_json::Value = serde_json::from_str(&event.payload)
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            diesel::sql_query(
+            Sql::new(
                 "INSERT INTO test_totals (stream, events, total) VALUES (?, 1, ?) \
-                 ON CONFLICT (stream) DO UPDATE SET events = events + 1, total = total + excluded.total",
+                 ON CONFLICT (stream) DO UPDATE SET events = test_totals.events + 1, total = test_totals.total + excluded.total",
             )
             .bind::<Text, _>(&event.stream_id)
             .bind::<BigInt, _>(n["n"].as_i64().unwrap_or(0))
@@ -281,18 +263,26 @@ mod tests {
         }
     }
 
-    fn checksum(conn: &mut SqliteConnection) -> Result<String, StoreError> {
-        let rows: Vec<Checksum> = diesel::sql_query(
-            "SELECT group_concat(stream || ':' || events || ':' || total, ',') AS rows \
-             FROM (SELECT * FROM test_totals ORDER BY stream)",
-        )
-        .load(conn)?;
+    fn checksum(conn: &mut Conn) -> Result<String, StoreError> {
+        let sql = match conn {
+            Conn::Sqlite(_) => {
+                "SELECT group_concat(stream || ':' || events || ':' || total, ',') AS rows \
+                 FROM (SELECT * FROM test_totals ORDER BY stream)"
+            }
+            Conn::Postgres(_) => {
+                "SELECT string_agg(stream || ':' || events || ':' || total, ',' ORDER BY stream) \
+                 AS rows FROM test_totals"
+            }
+        };
+        let rows: Vec<Checksum> = diesel::sql_query(sql).load(conn)?;
         Ok(rows.into_iter().next().map(|c| c.rows).unwrap_or_default())
     }
 
-    #[tokio::test]
-    async fn a_rebuild_from_100_000_events_replays_them_all_and_equals_the_live_model() {
-        let t = TempDb::new();
+    on_each_backend!(
+        #[tokio::test]
+        a_rebuild_from_100_000_events_replays_them_all_and_equals_the_live_model
+    );
+    async fn a_rebuild_from_100_000_events_replays_them_all_and_equals_the_live_model(t: TempDb) {
         t.db.write(|c| {
             c.batch_execute(
                 "CREATE TABLE test_totals (stream TEXT PRIMARY KEY, events BIGINT, total BIGINT)",
@@ -344,7 +334,7 @@ mod restart_tests {
 
     use super::*;
     use crate::store::event_store::{EventMetadata, NewEvent};
-    use crate::store::testing::TempDb;
+    use crate::store::testing::{on_each_backend, TempDb};
 
     /// Counts the events it is given, so re-applied or skipped ones show.
     struct Tally(Arc<AtomicUsize>);
@@ -353,11 +343,11 @@ mod restart_tests {
         fn name(&self) -> &'static str {
             "tally"
         }
-        fn reset(&self, _: &mut SqliteConnection) -> Result<(), StoreError> {
+        fn reset(&self, _: &mut Conn) -> Result<(), StoreError> {
             self.0.store(0, Ordering::SeqCst);
             Ok(())
         }
-        fn apply(&self, _: &mut SqliteConnection, _: &RecordedEvent) -> Result<(), StoreError> {
+        fn apply(&self, _: &mut Conn, _: &RecordedEvent) -> Result<(), StoreError> {
             self.0.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
@@ -382,9 +372,11 @@ mod restart_tests {
         .unwrap();
     }
 
-    #[tokio::test]
-    async fn a_restarted_projection_resumes_at_its_checkpoint() {
-        let t = TempDb::new();
+    on_each_backend!(
+        #[tokio::test]
+        a_restarted_projection_resumes_at_its_checkpoint
+    );
+    async fn a_restarted_projection_resumes_at_its_checkpoint(t: TempDb) {
         let before = Arc::new(AtomicUsize::new(0));
         let first = Projections::default().with(Tally(before.clone()));
         append(&t.db, 7).await;

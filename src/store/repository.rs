@@ -1,8 +1,8 @@
 //! Loading and saving event-sourced aggregates: snapshot plus newer events in,
 //! new events appended at the loaded version out (optimistic concurrency).
 
+use super::Conn;
 use diesel::prelude::*;
-use diesel::sqlite::SqliteConnection;
 
 use super::event_store::{self, EventMetadata, NewEvent, RecordedEvent};
 use super::schema::snapshots;
@@ -30,7 +30,7 @@ pub struct Loaded<A> {
 ///
 /// # Errors
 /// [`StoreError::Corrupt`] for a stored event that cannot be decoded.
-pub fn load<A: Aggregate>(conn: &mut SqliteConnection, id: &str) -> Result<Loaded<A>, StoreError> {
+pub fn load<A: Aggregate>(conn: &mut Conn, id: &str) -> Result<Loaded<A>, StoreError> {
     let stream = A::stream_id(id);
     let snapshot: Option<(i64, i32, String)> = snapshots::table
         .find(&stream)
@@ -83,7 +83,7 @@ pub fn decode_recorded<A: Aggregate>(recorded: &RecordedEvent) -> Result<A::Even
 /// # Errors
 /// [`StoreError::VersionConflict`] when the stream moved on since it was loaded.
 pub fn save<A: Aggregate>(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     id: &str,
     expected_version: i64,
     state_after: &A,
@@ -105,7 +105,7 @@ pub fn save<A: Aggregate>(
 
 /// [`save`] after a version read in this same transaction (not read again).
 fn save_after<A: Aggregate>(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     id: &str,
     expected_version: i64,
     state_after: &A,
@@ -138,7 +138,7 @@ fn save_after<A: Aggregate>(
 }
 
 fn write_snapshot<A: Aggregate>(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     stream: &str,
     version: i64,
     state: &A,
@@ -169,7 +169,7 @@ fn write_snapshot<A: Aggregate>(
 /// # Errors
 /// [`StoreError::Corrupt`] when `A` cannot read the event (nothing is written).
 pub fn record<A: Aggregate>(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     id: &str,
     event: NewEvent,
 ) -> Result<RecordedEvent, StoreError> {
@@ -250,7 +250,7 @@ pub async fn execute<A, T, F>(
 where
     A: Aggregate,
     T: Send + 'static,
-    F: Fn(&mut SqliteConnection, &Executed<A>) -> Result<T, StoreError> + Clone + Send + 'static,
+    F: Fn(&mut Conn, &Executed<A>) -> Result<T, StoreError> + Clone + Send + 'static,
 {
     execute_unless(db, id, command, options, |_| Ok(None), effects).await
 }
@@ -272,8 +272,8 @@ pub async fn execute_unless<A, T, G, F>(
 where
     A: Aggregate,
     T: Send + 'static,
-    G: Fn(&mut SqliteConnection) -> Result<Option<T>, StoreError> + Clone + Send + 'static,
-    F: Fn(&mut SqliteConnection, &Executed<A>) -> Result<T, StoreError> + Clone + Send + 'static,
+    G: Fn(&mut Conn) -> Result<Option<T>, StoreError> + Clone + Send + 'static,
+    F: Fn(&mut Conn, &Executed<A>) -> Result<T, StoreError> + Clone + Send + 'static,
 {
     let attempts = options.max_attempts.max(1);
     for _ in 0..attempts {
@@ -346,7 +346,7 @@ mod tests {
 
     use super::*;
     use crate::error::CodecError;
-    use crate::store::testing::TempDb;
+    use crate::store::testing::{on_each_backend, TempDb};
 
     /// Adds amounts up to a limit. `Added` v1 had no `amount` (it meant 1).
     #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -448,13 +448,15 @@ mod tests {
         .unwrap();
     }
 
+    on_each_backend!(
+        #[tokio::test]
+        a_unique_violation_in_the_effects_fails_at_once_without_retries
+    );
     /// Only a version conflict is decided again: a unique violation in the
     /// command's effects (a duplicate outbox id, say) fails at once.
-    #[tokio::test]
-    async fn a_unique_violation_in_the_effects_fails_at_once_without_retries() {
+    async fn a_unique_violation_in_the_effects_fails_at_once_without_retries(t: TempDb) {
         use std::sync::atomic::{AtomicU32, Ordering};
         use std::sync::Arc;
-        let t = TempDb::new();
         let runs = Arc::new(AtomicU32::new(0));
         let options = ExecuteOptions {
             max_attempts: 5,
@@ -482,9 +484,11 @@ mod tests {
         assert_eq!(runs.load(Ordering::SeqCst), 1, "decided once, not retried");
     }
 
-    #[tokio::test]
-    async fn snapshots_bound_the_events_a_load_reads_and_give_the_same_state() {
-        let t = TempDb::new();
+    on_each_backend!(
+        #[tokio::test]
+        snapshots_bound_the_events_a_load_reads_and_give_the_same_state
+    );
+    async fn snapshots_bound_the_events_a_load_reads_and_give_the_same_state(t: TempDb) {
         add_many(&t, "with", 10_000, 100).await;
         add_many(&t, "without", 10_000, 0).await;
         let with = t.db.read(|c| load::<Tally>(c, "with")).await.unwrap();
@@ -498,9 +502,11 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_snapshot_of_another_layout_is_ignored() {
-        let t = TempDb::new();
+    on_each_backend!(
+        #[tokio::test]
+        a_snapshot_of_another_layout_is_ignored
+    );
+    async fn a_snapshot_of_another_layout_is_ignored(t: TempDb) {
         add_many(&t, "old", 250, 100).await;
         let newer = t.db.read(|c| load::<TallyV2>(c, "old")).await.unwrap();
         let older = t.db.read(|c| load::<Tally>(c, "old")).await.unwrap();
@@ -512,9 +518,11 @@ mod tests {
         assert_eq!(newer.state.0, older.state);
     }
 
-    #[tokio::test]
-    async fn older_schema_versions_are_upcast_when_loaded() {
-        let t = TempDb::new();
+    on_each_backend!(
+        #[tokio::test]
+        older_schema_versions_are_upcast_when_loaded
+    );
+    async fn older_schema_versions_are_upcast_when_loaded(t: TempDb) {
         t.db.write(|c| {
             let old = NewEvent {
                 event_id: "e1".into(),
@@ -531,9 +539,11 @@ mod tests {
         assert_eq!(loaded.state, Tally { total: 1, adds: 1 });
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn racing_commands_retry_on_conflict_and_all_count() {
-        let t = TempDb::new();
+    on_each_backend!(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        racing_commands_retry_on_conflict_and_all_count
+    );
+    async fn racing_commands_retry_on_conflict_and_all_count(t: TempDb) {
         let options = ExecuteOptions {
             max_attempts: 100,
             ..ExecuteOptions::default()
@@ -563,17 +573,21 @@ mod tests {
         );
     }
 
+    on_each_backend!(
+        #[tokio::test]
+        the_aggregate_cache_stays_within_its_bound,
+        backend
+    );
     /// 10,000 aggregates through a cache of 1,000: it never holds more; a
     /// recent one is decided from memory, an evicted one is reloaded and
     /// decided on its full history.
-    #[tokio::test]
-    async fn the_aggregate_cache_stays_within_its_bound() {
-        let dir = tempfile::tempdir().unwrap();
+    async fn the_aggregate_cache_stays_within_its_bound(backend: crate::store::Backend) {
         let options = crate::store::DbOptions {
             aggregate_cache: 1_000,
             ..crate::store::DbOptions::default()
         };
-        let db = Db::open_with(&dir.path().join("cache.db").to_string_lossy(), &options).unwrap();
+        let t = TempDb::with(backend, &options);
+        let db = t.db.clone();
         let execute_options = ExecuteOptions::default();
         let ids: Vec<String> = (0..10_000).map(|i| format!("a{i}")).collect();
         for chunk in ids.chunks(500) {
@@ -604,9 +618,11 @@ mod tests {
         assert!(after.entries <= 1_000);
     }
 
-    #[tokio::test]
-    async fn a_refused_command_writes_nothing() {
-        let t = TempDb::new();
+    on_each_backend!(
+        #[tokio::test]
+        a_refused_command_writes_nothing
+    );
+    async fn a_refused_command_writes_nothing(t: TempDb) {
         let options = ExecuteOptions::default();
         let refused =
             execute::<Tally, _, _>(&t.db, "cap", 2_000_000, &options, |_, _| Ok(())).await;

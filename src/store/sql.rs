@@ -3,17 +3,22 @@
 //! diesel keeps a prepared statement per connection only for queries it can
 //! tell apart without their values. It never keeps an `UPDATE`, an upsert
 //! (`ON CONFLICT ... DO UPDATE`) or a `sql_query`: those are parsed and
-//! planned by SQLite on every use, which on the database writer costs more
-//! than running them. [`Sql`] is a statement whose text is fixed at compile
-//! time; diesel keeps it prepared, keyed by that text, and only binds new
-//! values on each use.
+//! planned by the database on every use, which on the database writer costs
+//! more than running them. [`Sql`] is a statement whose text is fixed at
+//! compile time; diesel keeps it prepared, keyed by that text, and only binds
+//! new values on each use.
+//!
+//! The text is written once with `?` placeholders; each backend's query
+//! builder renders them as it needs (`?` for SQLite, `$1`, `$2` ... for
+//! PostgreSQL), so the same statement runs on a [`Conn`](crate::store::Conn)
+//! of either backend.
 //!
 //! ```
 //! use diesel::sql_types::{BigInt, Text};
 //! use diesel::RunQueryDsl;
 //! use herald::store::sql::Sql;
 //!
-//! # fn add(conn: &mut diesel::SqliteConnection, id: &str, seats: i64) -> diesel::QueryResult<usize> {
+//! # fn add(conn: &mut herald::store::Conn, id: &str, seats: i64) -> diesel::QueryResult<usize> {
 //! Sql::new("UPDATE events SET seats = seats + ? WHERE id = ?")
 //!     .bind::<BigInt, _>(seats)
 //!     .bind::<Text, _>(id)
@@ -27,16 +32,16 @@
 
 use std::marker::PhantomData;
 
+use diesel::backend::Backend;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::result::Error as DieselError;
 use diesel::serialize::ToSql;
 use diesel::sql_types::{HasSqlType, Untyped};
-use diesel::sqlite::Sqlite;
-use diesel::{QueryResult, RunQueryDsl, SqliteConnection};
+use diesel::{QueryResult, RunQueryDsl};
 
 /// A statement of fixed SQL with `?` placeholders, and the values bound to
 /// them so far. Run it with diesel's [`RunQueryDsl`] (`execute`, `load`,
-/// `get_result`).
+/// `get_result`) on any connection whose backend takes the bound types.
 ///
 /// The text must hold exactly one `?` per bound value and no other `?`
 /// (none in a string literal): running it otherwise is an error, never a
@@ -55,14 +60,10 @@ impl Sql {
     }
 }
 
-impl<B: Binds> Sql<B> {
+impl<B> Sql<B> {
     /// The same statement with `value` bound, as SQL type `ST`, to the next
     /// `?`.
-    pub fn bind<ST, V>(self, value: V) -> Sql<Bound<B, ST, V>>
-    where
-        Sqlite: HasSqlType<ST>,
-        V: ToSql<ST, Sqlite>,
-    {
+    pub fn bind<ST, V>(self, value: V) -> Sql<Bound<B, ST, V>> {
         Sql {
             text: self.text,
             binds: Bound {
@@ -75,13 +76,13 @@ impl<B: Binds> Sql<B> {
 }
 
 /// The values bound to a [`Sql`] so far: `()`, then one [`Bound`] per value.
-pub trait Binds: sealed::Sealed {
+pub trait Binds<DB: Backend>: sealed::Sealed {
     /// Writes the text up to each bound value's `?` and binds the value, in
     /// order, taking the pieces of text between placeholders from `pieces`.
     #[doc(hidden)]
     fn walk<'b>(
         &'b self,
-        out: &mut AstPass<'_, 'b, Sqlite>,
+        out: &mut AstPass<'_, 'b, DB>,
         pieces: &mut std::str::Split<'static, char>,
     ) -> QueryResult<()>;
 }
@@ -100,31 +101,31 @@ mod sealed {
     impl<B, ST, V> Sealed for super::Bound<B, ST, V> {}
 }
 
-impl Binds for () {
+impl<DB: Backend> Binds<DB> for () {
     fn walk<'b>(
         &'b self,
-        _: &mut AstPass<'_, 'b, Sqlite>,
+        _: &mut AstPass<'_, 'b, DB>,
         _: &mut std::str::Split<'static, char>,
     ) -> QueryResult<()> {
         Ok(())
     }
 }
 
-impl<B, ST, V> Binds for Bound<B, ST, V>
+impl<B, ST, V, DB> Binds<DB> for Bound<B, ST, V>
 where
-    B: Binds,
-    Sqlite: HasSqlType<ST>,
-    V: ToSql<ST, Sqlite>,
+    DB: Backend + HasSqlType<ST>,
+    B: Binds<DB>,
+    V: ToSql<ST, DB>,
 {
     fn walk<'b>(
         &'b self,
-        out: &mut AstPass<'_, 'b, Sqlite>,
+        out: &mut AstPass<'_, 'b, DB>,
         pieces: &mut std::str::Split<'static, char>,
     ) -> QueryResult<()> {
         self.before.walk(out, pieces)?;
         let piece = pieces.next().ok_or_else(|| mismatch(MORE_VALUES))?;
         out.push_sql(piece);
-        // Writes the `?` itself.
+        // Writes the backend's placeholder (`?`, `$n`).
         out.push_bind_param::<ST, V>(&self.value)
     }
 }
@@ -135,8 +136,8 @@ fn mismatch(what: &str) -> DieselError {
     DieselError::QueryBuilderError(what.into())
 }
 
-impl<B: Binds> QueryFragment<Sqlite> for Sql<B> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
+impl<B: Binds<DB>, DB: Backend> QueryFragment<DB> for Sql<B> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
         let mut pieces = self.text.split('?');
         self.binds.walk(&mut out, &mut pieces)?;
         // What follows the last placeholder (the whole text if none).
@@ -157,11 +158,11 @@ impl<B> QueryId for Sql<B> {
 }
 
 /// Rows are read by name, as with `sql_query`.
-impl<B: Binds> Query for Sql<B> {
+impl<B> Query for Sql<B> {
     type SqlType = Untyped;
 }
 
-impl<B> RunQueryDsl<SqliteConnection> for Sql<B> {}
+impl<B, C> RunQueryDsl<C> for Sql<B> {}
 
 /// One statement of many rows: `head`, then each row's text, joined by
 /// commas (`INSERT INTO t (a, b) VALUES ` then `(?, ?)` per row).
@@ -179,15 +180,15 @@ pub struct Rows<'r, B> {
     rows: &'r [Sql<B>],
 }
 
-impl<'r, B: Binds> Rows<'r, B> {
+impl<'r, B> Rows<'r, B> {
     /// `head` followed by `rows`.
     pub fn new(head: &'static str, rows: &'r [Sql<B>]) -> Self {
         Rows { head, rows }
     }
 }
 
-impl<B: Binds> QueryFragment<Sqlite> for Rows<'_, B> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
+impl<B: Binds<DB>, DB: Backend> QueryFragment<DB> for Rows<'_, B> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
         if self.rows.is_empty() {
             return Err(mismatch("a statement of rows needs at least one row"));
         }
@@ -208,11 +209,11 @@ impl<B> QueryId for Rows<'_, B> {
     const HAS_STATIC_QUERY_ID: bool = false;
 }
 
-impl<B: Binds> Query for Rows<'_, B> {
+impl<B> Query for Rows<'_, B> {
     type SqlType = Untyped;
 }
 
-impl<B> RunQueryDsl<SqliteConnection> for Rows<'_, B> {}
+impl<B, C> RunQueryDsl<C> for Rows<'_, B> {}
 
 /// Most rows [`execute_rows`] puts in one statement.
 pub const MAX_ROWS: usize = 64;
@@ -226,11 +227,15 @@ pub const MAX_ROWS: usize = 64;
 /// # Errors
 /// The first statement that fails; the statements before it ran (run it in
 /// a transaction).
-pub fn execute_rows<B: Binds>(
-    conn: &mut SqliteConnection,
+pub fn execute_rows<'r, B, C>(
+    conn: &mut C,
     head: &'static str,
-    rows: &[Sql<B>],
-) -> QueryResult<usize> {
+    rows: &'r [Sql<B>],
+) -> QueryResult<usize>
+where
+    C: diesel::Connection,
+    Rows<'r, B>: diesel::query_dsl::methods::ExecuteDsl<C>,
+{
     let mut changed = 0;
     let mut rest = rows;
     while !rest.is_empty() {
@@ -352,7 +357,7 @@ mod tests {
         assert_eq!(counts.lock().unwrap().cached, 0);
     }
 
-    fn seat_rows(ids: &[String]) -> Vec<Sql<impl Binds + '_>> {
+    fn seat_rows(ids: &[String]) -> Vec<Sql<impl Binds<diesel::sqlite::Sqlite> + '_>> {
         ids.iter()
             .zip(1i64..)
             .map(|(id, n)| Sql::new("(?, ?)").bind::<Text, _>(id).bind::<BigInt, _>(n))

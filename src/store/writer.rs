@@ -1,9 +1,10 @@
 //! The group-commit writer: one thread per [`Db`](super::Db) owns the only
 //! write connection and commits many units of work in one transaction.
 //!
-//! SQLite has one writer per file, so a transaction per delivery bounds a
-//! context at one commit (and one fsync) per message, whatever its shards
-//! do in parallel. Here callers hand their writes (a *unit*: one delivery's
+//! SQLite has one writer per file (and on PostgreSQL herald takes one
+//! advisory lock per database for each writing transaction, see
+//! [`begin`]), so a transaction per delivery bounds a context at one commit
+//! (and one fsync) per message, whatever its shards do in parallel. Here callers hand their writes (a *unit*: one delivery's
 //! inbox entry, events, read models and outbox rows, or one command's) to
 //! the writer's queue and await the answer. The writer takes what is queued
 //! (up to `database.batch_max`, waiting up to `database.batch_wait` for
@@ -22,18 +23,20 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use diesel::sqlite::SqliteConnection;
+use diesel::connection::{AnsiTransactionManager, TransactionManager};
+use diesel::sql_types::BigInt;
 use diesel::RunQueryDsl;
 use tokio::sync::{oneshot, Notify};
 
 use super::cache::{AggregateCache, CacheStats};
 use super::sql::Sql;
+use super::Conn;
 use crate::error::{panic_text, StoreError};
 
 /// What a unit works with: the writer's connection, inside the batch's
 /// transaction and the unit's savepoint, and the aggregate cache.
 pub(crate) struct Session<'a> {
-    pub(crate) conn: &'a mut SqliteConnection,
+    pub(crate) conn: &'a mut Conn,
     pub(crate) cache: &'a mut AggregateCache,
 }
 
@@ -109,7 +112,7 @@ impl Writer {
     /// Starts the writer thread; `connect` opens (and reopens) its connection.
     pub(crate) fn start<C>(connect: C, batching: Batching, committed: Arc<Notify>) -> Writer
     where
-        C: Fn() -> Result<SqliteConnection, StoreError> + Send + 'static,
+        C: Fn() -> Result<Conn, StoreError> + Send + 'static,
     {
         let (queue, units) = mpsc::channel();
         let stats = Arc::new(WriterStats::default());
@@ -182,8 +185,8 @@ impl Writer {
 }
 
 struct WriterThread {
-    connect: Box<dyn Fn() -> Result<SqliteConnection, StoreError> + Send>,
-    conn: Option<SqliteConnection>,
+    connect: Box<dyn Fn() -> Result<Conn, StoreError> + Send>,
+    conn: Option<Conn>,
     cache: AggregateCache,
     batching: Batching,
     stats: Arc<WriterStats>,
@@ -245,7 +248,7 @@ impl WriterThread {
         };
         let cache = &mut self.cache;
         let mut outcomes: Vec<Reply> = Vec::with_capacity(works.len());
-        let result = conn.immediate_transaction::<_, StoreError, _>(|conn| {
+        let result = in_transaction(conn, |conn| {
             for work in works {
                 outcomes.push(run_unit(conn, cache, work)?);
             }
@@ -294,6 +297,53 @@ impl WriterThread {
     }
 }
 
+/// The key of herald's advisory lock on PostgreSQL: one writing
+/// transaction at a time per database, across all processes.
+const WRITE_LOCK: i64 = 0x6865_7261_6c64; // "herald"
+
+/// Opens the batch's transaction with the database's write lock taken.
+///
+/// SQLite: `BEGIN IMMEDIATE` (a deferred transaction that upgrades to a
+/// write fails with BUSY at once instead of waiting). PostgreSQL: `BEGIN`,
+/// then `pg_advisory_xact_lock` as the first statement. Identity columns
+/// hand out positions (event store, outbox) at insert time, not at commit
+/// time: without the lock two processes' transactions could commit a higher
+/// position before a lower one, and a projection catching up by position
+/// would skip the lower one for good. Under the lock positions become
+/// visible in commit order, as on SQLite. The lock ends with the transaction.
+fn begin(conn: &mut Conn) -> Result<(), StoreError> {
+    match conn {
+        Conn::Sqlite(c) => AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")?,
+        Conn::Postgres(c) => {
+            AnsiTransactionManager::begin_transaction_sql(c, "BEGIN")?;
+            Sql::new("SELECT pg_advisory_xact_lock(?)")
+                .bind::<BigInt, _>(WRITE_LOCK)
+                .execute(c)?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `work` in a transaction opened by [`begin`]: committed if it returns
+/// `Ok`, rolled back otherwise (as diesel's `immediate_transaction`, which
+/// exists on SQLite only).
+fn in_transaction<F>(conn: &mut Conn, work: F) -> Result<(), StoreError>
+where
+    F: FnOnce(&mut Conn) -> Result<(), StoreError>,
+{
+    begin(conn)?;
+    match work(conn) {
+        Ok(()) => {
+            <Conn as TransactionManager<Conn>>::commit_transaction(conn)?;
+            Ok(())
+        }
+        Err(error) => {
+            <Conn as TransactionManager<Conn>>::rollback_transaction(conn)?;
+            Err(error)
+        }
+    }
+}
+
 /// Runs one unit under a savepoint. `Err` only when the savepoint itself
 /// failed: the whole batch must roll back.
 ///
@@ -301,11 +351,7 @@ impl WriterThread {
 /// diesel's transaction manager, which has SQLite parse them on every unit.
 /// Code inside the unit may still open its own (diesel) transactions: they
 /// are savepoints of other names, inside this one.
-fn run_unit(
-    conn: &mut SqliteConnection,
-    cache: &mut AggregateCache,
-    work: Work,
-) -> Result<Reply, StoreError> {
+fn run_unit(conn: &mut Conn, cache: &mut AggregateCache, work: Work) -> Result<Reply, StoreError> {
     Sql::new("SAVEPOINT herald_unit").execute(conn)?;
     let ran = std::panic::catch_unwind(AssertUnwindSafe(|| work(&mut Session { conn, cache })));
     match ran {
@@ -330,7 +376,7 @@ fn run_unit(
 }
 
 /// Undoes what the unit wrote and ends its savepoint.
-fn roll_back_unit(conn: &mut SqliteConnection) -> Result<(), StoreError> {
+fn roll_back_unit(conn: &mut Conn) -> Result<(), StoreError> {
     Sql::new("ROLLBACK TO herald_unit").execute(conn)?;
     Sql::new("RELEASE herald_unit").execute(conn)?;
     Ok(())

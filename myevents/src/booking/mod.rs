@@ -13,7 +13,7 @@ mod store;
 
 use std::sync::Arc;
 
-use diesel::SqliteConnection;
+use herald::store::Conn;
 
 use crate::contract::{self, EventCreated, LocationCreated};
 use crate::service::{run_service, Service};
@@ -81,7 +81,7 @@ async fn open_ledger(
     // message id it carries, or none (the book's wire dedupes on the event id).
     let seen = {
         let (key, stream) = (key.clone(), SeatLedger::stream_id(&id));
-        move |c: &mut SqliteConnection| {
+        move |c: &mut Conn| {
             let unannounced = event_store::stream_version(c, &stream)? == 0;
             Ok((unannounced && inbox::seen(c, &key)?).then_some(false))
         }

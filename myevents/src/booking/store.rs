@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 
 use diesel::prelude::*;
-use diesel::sqlite::SqliteConnection;
 
 use super::ledger::{LedgerEvent, SeatLedger};
 use super::schema::{bookings, known_events, known_locations};
@@ -15,6 +14,7 @@ use herald::store::event_store::{self, RecordedEvent};
 use herald::store::projection::Projection;
 use herald::store::repository::decode_recorded;
 use herald::store::sql::{self, Sql};
+use herald::store::Conn;
 use herald::Event;
 
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
@@ -50,23 +50,19 @@ impl Projection for SeatsView {
         "seats"
     }
 
-    fn reset(&self, conn: &mut SqliteConnection) -> Result<(), StoreError> {
+    fn reset(&self, conn: &mut Conn) -> Result<(), StoreError> {
         diesel::delete(bookings::table).execute(conn)?;
         diesel::delete(known_events::table).execute(conn)?;
         Ok(())
     }
 
-    fn apply(&self, conn: &mut SqliteConnection, event: &RecordedEvent) -> Result<(), StoreError> {
+    fn apply(&self, conn: &mut Conn, event: &RecordedEvent) -> Result<(), StoreError> {
         self.apply_all(conn, std::slice::from_ref(event))
     }
 
     /// A batch in few writes: announcements as they come, bookings up to
     /// [`sql::MAX_ROWS`] per insert statement, and one seat update per event.
-    fn apply_all(
-        &self,
-        conn: &mut SqliteConnection,
-        events: &[RecordedEvent],
-    ) -> Result<(), StoreError> {
+    fn apply_all(&self, conn: &mut Conn, events: &[RecordedEvent]) -> Result<(), StoreError> {
         let mut pending = PendingBookings::default();
         for event in events {
             if !event.stream_id.starts_with(SeatLedger::KIND) {
@@ -117,11 +113,7 @@ impl PendingBookings {
     }
 
     /// Writes what is pending (only for `event_id` when given, else everything).
-    fn flush(
-        &mut self,
-        conn: &mut SqliteConnection,
-        event_id: Option<&str>,
-    ) -> Result<(), StoreError> {
+    fn flush(&mut self, conn: &mut Conn, event_id: Option<&str>) -> Result<(), StoreError> {
         let rows: Vec<BookingRow> = match event_id {
             Some(id) => {
                 let (these, others) = std::mem::take(&mut self.rows)
@@ -175,12 +167,12 @@ impl Projection for LocationsView {
         "locations"
     }
 
-    fn reset(&self, conn: &mut SqliteConnection) -> Result<(), StoreError> {
+    fn reset(&self, conn: &mut Conn) -> Result<(), StoreError> {
         diesel::delete(known_locations::table).execute(conn)?;
         Ok(())
     }
 
-    fn apply(&self, conn: &mut SqliteConnection, event: &RecordedEvent) -> Result<(), StoreError> {
+    fn apply(&self, conn: &mut Conn, event: &RecordedEvent) -> Result<(), StoreError> {
         if event.event_name != LocationCreated::NAME {
             return Ok(());
         }
@@ -193,7 +185,7 @@ impl Projection for LocationsView {
 /// The location recorded in `stream` (the last fact, as the read model
 /// shows it), if any.
 pub fn recorded_location(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     stream: &str,
 ) -> Result<Option<LocationCreated>, StoreError> {
     let Some(last) = event_store::load(conn, stream, 0)?.pop() else {
@@ -204,7 +196,7 @@ pub fn recorded_location(
         .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", last.event_id)))
 }
 
-fn remember_event(conn: &mut SqliteConnection, event: &EventCreated) -> Result<(), StoreError> {
+fn remember_event(conn: &mut Conn, event: &EventCreated) -> Result<(), StoreError> {
     // Kept prepared (diesel would build and parse an upsert each time): a
     // rebuild announces an event every hundred or so stored events.
     Sql::new(
@@ -226,12 +218,9 @@ fn remember_event(conn: &mut SqliteConnection, event: &EventCreated) -> Result<(
     Ok(())
 }
 
-fn remember_location(
-    conn: &mut SqliteConnection,
-    location: &LocationCreated,
-) -> Result<(), StoreError> {
+fn remember_location(conn: &mut Conn, location: &LocationCreated) -> Result<(), StoreError> {
     let halls = serde_json::to_string(&location.halls).unwrap_or_else(|_| "[]".into());
-    diesel::insert_into(known_locations::table)
+    let upsert = diesel::insert_into(known_locations::table)
         .values((
             known_locations::id.eq(&location.id),
             known_locations::name.eq(&location.name),
@@ -246,12 +235,16 @@ fn remember_location(
             known_locations::address.eq(&location.address),
             known_locations::country.eq(&location.country),
             known_locations::halls.eq(&halls),
-        ))
-        .execute(conn)?;
+        ));
+    // diesel builds an upsert for one backend at a time.
+    match conn {
+        Conn::Sqlite(c) => upsert.execute(c),
+        Conn::Postgres(c) => upsert.execute(c),
+    }?;
     Ok(())
 }
 
-pub fn event(conn: &mut SqliteConnection, id: &str) -> Result<Option<KnownEvent>, StoreError> {
+pub fn event(conn: &mut Conn, id: &str) -> Result<Option<KnownEvent>, StoreError> {
     known_events::table
         .find(id)
         .select(KnownEvent::as_select())
@@ -263,7 +256,7 @@ pub fn event(conn: &mut SqliteConnection, id: &str) -> Result<Option<KnownEvent>
 /// A page of an event's bookings by time (then id), after the booking
 /// `after` names.
 pub fn bookings_page(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     event_id: &str,
     after: Option<&(i64, String)>,
     fetch: i64,
@@ -284,7 +277,7 @@ pub fn bookings_page(
     query.load(conn).map_err(StoreError::from)
 }
 
-pub fn booking(conn: &mut SqliteConnection, id: &str) -> Result<Option<BookingRow>, StoreError> {
+pub fn booking(conn: &mut Conn, id: &str) -> Result<Option<BookingRow>, StoreError> {
     bookings::table
         .find(id)
         .select(BookingRow::as_select())

@@ -7,7 +7,7 @@ mod rest;
 mod schema;
 mod store;
 
-use diesel::SqliteConnection;
+use herald::store::Conn;
 
 use crate::contract::{EventBooked, EventCreated, LocationCreated};
 use crate::service::{run_service, Service};
@@ -31,7 +31,7 @@ pub fn handlers(builder: ContextBuilder, service: &Service) -> ContextBuilder {
         .publishes::<EventCreated>()
         .owned_by::<EventBooked>("booking")
         .apply_once(
-            move |booked: EventBooked, message: &MessageContext, conn: &mut SqliteConnection| {
+            move |booked: EventBooked, message: &MessageContext, conn: &mut Conn| {
                 count_seats(&views, booked, message, conn)
             },
         )
@@ -50,7 +50,7 @@ fn count_seats(
     views: &Projections,
     booked: EventBooked,
     message: &MessageContext,
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
 ) -> Result<(), HandlerError> {
     booked.check_limits().map_err(|e| {
         HandlerError::permanent(format!(

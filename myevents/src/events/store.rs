@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 
 use diesel::prelude::*;
-use diesel::sqlite::SqliteConnection;
 
 use super::model::{Event, EventEvent, EventRecord, Location, LocationEvent, LocationRecord};
 use super::schema::{events, locations};
@@ -15,6 +14,7 @@ use herald::store::event_store::RecordedEvent;
 use herald::store::projection::Projection;
 use herald::store::repository::decode_recorded;
 use herald::store::sql::Sql;
+use herald::store::Conn;
 
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
 #[diesel(table_name = locations)]
@@ -49,7 +49,7 @@ pub struct EventRow {
     pub seats_booked: i64,
 }
 
-pub fn location(conn: &mut SqliteConnection, id: &str) -> Result<Option<LocationRow>, StoreError> {
+pub fn location(conn: &mut Conn, id: &str) -> Result<Option<LocationRow>, StoreError> {
     locations::table
         .find(id)
         .select(LocationRow::as_select())
@@ -60,7 +60,7 @@ pub fn location(conn: &mut SqliteConnection, id: &str) -> Result<Option<Location
 
 /// A page of locations by name (then id), after the location `after` names.
 pub fn locations_page(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     after: Option<&(String, String)>,
     fetch: i64,
 ) -> Result<Vec<LocationRow>, StoreError> {
@@ -82,7 +82,7 @@ pub fn locations_page(
 /// A page of events with their locations, by start date (then id), after
 /// the event `after` names. Each location is read once per page.
 pub fn events_page(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     after: Option<&(i64, String)>,
     fetch: i64,
 ) -> Result<Vec<(EventRow, LocationRow)>, StoreError> {
@@ -119,16 +119,13 @@ pub fn events_page(
 }
 
 /// Whether event `id` is known here.
-pub fn exists(conn: &mut SqliteConnection, id: &str) -> Result<bool, StoreError> {
+pub fn exists(conn: &mut Conn, id: &str) -> Result<bool, StoreError> {
     diesel::select(diesel::dsl::exists(events::table.find(id)))
         .get_result(conn)
         .map_err(StoreError::from)
 }
 
-pub fn event(
-    conn: &mut SqliteConnection,
-    id: &str,
-) -> Result<Option<(EventRow, LocationRow)>, StoreError> {
+pub fn event(conn: &mut Conn, id: &str) -> Result<Option<(EventRow, LocationRow)>, StoreError> {
     events::table
         .inner_join(locations::table)
         .filter(events::id.eq(id))
@@ -140,7 +137,7 @@ pub fn event(
 
 /// The first event with this exact name (the book's `/events/name/{name}`).
 pub fn event_by_name(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     name: &str,
 ) -> Result<Option<(EventRow, LocationRow)>, StoreError> {
     events::table
@@ -162,23 +159,19 @@ impl Projection for EventsView {
         "events"
     }
 
-    fn reset(&self, conn: &mut SqliteConnection) -> Result<(), StoreError> {
+    fn reset(&self, conn: &mut Conn) -> Result<(), StoreError> {
         diesel::delete(events::table).execute(conn)?;
         diesel::delete(locations::table).execute(conn)?;
         Ok(())
     }
 
-    fn apply(&self, conn: &mut SqliteConnection, event: &RecordedEvent) -> Result<(), StoreError> {
+    fn apply(&self, conn: &mut Conn, event: &RecordedEvent) -> Result<(), StoreError> {
         self.apply_all(conn, std::slice::from_ref(event))
     }
 
     /// A batch in few writes: locations and events as they come, and the
     /// seats booked summed into one update per event.
-    fn apply_all(
-        &self,
-        conn: &mut SqliteConnection,
-        events: &[RecordedEvent],
-    ) -> Result<(), StoreError> {
+    fn apply_all(&self, conn: &mut Conn, events: &[RecordedEvent]) -> Result<(), StoreError> {
         let mut seats: BTreeMap<String, i64> = BTreeMap::new();
         for event in events {
             if event.stream_id.starts_with(Location::KIND) {
@@ -207,7 +200,7 @@ impl Projection for EventsView {
     }
 }
 
-fn insert_location(conn: &mut SqliteConnection, record: LocationRecord) -> Result<(), StoreError> {
+fn insert_location(conn: &mut Conn, record: LocationRecord) -> Result<(), StoreError> {
     let created = record.created;
     let row = LocationRow {
         id: created.id,
@@ -224,7 +217,7 @@ fn insert_location(conn: &mut SqliteConnection, record: LocationRecord) -> Resul
     Ok(())
 }
 
-fn insert_event(conn: &mut SqliteConnection, record: EventRecord) -> Result<(), StoreError> {
+fn insert_event(conn: &mut Conn, record: EventRecord) -> Result<(), StoreError> {
     let created = record.created;
     let row = EventRow {
         id: created.id,
@@ -244,10 +237,7 @@ fn insert_event(conn: &mut SqliteConnection, record: EventRecord) -> Result<(), 
 }
 
 /// Adds seats to an event's count; an event unknown here changes no row.
-fn add_seats(
-    conn: &mut SqliteConnection,
-    (event_id, seats): (String, i64),
-) -> Result<(), StoreError> {
+fn add_seats(conn: &mut Conn, (event_id, seats): (String, i64)) -> Result<(), StoreError> {
     Sql::new("UPDATE events SET seats_booked = seats_booked + ? WHERE id = ?")
         .bind::<BigInt, _>(seats)
         .bind::<Text, _>(&event_id)

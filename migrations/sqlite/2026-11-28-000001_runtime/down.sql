@@ -1,0 +1,3 @@
+DROP TABLE idempotency;
+DROP TABLE inbox;
+DROP TABLE outbox;

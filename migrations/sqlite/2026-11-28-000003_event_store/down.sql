@@ -1,0 +1,3 @@
+DROP TABLE checkpoints;
+DROP TABLE snapshots;
+DROP TABLE event_store;

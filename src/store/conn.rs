@@ -1,0 +1,199 @@
+//! [`Conn`]: the one connection type of the store, over SQLite or
+//! PostgreSQL, and how a database URL picks between them.
+
+use diesel::connection::SimpleConnection;
+use diesel::pg::PgConnection;
+use diesel::r2d2::R2D2Connection;
+use diesel::sqlite::SqliteConnection;
+use diesel::Connection;
+
+use crate::config::{redact_in, redact_url, Synchronous};
+use crate::error::StoreError;
+
+#[allow(missing_docs, unreachable_pub)]
+mod multi {
+    use diesel::pg::PgConnection;
+    use diesel::sqlite::SqliteConnection;
+
+    /// A connection to the context's database: every store function,
+    /// handler, projection and effect takes `&mut Conn`.
+    ///
+    /// diesel's query builder runs on either variant (placeholders are
+    /// rendered for the backend). What diesel offers only per backend
+    /// (`on_conflict_do_nothing`, `for_update().skip_locked()`,
+    /// `immediate_transaction`) needs a `match` on the variant, or a
+    /// statement both understand (`INSERT ... ON CONFLICT DO NOTHING`
+    /// through [`Sql`](crate::store::sql::Sql)).
+    #[derive(diesel::MultiConnection)]
+    pub enum Conn {
+        /// A SQLite file (a path or `sqlite://` URL).
+        Sqlite(SqliteConnection),
+        /// A PostgreSQL database (a `postgres://` URL).
+        Postgres(PgConnection),
+    }
+}
+
+pub use multi::{Conn, MultiBackend};
+
+/// Which database a URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A path, `sqlite://path` or `sqlite:path`.
+    Sqlite,
+    /// `postgres://…` or `postgresql://…`.
+    Postgres,
+}
+
+impl Backend {
+    /// The backend of `url`: PostgreSQL for `postgres://` and
+    /// `postgresql://`, SQLite for anything else.
+    pub fn of(url: &str) -> Backend {
+        let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+        match scheme {
+            Some(s)
+                if s.eq_ignore_ascii_case("postgres") || s.eq_ignore_ascii_case("postgresql") =>
+            {
+                Backend::Postgres
+            }
+            _ => Backend::Sqlite,
+        }
+    }
+
+    /// The backend `conn` talks to.
+    pub fn of_conn(conn: &Conn) -> Backend {
+        match conn {
+            Conn::Sqlite(_) => Backend::Sqlite,
+            Conn::Postgres(_) => Backend::Postgres,
+        }
+    }
+}
+
+/// The SQLite file of a SQLite URL.
+pub(crate) fn sqlite_path(url: &str) -> &str {
+    url.strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url)
+}
+
+/// How long a writer waits for the write lock before giving up with [`StoreError::Busy`].
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Opens connections to one database, set up as the store needs them.
+pub(crate) struct Connector {
+    url: String,
+    backend: Backend,
+    synchronous: Synchronous,
+}
+
+/// The URL is a secret (a PostgreSQL URL holds a password).
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector")
+            .field("url", &redact_url(&self.url))
+            .field("backend", &self.backend)
+            .finish()
+    }
+}
+
+impl Connector {
+    pub(crate) fn new(url: &str, synchronous: Synchronous) -> Self {
+        Connector {
+            url: url.to_owned(),
+            backend: Backend::of(url),
+            synchronous,
+        }
+    }
+
+    pub(crate) fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// A new connection.
+    ///
+    /// # Errors
+    /// [`StoreError::Pool`] naming the database (its password redacted).
+    pub(crate) fn connect(&self) -> Result<Conn, StoreError> {
+        match self.backend {
+            Backend::Sqlite => {
+                let path = sqlite_path(&self.url);
+                let mut conn = SqliteConnection::establish(path)
+                    .map_err(|e| StoreError::Pool(format!("cannot open {path}: {e}")))?;
+                // busy_timeout first, so the rest waits for the lock instead of
+                // failing. WAL is a property of the file, set once in `Db::open`;
+                // `synchronous` is per connection. Every unit of the writer runs
+                // under a savepoint, whose sub-journal is a temporary file unless
+                // temp_store is memory.
+                conn.batch_execute(&format!(
+                    "PRAGMA busy_timeout = {}; PRAGMA synchronous = {}; \
+                     PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;",
+                    BUSY_TIMEOUT.as_millis(),
+                    self.synchronous.as_pragma()
+                ))?;
+                Ok(Conn::Sqlite(conn))
+            }
+            Backend::Postgres => {
+                let mut conn = PgConnection::establish(&self.url).map_err(|e| {
+                    StoreError::Pool(format!(
+                        "cannot connect to {}: {}",
+                        redact_url(&self.url),
+                        redact_in(e.to_string().trim_end(), &self.url)
+                    ))
+                })?;
+                // As SQLite's busy_timeout: a writer waits this long for
+                // herald's write lock, then fails with Busy.
+                conn.batch_execute(&format!(
+                    "SET synchronous_commit = {}; SET lock_timeout = {};",
+                    self.synchronous.as_synchronous_commit(),
+                    BUSY_TIMEOUT.as_millis()
+                ))?;
+                Ok(Conn::Postgres(conn))
+            }
+        }
+    }
+}
+
+impl diesel::r2d2::ManageConnection for Connector {
+    type Connection = Conn;
+    type Error = diesel::r2d2::Error;
+
+    fn connect(&self) -> Result<Conn, Self::Error> {
+        Connector::connect(self).map_err(|e| {
+            diesel::r2d2::Error::ConnectionError(diesel::ConnectionError::BadConnection(
+                e.to_string(),
+            ))
+        })
+    }
+
+    fn is_valid(&self, conn: &mut Conn) -> Result<(), Self::Error> {
+        conn.ping().map_err(diesel::r2d2::Error::QueryError)
+    }
+
+    fn has_broken(&self, conn: &mut Conn) -> bool {
+        std::thread::panicking() || conn.is_broken()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Backend;
+
+    #[test]
+    fn postgres_urls_pick_postgresql_and_everything_else_sqlite() {
+        for url in [
+            "postgres://herald:secret@127.0.0.1/herald",
+            "postgresql://127.0.0.1/herald",
+            "POSTGRES://h/db",
+        ] {
+            assert_eq!(Backend::of(url), Backend::Postgres, "{url}");
+        }
+        for url in [
+            "data/booking.db",
+            "sqlite://data/x.db",
+            "sqlite:x.db",
+            "/tmp/postgres/x.db",
+            ":memory:",
+        ] {
+            assert_eq!(Backend::of(url), Backend::Sqlite, "{url}");
+        }
+    }
+}
