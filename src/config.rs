@@ -754,6 +754,28 @@ fn redacted_secret<S: Serializer>(secret: &Option<SecretString>, s: S) -> Result
 /// parse, and its error must not show it either. A path or query holding an
 /// `@` is redacted too, which costs detail, never a secret.
 pub fn redact_url(url: &str) -> String {
+    mask_query_secrets(&redact_userinfo(url))
+}
+
+/// libpq also takes a password as a query parameter (`?password=...`, and
+/// `sslpassword`): their values become `***`.
+fn mask_query_secrets(url: &str) -> String {
+    let Some((head, query)) = url.split_once('?') else {
+        return url.to_owned();
+    };
+    let masked: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if key.to_ascii_lowercase().ends_with("password") => {
+                format!("{key}=***")
+            }
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{head}?{}", masked.join("&"))
+}
+
+fn redact_userinfo(url: &str) -> String {
     let Some(at) = url.rfind('@') else {
         return url.to_owned();
     };
@@ -787,6 +809,24 @@ pub fn redact_in(message: &str, url: &str) -> String {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn a_password_given_as_a_query_parameter_is_redacted_too() {
+        for (url, shown) in [
+            (
+                "postgres://u@h:5432/db?password=s3cret&sslmode=disable",
+                "postgres://u:***@h:5432/db?password=***&sslmode=disable",
+            ),
+            (
+                "postgres:///db?host=/run/pg&PassWord=s3cret",
+                "postgres:///db?host=/run/pg&PassWord=***",
+            ),
+            ("postgres://h/db?sslpassword=s3cret", "postgres://h/db?sslpassword=***"),
+        ] {
+            assert_eq!(redact_url(url), shown);
+            assert!(!redact_in(&format!("cannot use {url}"), url).contains("s3cret"));
+        }
+    }
 
     /// A throwaway TOML file, removed on drop.
     fn file(contents: &str) -> tempfile::NamedTempFile {

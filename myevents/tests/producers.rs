@@ -359,8 +359,12 @@ async fn a_retried_event_keeps_its_producers_verdict_and_is_applied_once() {
     // booking as its own user.
     let path = dir.path().join("booking.db");
     let mut lock = SqliteConnection::establish(path.to_str().unwrap()).expect("open booking.db");
-    diesel::connection::SimpleConnection::batch_execute(&mut lock, "BEGIN IMMEDIATE")
-        .expect("take the write lock");
+    // Waits for the writer if a batch of its own holds the lock right now.
+    diesel::connection::SimpleConnection::batch_execute(
+        &mut lock,
+        "PRAGMA busy_timeout = 30000; BEGIN IMMEDIATE",
+    )
+    .expect("take the write lock");
 
     let events = AmqpBroker::connect(&AmqpOptions::new(users.url("events")))
         .await

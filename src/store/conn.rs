@@ -76,7 +76,7 @@ pub(crate) fn sqlite_path(url: &str) -> &str {
 }
 
 /// How long a writer waits for the write lock before giving up with [`StoreError::Busy`].
-const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+pub(crate) const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Opens connections to one database, set up as the store needs them.
 pub(crate) struct Connector {
@@ -133,10 +133,18 @@ impl Connector {
             }
             Backend::Postgres => {
                 let mut conn = PgConnection::establish(&self.url).map_err(|e| {
+                    let reason = e.to_string();
+                    // libpq quotes pieces of a URL it cannot parse (a bad
+                    // percent-escape, a port that is a piece of the
+                    // password): only the server's own answers are shown.
+                    let reason = if reason.starts_with("connection to server") {
+                        redact_in(reason.trim_end(), &self.url)
+                    } else {
+                        "the URL does not parse (check its escapes and port)".to_owned()
+                    };
                     StoreError::Pool(format!(
-                        "cannot connect to {}: {}",
-                        redact_url(&self.url),
-                        redact_in(e.to_string().trim_end(), &self.url)
+                        "cannot connect to {}: {reason}",
+                        redact_url(&self.url)
                     ))
                 })?;
                 // As SQLite's busy_timeout: a writer waits this long for

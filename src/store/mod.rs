@@ -47,6 +47,8 @@ use writer::{Batching, Writer};
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 /// The same tables on PostgreSQL: the same versions, PostgreSQL's types.
 const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+/// PostgreSQL session lock held while one process migrates ("herald" + 1).
+const MIGRATION_LOCK: i64 = 0x6865_7261_6c65;
 
 /// How a [`Db`] commits: its `[database]` settings and the aggregate cache.
 #[derive(Debug, Clone)]
@@ -194,13 +196,29 @@ impl Db {
             Backend::Sqlite => sqlite,
             Backend::Postgres => postgres,
         };
-        let applied = conn
-            .run_pending_migrations(source)
-            .map_err(|e| StoreError::Migration(e.to_string()))?;
-        if !applied.is_empty() {
-            log::info!(target: "herald::store", "applied_migrations={}", applied.len());
+        let applied = match &mut *conn {
+            // Two processes starting at once on one database would race on
+            // diesel's bookkeeping table and the migrations themselves: one
+            // at a time, under a session lock (each migration is a
+            // transaction of its own), waiting as long as the other takes.
+            Conn::Postgres(_) => {
+                conn.batch_execute(&format!(
+                    "SET lock_timeout = 0; SELECT pg_advisory_lock({MIGRATION_LOCK});"
+                ))?;
+                let applied = conn.run_pending_migrations(source).map(|v| v.len());
+                conn.batch_execute(&format!(
+                    "SELECT pg_advisory_unlock({MIGRATION_LOCK}); SET lock_timeout = {};",
+                    conn::BUSY_TIMEOUT.as_millis()
+                ))?;
+                applied
+            }
+            Conn::Sqlite(_) => conn.run_pending_migrations(source).map(|v| v.len()),
         }
-        Ok(applied.len())
+        .map_err(|e| StoreError::Migration(e.to_string()))?;
+        if applied > 0 {
+            log::info!(target: "herald::store", "applied_migrations={applied}");
+        }
+        Ok(applied)
     }
 
     /// Runs `work` on a pooled connection on the blocking pool.
@@ -844,10 +862,52 @@ mod postgres_tests {
         assert!(!text.contains(secret), "{text}");
         assert!(text.contains("herald:***@"), "{text}");
         assert!(text.contains("password authentication failed"), "{text}");
+        // Passwords libpq cannot parse: it quotes them in its error.
+        for (password, piece) in [("se%zzcret", "zzcret"), ("pw9f3k/x", "pw9f3k")] {
+            let broken = format!("{scheme}://herald:{password}@{host}");
+            let text = Db::open(&broken).map(drop).unwrap_err().to_string();
+            assert!(!text.contains(piece), "{text}");
+            assert!(text.contains("does not parse"), "{text}");
+        }
         assert!(
             postgres_base().starts_with("postgres"),
             "tests reach the server"
         );
+    }
+
+    /// On PostgreSQL a failed statement aborts the transaction: a unit that
+    /// swallows the error cannot commit. It fails alone; the units of its
+    /// batch before and after it commit.
+    #[tokio::test]
+    async fn on_postgres_a_unit_that_swallows_a_database_error_fails_alone() {
+        let database = PgDatabase::create();
+        let options = DbOptions {
+            // One batch for the three units below.
+            batch_wait: Duration::from_millis(300),
+            ..DbOptions::default()
+        };
+        let db = Db::open_with(&database.url(), &options).unwrap();
+        let note = |id: &'static str| {
+            move |c: &mut Conn| outbox::append(c, &Noted { id: id.into() }, "ctx", None).map(drop)
+        };
+        let first = db.write(note("first"));
+        let swallowing = db.write(|c: &mut Conn| {
+            let failed = sql::Sql::new("SELECT no_such_column FROM outbox").execute(c);
+            assert!(failed.is_err());
+            Ok(())
+        });
+        let last = db.write(note("last"));
+        let (first, swallowing, last) = tokio::join!(first, swallowing, last);
+        assert!(first.is_ok(), "{first:?}");
+        assert!(last.is_ok(), "{last:?}");
+        let error = swallowing.unwrap_err().to_string();
+        assert!(error.contains("swallowed a database error"), "{error}");
+        let pending = db
+            .read(|c| outbox::count(c, OutboxStatus::Pending))
+            .await
+            .unwrap();
+        assert_eq!(pending, 2);
+        assert_eq!(db.writer_stats().batches, 1, "the three units shared a batch");
     }
 
     #[derive(diesel::QueryableByName)]

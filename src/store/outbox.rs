@@ -177,7 +177,12 @@ fn with_status(
 pub fn publishable(conn: &mut Conn, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
     // Run by the relay for every window: kept prepared.
     Sql::new(
-        "SELECT outbox.* FROM outbox WHERE status = 'pending' \
+        // Columns named: PostgreSQL refuses a kept `SELECT *` whose columns
+        // changed since it was prepared (a migration by a newer release).
+        "SELECT outbox.position, outbox.event_id, outbox.event_name, outbox.partition_key, \
+         outbox.schema_version, outbox.correlation_id, outbox.causation_id, outbox.producer, \
+         outbox.occurred_at, outbox.payload, outbox.status, outbox.attempts, outbox.last_error \
+         FROM outbox WHERE status = 'pending' \
          AND NOT EXISTS (SELECT 1 FROM outbox AS failing \
              WHERE ((failing.status = 'pending' AND failing.last_error IS NOT NULL) \
                     OR failing.status = 'parked') \

@@ -104,7 +104,10 @@ pub fn catch_up(conn: &mut Conn, projection: &dyn Projection) -> Result<u64, Sto
 /// Up to [`BATCH`] events after `projection`'s checkpoint, in order.
 fn after_checkpoint(conn: &mut Conn, projection: &str) -> Result<Vec<RecordedEvent>, StoreError> {
     Sql::new(
-        "SELECT * FROM event_store WHERE position > \
+        // Columns named, as the relay's read (a kept `SELECT *` breaks on
+        // PostgreSQL once a migration adds a column).
+        "SELECT position, stream_id, stream_version, event_id, event_name, schema_version, \
+         payload, metadata, recorded_at FROM event_store WHERE position > \
          coalesce((SELECT position FROM checkpoints WHERE projection = ?), 0) \
          ORDER BY position LIMIT ?",
     )

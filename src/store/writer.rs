@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use diesel::connection::{AnsiTransactionManager, TransactionManager};
+use diesel::pg::PgConnection;
 use diesel::sql_types::BigInt;
 use diesel::RunQueryDsl;
 use tokio::sync::{oneshot, Notify};
@@ -273,10 +274,15 @@ impl WriterThread {
             Err(error) => {
                 // Nothing of the batch is in the database: every unit fails
                 // (a unit's own refusal stays what it was), and the connection
-                // is replaced in case its transaction state is broken.
+                // is replaced in case its transaction state is broken; not
+                // when the write lock was busy (the transaction was ended
+                // cleanly, and another process holding the lock should not
+                // cost a new connection per batch).
                 self.cache.abort();
                 self.publish_cache_stats();
-                self.conn = None;
+                if !matches!(error, StoreError::Busy(_)) {
+                    self.conn = None;
+                }
                 self.stats.failed_units.fetch_add(size, Ordering::Relaxed);
                 log::warn!(target: "herald::store", "batch of {size} units rolled back: {error}");
                 let mut outcomes = outcomes.into_iter();
@@ -316,9 +322,15 @@ fn begin(conn: &mut Conn) -> Result<(), StoreError> {
         Conn::Sqlite(c) => AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")?,
         Conn::Postgres(c) => {
             AnsiTransactionManager::begin_transaction_sql(c, "BEGIN")?;
-            Sql::new("SELECT pg_advisory_xact_lock(?)")
+            let locked = Sql::new("SELECT pg_advisory_xact_lock(?)")
                 .bind::<BigInt, _>(WRITE_LOCK)
-                .execute(c)?;
+                .execute(c);
+            if let Err(error) = locked {
+                // Typically lock_timeout (Busy): end the aborted transaction
+                // here, so the connection stays usable for the next batch.
+                AnsiTransactionManager::rollback_transaction(c)?;
+                return Err(error.into());
+            }
         }
     }
     Ok(())
@@ -355,11 +367,23 @@ fn run_unit(conn: &mut Conn, cache: &mut AggregateCache, work: Work) -> Result<R
     Sql::new("SAVEPOINT herald_unit").execute(conn)?;
     let ran = std::panic::catch_unwind(AssertUnwindSafe(|| work(&mut Session { conn, cache })));
     match ran {
-        Ok(Ok(value)) => {
-            Sql::new("RELEASE herald_unit").execute(conn)?;
-            cache.keep_unit();
-            Ok(Reply::Done(value))
-        }
+        Ok(Ok(value)) => match Sql::new("RELEASE herald_unit").execute(conn) {
+            Ok(_) => {
+                cache.keep_unit();
+                Ok(Reply::Done(value))
+            }
+            // PostgreSQL: a statement of the unit failed and the unit went on
+            // (the transaction is aborted until the savepoint is rolled back).
+            // The unit fails alone; the batch goes on.
+            Err(error) => {
+                roll_back_unit(conn)?;
+                cache.drop_unit();
+                Ok(Reply::Broken(StoreError::Pool(format!(
+                    "the unit swallowed a database error and cannot commit ({error}); \
+                     catch errors inside conn.transaction(..) instead"
+                ))))
+            }
+        },
         Ok(Err(error)) => {
             roll_back_unit(conn)?;
             cache.drop_unit();
