@@ -821,7 +821,10 @@ mod tests {
                 "postgres:///db?host=/run/pg&PassWord=s3cret",
                 "postgres:///db?host=/run/pg&PassWord=***",
             ),
-            ("postgres://h/db?sslpassword=s3cret", "postgres://h/db?sslpassword=***"),
+            (
+                "postgres://h/db?sslpassword=s3cret",
+                "postgres://h/db?sslpassword=***",
+            ),
         ] {
             assert_eq!(redact_url(url), shown);
             assert!(!redact_in(&format!("cannot use {url}"), url).contains("s3cret"));

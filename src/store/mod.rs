@@ -452,8 +452,8 @@ mod tests {
     use crate::error::StoreError;
 
     #[derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
-    struct Noted {
-        id: String,
+    pub(super) struct Noted {
+        pub(super) id: String,
     }
 
     impl crate::Event for Noted {
@@ -808,7 +808,8 @@ mod postgres_tests {
 
     use super::sql::Sql;
     use super::testing::{postgres_base, PgDatabase, TempDb};
-    use super::{event_store, Backend, Db, DbOptions};
+    use super::tests::Noted;
+    use super::{event_store, outbox, Backend, Conn, Db, DbOptions, OutboxStatus};
     use crate::config::Synchronous;
     use crate::error::StoreError;
 
@@ -892,7 +893,7 @@ mod postgres_tests {
         };
         let first = db.write(note("first"));
         let swallowing = db.write(|c: &mut Conn| {
-            let failed = sql::Sql::new("SELECT no_such_column FROM outbox").execute(c);
+            let failed = Sql::new("SELECT no_such_column FROM outbox").execute(c);
             assert!(failed.is_err());
             Ok(())
         });
@@ -907,7 +908,11 @@ mod postgres_tests {
             .await
             .unwrap();
         assert_eq!(pending, 2);
-        assert_eq!(db.writer_stats().batches, 1, "the three units shared a batch");
+        assert_eq!(
+            db.writer_stats().batches,
+            1,
+            "the three units shared a batch"
+        );
     }
 
     #[derive(diesel::QueryableByName)]

@@ -24,7 +24,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use diesel::connection::{AnsiTransactionManager, TransactionManager};
-use diesel::pg::PgConnection;
 use diesel::sql_types::BigInt;
 use diesel::RunQueryDsl;
 use tokio::sync::{oneshot, Notify};
