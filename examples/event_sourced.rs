@@ -2,6 +2,8 @@
 //! `cargo run --example event_sourced`, then `curl -i -d 50 localhost:8383/accounts/ann`
 //! (201), `-d -80` (409: not enough), `curl localhost:8383/accounts/ann` (the read
 //! model). The outbox relay publishes each `balanceChanged`; the context hears it back.
+//! `DATABASE_URL=postgres://user:password@host/db` keeps it in PostgreSQL instead of
+//! `data/wallet.db`: the SQL below runs on either backend.
 
 use actix_web::web::{self, Data, Path};
 use actix_web::{http::StatusCode, HttpResponse};
@@ -12,7 +14,7 @@ use herald::http::{self as h, ApiError, CommandRequest};
 use herald::prelude::*;
 use herald::store::projection::{Projection, Projections};
 use herald::store::repository::{decode_recorded, ExecuteOptions, Executed};
-use herald::store::{event_store::RecordedEvent, outbox, Db};
+use herald::store::{event_store::RecordedEvent, outbox, sql::Sql, Db};
 use serde::{Deserialize, Serialize};
 
 /// The fact: stored in the account's stream, published through the outbox.
@@ -65,9 +67,12 @@ impl Aggregate for Account {
 }
 
 diesel::table! { balances (account) { account -> Text, balance -> BigInt, } }
-const TABLE: &str = "CREATE TABLE IF NOT EXISTS balances (account TEXT PRIMARY KEY, balance INT)";
+const TABLE: &str =
+    "CREATE TABLE IF NOT EXISTS balances (account TEXT PRIMARY KEY, balance BIGINT NOT NULL)";
+// `Sql` renders `?` as each backend numbers its parameters; PostgreSQL wants
+// the existing row's column qualified beside `excluded`.
 const UPSERT: &str = "INSERT INTO balances VALUES (?, ?) \
-    ON CONFLICT (account) DO UPDATE SET balance = balance + excluded.balance";
+    ON CONFLICT (account) DO UPDATE SET balance = balances.balance + excluded.balance";
 
 /// The read model: one row per account, caught up in each append's transaction.
 struct Balances;
@@ -81,7 +86,7 @@ impl Projection for Balances {
     }
     fn apply(&self, c: &mut Conn, event: &RecordedEvent) -> Result<(), StoreError> {
         let AccountEvent::Changed(changed) = decode_recorded::<Account>(event)?;
-        let upsert = diesel::sql_query(UPSERT).bind::<Text, _>(&changed.account);
+        let upsert = Sql::new(UPSERT).bind::<Text, _>(&changed.account);
         upsert.bind::<BigInt, _>(changed.amount).execute(c)?;
         Ok(())
     }
@@ -122,7 +127,8 @@ async fn balance(db: Data<Db>, id: Path<String>) -> Answer {
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     herald::cli::init_logging();
     let settings = Settings::for_context("wallet");
-    let db = Db::open("data/wallet.db")?; // runs migrations, blocks: before the system
+    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "data/wallet.db".into());
+    let db = Db::open(&url)?; // runs migrations, blocks: before the system
     actix::System::new().block_on(async move {
         db.write(|c| Ok(c.batch_execute(TABLE)?)).await?;
         let broker = AmqpBroker::connect(&AmqpOptions::from_settings(&settings)).await?;

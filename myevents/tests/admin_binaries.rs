@@ -298,6 +298,61 @@ async fn the_booking_binary_is_operated_through_its_admin_api() {
     }
 }
 
+/// Both binaries on PostgreSQL, logging at DEBUG through a booking: the
+/// database URL's password reaches neither their output nor `GET /config`,
+/// which shows the URL redacted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_postgres_password_reaches_neither_the_logs_nor_the_admin_config() {
+    let vhost = TestVhost::new();
+    let dir = DataDir::on(Backend::Postgres);
+    let debug = Extra {
+        rust_log: Some("debug".into()),
+        ..Extra::default()
+    };
+    let booking = Service::start_with(Kind::Booking, &vhost, &dir, &debug).await;
+    let events = Service::start_with(Kind::Events, &vhost, &dir, &debug).await;
+    let id = event_with_capacity(&events.api, "Secret Gig", 10).await;
+    wait_until_booking_knows(&booking, &id).await;
+    assert_eq!(book(&booking.api, &id, 2).await.status, 201);
+    wait_for_seats_booked(&events, &id, 2).await;
+
+    let mut seen = Vec::new();
+    for (service, kind) in [(&booking, Kind::Booking), (&events, Kind::Events)] {
+        let config = service.admin.get("/config").await;
+        assert_eq!(config.status, 200, "{config:?}");
+        let url = dir.database_url(kind);
+        assert_eq!(
+            config.json()["database"]["url"],
+            herald::config::redact_url(&url),
+            "{config:?}"
+        );
+        seen.push((url, config.text()));
+    }
+    let leaks = |url: &str, text: &str| {
+        // `user:password@` never; the bare password too where it is not
+        // also the user's or the database's name (the test role's is).
+        let (userinfo, rest) = url.split_once('@').unwrap();
+        let (_, userinfo) = userinfo.split_once("://").unwrap();
+        let password = userinfo.split_once(':').map_or("", |(_, p)| p);
+        assert!(!password.is_empty(), "the test URL has a password: {url}");
+        let bare = !rest.contains(password) && !userinfo.starts_with(&format!("{password}:"));
+        text.contains(&format!("{userinfo}@")) || (bare && text.contains(password))
+    };
+    for (url, body) in &seen {
+        assert!(!leaks(url, body), "GET /config shows the password: {body}");
+    }
+    for service in [booking, events] {
+        let url = dir.database_url(service.kind);
+        service
+            .terminate_and_check_both(|stderr, stdout| {
+                assert!(stderr.contains(" DEBUG "), "the run logged at DEBUG");
+                assert!(!leaks(&url, stderr), "the password reached stderr");
+                assert!(!leaks(&url, stdout), "the password reached stdout");
+            })
+            .await;
+    }
+}
+
 /// The AsyncAPI documents the running `events` and `booking` binaries serve
 /// on their admin listeners (`GET /asyncapi.json`) pass the official parser
 /// (`make test-tools` installs it) and list what each publishes and consumes.

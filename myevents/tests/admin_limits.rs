@@ -240,6 +240,24 @@ async fn a_password_with_url_characters_never_reaches_the_start_up_error() {
     }
 }
 
+/// A PostgreSQL server that refuses the password: the start fails naming
+/// the database, and the error holds no trace of the password.
+#[actix_rt::test]
+async fn a_refused_postgres_password_never_reaches_the_start_up_error() {
+    const CANARY: &str = "Canary-Pg-Pass-3e8a0c";
+    let db = herald_testkit::TestDatabase::new();
+    let (userinfo, server) = db.url.split_once('@').expect("user@server in the test URL");
+    let user = userinfo
+        .split_once("://")
+        .and_then(|(_, userinfo)| userinfo.split(':').next())
+        .expect("a user in the test URL");
+    let url = format!("postgres://{user}:{CANARY}@{server}");
+    let (code, stderr) = start_events(&[("DATABASE_URL", &url)]).await;
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("database"), "{stderr}");
+    assert!(!stderr.contains("Canary"), "{stderr}");
+}
+
 /// Puts four letters of `body` and `properties` straight into `context`'s
 /// dead-letter queue and lists them with `admin.max_listing_bytes` set to
 /// `max_listing_bytes`; checks that the listing stopped after the second

@@ -9,6 +9,12 @@ mod myevents_support;
 use herald_testkit::{eventually, TestVhost, LIVENESS};
 use myevents_support::*;
 
+on_each_backend!(
+    events_killed_twice_mid_stream_counts_every_booking_exactly_once,
+    sigterm_under_load_exits_cleanly_and_counts_every_booking_once,
+    booking_crashing_between_publish_and_mark_is_counted_once_by_events,
+);
+
 /// Starts events, creates its events, and returns what to publish.
 async fn events_with_stream(
     vhost: &TestVhost,
@@ -42,11 +48,10 @@ async fn assert_each_booking_counted_once(
 /// `kill -9` twice while the stream is being applied: the events context
 /// applies `eventBooked` in group commits (many deliveries per transaction,
 /// acked after it), so each kill lands with batches queued or committing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn events_killed_twice_mid_stream_counts_every_booking_exactly_once() {
+async fn events_killed_twice_mid_stream_counts_every_booking_exactly_once(backend: Backend) {
     const TOTAL: i64 = 10_000;
     let vhost = TestVhost::new();
-    let dir = DataDir::new();
+    let dir = DataDir::on(backend);
     let (mut events, db, stream) = events_with_stream(&vhost, &dir, TOTAL).await;
     let broker = vhost.broker().await;
     let publisher = spawn_publishing(&broker, stream.messages.clone());
@@ -63,11 +68,10 @@ async fn events_killed_twice_mid_stream_counts_every_booking_exactly_once() {
 
 /// SIGTERM while bookings stream in: the process drains and exits 0 within
 /// 10 s; after a restart every booking is counted exactly once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigterm_under_load_exits_cleanly_and_counts_every_booking_once() {
+async fn sigterm_under_load_exits_cleanly_and_counts_every_booking_once(backend: Backend) {
     const TOTAL: i64 = 2_000;
     let vhost = TestVhost::new();
-    let dir = DataDir::new();
+    let dir = DataDir::on(backend);
     let (events, db, stream) = events_with_stream(&vhost, &dir, TOTAL).await;
     let broker = vhost.broker().await;
     let publisher = spawn_publishing(&broker, stream.messages.clone());
@@ -139,12 +143,11 @@ async fn booked_rows(db: &herald::store::Db, pending: bool) -> i64 {
 /// into test builds only) after the broker confirmed its `eventBooked` and
 /// before the outbox row is marked: the restarted booking publishes the row
 /// again, and events counts the booking's seats once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn booking_crashing_between_publish_and_mark_is_counted_once_by_events() {
+async fn booking_crashing_between_publish_and_mark_is_counted_once_by_events(backend: Backend) {
     use std::os::unix::process::ExitStatusExt;
     const SIGABRT: i32 = 6;
     let vhost = TestVhost::new();
-    let dir = DataDir::new();
+    let dir = DataDir::on(backend);
     let events = Service::start(Kind::Events, &vhost, &dir).await;
     let crashing = Extra {
         failpoints: Some("outbox.after_publish".into()),

@@ -26,6 +26,18 @@ use myevents_support::*;
 
 const ORIGIN: &str = "http://localhost:3000";
 
+on_each_backend!(
+    bookings_take_seats_up_to_the_hall_capacity_and_events_counts_the_seats_booked,
+    of_150_concurrent_one_seat_requests_for_100_seats_exactly_100_succeed,
+    of_64_simultaneous_bookings_for_40_seats_40_succeed_and_none_answers_503,
+    restarts_keep_what_each_context_stored_and_events_missed_while_down_are_applied,
+    a_message_delivered_twice_changes_bookings_state_once,
+    an_event_booked_message_delivered_twice_counts_its_seats_once_in_events,
+    an_event_booked_for_an_unknown_event_is_dead_lettered_with_the_reason,
+    a_booking_repeated_with_the_same_idempotency_key_books_once,
+    an_event_posted_twice_with_the_same_idempotency_key_is_created_once,
+);
+
 /// Announces an event to booking as herald's events context does (message
 /// id, confirms); returns its id.
 async fn announce_event(broker: &AmqpBroker, capacity: Option<u32>) -> String {
@@ -68,10 +80,11 @@ fn assert_cors(response: &Response, what: &str) {
 
 // 1 -------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn bookings_take_seats_up_to_the_hall_capacity_and_events_counts_the_seats_booked() {
+async fn bookings_take_seats_up_to_the_hall_capacity_and_events_counts_the_seats_booked(
+    backend: Backend,
+) {
     let vhost = TestVhost::new();
-    let dir = DataDir::new();
+    let dir = DataDir::on(backend);
     let booking = Service::start(Kind::Booking, &vhost, &dir).await;
     let events = Service::start(Kind::Events, &vhost, &dir).await;
 
@@ -156,13 +169,12 @@ async fn bookings_take_seats_up_to_the_hall_capacity_and_events_counts_the_seats
 
 // 2 -------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn of_150_concurrent_one_seat_requests_for_100_seats_exactly_100_succeed() {
+async fn of_150_concurrent_one_seat_requests_for_100_seats_exactly_100_succeed(backend: Backend) {
     const SEATS: usize = 100;
     const REQUESTS: usize = 150;
     const CLIENTS: usize = 8;
     let vhost = TestVhost::new();
-    let dir = DataDir::new();
+    let dir = DataDir::on(backend);
     let booking = Service::start(Kind::Booking, &vhost, &dir).await;
     let events = Service::start(Kind::Events, &vhost, &dir).await;
     let id = event_with_capacity(&events.api, "Last Seats", SEATS as u32).await;
@@ -204,12 +216,13 @@ async fn of_150_concurrent_one_seat_requests_for_100_seats_exactly_100_succeed()
 /// 64 requests at once for 40 seats: one process decides one event's
 /// bookings one after another, so none is lost to a conflict (no 503), and
 /// the event store holds exactly the 40 that were answered 201.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn of_64_simultaneous_bookings_for_40_seats_40_succeed_and_none_answers_503() {
+async fn of_64_simultaneous_bookings_for_40_seats_40_succeed_and_none_answers_503(
+    backend: Backend,
+) {
     const SEATS: usize = 40;
     const CLIENTS: usize = 64;
     let vhost = TestVhost::new();
-    let dir = DataDir::new();
+    let dir = DataDir::on(backend);
     let booking = Service::start(Kind::Booking, &vhost, &dir).await;
     let events = Service::start(Kind::Events, &vhost, &dir).await;
     let id = event_with_capacity(&events.api, "Opening Night", SEATS as u32).await;
@@ -247,10 +260,11 @@ async fn of_64_simultaneous_bookings_for_40_seats_40_succeed_and_none_answers_50
 
 // 3 -------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn restarts_keep_what_each_context_stored_and_events_missed_while_down_are_applied() {
+async fn restarts_keep_what_each_context_stored_and_events_missed_while_down_are_applied(
+    backend: Backend,
+) {
     let vhost = TestVhost::new();
-    let dir = DataDir::new();
+    let dir = DataDir::on(backend);
     let booking = Service::start(Kind::Booking, &vhost, &dir).await;
     let events = Service::start(Kind::Events, &vhost, &dir).await;
     let location = create_location(
@@ -454,10 +468,9 @@ async fn a_consumer_set_up_like_the_books_booking_service_decodes_our_event_crea
 
 // 5 -------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_message_delivered_twice_changes_bookings_state_once() {
+async fn a_message_delivered_twice_changes_bookings_state_once(backend: Backend) {
     let vhost = TestVhost::new();
-    let dir = DataDir::new();
+    let dir = DataDir::on(backend);
     let booking = Service::start(Kind::Booking, &vhost, &dir).await;
     let broker = vhost.broker().await;
     let message_id = uuid::Uuid::new_v4().to_string();
@@ -515,10 +528,9 @@ async fn a_message_delivered_twice_changes_bookings_state_once() {
     assert_eq!(five.status, 201, "{five:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_event_booked_message_delivered_twice_counts_its_seats_once_in_events() {
+async fn an_event_booked_message_delivered_twice_counts_its_seats_once_in_events(backend: Backend) {
     let vhost = TestVhost::new();
-    let dir = DataDir::new();
+    let dir = DataDir::on(backend);
     let events = Service::start(Kind::Events, &vhost, &dir).await;
     let id = event_with_capacity(&events.api, "Twice", 80).await;
     let broker = vhost.broker().await;
@@ -549,10 +561,9 @@ async fn an_event_booked_message_delivered_twice_counts_its_seats_once_in_events
 
 /// A booking of an event the events context never created goes to its
 /// dead-letter queue with the reason, and records nothing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_event_booked_for_an_unknown_event_is_dead_lettered_with_the_reason() {
+async fn an_event_booked_for_an_unknown_event_is_dead_lettered_with_the_reason(backend: Backend) {
     let vhost = TestVhost::new();
-    let dir = DataDir::new();
+    let dir = DataDir::on(backend);
     let events = Service::start(Kind::Events, &vhost, &dir).await;
     let known = event_with_capacity(&events.api, "Known", 10).await;
     let broker = vhost.broker().await;
@@ -601,10 +612,9 @@ async fn an_event_booked_for_an_unknown_event_is_dead_lettered_with_the_reason()
 
 // 6 -------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_booking_repeated_with_the_same_idempotency_key_books_once() {
+async fn a_booking_repeated_with_the_same_idempotency_key_books_once(backend: Backend) {
     let vhost = TestVhost::new();
-    let dir = DataDir::new();
+    let dir = DataDir::on(backend);
     let booking = Service::start(Kind::Booking, &vhost, &dir).await;
     // A downstream consumer of eventBooked, to count what booking emits.
     let connection = vhost.lapin().await;
@@ -681,10 +691,9 @@ async fn a_booking_repeated_with_the_same_idempotency_key_books_once() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_event_posted_twice_with_the_same_idempotency_key_is_created_once() {
+async fn an_event_posted_twice_with_the_same_idempotency_key_is_created_once(backend: Backend) {
     let vhost = TestVhost::new();
-    let dir = DataDir::new();
+    let dir = DataDir::on(backend);
     let events = Service::start(Kind::Events, &vhost, &dir).await;
     let post = |path: &'static str, key: &'static str, body: Value| {
         let api = events.api;

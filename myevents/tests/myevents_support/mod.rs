@@ -21,20 +21,80 @@ use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
-use herald_testkit::{eventually, TestVhost, LIVENESS};
+use herald_testkit::{eventually, TestDatabase, TestVhost, LIVENESS};
 
-/// A temporary folder for one test's configs and databases; removed on drop.
-pub struct DataDir(tempfile::TempDir);
+pub use herald::store::Backend;
+
+/// A temporary folder for one test's configs, and each context's database
+/// on one backend: SQLite files in the folder, or a PostgreSQL database of
+/// its own per context (dropped with the folder).
+pub struct DataDir {
+    dir: tempfile::TempDir,
+    postgres: Option<[TestDatabase; 2]>,
+}
 
 impl DataDir {
+    /// SQLite databases in the folder.
     pub fn new() -> Self {
-        DataDir(tempfile::tempdir().expect("create the test data dir"))
+        Self::on(Backend::Sqlite)
+    }
+
+    /// The contexts' databases on `backend`.
+    pub fn on(backend: Backend) -> Self {
+        let dir = tempfile::tempdir().expect("create the test data dir");
+        let postgres = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some([TestDatabase::new(), TestDatabase::new()]),
+        };
+        DataDir { dir, postgres }
     }
 
     pub fn path(&self) -> &Path {
-        self.0.path()
+        self.dir.path()
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self.postgres {
+            None => Backend::Sqlite,
+            Some(_) => Backend::Postgres,
+        }
+    }
+
+    /// The database URL of `kind`: a file path, or a `postgres://` URL
+    /// with the test role's password in it.
+    pub fn database_url(&self, kind: Kind) -> String {
+        match &self.postgres {
+            None => {
+                let path = self.path().join(format!("{}.db", kind.name()));
+                path.to_str().expect("a UTF-8 temp path").to_owned()
+            }
+            Some([events, booking]) => match kind {
+                Kind::Events => events.url.clone(),
+                Kind::Booking => booking.url.clone(),
+            },
+        }
     }
 }
+
+/// Generates `name::sqlite` and `name::postgres` from `async fn name(backend:
+/// Backend)`: one body, run on each store backend.
+#[allow(unused_macros)] // not every test file runs on both backends
+macro_rules! on_each_backend {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                super::$name($crate::myevents_support::Backend::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                super::$name($crate::myevents_support::Backend::Postgres).await
+            }
+        }
+    )+};
+}
+#[allow(unused_imports)] // not every test file runs on both backends
+pub(crate) use on_each_backend;
 
 mod kind;
 pub use kind::Kind;
@@ -52,11 +112,15 @@ pub struct Extra {
     pub env: Vec<(String, String)>,
 }
 
-/// Writes (again) the config of `kind` in `dir`: the vhost, port 0, the
-/// database in `dir`. Returns its path.
+/// Writes (again) the config of `kind` in `dir`: the vhost, port 0, and
+/// the SQLite database in `dir` (a PostgreSQL URL, which holds a password,
+/// goes in `DATABASE_URL` instead, as operators pass it). Returns its path.
 fn write_config(kind: Kind, vhost: &TestVhost, dir: &DataDir) -> PathBuf {
     let name = kind.name();
-    let database = dir.path().join(format!("{name}.db"));
+    let database = match dir.backend() {
+        Backend::Sqlite => format!("url = '{}'", dir.database_url(kind)),
+        Backend::Postgres => String::new(),
+    };
     let config = format!(
         r#"[context]
 name = "{name}"
@@ -71,7 +135,7 @@ addr = "127.0.0.1:0"
 addr = "127.0.0.1:0"
 
 [database]
-url = '{database}'
+{database}
 
 [runtime]
 mailbox_log_interval = "1s"
@@ -83,7 +147,6 @@ drain_timeout = "5s"
 poll_interval = "200ms"
 "#,
         url = vhost.url,
-        database = database.display(),
     );
     let path = dir.path().join(format!("{name}.toml"));
     std::fs::write(&path, config).expect("write the test config");
@@ -169,6 +232,9 @@ impl Service {
         }
         if let Some(url) = &extra.amqp_url {
             command.env("AMQP_URL", url);
+        }
+        if dir.backend() == Backend::Postgres {
+            command.env("DATABASE_URL", dir.database_url(kind));
         }
         if let Some(token) = &extra.admin_token {
             command.env("ADMIN_TOKEN", token);
@@ -757,11 +823,10 @@ pub async fn wait_until_settled(vhost: &TestVhost, queue: &str) {
     );
 }
 
-/// A context's database file, opened beside the running binary (SQLite WAL
-/// lets both read and write).
+/// A context's database, opened beside the running binary (SQLite WAL and
+/// PostgreSQL both let it read and write alongside).
 pub fn database(dir: &DataDir, kind: Kind) -> herald::store::Db {
-    let path = dir.path().join(format!("{}.db", kind.name()));
-    myevents::open_database(path.to_str().unwrap()).expect("open the context database")
+    myevents::open_database(&dir.database_url(kind)).expect("open the context database")
 }
 
 /// Counts rows with a query of the form `SELECT count(*) AS n ...`.
