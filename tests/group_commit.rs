@@ -10,7 +10,9 @@ use herald::store::event_store::{self, EventMetadata, NewEvent};
 use herald::store::{Backend, Conn, Db};
 use herald::transport::{Publisher, Subscriber};
 use herald::{ContextBuilder, Envelope, Event, HandlerError, MessageContext};
-use herald_testkit::{depth_with_retries, eventually, not_exactly_once, TestVhost, LIVENESS};
+use herald_testkit::{
+    depth_with_retries, eventually, not_exactly_once, on_each_backend, TestDb, TestVhost, LIVENESS,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
@@ -33,47 +35,6 @@ const POISON: usize = 211;
 
 fn id(n: usize) -> String {
     format!("m{n:04}")
-}
-
-/// A context database of its own, removed on drop: a SQLite file in a
-/// temporary folder, or a fresh PostgreSQL database.
-enum TempDb {
-    Sqlite(tempfile::TempDir),
-    Postgres(herald_testkit::TestDatabase),
-}
-
-impl TempDb {
-    fn new(backend: Backend) -> Self {
-        match backend {
-            Backend::Sqlite => TempDb::Sqlite(tempfile::tempdir().unwrap()),
-            Backend::Postgres => TempDb::Postgres(herald_testkit::TestDatabase::new()),
-        }
-    }
-
-    /// Opens it, as a (re)started process would.
-    fn db(&self) -> Db {
-        let url = match self {
-            TempDb::Sqlite(dir) => dir.path().join("ctx.db").to_string_lossy().into_owned(),
-            TempDb::Postgres(database) => database.url.clone(),
-        };
-        Db::open(&url).unwrap()
-    }
-}
-
-/// Runs a test on each backend: `name::sqlite` and `name::postgres`.
-macro_rules! on_each_backend {
-    ($name:ident) => {
-        mod $name {
-            #[actix_rt::test]
-            async fn sqlite() {
-                super::$name(herald::store::Backend::Sqlite).await
-            }
-            #[actix_rt::test]
-            async fn postgres() {
-                super::$name(herald::store::Backend::Postgres).await
-            }
-        }
-    };
 }
 
 /// Records `counted` as one event in the stream `counted-<id>`.
@@ -101,7 +62,10 @@ async fn recorded(db: &Db) -> Vec<String> {
         .collect()
 }
 
-on_each_backend!(a_unit_that_fails_in_a_batch_fails_alone_and_is_applied_once_on_retry);
+on_each_backend!(
+    #[actix_rt::test]
+    a_unit_that_fails_in_a_batch_fails_alone_and_is_applied_once_on_retry
+);
 /// 400 deliveries queued before the context starts, so its writer finds many
 /// units at once; the first attempt of one of them fails inside a batch. The
 /// others commit and are handled (and acked) once; the failing one is retried
@@ -109,8 +73,8 @@ on_each_backend!(a_unit_that_fails_in_a_batch_fails_alone_and_is_applied_once_on
 async fn a_unit_that_fails_in_a_batch_fails_alone_and_is_applied_once_on_retry(backend: Backend) {
     let vhost = TestVhost::new();
     let broker = vhost.broker().await;
-    let dir = TempDb::new(backend);
-    let db = dir.db();
+    let dir = TestDb::new(backend);
+    let db = dir.open();
     let settings = vhost.settings(QUEUE);
     let delays = settings.retry.delays.clone();
 

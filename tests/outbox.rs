@@ -14,7 +14,7 @@ use herald::store::outbox;
 use herald::store::{Backend, Db, OutboxStatus};
 use herald::transport::{DeadLetters, Message, Publisher, SubscribeSpec, Subscriber, Subscription};
 use herald::{AmqpBroker, BrokerError, ContextBuilder, Envelope, Event};
-use herald_testkit::{eventually, not_exactly_once, TestVhost, LIVENESS};
+use herald_testkit::{eventually, not_exactly_once, on_each_backend, TestDb, TestVhost, LIVENESS};
 use lapin::options::BasicGetOptions;
 use serde::{Deserialize, Serialize};
 
@@ -54,47 +54,6 @@ impl Event for Unused {
     }
 }
 
-/// A context database of its own, removed on drop: a SQLite file in a
-/// temporary folder, or a fresh PostgreSQL database.
-enum TempDb {
-    Sqlite(tempfile::TempDir),
-    Postgres(herald_testkit::TestDatabase),
-}
-
-impl TempDb {
-    fn new(backend: Backend) -> Self {
-        match backend {
-            Backend::Sqlite => TempDb::Sqlite(tempfile::tempdir().unwrap()),
-            Backend::Postgres => TempDb::Postgres(herald_testkit::TestDatabase::new()),
-        }
-    }
-
-    /// Opens it, as a (re)started process would.
-    fn db(&self) -> Db {
-        let url = match self {
-            TempDb::Sqlite(dir) => dir.path().join("ctx.db").to_string_lossy().into_owned(),
-            TempDb::Postgres(database) => database.url.clone(),
-        };
-        Db::open(&url).unwrap()
-    }
-}
-
-/// Runs a test on each backend: `name::sqlite` and `name::postgres`.
-macro_rules! on_each_backend {
-    ($name:ident) => {
-        mod $name {
-            #[actix_rt::test]
-            async fn sqlite() {
-                super::$name(herald::store::Backend::Sqlite).await
-            }
-            #[actix_rt::test]
-            async fn postgres() {
-                super::$name(herald::store::Backend::Postgres).await
-            }
-        }
-    };
-}
-
 /// A queue bound to `name`, consuming nothing: its depth counts what arrived.
 async fn listen(broker: &herald::AmqpBroker, queue: &str, name: &str) {
     let subscription = broker
@@ -110,12 +69,15 @@ async fn listen(broker: &herald::AmqpBroker, queue: &str, name: &str) {
     subscription.control.close().await.unwrap();
 }
 
-on_each_backend!(an_event_committed_before_a_crash_is_published_once_after_the_restart);
+on_each_backend!(
+    #[actix_rt::test]
+    an_event_committed_before_a_crash_is_published_once_after_the_restart
+);
 async fn an_event_committed_before_a_crash_is_published_once_after_the_restart(backend: Backend) {
     let vhost = TestVhost::new();
     let broker = vhost.broker().await;
-    let dir = TempDb::new(backend);
-    let db = dir.db();
+    let dir = TestDb::new(backend);
+    let db = dir.open();
     // The process died right after this commit, before its relay published.
     db.write(|c| {
         outbox::append(
@@ -163,6 +125,7 @@ async fn an_event_committed_before_a_crash_is_published_once_after_the_restart(b
 }
 
 on_each_backend!(
+    #[actix_rt::test]
     an_unroutable_event_waits_as_unrouted_without_blocking_and_goes_out_when_republished
 );
 async fn an_unroutable_event_waits_as_unrouted_without_blocking_and_goes_out_when_republished(
@@ -170,8 +133,8 @@ async fn an_unroutable_event_waits_as_unrouted_without_blocking_and_goes_out_whe
 ) {
     let vhost = TestVhost::new();
     let broker = vhost.broker().await;
-    let dir = TempDb::new(backend);
-    let db = dir.db();
+    let dir = TestDb::new(backend);
+    let db = dir.open();
     listen(&broker, "warehouse", "shipped").await;
     let context = ContextBuilder::new(vhost.settings("shop"))
         .store(db.clone())
@@ -291,7 +254,10 @@ async fn take_ids(vhost: &TestVhost, queue: &str) -> Vec<String> {
     ids
 }
 
-on_each_backend!(a_window_of_mixed_rows_marks_exactly_the_unbound_ones_unrouted);
+on_each_backend!(
+    #[actix_rt::test]
+    a_window_of_mixed_rows_marks_exactly_the_unbound_ones_unrouted
+);
 /// 200 rows in one window, every other one unroutable: lapin hands returned
 /// messages to whichever confirm completes next (a `multiple` ack completes
 /// many at once, in no set order), so telling them apart by position would
@@ -301,8 +267,8 @@ on_each_backend!(a_window_of_mixed_rows_marks_exactly_the_unbound_ones_unrouted)
 async fn a_window_of_mixed_rows_marks_exactly_the_unbound_ones_unrouted(backend: Backend) {
     let vhost = TestVhost::new();
     let broker = vhost.broker().await;
-    let dir = TempDb::new(backend);
-    let db = dir.db();
+    let dir = TestDb::new(backend);
+    let db = dir.open();
     listen(&broker, "warehouse", "shipped").await;
     // Committed before the relay starts: it reads them as one window.
     let ids: Vec<String> = (0..200).map(|i| format!("row-{i:03}")).collect();
@@ -511,7 +477,10 @@ fn nth_offer(offered: &[String], id: &str, n: usize) -> Option<usize> {
         .map(|(i, _)| i)
 }
 
-on_each_backend!(a_row_the_broker_keeps_refusing_is_parked_without_holding_back_other_keys);
+on_each_backend!(
+    #[actix_rt::test]
+    a_row_the_broker_keeps_refusing_is_parked_without_holding_back_other_keys
+);
 /// The broker keeps refusing a1 (key A): each refusal costs an attempt, the
 /// row behind it of its key (a2) waits, the rows of key B go out meanwhile;
 /// after `outbox.max_attempts` a1 is parked (listed, counted) and a2 keeps
@@ -522,8 +491,8 @@ async fn a_row_the_broker_keeps_refusing_is_parked_without_holding_back_other_ke
 ) {
     let vhost = TestVhost::new();
     let broker = vhost.broker().await;
-    let dir = TempDb::new(backend);
-    let db = dir.db();
+    let dir = TestDb::new(backend);
+    let db = dir.open();
     listen(&broker, "warehouse", "shipped").await;
     let refusing = Refusing {
         broker: broker.clone(),

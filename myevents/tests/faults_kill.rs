@@ -9,7 +9,8 @@ mod myevents_support;
 use herald_testkit::{eventually, TestVhost, LIVENESS};
 use myevents_support::*;
 
-on_each_backend!(
+herald_testkit::on_each_backend!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     events_killed_twice_mid_stream_counts_every_booking_exactly_once,
     sigterm_under_load_exits_cleanly_and_counts_every_booking_once,
     booking_crashing_between_publish_and_mark_is_counted_once_by_events,

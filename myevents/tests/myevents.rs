@@ -26,7 +26,8 @@ use myevents_support::*;
 
 const ORIGIN: &str = "http://localhost:3000";
 
-on_each_backend!(
+herald_testkit::on_each_backend!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     bookings_take_seats_up_to_the_hall_capacity_and_events_counts_the_seats_booked,
     of_150_concurrent_one_seat_requests_for_100_seats_exactly_100_succeed,
     of_64_simultaneous_bookings_for_40_seats_40_succeed_and_none_answers_503,

@@ -106,6 +106,57 @@ impl Drop for TestDatabase {
     }
 }
 
+/// A context database of its own for one test, removed on drop: a SQLite
+/// file in a temporary folder, or a fresh PostgreSQL database.
+pub enum TestDb {
+    Sqlite(tempfile::TempDir),
+    Postgres(TestDatabase),
+}
+
+impl TestDb {
+    pub fn new(backend: herald::store::Backend) -> Self {
+        match backend {
+            herald::store::Backend::Sqlite => {
+                TestDb::Sqlite(tempfile::tempdir().expect("a temporary folder"))
+            }
+            herald::store::Backend::Postgres => TestDb::Postgres(TestDatabase::new()),
+        }
+    }
+
+    /// Its URL, as `DATABASE_URL` would give it.
+    pub fn url(&self) -> String {
+        match self {
+            TestDb::Sqlite(dir) => dir.path().join("ctx.db").to_string_lossy().into_owned(),
+            TestDb::Postgres(database) => database.url.clone(),
+        }
+    }
+
+    /// Opens it, as a (re)started process would.
+    pub fn open(&self) -> herald::store::Db {
+        herald::store::Db::open(&self.url()).expect("open the test database")
+    }
+}
+
+/// Generates `name::sqlite` and `name::postgres` from `async fn name(backend:
+/// herald::store::Backend)`, each under the given test attribute: one body,
+/// run on each store backend.
+/// `on_each_backend!(#[tokio::test] a_test, another_test);`
+#[macro_export]
+macro_rules! on_each_backend {
+    (#[$test:meta] $($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[$test]
+            async fn sqlite() {
+                super::$name(herald::store::Backend::Sqlite).await
+            }
+            #[$test]
+            async fn postgres() {
+                super::$name(herald::store::Backend::Postgres).await
+            }
+        }
+    )+};
+}
+
 /// Runs one SQL statement on the test server's base database as the test role.
 pub fn psql(sql: &str) {
     let output = Command::new("psql")

@@ -76,26 +76,6 @@ impl DataDir {
     }
 }
 
-/// Generates `name::sqlite` and `name::postgres` from `async fn name(backend:
-/// Backend)`: one body, run on each store backend.
-#[allow(unused_macros)] // not every test file runs on both backends
-macro_rules! on_each_backend {
-    ($($name:ident),+ $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn sqlite() {
-                super::$name($crate::myevents_support::Backend::Sqlite).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn postgres() {
-                super::$name($crate::myevents_support::Backend::Postgres).await
-            }
-        }
-    )+};
-}
-#[allow(unused_imports)] // not every test file runs on both backends
-pub(crate) use on_each_backend;
-
 mod kind;
 pub use kind::Kind;
 
