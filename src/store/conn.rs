@@ -35,6 +35,39 @@ mod multi {
 
 pub use multi::{Conn, MultiBackend};
 
+/// Runs `$body` with `$c` bound to the backend's own connection inside a
+/// [`Conn`] (`&mut SqliteConnection` or `&mut PgConnection`); the body is
+/// compiled once per backend, so it must build on both.
+///
+/// diesel's multi-backend connection renders a statement's SQL and collects
+/// its binds on every run, even for a statement it keeps prepared (a few µs
+/// each, measured); the backend's own connection finds a kept statement by
+/// its static id without rendering it. A delivery runs half a dozen
+/// statements, so the store's hot ones (the writer's savepoints, the inbox
+/// claim, the stream version and the append, a projection's catch-up) go
+/// through this, and so may a context's.
+///
+/// ```
+/// use diesel::sql_types::Text;
+/// use diesel::RunQueryDsl;
+/// use herald::store::sql::Sql;
+///
+/// # fn touch(conn: &mut herald::store::Conn, id: &str) -> diesel::QueryResult<usize> {
+/// herald::on_backend!(conn, |c| Sql::new("UPDATE seats SET n = n + 1 WHERE id = ?")
+///     .bind::<Text, _>(id)
+///     .execute(c))
+/// # }
+/// ```
+#[macro_export]
+macro_rules! on_backend {
+    ($conn:expr, |$c:ident| $body:expr) => {
+        match $conn {
+            $crate::store::Conn::Sqlite($c) => $body,
+            $crate::store::Conn::Postgres($c) => $body,
+        }
+    };
+}
+
 /// Which database a URL names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {

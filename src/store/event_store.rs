@@ -71,10 +71,10 @@ impl RecordedEvent {
 
 /// The version of `stream_id`: its last event's version, 0 when empty.
 pub fn stream_version(conn: &mut Conn, stream_id: &str) -> Result<i64, StoreError> {
-    let version: Option<i64> = event_store::table
+    let version: Option<i64> = crate::on_backend!(conn, |c| event_store::table
         .filter(event_store::stream_id.eq(stream_id))
         .select(diesel::dsl::max(event_store::stream_version))
-        .first(conn)?;
+        .first(c))?;
     Ok(version.unwrap_or(0))
 }
 
@@ -132,7 +132,7 @@ pub(crate) fn append_after(
         let metadata = serde_json::to_string(&event.metadata).unwrap_or_else(|_| "{}".into());
         // The (stream, version) unique index is the last guard: a racing writer
         // on another connection turns into a version conflict, never an overwrite.
-        let row = diesel::insert_into(event_store::table)
+        let row = crate::on_backend!(conn, |c| diesel::insert_into(event_store::table)
             .values((
                 event_store::stream_id.eq(stream_id),
                 event_store::stream_version.eq(expected_version + offset),
@@ -147,13 +147,13 @@ pub(crate) fn append_after(
             // All columns in the struct's order: `as_returning()` builds no
             // RETURNING clause on a multi-backend connection.
             .returning(event_store::all_columns)
-            .get_result::<RecordedEvent>(conn)
-            .map_err(|error| match StoreError::from(error) {
-                StoreError::Conflict(index) if index.contains("stream_version") => {
-                    version_conflict(stream_id, expected_version)
-                }
-                other => other,
-            })?;
+            .get_result::<RecordedEvent>(c))
+        .map_err(|error| match StoreError::from(error) {
+            StoreError::Conflict(index) if index.contains("stream_version") => {
+                version_conflict(stream_id, expected_version)
+            }
+            other => other,
+        })?;
         recorded.push(row);
     }
     Ok(recorded)

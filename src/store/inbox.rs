@@ -34,15 +34,16 @@ pub fn claim(conn: &mut Conn, key: &InboxKey) -> Result<bool, StoreError> {
     };
     // SQLite and PostgreSQL both read this text; diesel's
     // `on_conflict_do_nothing` does not build on a multi-backend connection.
-    let inserted = Sql::new(
+    let received_at = now_ms();
+    let inserted = crate::on_backend!(conn, |c| Sql::new(
         "INSERT INTO inbox (consumer, dedupe_key, event_name, received_at) \
          VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
     )
     .bind::<Text, _>(&key.consumer)
     .bind::<Text, _>(dedupe_key)
     .bind::<Text, _>(&key.event_name)
-    .bind::<BigInt, _>(now_ms())
-    .execute(conn)?;
+    .bind::<BigInt, _>(received_at)
+    .execute(c))?;
     Ok(inserted == 1)
 }
 

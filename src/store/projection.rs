@@ -59,15 +59,16 @@ pub fn checkpoint(conn: &mut Conn, projection: &str) -> Result<i64, StoreError> 
 }
 
 fn set_checkpoint(conn: &mut Conn, projection: &str, position: i64) -> Result<(), StoreError> {
-    Sql::new(
+    let updated_at = now_ms();
+    crate::on_backend!(conn, |c| Sql::new(
         "INSERT INTO checkpoints (projection, position, updated_at) VALUES (?, ?, ?) \
          ON CONFLICT (projection) DO UPDATE \
          SET position = excluded.position, updated_at = excluded.updated_at",
     )
     .bind::<Text, _>(projection)
     .bind::<BigInt, _>(position)
-    .bind::<BigInt, _>(now_ms())
-    .execute(conn)?;
+    .bind::<BigInt, _>(updated_at)
+    .execute(c))?;
     Ok(())
 }
 
@@ -103,7 +104,7 @@ pub fn catch_up(conn: &mut Conn, projection: &dyn Projection) -> Result<u64, Sto
 
 /// Up to [`BATCH`] events after `projection`'s checkpoint, in order.
 fn after_checkpoint(conn: &mut Conn, projection: &str) -> Result<Vec<RecordedEvent>, StoreError> {
-    Sql::new(
+    crate::on_backend!(conn, |c| Sql::new(
         // Columns named, as the relay's read (a kept `SELECT *` breaks on
         // PostgreSQL once a migration adds a column).
         "SELECT position, stream_id, stream_version, event_id, event_name, schema_version, \
@@ -113,7 +114,7 @@ fn after_checkpoint(conn: &mut Conn, projection: &str) -> Result<Vec<RecordedEve
     )
     .bind::<Text, _>(projection)
     .bind::<BigInt, _>(BATCH)
-    .load(conn)
+    .load(c))
     .map_err(StoreError::from)
 }
 

@@ -363,26 +363,28 @@ where
 /// Code inside the unit may still open its own (diesel) transactions: they
 /// are savepoints of other names, inside this one.
 fn run_unit(conn: &mut Conn, cache: &mut AggregateCache, work: Work) -> Result<Reply, StoreError> {
-    Sql::new("SAVEPOINT herald_unit").execute(conn)?;
+    crate::on_backend!(conn, |c| Sql::new("SAVEPOINT herald_unit").execute(c))?;
     let ran = std::panic::catch_unwind(AssertUnwindSafe(|| work(&mut Session { conn, cache })));
     match ran {
-        Ok(Ok(value)) => match Sql::new("RELEASE herald_unit").execute(conn) {
-            Ok(_) => {
-                cache.keep_unit();
-                Ok(Reply::Done(value))
-            }
-            // PostgreSQL: a statement of the unit failed and the unit went on
-            // (the transaction is aborted until the savepoint is rolled back).
-            // The unit fails alone; the batch goes on.
-            Err(error) => {
-                roll_back_unit(conn)?;
-                cache.drop_unit();
-                Ok(Reply::Broken(StoreError::Pool(format!(
-                    "the unit swallowed a database error and cannot commit ({error}); \
+        Ok(Ok(value)) => {
+            match crate::on_backend!(conn, |c| Sql::new("RELEASE herald_unit").execute(c)) {
+                Ok(_) => {
+                    cache.keep_unit();
+                    Ok(Reply::Done(value))
+                }
+                // PostgreSQL: a statement of the unit failed and the unit went on
+                // (the transaction is aborted until the savepoint is rolled back).
+                // The unit fails alone; the batch goes on.
+                Err(error) => {
+                    roll_back_unit(conn)?;
+                    cache.drop_unit();
+                    Ok(Reply::Broken(StoreError::Pool(format!(
+                        "the unit swallowed a database error and cannot commit ({error}); \
                      catch errors inside conn.transaction(..) instead"
-                ))))
+                    ))))
+                }
             }
-        },
+        }
         Ok(Err(error)) => {
             roll_back_unit(conn)?;
             cache.drop_unit();
@@ -400,8 +402,8 @@ fn run_unit(conn: &mut Conn, cache: &mut AggregateCache, work: Work) -> Result<R
 
 /// Undoes what the unit wrote and ends its savepoint.
 fn roll_back_unit(conn: &mut Conn) -> Result<(), StoreError> {
-    Sql::new("ROLLBACK TO herald_unit").execute(conn)?;
-    Sql::new("RELEASE herald_unit").execute(conn)?;
+    crate::on_backend!(conn, |c| Sql::new("ROLLBACK TO herald_unit").execute(c))?;
+    crate::on_backend!(conn, |c| Sql::new("RELEASE herald_unit").execute(c))?;
     Ok(())
 }
 

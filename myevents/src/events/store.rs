@@ -120,9 +120,12 @@ pub fn events_page(
 
 /// Whether event `id` is known here.
 pub fn exists(conn: &mut Conn, id: &str) -> Result<bool, StoreError> {
-    diesel::select(diesel::dsl::exists(events::table.find(id)))
-        .get_result(conn)
-        .map_err(StoreError::from)
+    // Once per eventBooked: on the backend's own connection (herald::on_backend).
+    herald::on_backend!(conn, |c| diesel::select(diesel::dsl::exists(
+        events::table.find(id)
+    ))
+    .get_result(c))
+    .map_err(StoreError::from)
 }
 
 pub fn event(conn: &mut Conn, id: &str) -> Result<Option<(EventRow, LocationRow)>, StoreError> {
@@ -238,10 +241,12 @@ fn insert_event(conn: &mut Conn, record: EventRecord) -> Result<(), StoreError> 
 
 /// Adds seats to an event's count; an event unknown here changes no row.
 fn add_seats(conn: &mut Conn, (event_id, seats): (String, i64)) -> Result<(), StoreError> {
-    Sql::new("UPDATE events SET seats_booked = seats_booked + ? WHERE id = ?")
-        .bind::<BigInt, _>(seats)
-        .bind::<Text, _>(&event_id)
-        .execute(conn)?;
+    herald::on_backend!(conn, |c| Sql::new(
+        "UPDATE events SET seats_booked = seats_booked + ? WHERE id = ?"
+    )
+    .bind::<BigInt, _>(seats)
+    .bind::<Text, _>(&event_id)
+    .execute(c))?;
     Ok(())
 }
 
