@@ -91,14 +91,6 @@ impl Backend {
             _ => Backend::Sqlite,
         }
     }
-
-    /// The backend `conn` talks to.
-    pub fn of_conn(conn: &Conn) -> Backend {
-        match conn {
-            Conn::Sqlite(_) => Backend::Sqlite,
-            Conn::Postgres(_) => Backend::Postgres,
-        }
-    }
 }
 
 /// The SQLite file of a SQLite URL.

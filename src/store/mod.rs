@@ -192,29 +192,27 @@ impl Db {
             .pool
             .get()
             .map_err(|e| StoreError::Pool(e.to_string()))?;
-        let source = match self.backend {
-            Backend::Sqlite => sqlite,
-            Backend::Postgres => postgres,
+        // On PostgreSQL two processes starting at once would race on
+        // diesel's bookkeeping table and the migrations themselves: one at a
+        // time, under a session lock (each migration is a transaction of its
+        // own), waiting as long as the other takes.
+        let (source, locked) = match self.backend {
+            Backend::Sqlite => (sqlite, false),
+            Backend::Postgres => (postgres, true),
         };
-        let applied = match &mut *conn {
-            // Two processes starting at once on one database would race on
-            // diesel's bookkeeping table and the migrations themselves: one
-            // at a time, under a session lock (each migration is a
-            // transaction of its own), waiting as long as the other takes.
-            Conn::Postgres(_) => {
-                conn.batch_execute(&format!(
-                    "SET lock_timeout = 0; SELECT pg_advisory_lock({MIGRATION_LOCK});"
-                ))?;
-                let applied = conn.run_pending_migrations(source).map(|v| v.len());
-                conn.batch_execute(&format!(
-                    "SELECT pg_advisory_unlock({MIGRATION_LOCK}); SET lock_timeout = {};",
-                    conn::BUSY_TIMEOUT.as_millis()
-                ))?;
-                applied
-            }
-            Conn::Sqlite(_) => conn.run_pending_migrations(source).map(|v| v.len()),
+        if locked {
+            conn.batch_execute(&format!(
+                "SET lock_timeout = 0; SELECT pg_advisory_lock({MIGRATION_LOCK});"
+            ))?;
         }
-        .map_err(|e| StoreError::Migration(e.to_string()))?;
+        let applied = conn.run_pending_migrations(source).map(|v| v.len());
+        if locked {
+            conn.batch_execute(&format!(
+                "SELECT pg_advisory_unlock({MIGRATION_LOCK}); SET lock_timeout = {};",
+                conn::BUSY_TIMEOUT.as_millis()
+            ))?;
+        }
+        let applied = applied.map_err(|e| StoreError::Migration(e.to_string()))?;
         if applied > 0 {
             log::info!(target: "herald::store", "applied_migrations={applied}");
         }
