@@ -397,11 +397,7 @@ const LISTED_HEADER_BYTES: usize = 1024;
 
 /// `text` cut to at most `max` bytes, on a character boundary.
 fn cut(text: &str, max: usize) -> String {
-    let mut end = text.len().min(max);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_owned()
+    crate::broker::within_bytes(text, max).to_owned()
 }
 
 /// A dead letter as operators read it.

@@ -106,17 +106,12 @@ fn mark_failed(message: &mut Message, reason: String, attempts: u32) {
 }
 
 /// `text` cut to at most `max` bytes at a character boundary, `…` marking a cut.
-fn cut(mut text: String, max: usize) -> String {
+fn cut(text: String, max: usize) -> String {
     if text.len() <= max {
         return text;
     }
-    let mut end = max.saturating_sub('…'.len_utf8());
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text.truncate(end);
-    text.push('…');
-    text
+    let kept = super::within_bytes(&text, max.saturating_sub('…'.len_utf8()));
+    format!("{kept}…")
 }
 
 /// One header's share of an AMQP header table of long strings: its name (a

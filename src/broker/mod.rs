@@ -445,6 +445,16 @@ pub trait Subscriber: Send + Sync + 'static {
 /// Untrusted text in a log line is cut to this many characters.
 pub const LOGGED_TEXT_CHARS: usize = 200;
 
+/// The longest prefix of `text` of at most `max` bytes that ends on a
+/// character boundary.
+pub(crate) fn within_bytes(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// Escapes control characters (CR, LF, ...) so untrusted text never breaks a
 /// log line, and cuts it to [`LOGGED_TEXT_CHARS`] characters (the last one
 /// `…` when cut) so it never floods one.
