@@ -104,7 +104,11 @@ impl WriterStats {
 
 /// The queue into the writer thread. The thread ends when the last handle drops.
 pub(crate) struct Writer {
-    queue: Mutex<Sender<Unit>>,
+    queue: Mutex<Option<Sender<Unit>>>,
+    /// Joined when the last handle drops: the thread closes its connection
+    /// before the process can exit (libpq's TLS must not be torn down at exit
+    /// while a thread still closes a connection through it).
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     pub(crate) stats: Arc<WriterStats>,
 }
 
@@ -130,12 +134,17 @@ impl Writer {
                 };
                 thread.run(&units);
             });
-        if let Err(e) = spawned {
-            // Without a thread every write fails with this error (queue closed).
-            log::error!(target: "herald::store", "cannot start the database writer: {e}");
-        }
+        let thread = match spawned {
+            Ok(handle) => Some(handle),
+            Err(e) => {
+                // Without a thread every write fails with this error (queue closed).
+                log::error!(target: "herald::store", "cannot start the database writer: {e}");
+                None
+            }
+        };
         Writer {
-            queue: Mutex::new(queue),
+            queue: Mutex::new(Some(queue)),
+            thread: Mutex::new(thread),
             stats,
         }
     }
@@ -157,8 +166,8 @@ impl Writer {
             .queue
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .send(Unit { work, reply })
-            .is_ok();
+            .as_ref()
+            .is_some_and(|queue| queue.send(Unit { work, reply }).is_ok());
         async move {
             if !queued {
                 return Err(E::from(StoreError::Pool(
@@ -179,6 +188,19 @@ impl Writer {
                 Err(_) => Err(E::from(StoreError::Panicked(
                     "the database writer dropped a unit".into(),
                 ))),
+            }
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Closing the queue ends the thread once it finished what is queued.
+        drop(self.queue.lock().unwrap_or_else(|e| e.into_inner()).take());
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(thread) = thread {
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
             }
         }
     }
