@@ -62,6 +62,7 @@ async fn listen(broker: &herald::AmqpBroker, queue: &str, name: &str) {
             bindings: vec![name.into()],
             prefetch: 1,
             retry_delays: vec![],
+            partition: None,
         })
         .await
         .unwrap();

@@ -11,6 +11,11 @@ pub const CORRELATION_ID: &str = "x-correlation-id";
 pub const CAUSATION_ID: &str = "x-causation-id";
 /// The context that emitted the event.
 pub const PRODUCER: &str = "x-producer";
+/// The event's partition key, set by herald's publishers: a partitioned
+/// group's messages are spread over its partition queues by it. A routing
+/// hint only, so not one of herald's sealed headers: a forged one merely
+/// picks a partition.
+pub const PARTITION_KEY: &str = "x-partition-key";
 /// Why a message was dead-lettered.
 pub const ERROR: &str = "x-herald-error";
 /// How many deliveries of the message have failed so far.

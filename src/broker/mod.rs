@@ -204,6 +204,19 @@ pub struct SubscribeSpec {
     pub prefetch: u16,
     /// Delay levels of the retry queues (`<queue>.retry.<delay>`).
     pub retry_delays: Vec<Duration>,
+    /// `None`: the group consumes its queue. `Some`: the group's messages
+    /// are spread over partition queues by [`headers::PARTITION_KEY`], and
+    /// this subscription consumes one of them.
+    pub partition: Option<Partition>,
+}
+
+/// One partition of a partitioned subscriber group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Partition {
+    /// Which one, from 0.
+    pub index: u16,
+    /// How many the group has.
+    pub count: u16,
 }
 
 /// The dead-letter queue of a subscriber group.

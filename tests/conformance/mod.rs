@@ -83,6 +83,7 @@ impl Harness {
             bindings: bindings.iter().map(|b| b.as_ref().to_owned()).collect(),
             prefetch,
             retry_delays: vec![RETRY_DELAY],
+            partition: None,
         };
         within(DEADLINE, "subscribe", self.subscriber.subscribe(spec))
             .await
