@@ -337,6 +337,21 @@ fn spawn_mailbox_logger(
     })
 }
 
+/// Waits (up to `timeout`) for stopped arbiters' threads to end: their
+/// actors hold database handles, and a process must not exit while a
+/// thread still closes a database connection (libpq's TLS state is torn
+/// down at exit).
+async fn join_arbiters(arbiters: Vec<Arbiter>, timeout: std::time::Duration) {
+    let joined = tokio::task::spawn_blocking(move || {
+        for arbiter in arbiters {
+            let _ = arbiter.join();
+        }
+    });
+    if tokio::time::timeout(timeout, joined).await.is_err() {
+        log::warn!(target: "herald::shutdown", "shard threads still running after {timeout:?}");
+    }
+}
+
 fn stop_arbiters(arbiters: &[Arbiter]) {
     for arbiter in arbiters {
         arbiter.stop();
@@ -743,6 +758,7 @@ impl Context {
             drop(relay);
         }
         stop_arbiters(&self.arbiters);
+        join_arbiters(std::mem::take(&mut self.arbiters), drain).await;
         self.source.close().await;
         self.logger.abort();
         // The last numbers of every actor that did anything reach the log.
