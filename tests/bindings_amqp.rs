@@ -14,6 +14,7 @@ fn spec(queue: &str, bindings: &[&str]) -> SubscribeSpec {
         bindings: bindings.iter().map(|b| (*b).to_owned()).collect(),
         prefetch: 10,
         retry_delays: vec![Duration::from_millis(50)],
+        partition: None,
     }
 }
 

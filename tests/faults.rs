@@ -196,6 +196,7 @@ async fn duplicates_with_the_same_message_id_change_state_once_and_emit_once() {
             bindings: vec!["counted".into()],
             prefetch: 1,
             retry_delays: vec![],
+            partition: None,
         })
         .await
         .unwrap();

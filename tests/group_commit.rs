@@ -85,6 +85,7 @@ async fn a_unit_that_fails_in_a_batch_fails_alone_and_is_applied_once_on_retry(b
             bindings: vec![Counted::NAME.into()],
             prefetch: 1,
             retry_delays: delays.clone(),
+            partition: None,
         })
         .await
         .unwrap();

@@ -84,6 +84,7 @@ async fn scenario() {
             bindings: vec![Ticked::NAME.into()],
             prefetch: 1,
             retry_delays: vec![],
+            partition: None,
         })
         .await
         .unwrap();

@@ -147,6 +147,7 @@ async fn herald_publishes_as_its_connections_user_whatever_the_message_says() {
             bindings: vec!["ping".into()],
             prefetch: 1,
             retry_delays: vec![Duration::from_secs(1)],
+            partition: None,
         })
         .await
         .unwrap();

@@ -125,6 +125,7 @@ async fn the_booking_binary_is_operated_through_its_admin_api() {
             bindings: vec!["eventBooked".into()],
             prefetch: 1,
             retry_delays: vec![],
+            partition: None,
         })
         .await
         .unwrap();

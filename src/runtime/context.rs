@@ -198,6 +198,7 @@ impl ContextBuilder {
             bindings: bindings.clone(),
             prefetch: settings.broker.prefetch,
             retry_delays: distinct(&settings.retry.delays),
+            partition: None,
         };
         let consumer_stats = ActorStats::new(
             &name,
@@ -414,7 +415,10 @@ impl ContextHandle {
     /// # Errors
     /// The broker is unreachable.
     pub async fn redrive(&self, message_id: Option<&str>) -> Result<usize, Error> {
-        let moved = self.dead_letters.redrive(&self.name, message_id).await?;
+        let moved = self
+            .dead_letters
+            .redrive(&self.name, crate::broker::GroupLayout::Plain, message_id)
+            .await?;
         log::info!(target: "herald::context", "context={} redrove dead_letters={moved}", self.name);
         Ok(moved)
     }
