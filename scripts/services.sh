@@ -38,6 +38,15 @@ if ! rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
   exit 1
 fi
 
+# Partitioned groups (several instances of a context) spread their messages
+# over partition queues through a consistent-hash exchange; the plugin ships
+# with the server and is enabled on the running node (no restart) and kept
+# enabled across restarts.
+if ! rabbitmq-plugins -q is_enabled rabbitmq_consistent_hash_exchange >/dev/null 2>&1; then
+  rabbitmq-plugins -q enable rabbitmq_consistent_hash_exchange >/dev/null
+  log "enabled rabbitmq_consistent_hash_exchange"
+fi
+
 # The largest message body the broker takes; beyond it RabbitMQ closes the
 # publisher's channel, so no consumer's prefetch window ever holds a body
 # herald would refuse anyway. herald's limit is broker.max_body_bytes

@@ -216,7 +216,36 @@ pub struct BrokerSettings {
     /// `verify_producers`.
     #[serde(serialize_with = "redacted_secret")]
     pub header_key: Option<SecretString>,
+    /// The type of the queues a group consumes from and moves messages
+    /// through (its queue or partition queues, retry and dead-letter
+    /// queues): `classic` (the default: the book's Go services declare
+    /// `booking` without arguments, and a queue cannot be redeclared as
+    /// another type) or `quorum` (replicated; with
+    /// [`delivery_limit`](Self::delivery_limit)). A queue that already exists
+    /// as the other type fails the subscription, naming this key. The
+    /// in-memory broker accepts it and ignores it.
+    pub queue_type: QueueType,
+    /// Quorum queues only: how many times one message may be delivered from
+    /// a group's queue without being settled (its consumer crashed or lost
+    /// its connection, or it was requeued) before RabbitMQ moves it to the
+    /// group's dead-letter queue (with an `x-death` reason `delivery_limit`).
+    /// herald's own retries do not count: each is a fresh copy. 1 to 10000.
+    pub delivery_limit: u32,
 }
+
+/// What kind of queue herald declares for a group (`broker.queue_type`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// RabbitMQ's classic queues, declared as the book's services do.
+    #[default]
+    Classic,
+    /// Replicated Raft-based queues (`x-queue-type: quorum`).
+    Quorum,
+}
+
+/// `broker.delivery_limit` unless set.
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 20;
 
 /// `broker.frame_max` unless set: 16 KiB, 1 MiB of buffers per connection.
 pub const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
@@ -236,6 +265,8 @@ impl Default for BrokerSettings {
             frame_max: DEFAULT_FRAME_MAX,
             verify_producers: false,
             header_key: None,
+            queue_type: QueueType::Classic,
+            delivery_limit: DEFAULT_DELIVERY_LIMIT,
         }
     }
 }
@@ -251,6 +282,8 @@ impl std::fmt::Debug for BrokerSettings {
             .field("frame_max", &self.frame_max)
             .field("verify_producers", &self.verify_producers)
             .field("header_key", &self.header_key.as_ref().map(|_| "***"))
+            .field("queue_type", &self.queue_type)
+            .field("delivery_limit", &self.delivery_limit)
             .finish()
     }
 }
@@ -592,6 +625,9 @@ impl Settings {
         }
         if self.broker.heartbeat.as_secs() > u64::from(u16::MAX) {
             return invalid("broker.heartbeat", "must be at most 65535 s");
+        }
+        if !(1..=10_000).contains(&self.broker.delivery_limit) {
+            return invalid("broker.delivery_limit", "must be between 1 and 10000");
         }
         self.validate_trust()?;
         let rt = &self.runtime;
@@ -964,6 +1000,38 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(error.contains("broker.frame_max"), "{error}");
+        }
+    }
+
+    #[test]
+    fn queue_type_is_classic_unless_set_and_the_delivery_limit_is_checked_by_name() {
+        let f = file("[context]\nname = \"booking\"\n");
+        let s = Settings::load_with_env(f.path(), env(&[])).unwrap();
+        assert_eq!(s.broker.queue_type, QueueType::Classic);
+        assert_eq!(s.broker.delivery_limit, DEFAULT_DELIVERY_LIMIT);
+        let s = Settings::load_with_env(
+            f.path(),
+            env(&[
+                ("HERALD__BROKER__QUEUE_TYPE", "quorum"),
+                ("HERALD__BROKER__DELIVERY_LIMIT", "5"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.broker.queue_type, QueueType::Quorum);
+        assert_eq!(s.broker.delivery_limit, 5);
+        let f = file("[context]\nname = \"booking\"\n[broker]\nqueue_type = \"stream\"\n");
+        let error = Settings::load_with_env(f.path(), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("queue_type"), "{error}");
+        for limit in ["0", "10001", "-1"] {
+            let f = file(&format!(
+                "[context]\nname = \"booking\"\n[broker]\ndelivery_limit = {limit}\n"
+            ));
+            let error = Settings::load_with_env(f.path(), env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("delivery_limit"), "{limit}: {error}");
         }
     }
 

@@ -158,6 +158,12 @@ pub enum BrokerError {
     /// An AMQP protocol or I/O error from lapin.
     #[error("amqp: {0}")]
     Amqp(#[from] lapin::Error),
+    /// What a subscription needs on the broker cannot be declared as asked:
+    /// a queue exists with other arguments (another `broker.queue_type`), a
+    /// partition that does not exist, a broker plugin that is not enabled.
+    /// Names what to change; retrying does not help.
+    #[error("broker topology: {0}")]
+    Topology(String),
 }
 
 impl BrokerError {
@@ -165,7 +171,7 @@ impl BrokerError {
     pub fn is_transient(&self) -> bool {
         !matches!(
             self,
-            BrokerError::Unroutable { .. } | BrokerError::Unencodable(_)
+            BrokerError::Unroutable { .. } | BrokerError::Unencodable(_) | BrokerError::Topology(_)
         )
     }
 }

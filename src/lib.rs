@@ -99,11 +99,14 @@ pub mod prelude {
 /// the [`Publisher`](transport::Publisher) / [`Subscriber`](transport::Subscriber)
 /// / [`DeadLetters`](transport::DeadLetters) traits, the transport-neutral
 /// [`Message`](transport::Message), deliveries and their settlement, the
-/// header names on the wire, and the names of retry and dead-letter queues.
+/// header names on the wire, partitioned groups
+/// ([`Partition`](transport::Partition)), and the names of partition, retry
+/// and dead-letter queues.
 pub mod transport {
     pub use crate::broker::{
-        dead_letter_queue, headers, retry_queue, topic_matches, Acknowledger, DeadLetters,
-        Delivery, DeliveryStream, ListedLetter, Listing, ListingBounds, Message, Partition,
+        dead_letter_queue, headers, partition_exchange, partition_queue, partition_retry_queue,
+        retry_queue, topic_matches, unkeyed_partition, Acknowledger, DeadLetters, Delivery,
+        DeliveryStream, GroupLayout, ListedLetter, Listing, ListingBounds, Message, Partition,
         Publisher, Settlement, SubscribeSpec, Subscriber, Subscription, SubscriptionControl,
     };
 }

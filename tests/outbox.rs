@@ -459,9 +459,10 @@ impl DeadLetters for Refusing {
     fn redrive<'a>(
         &'a self,
         queue: &'a str,
+        layout: herald::transport::GroupLayout,
         message_id: Option<&'a str>,
     ) -> BoxFuture<'a, Result<usize, BrokerError>> {
-        self.broker.redrive(queue, message_id)
+        self.broker.redrive(queue, layout, message_id)
     }
     fn purge(&self, queue: &str) -> BoxFuture<'_, Result<usize, BrokerError>> {
         self.broker.purge(queue)

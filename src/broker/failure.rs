@@ -28,7 +28,10 @@ pub(crate) const REASON_BYTES: usize = 1024;
 /// herald's own headers no longer than this are never dropped from a copy:
 /// the seal of at most nine headers, a cut reason, a short-string routing
 /// key or user all fit. A longer one is no herald header (none was sealed
-/// that long) and is dropped like a foreign one.
+/// that long) and is dropped like a foreign one. The same holds for the
+/// partition key ([`headers::PARTITION_KEY`]): it decides which partition a
+/// partitioned group's retry or redrive goes back to, so a copy that lost it
+/// would leave its key's partition (and its order).
 const OWN_HEADER_BYTES: usize = 1024;
 
 /// The headers herald writes on a copy it republishes.
@@ -120,9 +123,11 @@ fn entry_bytes(name: &str, value: &str) -> usize {
     1 + name.len() + 1 + 4 + value.len()
 }
 
-/// Whether `name = value` is one of herald's own headers, which a copy keeps.
+/// Whether `name = value` is one of herald's own headers or the partition
+/// key, which a copy keeps.
 fn own(name: &str, value: &str) -> bool {
-    OWN_HEADERS.contains(&name) && value.len() <= OWN_HEADER_BYTES
+    (OWN_HEADERS.contains(&name) || name == headers::PARTITION_KEY)
+        && value.len() <= OWN_HEADER_BYTES
 }
 
 /// The bytes of `headers` counted toward [`COPY_HEADER_BYTES`]: every header
@@ -333,6 +338,29 @@ mod tests {
         // Dead-lettered after the retry: the record stays.
         let dead = dead_letter_message(once, "still failing".into(), 3);
         assert!(dead.header(headers::DROPPED_HEADERS).is_some());
+    }
+
+    #[test]
+    fn the_partition_key_survives_every_copy_even_when_it_is_the_largest_header() {
+        let mut message = padded(10);
+        // The largest header of the copy: a foreign one this size would go first.
+        let key = "k".repeat(1000);
+        message
+            .headers
+            .insert(headers::PARTITION_KEY.into(), key.clone());
+        for n in 0..30 {
+            message
+                .headers
+                .insert(format!("x-h{n:02}"), "h".repeat(500));
+        }
+        let retry = retry_message(message, "busy".into(), 1);
+        assert_eq!(retry.header(headers::PARTITION_KEY), Some(key.as_str()));
+        assert!(retry.header(headers::DROPPED_HEADERS).is_some());
+        assert!(counted_bytes(&retry.headers) <= COPY_HEADER_BYTES);
+        let dead = dead_letter_message(retry, "poison".into(), 2);
+        assert_eq!(dead.header(headers::PARTITION_KEY), Some(key.as_str()));
+        let again = redriven(dead);
+        assert_eq!(again.header(headers::PARTITION_KEY), Some(key.as_str()));
     }
 
     #[test]

@@ -11,10 +11,13 @@ pub const CORRELATION_ID: &str = "x-correlation-id";
 pub const CAUSATION_ID: &str = "x-causation-id";
 /// The context that emitted the event.
 pub const PRODUCER: &str = "x-producer";
-/// The event's partition key, set by herald's publishers: a partitioned
-/// group's messages are spread over its partition queues by it. A routing
-/// hint only, so not one of herald's sealed headers: a forged one merely
-/// picks a partition.
+/// The event's partition key (an aggregate id, a booking id): the hash a
+/// partitioned group's exchange spreads messages over its partition queues
+/// by, so one key always lands in one partition. A routing hint, not under
+/// the sealed `x-herald-` prefix: it grants nothing, and a forged one only
+/// picks a partition. Messages without it (the book's Go services) all land
+/// in one fixed partition ([`unkeyed_partition`](crate::transport::unkeyed_partition)).
+/// herald's retry, dead-letter and redrive copies keep it.
 pub const PARTITION_KEY: &str = "x-partition-key";
 /// Why a message was dead-lettered.
 pub const ERROR: &str = "x-herald-error";

@@ -1,6 +1,11 @@
 //! In-process transport with RabbitMQ's routing semantics, for fast tests and
 //! development: a topic exchange, durable-looking queues, competing consumers
-//! with prefetch, redelivery of nacked and unsettled messages.
+//! with prefetch, redelivery of nacked and unsettled messages, and
+//! partitioned groups: their messages spread over partition queues by
+//! [`headers::PARTITION_KEY`](super::headers::PARTITION_KEY) (FNV-1a modulo
+//! the count; without the header, RabbitMQ's fixed [`unkeyed_partition`]),
+//! each partition queue with a single active consumer as on RabbitMQ.
+//! `broker.queue_type` means nothing here.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -9,10 +14,13 @@ use futures_util::future::{self, BoxFuture, FutureExt};
 use futures_util::stream::StreamExt;
 use tokio::sync::mpsc;
 
+use super::partition::memory_partition_of;
+#[cfg(doc)]
+use super::unkeyed_partition;
 use super::{
-    dead_letter_message, dead_letter_queue, redriven, retry_message, topic_matches, Acknowledger,
-    DeadLetters, Delivery, Message, Publisher, Settlement, SubscribeSpec, Subscriber, Subscription,
-    SubscriptionControl,
+    dead_letter_message, dead_letter_queue, escape, partition_exchange, partition_queue, redriven,
+    retry_message, topic_matches, Acknowledger, DeadLetters, Delivery, GroupLayout, Message,
+    Publisher, Settlement, SubscribeSpec, Subscriber, Subscription, SubscriptionControl,
 };
 use crate::error::BrokerError;
 
@@ -28,13 +36,28 @@ pub struct MemoryBroker {
 #[derive(Default)]
 struct State {
     queues: BTreeMap<String, Queue>,
+    /// Partitioned groups by name: their hash exchange.
+    groups: BTreeMap<String, Partitioned>,
     next_tag: u64,
     next_consumer: u64,
+}
+
+/// A partitioned group's hash exchange: bound to the topic exchange with the
+/// group's keys, spreading over its partition queues.
+struct Partitioned {
+    /// Partition queues bound: the largest count any subscription declared
+    /// (on RabbitMQ, declared partition queues stay bound).
+    count: u16,
+    bindings: Vec<String>,
 }
 
 #[derive(Default)]
 struct Queue {
     bindings: Vec<String>,
+    /// A partition queue's group: its retries go back through the group's
+    /// partitions, its dead letters to the group's queue, and only its first
+    /// consumer receives (single active consumer).
+    group: Option<String>,
     /// Ready messages in queue order: (tag, message, redelivered).
     ready: VecDeque<(u64, Message, bool)>,
     /// Delivered, not yet settled: tag -> (consumer, message).
@@ -93,6 +116,18 @@ impl MemoryBroker {
         state.pump(queue, &handle);
     }
 
+    /// Enqueues into the partition of `group` that `message` hashes to (the
+    /// group's hash exchange); dropped when the group was never partitioned
+    /// (no exchange: RabbitMQ drops a dead letter it cannot route too).
+    fn send_to_partitions(&self, group: &str, message: Message) {
+        let handle = self.clone();
+        let mut state = self.lock();
+        if let Some(queue) = state.partition_for(group, &message) {
+            state.enqueue(&queue, message);
+            state.pump(&queue, &handle);
+        }
+    }
+
     /// Returns false when the delivery is no longer outstanding (its consumer closed).
     ///
     /// A requeued message keeps its tag, so the tag alone may already stand for a
@@ -113,6 +148,7 @@ impl MemoryBroker {
         if let Some(c) = q.consumers.iter_mut().find(|c| c.id == consumer) {
             c.in_flight -= 1;
         }
+        let group = q.group.clone();
         match settlement {
             Settlement::Ack => {}
             Settlement::Requeue => q.requeue(tag, message),
@@ -121,16 +157,20 @@ impl MemoryBroker {
                 attempts,
                 reason,
             } => {
-                // Like a TTL retry queue dead-lettering back into the queue.
+                // Like a TTL retry queue dead-lettering back into the queue,
+                // or into the group's hash exchange.
                 let (broker, queue) = (self.clone(), queue.to_owned());
                 let message = retry_message(message, reason, attempts);
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
-                    broker.send_to_queue(&queue, message);
+                    match group {
+                        Some(group) => broker.send_to_partitions(&group, message),
+                        None => broker.send_to_queue(&queue, message),
+                    }
                 });
             }
             Settlement::DeadLetter { reason, attempts } => {
-                let dlq = dead_letter_queue(queue);
+                let dlq = dead_letter_queue(group.as_deref().unwrap_or(queue));
                 state.enqueue(&dlq, dead_letter_message(message, reason, attempts));
                 state.pump(&dlq, &handle);
             }
@@ -161,17 +201,26 @@ impl MemoryBroker {
         state.pump(queue, &handle);
     }
 
+    /// Stops deliveries to `consumer`. On a partition queue (single active
+    /// consumer) the next consumer takes over at once only when the
+    /// cancelled one holds nothing unsettled; otherwise, as on RabbitMQ,
+    /// only once it is closed.
     fn cancel_consumer(&self, queue: &str, consumer: u64) {
+        let handle = self.clone();
         let mut state = self.lock();
-        if let Some(c) = state
-            .queues
-            .get_mut(queue)
-            .and_then(|q| q.consumers.iter_mut().find(|c| c.id == consumer))
-        {
+        let Some(q) = state.queues.get_mut(queue) else {
+            return;
+        };
+        if let Some(c) = q.consumers.iter_mut().find(|c| c.id == consumer) {
             c.cancelled = true;
             // Dropping the sender ends the delivery stream.
             let (closed, _) = mpsc::unbounded_channel();
             c.tx = closed;
+        }
+        if q.group.is_some() {
+            q.consumers
+                .retain(|c| c.id != consumer || !c.cancelled || c.in_flight > 0);
+            state.pump(queue, &handle);
         }
     }
 }
@@ -189,6 +238,13 @@ impl Queue {
 }
 
 impl State {
+    /// The partition queue of `group` that `message` hashes to.
+    fn partition_for(&self, group: &str, message: &Message) -> Option<String> {
+        let partitioned = self.groups.get(group)?;
+        let index = memory_partition_of(message, partitioned.count);
+        Some(partition_queue(group, index))
+    }
+
     fn enqueue(&mut self, queue: &str, message: Message) {
         self.next_tag += 1;
         let tag = self.next_tag;
@@ -206,7 +262,12 @@ impl State {
         };
         q.consumers.retain(|c| c.cancelled || !c.tx.is_closed());
         while !q.ready.is_empty() {
-            let n = q.consumers.len();
+            // A single active consumer: the first one registered, while it lasts.
+            let n = if q.group.is_some() {
+                q.consumers.len().min(1)
+            } else {
+                q.consumers.len()
+            };
             let Some(pick) = (0..n).map(|i| (q.round_robin + i) % n).find(|&i| {
                 !q.consumers[i].cancelled && q.consumers[i].in_flight < q.consumers[i].prefetch
             }) else {
@@ -268,16 +329,28 @@ impl Publisher for MemoryBroker {
     fn publish(&self, message: Message) -> BoxFuture<'_, Result<(), BrokerError>> {
         let handle = self.clone();
         let mut state = self.lock();
-        let targets: Vec<String> = state
+        let bound = |bindings: &[String]| {
+            bindings
+                .iter()
+                .any(|b| topic_matches(b, &message.routing_key))
+        };
+        let mut targets: Vec<String> = state
             .queues
             .iter()
-            .filter(|(_, q)| {
-                q.bindings
-                    .iter()
-                    .any(|b| topic_matches(b, &message.routing_key))
-            })
+            .filter(|(_, q)| bound(&q.bindings))
             .map(|(name, _)| name.clone())
             .collect();
+        let groups: Vec<String> = state
+            .groups
+            .iter()
+            .filter(|(_, g)| bound(&g.bindings))
+            .map(|(name, _)| name.clone())
+            .collect();
+        targets.extend(
+            groups
+                .iter()
+                .filter_map(|group| state.partition_for(group, &message)),
+        );
         let result = if targets.is_empty() {
             Err(BrokerError::Unroutable {
                 exchange: EXCHANGE.to_owned(),
@@ -314,10 +387,19 @@ impl DeadLetters for MemoryBroker {
     fn redrive<'a>(
         &'a self,
         queue: &'a str,
+        layout: GroupLayout,
         message_id: Option<&'a str>,
     ) -> BoxFuture<'a, Result<usize, BrokerError>> {
         let handle = self.clone();
         let mut state = self.lock();
+        if layout == GroupLayout::Partitioned && !state.groups.contains_key(queue) {
+            // Like a publish to a hash exchange that was never declared.
+            return future::ready(Err(BrokerError::Unroutable {
+                exchange: partition_exchange(queue),
+                routing_key: dead_letter_queue(queue),
+            }))
+            .boxed();
+        }
         let dlq = dead_letter_queue(queue);
         let chosen: Vec<Message> = match state.queues.get_mut(&dlq) {
             Some(q) => {
@@ -332,9 +414,16 @@ impl DeadLetters for MemoryBroker {
         };
         let moved = chosen.len();
         for message in chosen {
-            state.enqueue(queue, redriven(message));
+            let again = redriven(message);
+            let target = match layout {
+                GroupLayout::Plain => Some(queue.to_owned()),
+                GroupLayout::Partitioned => state.partition_for(queue, &again),
+            };
+            if let Some(target) = target {
+                state.enqueue(&target, again);
+                state.pump(&target, &handle);
+            }
         }
-        state.pump(queue, &handle);
         future::ready(Ok(moved)).boxed()
     }
 
@@ -346,8 +435,14 @@ impl DeadLetters for MemoryBroker {
 
 impl Subscriber for MemoryBroker {
     fn subscribe(&self, spec: SubscribeSpec) -> BoxFuture<'_, Result<Subscription, BrokerError>> {
+        if let Some(partition) = spec.partition {
+            if let Err(error) = partition.check(&spec.queue) {
+                return future::ready(Err(error)).boxed();
+            }
+        }
         let (tx, rx) = mpsc::unbounded_channel::<Delivery>();
         let handle = self.clone();
+        let queue = spec.consumed_queue();
         let id = {
             let mut state = self.lock();
             state.next_consumer += 1;
@@ -356,8 +451,8 @@ impl Subscriber for MemoryBroker {
                 .queues
                 .entry(dead_letter_queue(&spec.queue))
                 .or_default();
-            let q = state.queues.entry(spec.queue.clone()).or_default();
-            q.bindings = spec.bindings.clone();
+            state.declare_group(&spec);
+            let q = state.queues.entry(queue.clone()).or_default();
             q.consumers.push(Consumer {
                 id,
                 prefetch: usize::from(spec.prefetch.max(1)),
@@ -365,13 +460,13 @@ impl Subscriber for MemoryBroker {
                 tx,
                 cancelled: false,
             });
-            state.pump(&spec.queue, &handle);
+            state.pump(&queue, &handle);
             id
         };
         let deliveries = tokio_stream(rx).map(Ok).boxed();
         let guard = Arc::new(ConsumerGuard {
             broker: self.clone(),
-            queue: spec.queue,
+            queue,
             id,
         });
         future::ready(Ok(Subscription {
@@ -379,6 +474,57 @@ impl Subscriber for MemoryBroker {
             control: Box::new(MemoryControl(guard)),
         }))
         .boxed()
+    }
+}
+
+impl State {
+    /// Declares and binds what `spec` consumes, as the AMQP transport does:
+    /// the plain queue, or the hash exchange and every partition queue; and
+    /// unbinds the way the group is no longer consumed.
+    fn declare_group(&mut self, spec: &SubscribeSpec) {
+        let group = &spec.queue;
+        match spec.partition {
+            None => {
+                self.queues.entry(group.clone()).or_default().bindings = spec.bindings.clone();
+                if let Some(partitioned) = self.groups.get_mut(group) {
+                    if !partitioned.bindings.is_empty() {
+                        partitioned.bindings.clear();
+                        log::warn!(
+                            target: "herald::broker",
+                            "group={} is no longer partitioned: its partitions receive nothing more",
+                            escape(group)
+                        );
+                    }
+                }
+            }
+            Some(partition) => {
+                let partitioned = self.groups.entry(group.clone()).or_insert(Partitioned {
+                    count: partition.count,
+                    bindings: Vec::new(),
+                });
+                partitioned.count = partitioned.count.max(partition.count);
+                partitioned.bindings = spec.bindings.clone();
+                for index in 0..partitioned.count {
+                    self.queues
+                        .entry(partition_queue(group, index))
+                        .or_default()
+                        .group = Some(group.clone());
+                }
+                if let Some(plain) = self.queues.get_mut(group) {
+                    if !plain.bindings.is_empty() {
+                        plain.bindings.clear();
+                        if !plain.ready.is_empty() {
+                            log::warn!(
+                                target: "herald::broker",
+                                "queue={} holds {} messages from before it was partitioned;                                  nothing consumes them now",
+                                escape(group),
+                                plain.ready.len()
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -3,12 +3,15 @@
 //! A transport moves [`Message`]s; it knows nothing about events. RabbitMQ
 //! ([`AmqpBroker`]) and the in-process [`MemoryBroker`] implement the same
 //! routing semantics: a topic exchange, one queue per subscriber group,
-//! competing consumers inside a group, redelivery of unsettled messages.
+//! competing consumers inside a group, redelivery of unsettled messages, and
+//! partitioned groups ([`Partition`]) whose messages spread over partition
+//! queues by their [`headers::PARTITION_KEY`].
 
 mod amqp;
 mod failure;
 pub mod headers;
 mod memory;
+mod partition;
 mod seal;
 mod topic;
 
@@ -27,6 +30,10 @@ pub(crate) use failure::{
     dead_letter_message, mark_dead_letter, mark_retry, redriven, retry_message,
 };
 pub use memory::MemoryBroker;
+pub use partition::{
+    partition_exchange, partition_queue, partition_retry_queue, unkeyed_partition, GroupLayout,
+    Partition,
+};
 pub(crate) use seal::{body_digest, HeaderSeal};
 pub use topic::topic_matches;
 
@@ -202,21 +209,34 @@ pub struct SubscribeSpec {
     pub bindings: Vec<String>,
     /// Unsettled deliveries this consumer holds at most.
     pub prefetch: u16,
-    /// Delay levels of the retry queues (`<queue>.retry.<delay>`).
+    /// Delay levels of the retry queues (`<queue>.retry.<delay>`, or
+    /// [`partition_retry_queue`]s for a partitioned group).
     pub retry_delays: Vec<Duration>,
-    /// `None`: the group consumes its queue. `Some`: the group's messages
-    /// are spread over partition queues by [`headers::PARTITION_KEY`], and
-    /// this subscription consumes one of them.
+    /// `None`: the group consumes its queue `queue` (competing consumers).
+    /// `Some`: the group is partitioned ([`Partition`]) and this subscription
+    /// consumes only the queue of its partition ([`partition_queue`]);
+    /// `queue` names the group. Every partition of the group is declared and
+    /// bound, so no key's share is ever unroutable, and the group's plain
+    /// queue stops receiving (its recorded bindings are removed).
     pub partition: Option<Partition>,
 }
 
-/// One partition of a partitioned subscriber group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Partition {
-    /// Which one, from 0.
-    pub index: u16,
-    /// How many the group has.
-    pub count: u16,
+impl SubscribeSpec {
+    /// The queue this subscription consumes: the group's own, or its partition's.
+    pub fn consumed_queue(&self) -> String {
+        match self.partition {
+            Some(partition) => partition_queue(&self.queue, partition.index),
+            None => self.queue.clone(),
+        }
+    }
+
+    /// The retry queue this subscription's retries wait in for `delay`.
+    pub(crate) fn retry_queue(&self, delay: Duration) -> String {
+        match self.partition {
+            Some(_) => partition_retry_queue(&self.queue, delay),
+            None => retry_queue(&self.queue, delay),
+        }
+    }
 }
 
 /// The dead-letter queue of a subscriber group.
@@ -224,7 +244,9 @@ pub fn dead_letter_queue(queue: &str) -> String {
     format!("{queue}.dead-letter")
 }
 
-/// The retry queue of a subscriber group for one delay, e.g. `booking.retry.5s`.
+/// The retry queue of a plain (unpartitioned) subscriber group for one
+/// delay, e.g. `booking.retry.5s`; a partitioned group's is its
+/// [`partition_retry_queue`].
 pub fn retry_queue(queue: &str, delay: Duration) -> String {
     format!(
         "{queue}.retry.{}",
@@ -319,6 +341,7 @@ pub(crate) fn copy_error(error: &BrokerError) -> BrokerError {
         BrokerError::Closed => BrokerError::Closed,
         BrokerError::ConfirmTimeout(after) => BrokerError::ConfirmTimeout(*after),
         BrokerError::Amqp(error) => BrokerError::Amqp(error.clone()),
+        BrokerError::Topology(reason) => BrokerError::Topology(reason.clone()),
     }
 }
 
@@ -431,11 +454,16 @@ pub trait DeadLetters: Send + Sync + 'static {
             Ok(listing)
         })
     }
-    /// Moves dead letters (all, or the one with `message_id`) back into `queue`
-    /// itself, with fresh attempts; returns how many moved.
+    /// Moves dead letters (all, or the one with `message_id`) back with
+    /// fresh attempts; returns how many moved. A [`GroupLayout::Plain`]
+    /// group gets them back into `queue` itself; a
+    /// [`GroupLayout::Partitioned`] one through its hash exchange, each into
+    /// the partition its key hashes to (never into a plain queue nobody
+    /// consumes).
     fn redrive<'a>(
         &'a self,
         queue: &'a str,
+        layout: GroupLayout,
         message_id: Option<&'a str>,
     ) -> BoxFuture<'a, Result<usize, BrokerError>>;
     /// Deletes every dead letter; returns how many.

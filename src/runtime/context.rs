@@ -494,12 +494,20 @@ impl ContextHandle {
     }
 
     /// Moves dead letters (all, or the one with `message_id`) back to the
-    /// context's own queue with fresh attempts; returns how many.
+    /// context's own queue (a partitioned context's: the partition each
+    /// letter's key hashes to) with fresh attempts; returns how many.
     ///
     /// # Errors
     /// The broker is unreachable.
     pub async fn redrive(&self, message_id: Option<&str>) -> Result<usize, Error> {
-        let moved = self.dead_letters.redrive(&self.name, message_id).await?;
+        let layout = match self.source {
+            Source::One(_) => crate::broker::GroupLayout::Plain,
+            Source::Partitioned(_) => crate::broker::GroupLayout::Partitioned,
+        };
+        let moved = self
+            .dead_letters
+            .redrive(&self.name, layout, message_id)
+            .await?;
         log::info!(target: "herald::context", "context={} redrove dead_letters={moved}", self.name);
         Ok(moved)
     }

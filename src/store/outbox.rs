@@ -576,7 +576,10 @@ mod tests {
         .unwrap()
     }
 
-    on_each_backend!(#[tokio::test] each_partition_publishes_its_keys_rows_and_together_they_publish_all);
+    on_each_backend!(
+        #[tokio::test]
+        each_partition_publishes_its_keys_rows_and_together_they_publish_all
+    );
     async fn each_partition_publishes_its_keys_rows_and_together_they_publish_all(t: TempDb) {
         let keys: Vec<String> = (0..40).map(|k| format!("key-{k}")).collect();
         let rows: Vec<(String, &str)> = (0..120)
@@ -587,11 +590,10 @@ mod tests {
         let mut seen = Vec::new();
         let mut partition_of: std::collections::HashMap<String, u16> = Default::default();
         for partition in 0..4u16 {
-            let rows = t
-                .db
-                .read(move |c| publishable_in(c, 1000, 4, partition))
-                .await
-                .unwrap();
+            let rows =
+                t.db.read(move |c| publishable_in(c, 1000, 4, partition))
+                    .await
+                    .unwrap();
             for row in &rows {
                 // One key, one partition.
                 let earlier = partition_of.insert(row.partition_key.clone(), partition);

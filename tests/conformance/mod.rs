@@ -27,8 +27,8 @@ use chrono::{TimeZone, Utc};
 use futures_util::stream::{self, StreamExt};
 use herald::transport::headers;
 use herald::transport::{
-    dead_letter_queue, DeadLetters, Delivery, Message, Publisher, Settlement, SubscribeSpec,
-    Subscriber, Subscription,
+    dead_letter_queue, DeadLetters, Delivery, GroupLayout, Message, Partition, Publisher,
+    Settlement, SubscribeSpec, Subscriber, Subscription,
 };
 use herald::{BrokerError, Envelope, Event};
 use serde::{Deserialize, Serialize};
@@ -78,16 +78,59 @@ impl Harness {
         bindings: &[impl AsRef<str>],
         prefetch: u16,
     ) -> Subscription {
+        self.subscribe_to(queue, bindings, prefetch, None).await
+    }
+
+    /// Subscribes to partition `index` of `PARTITIONS` of group `group`.
+    async fn subscribe_partition(
+        &self,
+        group: &str,
+        bindings: &[impl AsRef<str>],
+        prefetch: u16,
+        index: u16,
+    ) -> Subscription {
+        let partition = Partition {
+            index,
+            count: PARTITIONS,
+        };
+        self.subscribe_to(group, bindings, prefetch, Some(partition))
+            .await
+    }
+
+    /// One subscription to each of the `PARTITIONS` partitions of `group`.
+    async fn subscribe_partitions(
+        &self,
+        group: &str,
+        bindings: &[impl AsRef<str>],
+        prefetch: u16,
+    ) -> Vec<Subscription> {
+        let mut subs = Vec::new();
+        for index in 0..PARTITIONS {
+            subs.push(
+                self.subscribe_partition(group, bindings, prefetch, index)
+                    .await,
+            );
+        }
+        subs
+    }
+
+    async fn subscribe_to(
+        &self,
+        queue: &str,
+        bindings: &[impl AsRef<str>],
+        prefetch: u16,
+        partition: Option<Partition>,
+    ) -> Subscription {
         let spec = SubscribeSpec {
             queue: queue.to_owned(),
             bindings: bindings.iter().map(|b| b.as_ref().to_owned()).collect(),
             prefetch,
             retry_delays: vec![RETRY_DELAY],
-            partition: None,
+            partition,
         };
         within(DEADLINE, "subscribe", self.subscriber.subscribe(spec))
             .await
-            .unwrap_or_else(|e| panic!("subscribe to {queue}: {e}"))
+            .unwrap_or_else(|e| panic!("subscribe to {queue} ({partition:?}): {e}"))
     }
 
     async fn publish(&self, message: Message) {
@@ -148,6 +191,11 @@ macro_rules! conformance_tests {
             dead_lettered_message_moves_to_the_dead_letter_queue_with_reason,
             retried_message_comes_back_to_its_own_queue_only_after_the_delay,
             dead_letters_are_listed_in_place_redriven_and_purged_with_counts,
+            a_partitioned_group_keeps_each_key_in_one_partition_in_publish_order,
+            a_retried_message_comes_back_to_its_own_partition,
+            redriven_dead_letters_of_a_partitioned_group_go_back_through_the_partitions,
+            partitioning_a_group_unbinds_its_plain_queue,
+            a_partition_is_handed_over_by_cancelling_settling_and_closing,
         );
     };
     (@cases $factory:path; $($case:ident),+ $(,)?) => {
@@ -780,6 +828,18 @@ pub async fn dead_lettered_message_moves_to_the_dead_letter_queue_with_reason(
 /// The delay of the one retry queue every case's subscription declares.
 const RETRY_DELAY: Duration = Duration::from_millis(300);
 
+/// Settles `delivery` as a first failed attempt, to come back after [`RETRY_DELAY`].
+async fn retry_once(delivery: Delivery) {
+    delivery
+        .settle(Settlement::Retry {
+            delay: RETRY_DELAY,
+            attempts: 1,
+            reason: "try later".into(),
+        })
+        .await
+        .expect("retry");
+}
+
 /// A retried message waits in the retry queue, then comes back to its own
 /// queue only (not through the exchange to other subscribers), with the
 /// attempts so far and the last error in headers.
@@ -799,14 +859,7 @@ pub async fn retried_message_comes_back_to_its_own_queue_only_after_the_delay(
         .await
         .expect("ack");
     let retried_at = std::time::Instant::now();
-    first
-        .settle(Settlement::Retry {
-            delay: RETRY_DELAY,
-            attempts: 1,
-            reason: "try later".into(),
-        })
-        .await
-        .expect("retry");
+    retry_once(first).await;
     let again = next(&mut sub, "the retried delivery").await;
     assert!(
         retried_at.elapsed() >= RETRY_DELAY,
@@ -871,7 +924,8 @@ pub async fn dead_letters_are_listed_in_place_redriven_and_purged_with_counts(
     let one = within(
         DEADLINE,
         "redrive one",
-        h.dead_letters.redrive(&queue, Some("m2")),
+        h.dead_letters
+            .redrive(&queue, GroupLayout::Plain, Some("m2")),
     )
     .await
     .unwrap();
@@ -904,9 +958,354 @@ pub async fn dead_letters_are_listed_in_place_redriven_and_purged_with_counts(
     let nothing = within(
         DEADLINE,
         "redrive all",
-        h.dead_letters.redrive(&queue, None),
+        h.dead_letters.redrive(&queue, GroupLayout::Plain, None),
     )
     .await
     .unwrap();
     assert_eq!(nothing, 0);
+}
+
+// ---------------------------------------------------------------------------
+// Partitioned groups
+// ---------------------------------------------------------------------------
+
+/// The partition count of every partitioned case.
+const PARTITIONS: u16 = 4;
+
+/// A message with partition key `key` (none: like the book's Go services).
+fn keyed(routing_key: &str, id: &str, key: Option<&str>) -> Message {
+    let mut message = message(routing_key, id);
+    if let Some(key) = key {
+        message
+            .headers
+            .insert(headers::PARTITION_KEY.to_owned(), key.to_owned());
+    }
+    message
+}
+
+/// The next delivery on any of `subs`, with the index of the one it came on.
+async fn next_of_any(subs: &mut [Subscription], what: &str) -> (u16, Delivery) {
+    let streams = subs.iter_mut().enumerate().map(|(i, sub)| {
+        let index = u16::try_from(i).expect("few partitions");
+        (&mut sub.deliveries).map(move |d| (index, d)).boxed()
+    });
+    let mut all = stream::select_all(streams);
+    let (index, delivery) = within(DEADLINE, what, all.next())
+        .await
+        .unwrap_or_else(|| panic!("waiting for {what}: every delivery stream ended"));
+    let delivery =
+        delivery.unwrap_or_else(|e| panic!("waiting for {what}: a delivery stream failed: {e}"));
+    (index, delivery)
+}
+
+/// Messages with keys `k00`..`k19` (ten each, `k07-3` is key `k07`'s fourth)
+/// and twenty without a key (`none-05`), interleaved.
+fn keyed_plan() -> Vec<(String, Option<String>)> {
+    let mut plan = Vec::new();
+    for seq in 0..10 {
+        for key in 0..20 {
+            plan.push((format!("k{key:02}-{seq}"), Some(format!("k{key:02}"))));
+        }
+        plan.push((format!("none-{:02}", 2 * seq), None));
+        plan.push((format!("none-{:02}", 2 * seq + 1), None));
+    }
+    plan
+}
+
+/// A subscription to partition 1 alone gets exactly partition 1's share
+/// (messages of other partitions wait in their queues, none unroutable);
+/// once every partition is consumed, each message arrived once, each key in
+/// exactly one partition and in publish order, and every message without a
+/// key in the one fixed partition ([`herald::transport::unkeyed_partition`]),
+/// in publish order.
+pub async fn a_partitioned_group_keeps_each_key_in_one_partition_in_publish_order(
+    factory: impl Factory,
+) {
+    let h = factory.harness().await;
+    let group = h.queue("parted");
+    let key = h.key("parted");
+    let unkeyed = herald::transport::unkeyed_partition(PARTITIONS);
+    assert_eq!(unkeyed, 1, "RabbitMQ 3.10: p1 of 2 to 39");
+    let mut only_p1 = h.subscribe_partition(&group, &[&key], 50, 1).await;
+
+    let plan = keyed_plan();
+    for (id, partition_key) in &plan {
+        h.publish(keyed(&key, id, partition_key.as_deref())).await;
+    }
+    let fence = "none-fence";
+    h.publish(keyed(&key, fence, None)).await;
+
+    // partition -> ids in delivery order
+    let mut got: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+    loop {
+        let delivery = next(&mut only_p1, "partition 1's share up to the fence").await;
+        let id = id(&delivery);
+        delivery.ack().await.expect("ack");
+        if id == fence {
+            break;
+        }
+        got.entry(1).or_default().push(id);
+    }
+    let mut subs = Vec::new();
+    for index in [0, 2, 3] {
+        subs.push((
+            index,
+            h.subscribe_partition(&group, &[&key], 50, index).await,
+        ));
+    }
+    let mut total: usize = got.values().map(Vec::len).sum();
+    while total < plan.len() {
+        let mut streams: Vec<Subscription> = Vec::new();
+        let mut indexes = Vec::new();
+        for (index, sub) in subs.drain(..) {
+            indexes.push(index);
+            streams.push(sub);
+        }
+        let (at, delivery) = next_of_any(
+            &mut streams,
+            &format!("message {} of {}", total + 1, plan.len()),
+        )
+        .await;
+        let partition = indexes[usize::from(at)];
+        subs = indexes.into_iter().zip(streams).collect();
+        got.entry(partition).or_default().push(id(&delivery));
+        delivery.ack().await.expect("ack");
+        total += 1;
+    }
+
+    let mut where_key: BTreeMap<String, BTreeSet<u16>> = BTreeMap::new();
+    let mut seen = BTreeSet::new();
+    for (partition, ids) in &got {
+        for id in ids {
+            assert!(seen.insert(id.clone()), "{id} delivered twice");
+            let key = id.split('-').next().expect("a key").to_owned();
+            where_key.entry(key).or_default().insert(*partition);
+        }
+        // Each key's messages (and the unkeyed ones) in publish order.
+        let order: Vec<&String> = plan
+            .iter()
+            .map(|(id, _)| id)
+            .filter(|id| ids.contains(id))
+            .collect();
+        assert_eq!(
+            ids.iter().collect::<Vec<_>>(),
+            order,
+            "partition {partition} in publish order"
+        );
+    }
+    assert_eq!(seen.len(), plan.len(), "every message arrived");
+    for (key, partitions) in &where_key {
+        assert_eq!(
+            partitions.len(),
+            1,
+            "key {key} in partitions {partitions:?}"
+        );
+    }
+    assert_eq!(
+        where_key
+            .get("none")
+            .map(|p| p.iter().copied().collect::<Vec<_>>()),
+        Some(vec![unkeyed]),
+        "messages without a key all in the fixed partition"
+    );
+    let used: BTreeSet<u16> = where_key.values().flatten().copied().collect();
+    assert!(used.len() >= 3, "20 keys spread over partitions {used:?}");
+
+    // Nothing else waits: a fence with a key of each partition is its next.
+    for (index, mut sub) in subs {
+        let (key_of_p, _) = where_key
+            .iter()
+            .find(|(k, p)| *k != "none" && p.contains(&index))
+            .expect("a key in each partition");
+        let fence = format!("fence-{index}");
+        h.publish(keyed(&key, &fence, Some(key_of_p))).await;
+        assert_eq!(id(&next(&mut sub, "the fence").await), fence);
+    }
+}
+
+/// A keyed message that fails comes back after its delay to the partition
+/// its key hashes to (through the group's hash exchange), and an unkeyed one
+/// to the fixed partition; with the retry headers of a plain group.
+pub async fn a_retried_message_comes_back_to_its_own_partition(factory: impl Factory) {
+    let h = factory.harness().await;
+    let group = h.queue("flaky-parts");
+    let key = h.key("flaky");
+    let mut subs = h.subscribe_partitions(&group, &[&key], 10).await;
+    for (sent, partition_key) in [("keyed", Some("order-7")), ("unkeyed", None)] {
+        h.publish(keyed(&key, sent, partition_key)).await;
+        let (first_at, first) = next_of_any(&mut subs, &format!("{sent}: first delivery")).await;
+        assert_eq!(id(&first), sent);
+        if partition_key.is_none() {
+            assert_eq!(first_at, herald::transport::unkeyed_partition(PARTITIONS));
+        }
+        retry_once(first).await;
+        let (again_at, again) =
+            next_of_any(&mut subs, &format!("{sent}: the retried delivery")).await;
+        assert_eq!(id(&again), sent);
+        assert_eq!(
+            again_at, first_at,
+            "{sent} came back to partition {first_at}"
+        );
+        assert_eq!(again.message.header(headers::ATTEMPTS), Some("1"));
+        assert_eq!(again.message.header(headers::PARTITION_KEY), partition_key);
+        assert_eq!(
+            again.message.header(headers::ORIGINAL_ROUTING_KEY),
+            Some(key.as_str())
+        );
+        again.ack().await.expect("ack");
+    }
+}
+
+/// Dead letters of every partition share the group's dead-letter queue; a
+/// partitioned redrive puts each back into the partition its key hashes to.
+pub async fn redriven_dead_letters_of_a_partitioned_group_go_back_through_the_partitions(
+    factory: impl Factory,
+) {
+    let h = factory.harness().await;
+    let group = h.queue("doomed-parts");
+    let key = h.key("doomed");
+    let mut subs = h.subscribe_partitions(&group, &[&key], 10).await;
+    let letters = [
+        ("a-1", Some("a")),
+        ("b-1", Some("b")),
+        ("c-1", Some("c")),
+        ("n-1", None),
+    ];
+    let mut first_at = BTreeMap::new();
+    for (sent, partition_key) in letters {
+        h.publish(keyed(&key, sent, partition_key)).await;
+        let (at, delivery) = next_of_any(&mut subs, sent).await;
+        assert_eq!(id(&delivery), sent);
+        first_at.insert(sent.to_owned(), at);
+        delivery
+            .settle(Settlement::DeadLetter {
+                reason: "poison".into(),
+                attempts: 5,
+            })
+            .await
+            .expect("dead-letter");
+    }
+    let listed = within(DEADLINE, "list", h.dead_letters.list(&group, 100))
+        .await
+        .expect("list");
+    let listed: Vec<String> = listed
+        .iter()
+        .map(|m| m.message_id.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        listed,
+        ["a-1", "b-1", "c-1", "n-1"],
+        "one shared dead-letter queue"
+    );
+
+    let moved = within(
+        DEADLINE,
+        "redrive",
+        h.dead_letters
+            .redrive(&group, GroupLayout::Partitioned, None),
+    )
+    .await
+    .expect("redrive");
+    assert_eq!(moved, letters.len());
+    let mut back = BTreeMap::new();
+    while back.len() < letters.len() {
+        let (at, delivery) = next_of_any(&mut subs, "a redriven letter").await;
+        assert_eq!(
+            delivery.message.header(headers::ATTEMPTS),
+            None,
+            "fresh attempts"
+        );
+        back.insert(id(&delivery), at);
+        delivery.ack().await.expect("ack");
+    }
+    assert_eq!(back, first_at, "each letter back in its partition");
+    let none = within(DEADLINE, "list", h.dead_letters.list(&group, 100))
+        .await
+        .expect("list");
+    assert!(none.is_empty());
+}
+
+/// A group consumed plain, then partitioned: its plain queue no longer
+/// receives (herald removes the bindings it recorded), what it held stays
+/// there, and the partitions get the new messages.
+pub async fn partitioning_a_group_unbinds_its_plain_queue(factory: impl Factory) {
+    let h = factory.harness().await;
+    let group = h.queue("switched");
+    let key = h.key("switched");
+    let fence_key = h.key("switched-fence");
+    let plain = h.subscribe(&group, &[&key], 10).await;
+    within(DEADLINE, "close", plain.control.close())
+        .await
+        .expect("close the plain subscription");
+    drop(plain);
+    h.publish(keyed(&key, "before", Some("k"))).await;
+
+    let mut subs = h.subscribe_partitions(&group, &[&key], 10).await;
+    h.publish(keyed(&key, "after", Some("k"))).await;
+    let (_, after) = next_of_any(&mut subs, "the message published after the switch").await;
+    assert_eq!(id(&after), "after");
+    after.ack().await.expect("ack");
+
+    // The plain queue holds what it had, and nothing since: bound to a fence
+    // key only, it delivers that message, then the fence.
+    let mut plain = h.subscribe(&group, &[&fence_key], 10).await;
+    let before = next(&mut plain, "the message the plain queue held").await;
+    assert_eq!(id(&before), "before");
+    before.ack().await.expect("ack");
+    h.assert_next_is_fence(&mut plain, &fence_key).await;
+}
+
+/// Handing a partition over: a second subscription to the same partition
+/// waits while the first is active (single active consumer); the first
+/// cancels, settles what it holds, closes; the second then gets the rest,
+/// nothing lost, nothing twice.
+pub async fn a_partition_is_handed_over_by_cancelling_settling_and_closing(factory: impl Factory) {
+    const N: usize = 30;
+    const HELD: usize = 5;
+    let h = factory.harness().await;
+    let group = h.queue("handed");
+    let key = h.key("handed");
+    let p = herald::transport::unkeyed_partition(PARTITIONS);
+    let mut first = h.subscribe_partition(&group, &[&key], HELD as u16, p).await;
+    let mut second = h.subscribe_partition(&group, &[&key], HELD as u16, p).await;
+    let all = ids("h", N);
+    for id in &all {
+        h.publish(keyed(&key, id, None)).await;
+    }
+    let mut acked = Vec::new();
+    for _ in 0..10 {
+        let delivery = next(&mut first, "the active consumer: a message to ack").await;
+        acked.push(id(&delivery));
+        delivery.ack().await.expect("ack");
+    }
+    let mut held = Vec::new();
+    for _ in 0..HELD {
+        held.push(next(&mut first, "the active consumer: a message to hold").await);
+    }
+    within(DEADLINE, "cancel", first.control.cancel())
+        .await
+        .expect("cancel the active consumer");
+    for delivery in held {
+        acked.push(id(&delivery));
+        delivery
+            .ack()
+            .await
+            .expect("ack a held delivery after the cancel");
+    }
+    within(DEADLINE, "close", first.control.close())
+        .await
+        .expect("close the active consumer");
+
+    let mut rest = Vec::new();
+    while acked.len() + rest.len() < N {
+        let delivery = next(&mut second, "the successor: the rest").await;
+        let id = id(&delivery);
+        assert!(!acked.contains(&id), "{id} came back although it was acked");
+        rest.push(id);
+        delivery.ack().await.expect("ack");
+    }
+    let mut order = acked.clone();
+    order.extend(rest);
+    assert_eq!(order, all, "nothing lost or twice, in publish order");
+    h.assert_next_is_fence(&mut second, &key).await;
 }

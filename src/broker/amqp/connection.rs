@@ -288,6 +288,11 @@ impl AmqpBroker {
         })
     }
 
+    /// The options the broker was connected with.
+    pub(super) fn options(&self) -> &AmqpOptions {
+        &self.shared.options
+    }
+
     fn links(&self) -> [&Link; 2] {
         [&self.shared.publishing, &self.shared.consuming]
     }

@@ -7,7 +7,10 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions};
 
 use super::codec::message_from;
 use super::connection::AmqpBroker;
-use crate::broker::{dead_letter_queue, redriven, DeadLetters, Listing, ListingBounds, Message};
+use crate::broker::{
+    dead_letter_queue, partition_exchange, redriven, DeadLetters, GroupLayout, Listing,
+    ListingBounds, Message,
+};
 use crate::error::BrokerError;
 
 impl DeadLetters for AmqpBroker {
@@ -69,10 +72,12 @@ impl DeadLetters for AmqpBroker {
     fn redrive<'a>(
         &'a self,
         queue: &'a str,
+        layout: GroupLayout,
         message_id: Option<&'a str>,
     ) -> BoxFuture<'a, Result<usize, BrokerError>> {
         async move {
             let dlq = dead_letter_queue(queue);
+            let exchange = partition_exchange(queue);
             // Only the letters there now: one that fails again comes back at the
             // tail and must not be redriven in a loop.
             let present = self.queue_depth(&dlq).await?;
@@ -89,8 +94,13 @@ impl DeadLetters for AmqpBroker {
                 if message_id.is_some() && message.message_id.as_deref() != message_id {
                     continue; // stays unacked: requeued when the channel closes
                 }
-                // Into the queue first, then off the dead-letter queue.
-                self.send_to_queue(queue, &redriven(message)).await?;
+                // Into the queue (or the partitions) first, then off the
+                // dead-letter queue.
+                let again = redriven(message);
+                match layout {
+                    GroupLayout::Plain => self.send_to_queue(queue, &again).await?,
+                    GroupLayout::Partitioned => self.send_to_exchange(&exchange, &again).await?,
+                }
                 letter
                     .delivery
                     .acker

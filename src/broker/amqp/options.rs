@@ -3,6 +3,8 @@
 
 use secrecy::SecretString;
 
+use crate::config::QueueType;
+
 /// How to reach RabbitMQ and which exchange carries the events.
 #[derive(Debug, Clone)]
 pub struct AmqpOptions {
@@ -22,6 +24,11 @@ pub struct AmqpOptions {
     /// consuming connection takes at least RabbitMQ's 128 KiB: a header
     /// table cannot be split, and a foreign publisher may send one that large.
     pub frame_max: u32,
+    /// The type of the queues a group consumes from and moves messages
+    /// through (`broker.queue_type`).
+    pub queue_type: QueueType,
+    /// Quorum queues' `x-delivery-limit` (`broker.delivery_limit`).
+    pub delivery_limit: u32,
 }
 
 impl AmqpOptions {
@@ -33,11 +40,13 @@ impl AmqpOptions {
             heartbeat_secs: u16::try_from(settings.broker.heartbeat.as_secs()).unwrap_or(u16::MAX),
             connection_name: format!("herald:{}", settings.context.name),
             frame_max: settings.broker.frame_max,
+            queue_type: settings.broker.queue_type,
+            delivery_limit: settings.broker.delivery_limit,
         }
     }
 
     /// Options for `url` with the defaults: exchange `events`, 30 s heartbeats,
-    /// connection name `herald`, frames of at most 16 KiB.
+    /// connection name `herald`, frames of at most 16 KiB, classic queues.
     pub fn new(url: impl Into<String>) -> Self {
         AmqpOptions {
             url: SecretString::from(url.into()),
@@ -45,6 +54,8 @@ impl AmqpOptions {
             heartbeat_secs: 30,
             connection_name: "herald".into(),
             frame_max: crate::config::DEFAULT_FRAME_MAX,
+            queue_type: QueueType::Classic,
+            delivery_limit: crate::config::DEFAULT_DELIVERY_LIMIT,
         }
     }
 }

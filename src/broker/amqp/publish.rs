@@ -270,6 +270,18 @@ impl AmqpBroker {
         self.publish_via(Some(queue), message).await
     }
 
+    /// Publishes through `exchange` (a partitioned group's hash exchange)
+    /// with the message's routing key, with confirms.
+    pub(super) async fn send_to_exchange(
+        &self,
+        exchange: &str,
+        message: &Message,
+    ) -> Result<(), BrokerError> {
+        let link = self.link().await?;
+        link.unblocked().await;
+        link.publish(exchange, &message.routing_key, message).await
+    }
+
     /// Publishes on the live connection once its resource alarm (if any) is over:
     /// straight into `queue` (default exchange), or without one to the event
     /// exchange with the message's routing key.

@@ -17,8 +17,8 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 
 use super::connection::AmqpBroker;
 use crate::broker::{
-    dead_letter_message, dead_letter_queue, retry_message, retry_queue, Acknowledger, Message,
-    Settlement,
+    dead_letter_message, dead_letter_queue, retry_message, Acknowledger, Message, Settlement,
+    SubscribeSpec,
 };
 use crate::error::BrokerError;
 
@@ -87,8 +87,8 @@ pub(super) struct AmqpAcker {
     pub(super) window: SharedWindow,
     /// Publishes the copies a retry or dead letter needs.
     pub(super) broker: AmqpBroker,
-    /// The group's queue, which names its retry and dead-letter queues.
-    pub(super) queue: String,
+    /// The subscription, which names the group's retry and dead-letter queues.
+    pub(super) spec: Arc<SubscribeSpec>,
 }
 
 /// Requeues at once, for another attempt by any consumer of the group.
@@ -162,12 +162,12 @@ impl Acknowledger for AmqpAcker {
                     reason,
                 } => {
                     let again = retry_message(message, reason, attempts);
-                    self.move_to(&retry_queue(&self.queue, delay), &again)
-                        .await?
+                    self.move_to(&self.spec.retry_queue(delay), &again).await?
                 }
                 Settlement::DeadLetter { reason, attempts } => {
                     let dead = dead_letter_message(message, reason, attempts);
-                    self.move_to(&dead_letter_queue(&self.queue), &dead).await?
+                    self.move_to(&dead_letter_queue(&self.spec.queue), &dead)
+                        .await?
                 }
             };
             if done {

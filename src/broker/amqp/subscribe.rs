@@ -1,7 +1,12 @@
 //! Subscribing a group: a channel of its own with the group's prefetch, the
 //! topology declared, then a consumer whose deliveries become herald
 //! [`Delivery`]s settled through [`AmqpAcker`]. Each subscription owns its
-//! channel, so closing it requeues exactly that consumer's unsettled deliveries.
+//! channel, so closing it requeues exactly that consumer's unsettled
+//! deliveries, and a partitioned subscription's channel consumes only its
+//! partition: closing it hands over exactly that partition (a cancelled
+//! single-active consumer keeps its successor waiting until its channel closes).
+
+use std::sync::Arc;
 
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::stream::StreamExt;
@@ -12,9 +17,9 @@ use lapin::Channel;
 use super::codec::message_from;
 use super::connection::{AmqpBroker, Role};
 use super::settle::{AckWindow, AmqpAcker, SharedWindow};
-use super::topology::{declare_exchange, declare_queue, declare_retry_queue};
+use super::topology::{declare_exchange, declare_group, Bound, Shape};
 use crate::broker::{
-    dead_letter_queue, Delivery, SubscribeSpec, Subscriber, Subscription, SubscriptionControl,
+    partition_exchange, Delivery, SubscribeSpec, Subscriber, Subscription, SubscriptionControl,
 };
 use crate::error::BrokerError;
 
@@ -27,15 +32,20 @@ impl Subscriber for AmqpBroker {
                 .basic_qos(spec.prefetch.max(1), BasicQosOptions::default())
                 .await?;
             declare_exchange(&inner.connection, &inner.exchange).await?;
-            declare_queue(&channel, &spec.queue).await?;
-            declare_queue(&channel, &dead_letter_queue(&spec.queue)).await?;
-            for delay in &spec.retry_delays {
-                declare_retry_queue(&channel, &spec.queue, *delay).await?;
-            }
-            inner.sync_bindings(&channel, &spec, self).await?;
+            let shape = Shape::of(self.options());
+            let queue = declare_group(&inner.connection, &channel, &spec, shape).await?;
+            let exchange = partition_exchange(&spec.queue);
+            let bound = match spec.partition {
+                None => Bound::Queue(&spec.queue),
+                Some(_) => Bound::Exchange(&exchange),
+            };
+            inner
+                .sync_bindings(&channel, bound, &spec.bindings, self)
+                .await?;
+            inner.retire(&spec, self).await?;
             let consumer = channel
                 .basic_consume(
-                    spec.queue.as_str().into(),
+                    queue.as_str().into(),
                     "".into(),
                     BasicConsumeOptions::default(),
                     FieldTable::default(),
@@ -45,13 +55,13 @@ impl Subscriber for AmqpBroker {
             log::info!(
                 target: "herald::broker",
                 "consuming queue={} bindings={:?} prefetch={} consumer_tag={}",
-                spec.queue,
+                queue,
                 spec.bindings,
                 spec.prefetch,
                 tag
             );
             let broker = self.clone();
-            let queue = spec.queue.clone();
+            let spec = Arc::new(spec);
             let window = SharedWindow::default();
             let deliveries = consumer
                 .map(move |delivery| {
@@ -63,7 +73,7 @@ impl Subscriber for AmqpBroker {
                         tag: delivery.delivery_tag,
                         window: window.clone(),
                         broker: broker.clone(),
-                        queue: queue.clone(),
+                        spec: spec.clone(),
                     };
                     Ok(Delivery::new(
                         message,

@@ -1,6 +1,7 @@
 //! What a subscriber group needs on the broker: the topic exchange, the
-//! group's queue and dead-letter queue, one retry queue per delay, and the
-//! bindings, kept in step with the event names the group handles.
+//! group's queue (or, partitioned, its hash exchange and partition queues),
+//! its dead-letter queue, one retry queue per delay, and the bindings, kept
+//! in step with the event names the group handles.
 //!
 //! Everything is declared durable and idempotently on every subscribe, so a
 //! fresh vhost and a broker that lost its definitions both come back whole.
@@ -8,13 +9,19 @@
 use std::time::Duration;
 
 use lapin::options::{
-    BasicAckOptions, BasicGetOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicGetOptions, ExchangeBindOptions, ExchangeDeclareOptions,
+    ExchangeUnbindOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ExchangeKind};
 
 use super::connection::{AmqpBroker, Inner};
-use crate::broker::{retry_queue, Message, SubscribeSpec};
+use super::options::AmqpOptions;
+use crate::broker::{
+    dead_letter_queue, headers, partition_exchange, partition_queue, partition_retry_queue,
+    retry_queue, Message, SubscribeSpec,
+};
+use crate::config::QueueType;
 use crate::error::BrokerError;
 
 /// Makes sure the durable topic exchange events are published to exists.
@@ -61,9 +68,105 @@ pub(super) async fn declare_exchange(
     Ok(())
 }
 
-/// Declares a durable queue without arguments: a group's queue may already
-/// exist, declared by someone else, and a redeclare with other arguments fails.
-pub(super) async fn declare_queue(channel: &Channel, queue: &str) -> Result<(), BrokerError> {
+/// How a group's queues are declared: `broker.queue_type`, and for quorum
+/// queues `broker.delivery_limit`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Shape {
+    queue_type: QueueType,
+    delivery_limit: u32,
+}
+
+impl Shape {
+    pub(super) fn of(options: &AmqpOptions) -> Self {
+        Shape {
+            queue_type: options.queue_type,
+            delivery_limit: options.delivery_limit,
+        }
+    }
+
+    fn quorum(self) -> bool {
+        self.queue_type == QueueType::Quorum
+    }
+
+    /// Classic: none (the book's Go services declare `booking` that way).
+    /// Quorum: the type, and dead-lettering that survives a leader change
+    /// (`at-least-once`, which RabbitMQ allows only with `reject-publish`).
+    fn base(self) -> FieldTable {
+        let mut arguments = FieldTable::default();
+        if self.quorum() {
+            arguments.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+        }
+        arguments
+    }
+
+    fn dead_letter_through(self, arguments: &mut FieldTable, exchange: &str, key: Option<&str>) {
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(exchange.into()),
+        );
+        if let Some(key) = key {
+            arguments.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(key.into()),
+            );
+        }
+        if self.quorum() {
+            arguments.insert(
+                "x-dead-letter-strategy".into(),
+                AMQPValue::LongString("at-least-once".into()),
+            );
+            arguments.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString("reject-publish".into()),
+            );
+        }
+    }
+
+    /// A queue a group consumes. Quorum: a message delivered
+    /// `delivery_limit` times without a settlement goes to the group's
+    /// dead-letter queue (without one, RabbitMQ would drop it).
+    fn consumed(self, group: &str) -> FieldTable {
+        let mut arguments = self.base();
+        if self.quorum() {
+            arguments.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
+            );
+            self.dead_letter_through(&mut arguments, "", Some(&dead_letter_queue(group)));
+        }
+        arguments
+    }
+
+    /// A partition queue: consumed, and `x-single-active-consumer` as a
+    /// guard: two subscriptions that both believe they hold the partition
+    /// never consume it at once (who holds it is decided elsewhere).
+    fn partition(self, group: &str) -> FieldTable {
+        let mut arguments = self.consumed(group);
+        arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        arguments
+    }
+
+    /// A retry queue: messages wait `delay` (queue-level TTL: one delay per
+    /// queue, so nothing blocks at its head), then dead-letter into
+    /// `exchange` with `key` (the default exchange and the group's queue for
+    /// a plain group, never the topic exchange; the group's hash exchange
+    /// for a partitioned one).
+    fn retry(self, delay: Duration, exchange: &str, key: Option<&str>) -> FieldTable {
+        let mut arguments = self.base();
+        let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+        arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+        self.dead_letter_through(&mut arguments, exchange, key);
+        arguments
+    }
+}
+
+/// Declares a durable queue with `arguments`. A queue that exists with
+/// other arguments fails with [`BrokerError::Topology`], naming
+/// `broker.queue_type` when that is the difference.
+async fn declare(channel: &Channel, queue: &str, arguments: FieldTable) -> Result<(), BrokerError> {
     channel
         .queue_declare(
             queue.into(),
@@ -71,49 +174,172 @@ pub(super) async fn declare_queue(channel: &Channel, queue: &str) -> Result<(), 
                 durable: true,
                 ..QueueDeclareOptions::default()
             },
-            FieldTable::default(),
+            arguments,
         )
-        .await?;
+        .await
+        .map_err(|error| refused_declare(queue, error))?;
     Ok(())
 }
 
-/// A retry queue: messages wait `delay` (queue-level TTL: one delay per queue,
-/// so nothing blocks at its head), then dead-letter through the default
-/// exchange straight into `queue`, never back through the topic exchange.
-pub(super) async fn declare_retry_queue(
+/// The broker's code and text when it refused an operation.
+fn refusal(error: &lapin::Error) -> Option<(u16, String)> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(refused) => {
+            Some((refused.get_id(), refused.get_message().to_string()))
+        }
+        _ => None,
+    }
+}
+
+/// A declare refused because the queue exists with other arguments (406)
+/// becomes [`BrokerError::Topology`] saying what to change.
+fn refused_declare(queue: &str, error: lapin::Error) -> BrokerError {
+    match refusal(&error) {
+        Some((406, text)) if text.contains("x-queue-type") => BrokerError::Topology(format!(
+            "queue {queue} exists as another type than broker.queue_type asks for: set \
+             broker.queue_type to its type, or move its messages and delete it (RabbitMQ: {})",
+            crate::broker::escape(&text)
+        )),
+        Some((406, text)) => BrokerError::Topology(format!(
+            "queue {queue} exists with other arguments than herald declares it with \
+             (broker.queue_type, broker.delivery_limit, retry delays, partitions): move its \
+             messages and delete it (RabbitMQ: {})",
+            crate::broker::escape(&text)
+        )),
+        _ => error.into(),
+    }
+}
+
+/// Declares the group's queues as `spec` asks, on `channel`: for a plain
+/// group its queue, for a partitioned one its hash exchange and every
+/// partition queue bound to it in index order (so no key's share is ever
+/// unroutable); then the dead-letter queue and the retry queues. Returns
+/// the queue the subscription consumes.
+pub(super) async fn declare_group(
+    connection: &Connection,
     channel: &Channel,
-    queue: &str,
-    delay: Duration,
-) -> Result<(), BrokerError> {
+    spec: &SubscribeSpec,
+    shape: Shape,
+) -> Result<String, BrokerError> {
+    let group = spec.queue.as_str();
+    match spec.partition {
+        None => {
+            declare(channel, group, shape.consumed(group)).await?;
+            for delay in &spec.retry_delays {
+                let arguments = shape.retry(*delay, "", Some(group));
+                declare(channel, &retry_queue(group, *delay), arguments).await?;
+            }
+        }
+        Some(partition) => {
+            partition.check(group)?;
+            let exchange = partition_exchange(group);
+            declare_hash_exchange(connection, &exchange).await?;
+            for index in 0..partition.count {
+                let queue = partition_queue(group, index);
+                declare(channel, &queue, shape.partition(group)).await?;
+                // Weight 1 each; binding again changes nothing, so the ring
+                // keeps the order of the first declaration.
+                channel
+                    .queue_bind(
+                        queue.as_str().into(),
+                        exchange.as_str().into(),
+                        "1".into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+            }
+            for delay in &spec.retry_delays {
+                let arguments = shape.retry(*delay, &exchange, None);
+                declare(channel, &partition_retry_queue(group, *delay), arguments).await?;
+            }
+        }
+    }
+    declare(channel, &dead_letter_queue(group), shape.base()).await?;
+    Ok(spec.consumed_queue())
+}
+
+/// Declares a partitioned group's consistent-hash exchange, hashing on
+/// [`headers::PARTITION_KEY`], on a channel of its own. A broker without the
+/// plugin refuses the exchange type by closing the connection (the next
+/// operation opens a fresh one); once the exchange exists that cannot happen.
+async fn declare_hash_exchange(connection: &Connection, exchange: &str) -> Result<(), BrokerError> {
     let mut arguments = FieldTable::default();
-    let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
-    arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
     arguments.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString("".into()),
+        "hash-header".into(),
+        AMQPValue::LongString(headers::PARTITION_KEY.into()),
     );
-    arguments.insert(
-        "x-dead-letter-routing-key".into(),
-        AMQPValue::LongString(queue.into()),
-    );
-    channel
-        .queue_declare(
-            retry_queue(queue, delay).as_str().into(),
-            QueueDeclareOptions {
+    let kind = ExchangeKind::Custom(HASH_EXCHANGE_TYPE.into());
+    let channel = connection.create_channel().await?;
+    let declared = channel
+        .exchange_declare(
+            exchange.into(),
+            kind,
+            ExchangeDeclareOptions {
                 durable: true,
-                ..QueueDeclareOptions::default()
+                ..ExchangeDeclareOptions::default()
             },
             arguments,
         )
-        .await?;
-    Ok(())
+        .await;
+    match declared {
+        Ok(()) => {
+            let _ = channel.close(200, "declared".into()).await;
+            Ok(())
+        }
+        Err(error) => Err(match refusal(&error) {
+            Some((503, text)) if text.contains(HASH_EXCHANGE_TYPE) => {
+                BrokerError::Topology(format!(
+                    "exchange {exchange}: the broker has no {HASH_EXCHANGE_TYPE} exchange \
+                     type, which partitioned groups need: rabbitmq-plugins enable \
+                     rabbitmq_consistent_hash_exchange (RabbitMQ: {})",
+                    crate::broker::escape(&text)
+                ))
+            }
+            Some((406, text)) => BrokerError::Topology(format!(
+                "exchange {exchange} exists with another type or arguments than a \
+                 partitioned group's (x-consistent-hash on header {}): delete it \
+                 (RabbitMQ: {})",
+                headers::PARTITION_KEY,
+                crate::broker::escape(&text)
+            )),
+            _ => error.into(),
+        }),
+    }
+}
+
+/// The exchange type of `rabbitmq_consistent_hash_exchange`.
+const HASH_EXCHANGE_TYPE: &str = "x-consistent-hash";
+
+/// What a binding record is kept for: a queue or an exchange bound to the
+/// topic exchange.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Bound<'a> {
+    /// A plain group's queue.
+    Queue(&'a str),
+    /// A partitioned group's hash exchange.
+    Exchange(&'a str),
+}
+
+impl Bound<'_> {
+    fn name(&self) -> &str {
+        match self {
+            Bound::Queue(name) | Bound::Exchange(name) => name,
+        }
+    }
+
+    /// The durable queue whose single message is the last binding set.
+    fn record(&self) -> String {
+        format!("{}.bindings", self.name())
+    }
 }
 
 impl Inner {
-    /// Binds the queue for every wanted key and unbinds the keys it bound
-    /// before but no longer wants. AMQP cannot list a queue's bindings, so the
-    /// runtime keeps its own record: the last binding set, as the single
-    /// message of the durable queue `<queue>.bindings` (`x-max-length = 1`).
+    /// Binds `target` for every wanted key and unbinds the keys it bound
+    /// before but no longer wants. AMQP cannot list bindings, so the runtime
+    /// keeps its own record: the last binding set, as the single message of
+    /// the durable queue `<name>.bindings` (`x-max-length = 1`, always
+    /// classic: it is herald's bookkeeping, lost only with stale bindings).
     /// Bindings made by others (the book's Go services) are never touched.
     ///
     /// The record is published on `broker`'s publishing connection: the
@@ -122,10 +348,11 @@ impl Inner {
     pub(super) async fn sync_bindings(
         &self,
         channel: &Channel,
-        spec: &SubscribeSpec,
+        target: Bound<'_>,
+        wanted: &[String],
         broker: &AmqpBroker,
     ) -> Result<(), BrokerError> {
-        let record = format!("{}.bindings", spec.queue);
+        let record = target.record();
         let mut arguments = FieldTable::default();
         arguments.insert("x-max-length".into(), AMQPValue::LongInt(1));
         channel
@@ -148,36 +375,22 @@ impl Inner {
             .as_ref()
             .and_then(|last| serde_json::from_slice(&last.delivery.data).ok())
             .unwrap_or_default();
-        for binding in &spec.bindings {
-            channel
-                .queue_bind(
-                    spec.queue.as_str().into(),
-                    self.exchange.as_str().into(),
-                    binding.as_str().into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
+        for binding in wanted {
+            self.set_binding(channel, target, binding, true).await?;
         }
-        for stale in previous.iter().filter(|b| !spec.bindings.contains(b)) {
-            channel
-                .queue_unbind(
-                    spec.queue.as_str().into(),
-                    self.exchange.as_str().into(),
-                    stale.as_str().into(),
-                    FieldTable::default(),
-                )
-                .await?;
+        for stale in previous.iter().filter(|b| !wanted.contains(b)) {
+            self.set_binding(channel, target, stale, false).await?;
             log::info!(
                 target: "herald::broker",
-                "queue={} unbound stale binding={}",
-                spec.queue,
+                "{}={} unbound stale binding={}",
+                target.kind(),
+                target.name(),
                 crate::broker::escape(stale)
             );
         }
         let mut current = Message::new(
             record.clone(),
-            serde_json::to_vec(&spec.bindings).unwrap_or_default(),
+            serde_json::to_vec(wanted).unwrap_or_default(),
         );
         current.persistent = true;
         current.content_type = Some(crate::broker::CONTENT_TYPE_JSON.into());
@@ -186,6 +399,149 @@ impl Inner {
             last.delivery.acker.ack(BasicAckOptions::default()).await?;
         }
         Ok(())
+    }
+
+    /// Binds (`bind`) or unbinds `target` from the topic exchange for `key`.
+    async fn set_binding(
+        &self,
+        channel: &Channel,
+        target: Bound<'_>,
+        key: &str,
+        bind: bool,
+    ) -> Result<(), BrokerError> {
+        let (source, key, none) = (self.exchange.as_str(), key, FieldTable::default);
+        match (target, bind) {
+            (Bound::Queue(queue), true) => {
+                let options = QueueBindOptions::default();
+                channel
+                    .queue_bind(queue.into(), source.into(), key.into(), options, none())
+                    .await?
+            }
+            (Bound::Queue(queue), false) => {
+                channel
+                    .queue_unbind(queue.into(), source.into(), key.into(), none())
+                    .await?
+            }
+            (Bound::Exchange(to), true) => {
+                let options = ExchangeBindOptions::default();
+                channel
+                    .exchange_bind(to.into(), source.into(), key.into(), options, none())
+                    .await?
+            }
+            (Bound::Exchange(to), false) => {
+                let options = ExchangeUnbindOptions::default();
+                channel
+                    .exchange_unbind(to.into(), source.into(), key.into(), options, none())
+                    .await?
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops feeding the way the group is no longer consumed: a partitioned
+    /// group's plain queue, a plain group's hash exchange. Only what herald
+    /// recorded binding is unbound (nothing when it never bound any), and
+    /// only while the queue or exchange still exists. Messages the plain
+    /// queue still holds stay there: a WARN says how many and how to move
+    /// them.
+    pub(super) async fn retire(
+        &self,
+        spec: &SubscribeSpec,
+        broker: &AmqpBroker,
+    ) -> Result<(), BrokerError> {
+        let exchange = partition_exchange(&spec.queue);
+        let retired = match spec.partition {
+            Some(_) => Bound::Queue(&spec.queue),
+            None => Bound::Exchange(&exchange),
+        };
+        if !self.exists(Bound::Queue(&retired.record())).await? {
+            return Ok(());
+        }
+        let Some(held) = self.exists_holding(retired).await? else {
+            return Ok(());
+        };
+        let channel = self.connection.create_channel().await?;
+        self.sync_bindings(&channel, retired, &[], broker).await?;
+        let _ = channel.close(200, "retired".into()).await;
+        match retired {
+            Bound::Queue(queue) if held > 0 => log::warn!(
+                target: "herald::broker",
+                "queue={queue} holds {held} messages from before group {queue} was partitioned; \
+                 nothing consumes them now and nothing new arrives there. Move them into the \
+                 partitions through exchange {exchange} (a shovel: rabbitmq-plugins enable \
+                 rabbitmq_shovel; rabbitmqctl set_parameter shovel {queue}-to-partitions \
+                 '{{\"src-uri\":\"amqp://\",\"src-queue\":\"{queue}\",\"dest-uri\":\"amqp://\",\
+                 \"dest-exchange\":\"{exchange}\",\"src-delete-after\":\"queue-length\"}}'), or \
+                 run the group unpartitioned until it is empty"
+            ),
+            Bound::Exchange(_) => log::warn!(
+                target: "herald::broker",
+                "group={} is no longer partitioned: exchange {exchange} is unbound, and its \
+                 partition queues {} receive nothing more; drain them before deleting them",
+                spec.queue,
+                format_args!("{}.p*", spec.queue)
+            ),
+            Bound::Queue(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Whether `target` exists (a passive declare, on a channel of its own
+    /// since a missing one closes it).
+    async fn exists(&self, target: Bound<'_>) -> Result<bool, BrokerError> {
+        Ok(self.exists_holding(target).await?.is_some())
+    }
+
+    /// The messages ready in `target` when it exists (0 for an exchange).
+    async fn exists_holding(&self, target: Bound<'_>) -> Result<Option<u32>, BrokerError> {
+        let probe = self.connection.create_channel().await?;
+        let found = match target {
+            Bound::Queue(queue) => ready_in(&probe, queue).await,
+            Bound::Exchange(exchange) => probe
+                .exchange_declare(
+                    exchange.into(),
+                    ExchangeKind::Custom(HASH_EXCHANGE_TYPE.into()),
+                    ExchangeDeclareOptions {
+                        passive: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map(|()| 0),
+        };
+        match found {
+            Ok(held) => {
+                let _ = probe.close(200, "probed".into()).await;
+                Ok(Some(held))
+            }
+            Err(error) if refusal(&error).is_some_and(|(code, _)| code == 404) => Ok(None),
+            Err(error) => Err(error.into()),
+        }
+    }
+}
+
+/// Messages ready in `queue` (a passive declare: a missing queue closes `channel`).
+async fn ready_in(channel: &Channel, queue: &str) -> Result<u32, lapin::Error> {
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(declared.message_count())
+}
+
+impl Bound<'_> {
+    fn kind(&self) -> &'static str {
+        match self {
+            Bound::Queue(_) => "queue",
+            Bound::Exchange(_) => "exchange",
+        }
     }
 }
 
@@ -196,17 +552,8 @@ impl AmqpBroker {
     /// The queue does not exist, or the broker is unreachable.
     pub async fn queue_depth(&self, queue: &str) -> Result<u32, BrokerError> {
         let channel = self.inspection_channel().await?;
-        let result = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
+        let result = ready_in(&channel, queue).await;
         let _ = channel.close(200, "done".into()).await;
-        Ok(result?.message_count())
+        Ok(result?)
     }
 }
