@@ -3,7 +3,8 @@
 //! share six partitions by lease; 10,000 numbered messages over 100 keys are
 //! each applied exactly once and in per-key order, every instance takes at
 //! least 20 % of them, and when one instance is killed with `kill -9`
-//! halfway the survivors take its partitions over within 15 s.
+//! halfway the survivors take its partitions over within 15 s; back, it
+//! takes its share again.
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -103,6 +104,12 @@ impl Instance {
 
     /// `GET path` on its admin API (loopback, no token): the JSON body.
     async fn admin_get(&self, path: &str) -> serde_json::Value {
+        let body = self.admin_text(path).await;
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+    }
+
+    /// `GET path` on its admin API: the body as text.
+    async fn admin_text(&self, path: &str) -> String {
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.admin_port))
             .await
             .expect("connect to the admin API");
@@ -113,7 +120,8 @@ impl Instance {
         stream.read_to_string(&mut response).await.unwrap();
         let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
         assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
-        serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+        assert!(!head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "{head}");
+        body.to_owned()
     }
 }
 
@@ -281,6 +289,10 @@ async fn three_instances_share_partitions_in_key_order_and_survive_a_kill_9_exac
     );
     let actors = instances[0].admin_get("/actors").await;
     assert_eq!(actors[0]["partitions"], view["held"]);
+    let held = view["held"].as_array().map_or(0, Vec::len);
+    let metrics = instances[0].admin_text("/metrics").await;
+    let gauge = format!("herald_partitions_held{{context=\"ordered\",instance=\"i1\"}} {held}");
+    assert!(metrics.contains(&gauge), "no `{gauge}` in:\n{metrics}");
 
     let broker = publishing.await.expect("publishing ran");
     let all = usize::try_from(KEYS * PER_KEY).unwrap();
@@ -316,5 +328,13 @@ async fn three_instances_share_partitions_in_key_order_and_survive_a_kill_9_exac
             logs(instances.iter().chain([&dead]))
         );
     }
+    // The third comes back and takes its share again.
     drop(dead);
+    instances.push(Instance::start("i3", &vhost, &database).await);
+    let shared = eventually(LIVENESS, || async {
+        let owners = owners(&db).await;
+        owners.len() == 3 && owners.values().all(|n| *n == 2)
+    })
+    .await;
+    assert!(shared, "not shared out again: {:?}", owners(&db).await);
 }
