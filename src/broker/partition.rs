@@ -40,6 +40,18 @@ impl Partition {
         }
         Ok(())
     }
+
+    /// The error for a subscription with fewer partitions than the group's
+    /// hash exchange already spreads over: the keys of the partitions above
+    /// `count` would keep landing in queues nobody consumes.
+    pub(crate) fn shrunk(&self, group: &str) -> BrokerError {
+        BrokerError::Topology(format!(
+            "group {group} has partition queue {} bound to {}: it was declared with more              than {} partitions, and a consistent hash cannot shrink (the keys of the              partitions above would stay in queues nobody consumes); run every instance with              the larger count, or move the group's messages and delete its partition queues              and exchange",
+            partition_queue(group, self.count),
+            partition_exchange(group),
+            self.count
+        ))
+    }
 }
 
 /// How a subscriber group consumes, which decides where a redrive puts its

@@ -196,6 +196,7 @@ macro_rules! conformance_tests {
             redriven_dead_letters_of_a_partitioned_group_go_back_through_the_partitions,
             partitioning_a_group_unbinds_its_plain_queue,
             returning_a_group_to_plain_unbinds_its_partitions,
+            a_partition_that_does_not_exist_or_a_shrinking_count_is_refused,
             a_partition_is_handed_over_by_cancelling_settling_and_closing,
         );
     };
@@ -1283,6 +1284,48 @@ pub async fn returning_a_group_to_plain_unbinds_its_partitions(factory: impl Fac
     assert_eq!(id(&before), "before");
     before.ack().await.expect("ack");
     h.assert_next_is_fence(&mut partition, &fence_key).await;
+}
+
+/// A partition outside its count, or fewer partitions than the group was
+/// declared with (a consistent hash cannot shrink), fail the subscription as
+/// a topology error that names the group; more partitions are taken.
+pub async fn a_partition_that_does_not_exist_or_a_shrinking_count_is_refused(
+    factory: impl Factory,
+) {
+    let h = factory.harness().await;
+    let group = h.queue("sized");
+    let key = h.key("sized");
+    let spec = |index, count| SubscribeSpec {
+        queue: group.clone(),
+        bindings: vec![key.clone()],
+        prefetch: 10,
+        retry_delays: vec![RETRY_DELAY],
+        partition: Some(Partition { index, count }),
+    };
+    let refused = |index, count| {
+        let subscription = h.subscriber.subscribe(spec(index, count));
+        async move {
+            match within(DEADLINE, "subscribe", subscription).await {
+                Err(BrokerError::Topology(reason)) => reason,
+                Err(other) => panic!("{index} of {count}: expected a topology error: {other}"),
+                Ok(_) => panic!("{index} of {count}: subscribed"),
+            }
+        }
+    };
+    for (index, count) in [(4, 4), (0, 0)] {
+        let reason = refused(index, count).await;
+        assert!(reason.contains(&group), "{reason}");
+    }
+    let four = h.subscribe_partition(&group, &[&key], 10, 0).await;
+    let reason = refused(0, 2).await;
+    assert!(
+        reason.contains("cannot shrink") && reason.contains(&group),
+        "{reason}"
+    );
+    let grown = within(DEADLINE, "subscribe", h.subscriber.subscribe(spec(7, 8)))
+        .await
+        .expect("more partitions are taken");
+    drop((four, grown));
 }
 
 /// Handing a partition over: a second subscription to the same partition

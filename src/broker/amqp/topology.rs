@@ -242,7 +242,6 @@ pub(super) async fn declare_group(
             }
         }
         Some(partition) => {
-            partition.check(group)?;
             let exchange = partition_exchange(group);
             declare_hash_exchange(connection, &exchange).await?;
             for index in 0..partition.count {
@@ -494,6 +493,19 @@ impl Inner {
                 format_args!("{}.p*", spec.queue)
             ),
             Bound::Queue(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Refuses a partitioned subscription with fewer partitions than the
+    /// group was declared with before (its next partition queue exists).
+    pub(super) async fn refuse_shrinking(&self, spec: &SubscribeSpec) -> Result<(), BrokerError> {
+        let Some(partition) = spec.partition else {
+            return Ok(());
+        };
+        let next = partition_queue(&spec.queue, partition.count);
+        if self.exists(Bound::Queue(&next)).await? {
+            return Err(partition.shrunk(&spec.queue));
         }
         Ok(())
     }
