@@ -325,6 +325,20 @@ pub struct RuntimeSettings {
     /// Aggregates the database writer keeps decided in memory (least recently
     /// used evicted; 0: none, every command loads its aggregate).
     pub aggregate_cache: usize,
+    /// 0: the context consumes one queue (named after it) and runs as one
+    /// instance. Above 0: its messages are spread over this many partition
+    /// queues by partition key, and several instances of the context (on one
+    /// PostgreSQL database) share the partitions by lease, each key handled
+    /// by one instance at a time. Fixed for the life of the queues.
+    pub partitions: u16,
+    /// How long a partition lease lasts without renewal: an instance that
+    /// died is replaced after about this long. Renewed every third of it.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// This instance's name among the context's instances (default: host
+    /// name, process id and a random suffix). Two running instances must
+    /// never share one.
+    pub instance: Option<String>,
 }
 
 impl Default for RuntimeSettings {
@@ -342,6 +356,9 @@ impl Default for RuntimeSettings {
             restart_window: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(10),
             aggregate_cache: 10_000,
+            partitions: 0,
+            lease: Duration::from_secs(6),
+            instance: None,
         }
     }
 }
@@ -685,6 +702,23 @@ impl Settings {
         }
         if rt.restart_window.is_zero() {
             return invalid("runtime.restart_window", "must be above 0");
+        }
+        if rt.partitions > 1024 {
+            return invalid("runtime.partitions", "must be between 0 and 1024");
+        }
+        if rt.lease < Duration::from_secs(1) || rt.lease > Duration::from_secs(300) {
+            return invalid("runtime.lease", "must be between 1s and 5min");
+        }
+        if let Some(instance) = &rt.instance {
+            if instance.is_empty()
+                || instance.len() > 128
+                || !instance.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return invalid(
+                    "runtime.instance",
+                    "must be 1 to 128 printable ASCII characters without spaces",
+                );
+            }
         }
         self.validate_edges()
     }

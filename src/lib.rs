@@ -75,7 +75,7 @@ pub use error::{BrokerError, CodecError, ConfigError, Error, HandlerError, Resul
 pub use event::{new_id, Envelope, Event, Metadata};
 pub use runtime::{
     signal as shutdown_signal, ActorSnapshot, ActorState, Context, ContextBuilder, ContextHandle,
-    MessageContext, Metrics,
+    MessageContext, Metrics, PartitionsView,
 };
 /// The JSON Schema derive the [`Event`] trait requires, re-exported so a
 /// context needs no `schemars` dependency of its own: derive

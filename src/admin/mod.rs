@@ -133,6 +133,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("/metrics", web::get().to(metrics))
             .route("/actors", web::get().to(actors))
             .route("/actors/{name}/restart", web::post().to(restart))
+            .route("/partitions", web::get().to(partitions))
             .route("/consumers/{name}/pause", web::post().to(pause))
             .route("/consumers/{name}/resume", web::post().to(resume))
             .route("/dead-letters", web::get().to(dead_letters))
@@ -303,6 +304,35 @@ async fn metrics(admin: web::Data<Admin>) -> HttpResponse {
 
 async fn actors(admin: web::Data<Admin>) -> HttpResponse {
     h::json(StatusCode::OK, &admin.context.actors())
+}
+
+/// This instance's partitions and who holds each one; 404 when the context
+/// runs unpartitioned.
+async fn partitions(admin: web::Data<Admin>) -> Result<HttpResponse, ApiError> {
+    let Some(view) = admin.context.partitions() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "the context runs unpartitioned (runtime.partitions = 0)",
+        ));
+    };
+    let owners: Vec<serde_json::Value> = admin
+        .context
+        .partition_owners()
+        .await
+        .map_err(store_error)?
+        .into_iter()
+        .map(|(partition, owner)| serde_json::json!({ "partition": partition, "owner": owner }))
+        .collect();
+    Ok(h::json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "instance": view.instance,
+            "partitions": view.count,
+            "held": view.held,
+            "live_instances": view.live_instances,
+            "owners": owners,
+        }),
+    ))
 }
 
 async fn restart(

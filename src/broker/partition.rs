@@ -19,7 +19,7 @@ use crate::error::BrokerError;
 /// One partition of a subscriber group: the subscription consumes partition
 /// `index` of `count`. Every partitioned subscription of a group must give
 /// the same `count`: the hash ring is laid out once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Partition {
     /// Which partition, from 0.
     pub index: u16,

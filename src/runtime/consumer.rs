@@ -22,27 +22,52 @@ use crate::config::RetrySettings;
 use crate::error::{BrokerError, CodecError};
 use crate::event::Envelope;
 
-/// Counts unsettled deliveries so shutdown can wait for them.
+/// Counts unsettled deliveries so shutdown can wait for them. A child
+/// (one partition's) counts into its parent (the context's) too.
 #[derive(Clone, Default)]
-pub(crate) struct InFlight(Arc<(AtomicUsize, Notify)>);
+pub(crate) struct InFlight(Arc<Counter>);
 
-pub(crate) struct InFlightGuard(InFlight);
+#[derive(Default)]
+struct Counter {
+    count: AtomicUsize,
+    settled: Notify,
+    parent: Option<InFlight>,
+}
+
+/// One delivery in flight; a child's holds its parent's guard too, which
+/// drops after the child's count went down.
+pub(crate) struct InFlightGuard {
+    of: InFlight,
+    _parent: Option<Box<InFlightGuard>>,
+}
 
 impl InFlight {
     fn enter(&self) -> InFlightGuard {
-        self.0 .0.fetch_add(1, Ordering::SeqCst);
-        InFlightGuard(self.clone())
+        self.0.count.fetch_add(1, Ordering::SeqCst);
+        let parent = self.0.parent.as_ref().map(|p| Box::new(p.enter()));
+        InFlightGuard {
+            of: self.clone(),
+            _parent: parent,
+        }
+    }
+
+    /// A counter whose deliveries count here too.
+    pub(crate) fn child(&self) -> InFlight {
+        InFlight(Arc::new(Counter {
+            parent: Some(self.clone()),
+            ..Counter::default()
+        }))
     }
 
     pub(crate) fn count(&self) -> usize {
-        self.0 .0.load(Ordering::SeqCst)
+        self.0.count.load(Ordering::SeqCst)
     }
 
     /// Waits until nothing is in flight; false if `timeout` came first.
     pub(crate) async fn drained(&self, timeout: Duration) -> bool {
         let wait = async {
             loop {
-                let notified = self.0 .1.notified();
+                let notified = self.0.settled.notified();
                 if self.count() == 0 {
                     return;
                 }
@@ -55,8 +80,9 @@ impl InFlight {
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        if self.0 .0 .0.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0 .0 .1.notify_waiters();
+        let counter = &self.of.0;
+        if counter.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            counter.settled.notify_waiters();
         }
     }
 }

@@ -14,6 +14,7 @@ use super::handler::{MessageContext, Routes};
 use super::intake::Intake;
 use super::mailbox::{ActorSnapshot, ActorStats, MailboxLogger};
 use super::metrics::{Metrics, OutboxCounts};
+use super::partitions::{Partitions, Start};
 use super::relay::{Relay, RelayParts, StopRelay};
 use super::supervisor::{Backoff, Escalated, Escalation, Restart, RestartPolicy};
 use super::trust::Trust;
@@ -21,7 +22,7 @@ use crate::broker::{DeadLetters, HeaderSeal, Publisher, SubscribeSpec, Subscribe
 use crate::config::Settings;
 use crate::error::{Error, HandlerError};
 use crate::event::Event;
-use crate::store::{outbox, Db, OutboxRow, OutboxStatus};
+use crate::store::{lease, outbox, Db, OutboxRow, OutboxStatus};
 
 /// Declares a context: its settings and a handler per event type it consumes.
 ///
@@ -217,11 +218,41 @@ impl ContextBuilder {
             stats: consumer_stats.clone(),
             trust: Arc::new(trust),
         };
-        let intake = match Intake::start(broker.clone(), spec, parts, Backoff::new(rt)).await {
-            Ok(intake) => intake,
-            Err(error) => {
+        let source = match (rt.partitions, &self.store) {
+            (0, _) => match Intake::start(broker.clone(), spec, parts, Backoff::new(rt)).await {
+                Ok(intake) => Source::One(intake),
+                Err(error) => {
+                    stop_arbiters(&arbiters);
+                    return Err(error.into());
+                }
+            },
+            (_, None) => {
                 stop_arbiters(&arbiters);
-                return Err(error.into());
+                return Err(Error::Context {
+                    context: name.to_string(),
+                    reason: "runtime.partitions needs a database for its leases: call \
+                             ContextBuilder::store"
+                        .into(),
+                });
+            }
+            (count, Some(db)) => {
+                let terms = lease::Terms {
+                    context: name.to_string(),
+                    instance: rt.instance.clone().unwrap_or_else(default_instance),
+                    partitions: count,
+                    lease_ms: i64::try_from(rt.lease.as_millis()).unwrap_or(i64::MAX),
+                };
+                let partitions = Partitions::new(terms, rt.lease, rt.drain_timeout);
+                partitions.run(
+                    db.clone(),
+                    Start {
+                        subscriber: broker.clone(),
+                        spec,
+                        parts,
+                        backoff: Backoff::new(rt),
+                    },
+                );
+                Source::Partitioned(partitions)
             }
         };
         let mut actors = vec![consumer_stats];
@@ -236,6 +267,7 @@ impl ContextBuilder {
                 settings: settings.outbox.clone(),
                 stats,
                 backoff: Backoff::new(rt),
+                partitions: source.relay_view(),
             };
             let relay = Relay::new(parts, RestartPolicy::new(rt), escalation.clone());
             (db, Supervisor::start(move |_| relay))
@@ -243,10 +275,11 @@ impl ContextBuilder {
         let logger = spawn_mailbox_logger(actors.clone(), rt.mailbox_log_interval);
         log::info!(
             target: "herald::context",
-            "context={} started shards={} workers={} events={:?}",
+            "context={} started shards={} workers={} partitions={} events={:?}",
             name,
             rt.shards,
             rt.workers,
+            rt.partitions,
             bindings
         );
         let mut restartable: BTreeMap<String, actix::WeakRecipient<Restart>> =
@@ -263,7 +296,7 @@ impl ContextBuilder {
                 name,
                 settings: Arc::new(settings),
                 actors,
-                intake,
+                source,
                 dead_letters: Arc::new(broker.clone()),
                 seal: seal.clone(),
                 in_flight,
@@ -304,6 +337,21 @@ fn spawn_mailbox_logger(
     })
 }
 
+/// Waits (up to `timeout`) for stopped arbiters' threads to end: their
+/// actors hold database handles, and a process must not exit while a
+/// thread still closes a database connection (libpq's TLS state is torn
+/// down at exit).
+async fn join_arbiters(arbiters: Vec<Arbiter>, timeout: std::time::Duration) {
+    let joined = tokio::task::spawn_blocking(move || {
+        for arbiter in arbiters {
+            let _ = arbiter.join();
+        }
+    });
+    if tokio::time::timeout(timeout, joined).await.is_err() {
+        log::warn!(target: "herald::shutdown", "shard threads still running after {timeout:?}");
+    }
+}
+
 fn stop_arbiters(arbiters: &[Arbiter]) {
     for arbiter in arbiters {
         arbiter.stop();
@@ -330,7 +378,7 @@ pub struct ContextHandle {
     name: Arc<str>,
     settings: Arc<Settings>,
     actors: Vec<Arc<ActorStats>>,
-    intake: Intake,
+    source: Source,
     dead_letters: Arc<dyn DeadLetters>,
     /// Listed dead letters keep only the `x-herald-*` headers herald sealed.
     seal: HeaderSeal,
@@ -361,20 +409,56 @@ impl ContextHandle {
         &self.settings
     }
 
-    /// Every actor's counters: the consumer first, then the shards.
+    /// Every actor's counters: the consumer first (with the partitions this
+    /// instance holds, when partitioned), then the shards.
     pub fn actors(&self) -> Vec<ActorSnapshot> {
-        self.actors.iter().map(|a| a.snapshot()).collect()
+        let mut actors: Vec<ActorSnapshot> = self.actors.iter().map(|a| a.snapshot()).collect();
+        if let (Source::Partitioned(partitions), Some(consumer)) =
+            (&self.source, actors.first_mut())
+        {
+            consumer.partitions = Some(partitions.held());
+        }
+        actors
+    }
+
+    /// This instance's share of a partitioned context (`None` when the
+    /// context runs unpartitioned).
+    pub fn partitions(&self) -> Option<PartitionsView> {
+        match &self.source {
+            Source::One(_) => None,
+            Source::Partitioned(partitions) => Some(PartitionsView {
+                instance: partitions.instance().to_owned(),
+                count: partitions.count(),
+                held: partitions.held(),
+                live_instances: partitions.live_instances(),
+            }),
+        }
+    }
+
+    /// Which instance holds each partition now (leases not run out), by
+    /// partition; empty when the context runs unpartitioned.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn partition_owners(&self) -> Result<Vec<(u16, String)>, Error> {
+        match (&self.source, &self.store) {
+            (Source::Partitioned(_), Some(db)) => {
+                let context = self.name.to_string();
+                Ok(db.read(move |c| lease::owners(c, &context)).await?)
+            }
+            _ => Ok(Vec::new()),
+        }
     }
 
     /// Whether the context consumes right now (false while it resubscribes
     /// after a lost connection, and after shutdown began).
     pub fn is_consuming(&self) -> bool {
-        self.intake.is_consuming()
+        self.source.is_consuming()
     }
 
     /// How often the subscription was lost and made again.
     pub fn resubscriptions(&self) -> u64 {
-        self.intake.resubscriptions()
+        self.source.resubscriptions()
     }
 
     /// Up to `limit` of the context's dead letters, oldest first, left in place.
@@ -410,14 +494,19 @@ impl ContextHandle {
     }
 
     /// Moves dead letters (all, or the one with `message_id`) back to the
-    /// context's own queue with fresh attempts; returns how many.
+    /// context's own queue (a partitioned context's: the partition each
+    /// letter's key hashes to) with fresh attempts; returns how many.
     ///
     /// # Errors
     /// The broker is unreachable.
     pub async fn redrive(&self, message_id: Option<&str>) -> Result<usize, Error> {
+        let layout = match self.source {
+            Source::One(_) => crate::broker::GroupLayout::Plain,
+            Source::Partitioned(_) => crate::broker::GroupLayout::Partitioned,
+        };
         let moved = self
             .dead_letters
-            .redrive(&self.name, crate::broker::GroupLayout::Plain, message_id)
+            .redrive(&self.name, layout, message_id)
             .await?;
         log::info!(target: "herald::context", "context={} redrove dead_letters={moved}", self.name);
         Ok(moved)
@@ -523,7 +612,7 @@ impl ContextHandle {
     /// Stops taking deliveries (the broker consumer is cancelled) until
     /// [`ContextHandle::resume`]; a paused context still counts as ready.
     pub async fn pause(&self) -> bool {
-        self.intake.pause().await
+        self.source.pause().await
     }
 
     /// Registers the broker consumer again after [`ContextHandle::pause`].
@@ -531,12 +620,12 @@ impl ContextHandle {
     /// # Errors
     /// The broker refused the subscription.
     pub async fn resume(&self) -> Result<bool, Error> {
-        Ok(self.intake.resume().await?)
+        Ok(self.source.resume().await?)
     }
 
     /// Whether an operator paused intake ([`ContextHandle::pause`]).
     pub fn is_paused(&self) -> bool {
-        self.intake.is_paused()
+        self.source.is_paused()
     }
 
     /// The AsyncAPI 2.6 document of the events this context publishes and consumes.
@@ -577,6 +666,7 @@ impl ContextHandle {
             writer,
             self.consumer_state(),
             publish_failures,
+            self.partitions().as_ref(),
         )
     }
 
@@ -648,24 +738,36 @@ impl Context {
     pub async fn shutdown(mut self) -> Result<(), Error> {
         let name = self.name.clone();
         log::info!(target: "herald::shutdown", "context={name} stopping intake");
-        self.intake.cancel().await;
         let drain = self.settings.runtime.drain_timeout;
-        if !self.in_flight.drained(drain).await {
-            log::warn!(
-                target: "herald::shutdown",
-                "context={name} {} deliveries still in flight after {drain:?}: the broker requeues them",
-                self.in_flight.count()
-            );
+        match (&self.source, &self.store) {
+            (Source::Partitioned(partitions), Some(db)) => {
+                // Drained and given back partition by partition; their
+                // outbox rows go out through the relays of whoever takes them.
+                partitions.stop(db).await;
+            }
+            (source, _) => {
+                source.cancel().await;
+                if !self.in_flight.drained(drain).await {
+                    log::warn!(
+                        target: "herald::shutdown",
+                        "context={name} {} deliveries still in flight after {drain:?}: the broker requeues them",
+                        self.in_flight.count()
+                    );
+                }
+            }
         }
         self.dispatcher.close();
         if let Some((db, relay)) = self.relay.take() {
-            flush_outbox(&name, &db, drain).await;
+            if matches!(self.source, Source::One(_)) {
+                flush_outbox(&name, &db, drain).await;
+            }
             // With its last address gone the supervisor does not restart it.
             relay.do_send(StopRelay);
             drop(relay);
         }
         stop_arbiters(&self.arbiters);
-        self.intake.close().await;
+        join_arbiters(std::mem::take(&mut self.arbiters), drain).await;
+        self.source.close().await;
         self.logger.abort();
         // The last numbers of every actor that did anything reach the log.
         for actor in self.actors.iter().filter(|a| a.was_active()) {
@@ -706,4 +808,98 @@ async fn flush_outbox(name: &str, db: &Db, timeout: std::time::Duration) {
         // The relay wakes on every commit; its progress shows as commits too.
         let _ = tokio::time::timeout(timeout.saturating_sub(start.elapsed()), db.committed()).await;
     }
+}
+
+/// One instance's share of a partitioned context.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PartitionsView {
+    /// This instance's name (`runtime.instance`).
+    pub instance: String,
+    /// The context's partitions (`runtime.partitions`).
+    pub count: u16,
+    /// Those this instance consumes now.
+    pub held: Vec<u16>,
+    /// Instances alive at the last lease round, this one included.
+    pub live_instances: usize,
+}
+
+/// Where a context's deliveries come from.
+#[derive(Clone)]
+enum Source {
+    /// Its one queue.
+    One(Intake),
+    /// The partitions this instance holds.
+    Partitioned(Arc<Partitions>),
+}
+
+impl Source {
+    fn is_consuming(&self) -> bool {
+        match self {
+            Source::One(intake) => intake.is_consuming(),
+            Source::Partitioned(partitions) => partitions.is_consuming(),
+        }
+    }
+
+    fn is_paused(&self) -> bool {
+        match self {
+            Source::One(intake) => intake.is_paused(),
+            Source::Partitioned(partitions) => partitions.is_paused(),
+        }
+    }
+
+    fn resubscriptions(&self) -> u64 {
+        match self {
+            Source::One(intake) => intake.resubscriptions(),
+            Source::Partitioned(partitions) => partitions.resubscriptions(),
+        }
+    }
+
+    async fn pause(&self) -> bool {
+        match self {
+            Source::One(intake) => intake.pause().await,
+            Source::Partitioned(partitions) => partitions.pause().await,
+        }
+    }
+
+    async fn resume(&self) -> Result<bool, crate::error::BrokerError> {
+        match self {
+            Source::One(intake) => intake.resume().await,
+            Source::Partitioned(partitions) => partitions.resume().await,
+        }
+    }
+
+    /// Stops new deliveries (a partitioned source stops in
+    /// [`Partitions::stop`] instead).
+    async fn cancel(&self) {
+        if let Source::One(intake) = self {
+            intake.cancel().await;
+        }
+    }
+
+    async fn close(&self) {
+        if let Source::One(intake) = self {
+            intake.close().await;
+        }
+    }
+
+    fn relay_view(&self) -> Option<Arc<super::partitions::HeldPartitions>> {
+        match self {
+            Source::One(_) => None,
+            Source::Partitioned(partitions) => Some(partitions.relay_view()),
+        }
+    }
+}
+
+/// This process's name among its context's instances: host, process id and
+/// a random suffix (a restarted process is a new instance).
+fn default_instance() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic()))
+        .unwrap_or_else(|| "host".into());
+    let id = crate::event::new_id();
+    let suffix = id.get(id.len().saturating_sub(6)..).unwrap_or("");
+    format!("{host}-{}-{suffix}", std::process::id())
 }

@@ -82,6 +82,10 @@ pub struct ActorSnapshot {
     pub handle_p99_ms: u64,
     /// `running`, `restarting` or `stopped`.
     pub state: &'static str,
+    /// On the consumer of a context that runs partitioned: the partitions
+    /// this instance holds (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<Vec<u16>>,
 }
 
 impl ActorStats {
@@ -182,6 +186,7 @@ impl ActorStats {
             oldest_wait_ms: millis(oldest),
             handle_p99_ms: self.latency.p99_ms(),
             state: ActorState::from_u8(self.state.load(Relaxed)).as_str(),
+            partitions: None,
         }
     }
 }

@@ -52,6 +52,8 @@ pub struct Metrics {
     db_failed_units: IntCounterVec,
     db_largest_batch: IntGaugeVec,
     cache_entries: IntGaugeVec,
+    partitions_held: IntGaugeVec,
+    partition_instances: IntGaugeVec,
     cache_hits: IntCounterVec,
     cache_misses: IntCounterVec,
 }
@@ -204,6 +206,18 @@ impl Metrics {
                 "Aggregates the writer keeps decided in memory",
                 &["context"],
             ),
+            partitions_held: gauge(
+                &r,
+                "herald_partitions_held",
+                "Partitions this instance consumes (a partitioned context)",
+                &["context", "instance"],
+            ),
+            partition_instances: gauge(
+                &r,
+                "herald_partition_instances",
+                "Instances of the context alive at the last lease round",
+                &["context"],
+            ),
             cache_hits: counter(
                 &r,
                 "herald_aggregate_cache_hits_total",
@@ -264,7 +278,17 @@ impl Metrics {
         writer: Option<WriterSnapshot>,
         consumer: &str,
         publish_failures: u64,
+        partitions: Option<&super::context::PartitionsView>,
     ) -> String {
+        if let Some(view) = partitions {
+            let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+            self.partitions_held
+                .with_label_values(&[&self.context, &view.instance])
+                .set(count(view.held.len()));
+            self.partition_instances
+                .with_label_values(&[&self.context])
+                .set(count(view.live_instances));
+        }
         if let Some(writer) = writer {
             let total = |counter: &IntCounterVec, value: u64| {
                 let counter = counter.with_label_values(&[&self.context]);

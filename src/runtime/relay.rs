@@ -22,9 +22,10 @@ use actix::prelude::*;
 use futures_util::FutureExt;
 
 use super::mailbox::{ActorState, ActorStats};
+use super::partitions::HeldPartitions;
 use super::supervisor::{on_restart, Backoff, Escalation, Restart, RestartPolicy};
-use crate::broker::escape;
 use crate::broker::Publisher;
+use crate::broker::{escape, headers};
 use crate::config::OutboxSettings;
 use crate::error::{panic_text, BrokerError};
 use crate::store::{idempotency, inbox, now_ms, outbox, Db, OutboxRow, OutboxStatus};
@@ -41,6 +42,9 @@ pub(crate) struct RelayParts {
     pub(crate) stats: Arc<ActorStats>,
     /// Between failed reads and publishes.
     pub(crate) backoff: Backoff,
+    /// A partitioned context's relay publishes only the rows of the
+    /// partitions its instance holds.
+    pub(crate) partitions: Option<Arc<HeldPartitions>>,
 }
 
 pub(crate) struct Relay {
@@ -216,6 +220,24 @@ impl Refusals {
     }
 }
 
+/// The oldest publishable rows of the given slices (partitions, partition),
+/// at most `limit`, in outbox order.
+fn publishable(
+    conn: &mut crate::store::Conn,
+    limit: i64,
+    slices: &[(u16, u16)],
+) -> Result<Vec<OutboxRow>, crate::error::StoreError> {
+    let mut rows = Vec::new();
+    for &(count, partition) in slices {
+        rows.extend(outbox::publishable_in(conn, limit, count, partition)?);
+    }
+    if slices.len() > 1 {
+        rows.sort_by_key(|row| row.position);
+        rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    }
+    Ok(rows)
+}
+
 /// The relay's loop; it only ends by panicking or with its actor.
 ///
 /// Each round reads up to `outbox.batch` publishable rows (none behind a
@@ -229,6 +251,7 @@ async fn relay(parts: RelayParts) {
         settings,
         stats,
         mut backoff,
+        partitions,
     } = parts;
     let mut warned_unroutable: HashSet<String> = HashSet::new();
     let mut refusals = Refusals::new(backoff.clone());
@@ -239,7 +262,27 @@ async fn relay(parts: RelayParts) {
             prune(&context, &db, settings.retention).await;
         }
         let batch = settings.batch;
-        let rows = match db.read(move |c| outbox::publishable(c, batch)).await {
+        // Held for the whole window: a partition is given back only once
+        // the window that may hold its rows was published and marked.
+        let held = match &partitions {
+            Some(partitions) => Some(partitions.held.read().await),
+            None => None,
+        };
+        let slices: Vec<(u16, u16)> = match (&partitions, &held) {
+            (Some(partitions), Some(held)) => held.iter().map(|p| (partitions.count, *p)).collect(),
+            _ => vec![(1, 0)],
+        };
+        if slices.is_empty() {
+            drop(held);
+            if let Some(partitions) = &partitions {
+                tokio::select! {
+                    () = partitions.taken.notified() => {}
+                    () = tokio::time::sleep(settings.poll_interval) => {}
+                }
+            }
+            continue;
+        }
+        let rows = match db.read(move |c| publishable(c, batch, &slices)).await {
             Ok(rows) => rows,
             Err(error) => {
                 log::warn!(target: "herald::relay", "context={context} cannot read the outbox: {error}");
@@ -272,7 +315,13 @@ async fn relay(parts: RelayParts) {
         }
         let messages = window
             .iter()
-            .map(|row| row.envelope().to_message())
+            .map(|row| {
+                let mut message = row.envelope().to_message();
+                message
+                    .headers
+                    .insert(headers::PARTITION_KEY.into(), row.partition_key.clone());
+                message
+            })
             .collect();
         let results = publisher.publish_all(messages).await;
         let took = started.elapsed();

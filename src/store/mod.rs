@@ -14,6 +14,7 @@ mod conn;
 pub mod event_store;
 pub mod idempotency;
 pub mod inbox;
+pub(crate) mod lease;
 pub mod outbox;
 pub mod projection;
 pub mod repository;

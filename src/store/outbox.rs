@@ -10,7 +10,7 @@ use super::sql::Sql;
 use super::Conn;
 use crate::error::{CodecError, StoreError};
 use crate::event::{Envelope, Event, Metadata};
-use diesel::sql_types::BigInt;
+use diesel::sql_types::{BigInt, Integer};
 
 /// Where an outbox row is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +107,7 @@ pub fn append_envelope(
             outbox::event_id.eq(event_id),
             outbox::event_name.eq(&meta.name),
             outbox::partition_key.eq(partition_key),
+            outbox::bucket.eq(bucket(partition_key)),
             outbox::schema_version.eq(i32::try_from(meta.schema_version).unwrap_or(i32::MAX)),
             outbox::correlation_id.eq(&meta.correlation_id),
             outbox::causation_id.eq(&meta.causation_id),
@@ -119,6 +120,16 @@ pub fn append_envelope(
         .returning(outbox::position)
         .get_result(conn)
         .map_err(StoreError::from)
+}
+
+/// How many buckets rows are hashed into by partition key.
+pub(crate) const BUCKETS: u64 = 1 << 16;
+
+/// The bucket of a row with `partition_key`: a partitioned context's relay
+/// publishes the rows whose `bucket % partitions` it holds, so all rows of one
+/// key go out through one relay at a time, in order.
+pub(crate) fn bucket(partition_key: &str) -> i32 {
+    i32::try_from(crate::fnv::fnv1a(partition_key.as_bytes()) % BUCKETS).unwrap_or(0)
 }
 
 /// Encodes `event` (produced by `producer`, caused by `cause` if any) and appends it.
@@ -175,6 +186,21 @@ fn with_status(
 /// # Errors
 /// A database error.
 pub fn publishable(conn: &mut Conn, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
+    publishable_in(conn, limit, 1, 0)
+}
+
+/// As [`publishable`], only the rows of `partition` of `partitions`
+/// (`bucket % partitions`): what the relay of an instance holding that
+/// partition publishes.
+///
+/// # Errors
+/// A database error.
+pub fn publishable_in(
+    conn: &mut Conn,
+    limit: i64,
+    partitions: u16,
+    partition: u16,
+) -> Result<Vec<OutboxRow>, StoreError> {
     // Run by the relay for every window: kept prepared.
     Sql::new(
         // Columns named: PostgreSQL refuses a kept `SELECT *` whose columns
@@ -182,7 +208,7 @@ pub fn publishable(conn: &mut Conn, limit: i64) -> Result<Vec<OutboxRow>, StoreE
         "SELECT outbox.position, outbox.event_id, outbox.event_name, outbox.partition_key, \
          outbox.schema_version, outbox.correlation_id, outbox.causation_id, outbox.producer, \
          outbox.occurred_at, outbox.payload, outbox.status, outbox.attempts, outbox.last_error \
-         FROM outbox WHERE status = 'pending' \
+         FROM outbox WHERE status = 'pending' AND outbox.bucket % ? = ? \
          AND NOT EXISTS (SELECT 1 FROM outbox AS failing \
              WHERE ((failing.status = 'pending' AND failing.last_error IS NOT NULL) \
                     OR failing.status = 'parked') \
@@ -190,6 +216,8 @@ pub fn publishable(conn: &mut Conn, limit: i64) -> Result<Vec<OutboxRow>, StoreE
              AND failing.position < outbox.position) \
          ORDER BY position LIMIT ?",
     )
+    .bind::<Integer, _>(i32::from(partitions.max(1)))
+    .bind::<Integer, _>(i32::from(partition))
     .bind::<BigInt, _>(limit)
     .load(conn)
     .map_err(StoreError::from)
@@ -475,9 +503,12 @@ mod tests {
             "ids stay unique"
         );
 
-        // And back: parked rows become pending, nothing else moves.
-        conn.revert_last_migration(crate::store::SQLITE_MIGRATIONS)
-            .unwrap();
+        // And back: parked rows become pending, nothing else moves. (The
+        // migrations after it are reverted first.)
+        for _ in parked_at..all.len() {
+            conn.revert_last_migration(crate::store::SQLITE_MIGRATIONS)
+                .unwrap();
+        }
         assert_eq!(
             rows(&mut conn),
             [
@@ -543,6 +574,38 @@ mod tests {
         })
         .await
         .unwrap()
+    }
+
+    on_each_backend!(
+        #[tokio::test]
+        each_partition_publishes_its_keys_rows_and_together_they_publish_all
+    );
+    async fn each_partition_publishes_its_keys_rows_and_together_they_publish_all(t: TempDb) {
+        let keys: Vec<String> = (0..40).map(|k| format!("key-{k}")).collect();
+        let rows: Vec<(String, &str)> = (0..120)
+            .map(|i| (format!("e{i}"), keys[i % keys.len()].as_str()))
+            .collect();
+        let refs: Vec<(&str, &str)> = rows.iter().map(|(id, key)| (id.as_str(), *key)).collect();
+        let all = append_rows(&t, &refs).await;
+        let mut seen = Vec::new();
+        let mut partition_of: std::collections::HashMap<String, u16> = Default::default();
+        for partition in 0..4u16 {
+            let rows =
+                t.db.read(move |c| publishable_in(c, 1000, 4, partition))
+                    .await
+                    .unwrap();
+            for row in &rows {
+                // One key, one partition.
+                let earlier = partition_of.insert(row.partition_key.clone(), partition);
+                assert!(earlier.is_none_or(|p| p == partition), "{row:?}");
+            }
+            // In outbox order within the partition.
+            assert!(rows.windows(2).all(|w| w[0].position < w[1].position));
+            assert!(!rows.is_empty(), "partition {partition} got no key of 40");
+            seen.extend(rows.into_iter().map(|r| r.position));
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, all);
     }
 
     async fn publishable_positions(t: &TempDb) -> Vec<i64> {

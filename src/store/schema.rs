@@ -16,6 +16,7 @@ diesel::table! {
         attempts -> Integer,
         last_error -> Nullable<Text>,
         published_at -> Nullable<BigInt>,
+        bucket -> Integer,
     }
 }
 
