@@ -58,6 +58,8 @@ pub(crate) struct Partitions {
     consumed: Mutex<BTreeMap<u16, Consumed>>,
     /// Being given back: still leased (and renewed) until drained.
     releasing: Mutex<BTreeSet<u16>>,
+    /// Being subscribed: leased, not consumed yet.
+    starting: Mutex<BTreeSet<u16>>,
     relay: Arc<HeldPartitions>,
     paused: watch::Sender<bool>,
     stopping: watch::Sender<bool>,
@@ -82,6 +84,7 @@ impl Partitions {
             drain,
             consumed: Mutex::default(),
             releasing: Mutex::default(),
+            starting: Mutex::default(),
             relay: Arc::new(HeldPartitions {
                 count,
                 held: RwLock::default(),
@@ -181,7 +184,9 @@ impl Partitions {
         let every = self.lease / 3;
         loop {
             let terms = self.terms.clone();
-            match db.write(move |c| lease::round(c, &terms)).await {
+            // On a pooled connection, never behind the writer's queue: a
+            // busy writer must not cost this instance its leases.
+            match db.read(move |c| lease::round(c, &terms)).await {
                 Ok(round) => {
                     renewed = Instant::now();
                     self.apply(&db, &start, round).await;
@@ -206,6 +211,8 @@ impl Partitions {
     }
 
     /// Brings what this instance consumes in line with one round's outcome.
+    /// Subscribing, draining and stopping run as tasks of their own: the
+    /// next round (the leases' renewal) never waits for them.
     async fn apply<S>(self: &Arc<Self>, db: &Db, start: &Start<S>, round: Round)
     where
         S: Subscriber + Clone,
@@ -213,58 +220,63 @@ impl Partitions {
         self.live
             .store(round.live, std::sync::atomic::Ordering::Relaxed);
         let consumed: BTreeSet<u16> = self.held().into_iter().collect();
-        let releasing = self
-            .releasing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        // Held here but no longer leased to this instance: lost.
+        let releasing = locked(&self.releasing).clone();
+        let starting = locked(&self.starting).clone();
+        // Held here but no longer leased to this instance: lost. Another
+        // instance may take it now: stop at once (the queue's single active
+        // consumer flag keeps the next owner waiting until the channel closes).
         for &partition in consumed.difference(&round.held) {
             if !releasing.contains(&partition) {
                 log::warn!(target: TARGET, "context={} instance={} partition={partition} lease lost: stopping it", self.terms.context, self.terms.instance);
-                self.stop_partition(partition, false).await;
+                let me = self.clone();
+                actix::spawn(async move { me.stop_partition(partition, false).await });
             }
+        }
+        if *self.stopping.borrow() {
+            return;
         }
         for &partition in round.held.difference(&consumed) {
-            if releasing.contains(&partition) || *self.stopping.borrow() {
+            if releasing.contains(&partition) || starting.contains(&partition) {
                 continue;
             }
-            if let Err(error) = self.start_partition(partition, start).await {
-                log::warn!(target: TARGET, "context={} instance={} partition={partition} cannot subscribe ({error}): giving it back", self.terms.context, self.terms.instance);
-                let terms = self.terms.clone();
-                let _ = db
-                    .write(move |c| lease::release(c, &terms, partition))
+            locked(&self.starting).insert(partition);
+            let (me, db) = (self.clone(), db.clone());
+            let (subscriber, spec, parts, backoff) = (
+                start.subscriber.clone(),
+                start.spec.clone(),
+                start.parts.clone(),
+                start.backoff.clone(),
+            );
+            actix::spawn(async move {
+                let started = me
+                    .start_partition(partition, subscriber, spec, parts, backoff)
                     .await;
-            }
+                locked(&me.starting).remove(&partition);
+                if let Err(error) = started {
+                    log::warn!(target: TARGET, "context={} instance={} partition={partition} cannot subscribe ({error}): giving it back", me.terms.context, me.terms.instance);
+                    let terms = me.terms.clone();
+                    let _ = db.read(move |c| lease::release(c, &terms, partition)).await;
+                }
+            });
         }
-        // Above the fair share: give back the highest, one drain each.
+        // Above the fair share: give back the highest, each once drained.
         let keep: BTreeSet<u16> = round
             .held
             .iter()
-            .filter(|p| !releasing.contains(p))
+            .filter(|p| !releasing.contains(p) && !starting.contains(p))
             .copied()
             .collect();
         let extra = keep.len().saturating_sub(round.share);
         for &partition in keep.iter().rev().take(extra) {
-            self.releasing
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(partition);
-            let me = self.clone();
-            let db = db.clone();
+            locked(&self.releasing).insert(partition);
+            let (me, db) = (self.clone(), db.clone());
             actix::spawn(async move {
                 me.stop_partition(partition, true).await;
                 let terms = me.terms.clone();
-                if let Err(error) = db
-                    .write(move |c| lease::release(c, &terms, partition))
-                    .await
-                {
+                if let Err(error) = db.read(move |c| lease::release(c, &terms, partition)).await {
                     log::warn!(target: TARGET, "context={} partition={partition} giving back the lease failed (it runs out instead): {error}", me.terms.context);
                 }
-                me.releasing
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&partition);
+                locked(&me.releasing).remove(&partition);
                 log::info!(target: TARGET, "context={} instance={} partition={partition} given back", me.terms.context, me.terms.instance);
             });
         }
@@ -273,25 +285,33 @@ impl Partitions {
     async fn start_partition<S>(
         &self,
         partition: u16,
-        start: &Start<S>,
+        subscriber: S,
+        spec: SubscribeSpec,
+        parts: ConsumerParts,
+        backoff: Backoff,
     ) -> Result<(), crate::error::BrokerError>
     where
         S: Subscriber + Clone,
     {
-        let in_flight = start.parts.in_flight.child();
+        let in_flight = parts.in_flight.child();
         let parts = ConsumerParts {
             in_flight: in_flight.clone(),
-            ..start.parts.clone()
+            ..parts
         };
         let spec = SubscribeSpec {
             partition: Some(Partition {
                 index: partition,
                 count: self.count,
             }),
-            ..start.spec.clone()
+            ..spec
         };
-        let intake =
-            Intake::start(start.subscriber.clone(), spec, parts, start.backoff.clone()).await?;
+        let intake = Intake::start(subscriber, spec, parts, backoff).await?;
+        if *self.stopping.borrow() {
+            // Shutdown began while subscribing: hand it straight back.
+            intake.cancel().await;
+            intake.close().await;
+            return Ok(());
+        }
         if self.is_paused() {
             intake.pause().await;
         }
@@ -337,8 +357,12 @@ impl Partitions {
             held.intake.close().await;
         }
         let terms = self.terms.clone();
-        if let Err(error) = db.write(move |c| lease::leave(c, &terms)).await {
+        if let Err(error) = db.read(move |c| lease::leave(c, &terms)).await {
             log::warn!(target: TARGET, "context={} instance={} leaving failed (its leases run out instead): {error}", self.terms.context, self.terms.instance);
         }
     }
+}
+
+fn locked<T>(set: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    set.lock().unwrap_or_else(|p| p.into_inner())
 }

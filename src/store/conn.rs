@@ -100,7 +100,9 @@ pub(crate) fn sqlite_path(url: &str) -> &str {
         .unwrap_or(url)
 }
 
-/// How long a writer waits for the write lock before giving up with [`StoreError::Busy`].
+/// How long one wait for the write lock lasts (PostgreSQL `lock_timeout`,
+/// SQLite's busy timeout); the writer waits several times before its
+/// batch's units fail with [`StoreError::Busy`].
 pub(crate) const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Opens connections to one database, set up as the store needs them.

@@ -9,8 +9,10 @@
 //! come from the database's clock: instances on machines whose clocks differ
 //! still agree on when a lease ran out.
 //!
-//! Rounds run on the writer (under its write lock on PostgreSQL), so two
-//! instances' rounds never interleave.
+//! A round runs statement by statement on a pooled connection, never
+//! queued behind the writer's batches. Rounds of several instances may
+//! interleave: a partition is only ever taken by a conditional upsert that
+//! succeeds when it is free or its lease ran out, which one instance wins.
 
 use std::collections::BTreeSet;
 

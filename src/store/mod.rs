@@ -256,7 +256,7 @@ impl Db {
     ///
     /// # Errors
     /// What `work` returns; [`StoreError::Busy`] when the write lock stayed
-    /// taken (another process); [`StoreError::Panicked`] if it panicked.
+    /// taken (another process) for about half a minute; [`StoreError::Panicked`] if it panicked.
     pub fn write<T, F>(&self, work: F) -> impl std::future::Future<Output = Result<T, StoreError>>
     where
         T: Send + 'static,

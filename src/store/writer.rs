@@ -328,6 +328,10 @@ impl WriterThread {
 /// transaction at a time per database, across all processes.
 const WRITE_LOCK: i64 = 0x6865_7261_6c64; // "herald"
 
+/// How often a batch waits [`BUSY_TIMEOUT`](super::conn::BUSY_TIMEOUT) for
+/// the write lock before its units fail with [`StoreError::Busy`].
+const LOCK_ATTEMPTS: u32 = 6;
+
 /// Opens the batch's transaction with the database's write lock taken.
 ///
 /// SQLite: `BEGIN IMMEDIATE` (a deferred transaction that upgrades to a
@@ -364,7 +368,25 @@ fn in_transaction<F>(conn: &mut Conn, work: F) -> Result<(), StoreError>
 where
     F: FnOnce(&mut Conn) -> Result<(), StoreError>,
 {
-    begin(conn)?;
+    // Nothing of the batch ran yet: waiting longer for another process's
+    // transaction costs its units time, while failing them would retry them
+    // behind later messages of their keys (out of order).
+    let mut attempt = 1;
+    loop {
+        match begin(conn) {
+            Ok(()) => break,
+            Err(StoreError::Busy(reason)) if attempt < LOCK_ATTEMPTS => {
+                log::warn!(
+                    target: "herald::store",
+                    "the write lock stayed taken for {:?} (another process): waiting again, \
+                     attempt {attempt} of {LOCK_ATTEMPTS}: {reason}",
+                    super::conn::BUSY_TIMEOUT
+                );
+                attempt += 1;
+            }
+            Err(error) => return Err(error),
+        }
+    }
     match work(conn) {
         Ok(()) => {
             <Conn as TransactionManager<Conn>>::commit_transaction(conn)?;

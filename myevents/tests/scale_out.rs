@@ -1,0 +1,202 @@
+//! MyEvents with several instances per context on one PostgreSQL database
+//! (issue 12, ADR 0009), against the real RabbitMQ: three `booking`
+//! instances take the book's Go-style messages exactly once and never
+//! overbook a hall whichever instance a request reaches; two `events`
+//! instances publish every event from their outboxes once.
+
+mod myevents_support;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+use herald_testkit::{eventually, TestVhost, LIVENESS};
+use myevents_support::*;
+
+/// Partitions per context: two for each of three instances.
+const PARTITIONS: &str = "6";
+
+/// Starts `count` instances of `kind`, partitioned, named `<kind>-<n>`, and
+/// waits until each holds its share of the partitions.
+async fn instances(kind: Kind, count: usize, vhost: &TestVhost, dir: &DataDir) -> Vec<Service> {
+    let mut started = Vec::new();
+    for n in 1..=count {
+        let extra = Extra {
+            env: vec![
+                ("HERALD__RUNTIME__PARTITIONS".into(), PARTITIONS.into()),
+                (
+                    "HERALD__RUNTIME__INSTANCE".into(),
+                    format!("{}-{n}", kind.name()),
+                ),
+            ],
+            ..Extra::default()
+        };
+        started.push(Service::start_with(kind, vhost, dir, &extra).await);
+    }
+    let partitions: usize = PARTITIONS.parse().unwrap();
+    let shared = eventually(LIVENESS, || async {
+        let mut held = Vec::new();
+        for service in &started {
+            let view = service.admin.get("/partitions").await;
+            if view.status != 200 {
+                return false;
+            }
+            held.push(view.json()["held"].as_array().map_or(0, Vec::len));
+        }
+        held.iter().all(|n| *n == partitions / count)
+    })
+    .await;
+    assert!(shared, "{} partitions were not shared out", kind.name());
+    started
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_booking_instances_apply_1000_go_style_event_created_each_exactly_once() {
+    const EVENTS: usize = 1000;
+    let vhost = TestVhost::new();
+    let dir = DataDir::on(Backend::Postgres);
+    let bookings = instances(Kind::Booking, 3, &vhost, &dir).await;
+    let connection = vhost.lapin().await;
+    let channel = go_emitter(&connection).await;
+    // No partition header, no message id: all in one partition, whichever
+    // instance holds it, each recognised by its event id.
+    let mut ids = Vec::new();
+    for _ in 0..EVENTS {
+        let mut created = fixture("eventCreated");
+        let id = fresh_id();
+        created["id"] = json!(id);
+        publish_like_go(&channel, "eventCreated", created.to_string().as_bytes()).await;
+        ids.push(id);
+    }
+    let db = database(&dir, Kind::Booking);
+    let all = wait_for_count("known events", EVENTS as i64, || {
+        count(&db, "SELECT count(*) AS n FROM known_events")
+    })
+    .await;
+    assert_eq!(all, EVENTS as i64);
+    wait_until_all_settled(&vhost).await;
+    assert_eq!(
+        count(&db, "SELECT count(DISTINCT id) AS n FROM known_events").await,
+        EVENTS as i64
+    );
+    assert_eq!(known_events(&db).await, EVENTS as i64);
+    assert_eq!(queue_messages(&vhost, "booking.dead-letter").await, Some(0));
+    // Any instance answers for any of them (one database).
+    for (n, id) in ids.iter().take(3).enumerate() {
+        let list = bookings[n].api.get(&bookings_path(id)).await;
+        assert_eq!(list.status, 200, "{list:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_last_seat_race_across_three_booking_instances_books_exactly_the_hall() {
+    const SEATS: usize = 100;
+    const REQUESTS: usize = 150;
+    const CLIENTS: usize = 8;
+    let vhost = TestVhost::new();
+    let dir = DataDir::on(Backend::Postgres);
+    let bookings = instances(Kind::Booking, 3, &vhost, &dir).await;
+    let events = Service::start(Kind::Events, &vhost, &dir).await;
+    let id = event_with_capacity(&events.api, "Last Seats", SEATS as u32).await;
+    for booking in &bookings {
+        wait_until_booking_knows(booking, &id).await;
+    }
+
+    let ports: Vec<Api> = bookings.iter().map(|b| b.api).collect();
+    let next = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (next, ports, id) = (next.clone(), ports.clone(), id.clone());
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                loop {
+                    let n = next.fetch_add(1, Ordering::SeqCst);
+                    if n >= REQUESTS {
+                        return answers;
+                    }
+                    // Round-robin over the instances' REST ports.
+                    answers.push(book(&ports[n % ports.len()], &id, 1).await);
+                }
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for client in clients {
+        answers.extend(client.await.expect("client task"));
+    }
+    assert_eq!(answers.len(), REQUESTS);
+    let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
+    for answer in &answers {
+        *statuses.entry(answer.status).or_default() += 1;
+    }
+    assert_eq!(
+        statuses,
+        BTreeMap::from([(201, SEATS), (409, REQUESTS - SEATS)]),
+        "answers: {answers:?}"
+    );
+    for booking in &bookings {
+        assert_eq!(booked(&booking.api, &id).await, (SEATS, SEATS as i64));
+    }
+    wait_for_seats_booked(&events, &id, SEATS as i64).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_events_instances_publish_every_event_once() {
+    const EVENTS: usize = 60;
+    let vhost = TestVhost::new();
+    let dir = DataDir::on(Backend::Postgres);
+    let events = instances(Kind::Events, 2, &vhost, &dir).await;
+    let connection = vhost.lapin().await;
+    let channel = connection.create_channel().await.expect("channel");
+    let mut spy = listen(&channel, "eventCreated", false).await;
+
+    let location =
+        create_location(&events[0].api, json!([{"name": "Hall A", "capacity": 10}])).await;
+    let location = location["ID"].as_str().unwrap().to_owned();
+    let mut created = Vec::new();
+    for n in 0..EVENTS {
+        // Each instance writes half of them into its outbox.
+        let api = &events[n % events.len()].api;
+        let event = create_event(api, &format!("Show {n}"), &location, Some("Hall A")).await;
+        created.push(event["ID"].as_str().unwrap().to_owned());
+    }
+    let db = database(&dir, Kind::Events);
+    let published = wait_for_count("outbox rows published", EVENTS as i64, || {
+        count(
+            &db,
+            "SELECT count(*) AS n FROM outbox WHERE status = 'published' \
+             AND event_name = 'eventCreated'",
+        )
+    })
+    .await;
+    assert_eq!(published, EVENTS as i64);
+    // Every row is published and marked: whatever reached the spy's queue
+    // is there now. Read it all.
+    let mut seen = Vec::new();
+    loop {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(1), spy.next()).await;
+        let Ok(Some(Ok(delivery))) = next else {
+            if seen.len() >= EVENTS && queue_messages_listening(&vhost).await {
+                break;
+            }
+            assert!(seen.len() <= 2 * EVENTS, "{} deliveries", seen.len());
+            continue;
+        };
+        let body: Value = serde_json::from_slice(&delivery.data).expect("JSON");
+        seen.push(body["id"].as_str().unwrap_or_default().to_owned());
+    }
+    let wrong = herald_testkit::not_exactly_once(&seen, created);
+    assert!(wrong.is_empty(), "not published exactly once: {wrong:?}");
+}
+
+/// Whether every spy queue (`listen-…`) of the vhost is empty.
+async fn queue_messages_listening(vhost: &TestVhost) -> bool {
+    all_queues(vhost)
+        .await
+        .iter()
+        .filter(|(name, _)| name.starts_with("listen-"))
+        .all(|(_, n)| *n == 0)
+}
