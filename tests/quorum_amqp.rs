@@ -210,14 +210,20 @@ async fn a_queue_of_the_other_type_fails_the_subscription_naming_broker_queue_ty
     let quorum = broker(&vhost, QueueType::Quorum, 7).await;
     drop(subscribe(&classic, spec("was-classic", None)).await);
     drop(subscribe(&quorum, spec("was-quorum", None)).await);
-    for (broker, group) in [(&quorum, "was-classic"), (&classic, "was-quorum")] {
+    let cases = [
+        (&quorum, "was-classic", "\"quorum\""),
+        (&classic, "was-quorum", "\"classic\""),
+    ];
+    for (broker, group, asked) in cases {
         let refused = tokio::time::timeout(LIVENESS, broker.subscribe(spec(group, None)))
             .await
             .expect("an answer in time");
         match refused {
             Err(BrokerError::Topology(reason)) => {
                 assert!(
-                    reason.contains("broker.queue_type") && reason.contains(group),
+                    reason.contains("of the other queue type (set broker.queue_type")
+                        && reason.contains(&format!("broker.queue_type = {asked}"))
+                        && reason.contains(group),
                     "{reason}"
                 );
             }

@@ -17,7 +17,9 @@ pub const PRODUCER: &str = "x-producer";
 /// the sealed `x-herald-` prefix: it grants nothing, and a forged one only
 /// picks a partition. Messages without it (the book's Go services) all land
 /// in one fixed partition ([`unkeyed_partition`](crate::transport::unkeyed_partition)).
-/// herald's retry, dead-letter and redrive copies keep it.
+/// herald's retry, dead-letter and redrive copies keep it (a key of up to
+/// 1 KiB; a longer one may be dropped like a large foreign header when a
+/// copy must shrink to fit a frame).
 pub const PARTITION_KEY: &str = "x-partition-key";
 /// Why a message was dead-lettered.
 pub const ERROR: &str = "x-herald-error";

@@ -46,7 +46,8 @@ struct State {
 /// group's keys, spreading over its partition queues.
 struct Partitioned {
     /// Partition queues bound: the largest count any subscription declared
-    /// (on RabbitMQ, declared partition queues stay bound).
+    /// (on RabbitMQ, declared partition queues stay bound; a subscription
+    /// with fewer is refused).
     count: u16,
     bindings: Vec<String>,
 }
@@ -436,7 +437,16 @@ impl DeadLetters for MemoryBroker {
 impl Subscriber for MemoryBroker {
     fn subscribe(&self, spec: SubscribeSpec) -> BoxFuture<'_, Result<Subscription, BrokerError>> {
         if let Some(partition) = spec.partition {
-            if let Err(error) = partition.check(&spec.queue) {
+            let shrunk = self
+                .lock()
+                .groups
+                .get(&spec.queue)
+                .is_some_and(|g| g.count > partition.count);
+            let refused = match partition.check(&spec.queue) {
+                Ok(()) if shrunk => Err(partition.shrunk(&spec.queue)),
+                checked => checked,
+            };
+            if let Err(error) = refused {
                 return future::ready(Err(error)).boxed();
             }
         }
@@ -498,6 +508,7 @@ impl State {
                 }
             }
             Some(partition) => {
+                // Never fewer than before: `subscribe` refuses a shrink.
                 let partitioned = self.groups.entry(group.clone()).or_insert(Partitioned {
                     count: partition.count,
                     bindings: Vec::new(),

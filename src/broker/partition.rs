@@ -19,7 +19,7 @@ use crate::error::BrokerError;
 /// One partition of a subscriber group: the subscription consumes partition
 /// `index` of `count`. Every partitioned subscription of a group must give
 /// the same `count`: the hash ring is laid out once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Partition {
     /// Which partition, from 0.
     pub index: u16,
@@ -39,6 +39,18 @@ impl Partition {
             )));
         }
         Ok(())
+    }
+
+    /// The error for a subscription with fewer partitions than the group's
+    /// hash exchange already spreads over: the keys of the partitions above
+    /// `count` would keep landing in queues nobody consumes.
+    pub(crate) fn shrunk(&self, group: &str) -> BrokerError {
+        BrokerError::Topology(format!(
+            "group {group} has partition queue {} bound to {}: it was declared with more              than {} partitions, and a consistent hash cannot shrink (the keys of the              partitions above would stay in queues nobody consumes); run every instance with              the larger count, or move the group's messages and delete its partition queues              and exchange",
+            partition_queue(group, self.count),
+            partition_exchange(group),
+            self.count
+        ))
     }
 }
 

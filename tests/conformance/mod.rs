@@ -195,6 +195,8 @@ macro_rules! conformance_tests {
             a_retried_message_comes_back_to_its_own_partition,
             redriven_dead_letters_of_a_partitioned_group_go_back_through_the_partitions,
             partitioning_a_group_unbinds_its_plain_queue,
+            returning_a_group_to_plain_unbinds_its_partitions,
+            a_partition_that_does_not_exist_or_a_shrinking_count_is_refused,
             a_partition_is_handed_over_by_cancelling_settling_and_closing,
         );
     };
@@ -1253,6 +1255,77 @@ pub async fn partitioning_a_group_unbinds_its_plain_queue(factory: impl Factory)
     assert_eq!(id(&before), "before");
     before.ack().await.expect("ack");
     h.assert_next_is_fence(&mut plain, &fence_key).await;
+}
+
+/// A partitioned group consumed plain again: its partitions no longer
+/// receive (the hash exchange is unbound), what they held stays there.
+pub async fn returning_a_group_to_plain_unbinds_its_partitions(factory: impl Factory) {
+    let h = factory.harness().await;
+    let group = h.queue("unswitched");
+    let key = h.key("unswitched");
+    let fence_key = h.key("unswitched-fence");
+    let p = herald::transport::unkeyed_partition(PARTITIONS);
+    for sub in h.subscribe_partitions(&group, &[&key], 10).await {
+        within(DEADLINE, "close", sub.control.close())
+            .await
+            .expect("close a partition");
+    }
+    h.publish(keyed(&key, "before", None)).await;
+
+    let mut plain = h.subscribe(&group, &[&key], 10).await;
+    h.publish(keyed(&key, "after", None)).await;
+    let after = next(&mut plain, "the message published after the switch").await;
+    assert_eq!(id(&after), "after");
+    after.ack().await.expect("ack");
+
+    // The unkeyed partition holds what it had, and nothing since.
+    let mut partition = h.subscribe_partition(&group, &[&fence_key], 10, p).await;
+    let before = next(&mut partition, "the message the partition held").await;
+    assert_eq!(id(&before), "before");
+    before.ack().await.expect("ack");
+    h.assert_next_is_fence(&mut partition, &fence_key).await;
+}
+
+/// A partition outside its count, or fewer partitions than the group was
+/// declared with (a consistent hash cannot shrink), fail the subscription as
+/// a topology error that names the group; more partitions are taken.
+pub async fn a_partition_that_does_not_exist_or_a_shrinking_count_is_refused(
+    factory: impl Factory,
+) {
+    let h = factory.harness().await;
+    let group = h.queue("sized");
+    let key = h.key("sized");
+    let spec = |index, count| SubscribeSpec {
+        queue: group.clone(),
+        bindings: vec![key.clone()],
+        prefetch: 10,
+        retry_delays: vec![RETRY_DELAY],
+        partition: Some(Partition { index, count }),
+    };
+    let refused = |index, count| {
+        let subscription = h.subscriber.subscribe(spec(index, count));
+        async move {
+            match within(DEADLINE, "subscribe", subscription).await {
+                Err(BrokerError::Topology(reason)) => reason,
+                Err(other) => panic!("{index} of {count}: expected a topology error: {other}"),
+                Ok(_) => panic!("{index} of {count}: subscribed"),
+            }
+        }
+    };
+    for (index, count) in [(4, 4), (0, 0)] {
+        let reason = refused(index, count).await;
+        assert!(reason.contains(&group), "{reason}");
+    }
+    let four = h.subscribe_partition(&group, &[&key], 10, 0).await;
+    let reason = refused(0, 2).await;
+    assert!(
+        reason.contains("cannot shrink") && reason.contains(&group),
+        "{reason}"
+    );
+    let grown = within(DEADLINE, "subscribe", h.subscriber.subscribe(spec(7, 8)))
+        .await
+        .expect("more partitions are taken");
+    drop((four, grown));
 }
 
 /// Handing a partition over: a second subscription to the same partition

@@ -3,9 +3,13 @@
 //! A durable topic exchange (`events`) carries the events. Each subscriber
 //! group has one durable queue, declared **without arguments** (the book's Go
 //! services declare `booking` that way and RabbitMQ refuses a redeclare with
-//! other arguments), bound per handled event name; beside it sit
-//! `<queue>.dead-letter`, one `<queue>.retry.<delay>` per retry delay, and the
-//! binding record `<queue>.bindings`.
+//! other arguments) unless `broker.queue_type` is `quorum`, bound per handled
+//! event name; beside it sit `<queue>.dead-letter`, one
+//! `<queue>.retry.<delay>` per retry delay, and the binding record
+//! `<queue>.bindings`. A partitioned group instead has the consistent-hash
+//! exchange `<queue>.partitions` (bound per event name, its record
+//! `<queue>.partitions.bindings`), the partition queues `<queue>.p<i>` and
+//! `<queue>.partitioned.retry.<delay>` (see `crate::broker::Partition`).
 //!
 //! One file per concern:
 //! - `options`: how to reach the broker;

@@ -32,6 +32,10 @@ impl Subscriber for AmqpBroker {
                 .basic_qos(spec.prefetch.max(1), BasicQosOptions::default())
                 .await?;
             declare_exchange(&inner.connection, &inner.exchange).await?;
+            if let Some(partition) = spec.partition {
+                partition.check(&spec.queue)?;
+            }
+            inner.refuse_shrinking(&spec).await?;
             let shape = Shape::of(self.options());
             let queue = declare_group(&inner.connection, &channel, &spec, shape).await?;
             let exchange = partition_exchange(&spec.queue);

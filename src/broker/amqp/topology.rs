@@ -163,10 +163,14 @@ impl Shape {
     }
 }
 
-/// Declares a durable queue with `arguments`. A queue that exists with
-/// other arguments fails with [`BrokerError::Topology`], naming
-/// `broker.queue_type` when that is the difference.
-async fn declare(channel: &Channel, queue: &str, arguments: FieldTable) -> Result<(), BrokerError> {
+/// Declares a durable queue with `arguments`, as `shape` has them. A queue
+/// that exists with other arguments fails with [`BrokerError::Topology`].
+async fn declare(
+    channel: &Channel,
+    queue: &str,
+    shape: Shape,
+    arguments: FieldTable,
+) -> Result<(), BrokerError> {
     channel
         .queue_declare(
             queue.into(),
@@ -177,7 +181,7 @@ async fn declare(channel: &Channel, queue: &str, arguments: FieldTable) -> Resul
             arguments,
         )
         .await
-        .map_err(|error| refused_declare(queue, error))?;
+        .map_err(|error| shape.refused(queue, error))?;
     Ok(())
 }
 
@@ -191,22 +195,29 @@ fn refusal(error: &lapin::Error) -> Option<(u16, String)> {
     }
 }
 
-/// A declare refused because the queue exists with other arguments (406)
-/// becomes [`BrokerError::Topology`] saying what to change.
-fn refused_declare(queue: &str, error: lapin::Error) -> BrokerError {
-    match refusal(&error) {
-        Some((406, text)) if text.contains("x-queue-type") => BrokerError::Topology(format!(
-            "queue {queue} exists as another type than broker.queue_type asks for: set \
-             broker.queue_type to its type, or move its messages and delete it (RabbitMQ: {})",
+impl Shape {
+    /// A declare refused because the queue exists with other arguments (406)
+    /// becomes [`BrokerError::Topology`] naming the settings that shape
+    /// them. RabbitMQ names only the first argument that differs, which for
+    /// a queue of the other type need not be `x-queue-type`.
+    fn refused(self, queue: &str, error: lapin::Error) -> BrokerError {
+        let Some((406, text)) = refusal(&error) else {
+            return error.into();
+        };
+        let settings = match self.queue_type {
+            QueueType::Classic => "broker.queue_type = \"classic\"".to_owned(),
+            QueueType::Quorum => format!(
+                "broker.queue_type = \"quorum\" and broker.delivery_limit = {}",
+                self.delivery_limit
+            ),
+        };
+        BrokerError::Topology(format!(
+            "queue {queue} exists with other arguments than herald declares it with for \
+             {settings}: it is of the other queue type (set broker.queue_type to its type), or \
+             has another delivery limit or retry delay; or move its messages and delete it \
+             (RabbitMQ: {})",
             crate::broker::escape(&text)
-        )),
-        Some((406, text)) => BrokerError::Topology(format!(
-            "queue {queue} exists with other arguments than herald declares it with \
-             (broker.queue_type, broker.delivery_limit, retry delays, partitions): move its \
-             messages and delete it (RabbitMQ: {})",
-            crate::broker::escape(&text)
-        )),
-        _ => error.into(),
+        ))
     }
 }
 
@@ -224,19 +235,18 @@ pub(super) async fn declare_group(
     let group = spec.queue.as_str();
     match spec.partition {
         None => {
-            declare(channel, group, shape.consumed(group)).await?;
+            declare(channel, group, shape, shape.consumed(group)).await?;
             for delay in &spec.retry_delays {
                 let arguments = shape.retry(*delay, "", Some(group));
-                declare(channel, &retry_queue(group, *delay), arguments).await?;
+                declare(channel, &retry_queue(group, *delay), shape, arguments).await?;
             }
         }
         Some(partition) => {
-            partition.check(group)?;
             let exchange = partition_exchange(group);
             declare_hash_exchange(connection, &exchange).await?;
             for index in 0..partition.count {
                 let queue = partition_queue(group, index);
-                declare(channel, &queue, shape.partition(group)).await?;
+                declare(channel, &queue, shape, shape.partition(group)).await?;
                 // Weight 1 each; binding again changes nothing, so the ring
                 // keeps the order of the first declaration.
                 channel
@@ -251,11 +261,12 @@ pub(super) async fn declare_group(
             }
             for delay in &spec.retry_delays {
                 let arguments = shape.retry(*delay, &exchange, None);
-                declare(channel, &partition_retry_queue(group, *delay), arguments).await?;
+                let retry = partition_retry_queue(group, *delay);
+                declare(channel, &retry, shape, arguments).await?;
             }
         }
     }
-    declare(channel, &dead_letter_queue(group), shape.base()).await?;
+    declare(channel, &dead_letter_queue(group), shape, shape.base()).await?;
     Ok(spec.consumed_queue())
 }
 
@@ -482,6 +493,19 @@ impl Inner {
                 format_args!("{}.p*", spec.queue)
             ),
             Bound::Queue(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Refuses a partitioned subscription with fewer partitions than the
+    /// group was declared with before (its next partition queue exists).
+    pub(super) async fn refuse_shrinking(&self, spec: &SubscribeSpec) -> Result<(), BrokerError> {
+        let Some(partition) = spec.partition else {
+            return Ok(());
+        };
+        let next = partition_queue(&spec.queue, partition.count);
+        if self.exists(Bound::Queue(&next)).await? {
+            return Err(partition.shrunk(&spec.queue));
         }
         Ok(())
     }
