@@ -130,6 +130,10 @@ pub(super) struct Inner {
     /// waits. Per connection, so a dying one cannot clear what its successor
     /// reported.
     blocked: watch::Sender<bool>,
+    /// The subscriptions whose group topology was declared on this
+    /// connection: the next partition of the same group declares only its
+    /// own queue (a group's P partitions otherwise each declared all P).
+    pub(super) prepared: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// The broker user a login with `uri` is: the url's user name for a
@@ -211,6 +215,7 @@ impl Inner {
             exchange: options.exchange.clone(),
             user,
             blocked,
+            prepared: std::sync::Mutex::default(),
         })
     }
 

@@ -17,7 +17,7 @@ use lapin::Channel;
 use super::codec::message_from;
 use super::connection::{AmqpBroker, Role};
 use super::settle::{AckWindow, AmqpAcker, SharedWindow};
-use super::topology::{declare_exchange, declare_group, Bound, Shape};
+use super::topology::{declare_exchange, declare_group, declare_own_partition, Bound, Shape};
 use crate::broker::{
     partition_exchange, Delivery, SubscribeSpec, Subscriber, Subscription, SubscriptionControl,
 };
@@ -35,18 +35,67 @@ impl Subscriber for AmqpBroker {
             if let Some(partition) = spec.partition {
                 partition.check(&spec.queue)?;
             }
-            inner.refuse_shrinking(&spec).await?;
             let shape = Shape::of(self.options());
-            let queue = declare_group(&inner.connection, &channel, &spec, shape).await?;
-            let exchange = partition_exchange(&spec.queue);
-            let bound = match spec.partition {
-                None => Bound::Queue(&spec.queue),
-                Some(_) => Bound::Exchange(&exchange),
+            // The whole group's topology once per connection and group
+            // layout; another partition of it then declares its own queue.
+            let layout = format!(
+                "{:?}",
+                (&spec.queue, spec.partition.map(|p| p.count), &spec.bindings, &spec.retry_delays)
+            );
+            let prepared = inner
+                .prepared
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&layout);
+            let queue = if prepared {
+                declare_own_partition(&channel, &spec, shape).await?
+            } else {
+                let group = Bound::Queue(&spec.queue);
+                let exchange = partition_exchange(&spec.queue);
+                let hashed = Bound::Exchange(&exchange);
+                match spec.partition {
+                    Some(partition) => {
+                        // The plain queue's record first: it refuses fewer
+                        // partitions than before, and herald's keys on the
+                        // plain queue are unbound (it stops receiving).
+                        let plain = inner
+                            .sync_bindings(&channel, group, &[], self, Some(partition.count))
+                            .await?;
+                        if !plain.bindings.is_empty() {
+                            inner.warn_if_plain_holds(&spec.queue).await?;
+                        }
+                        let queue = declare_group(&inner.connection, &channel, &spec, shape).await?;
+                        inner
+                            .sync_bindings(&channel, hashed, &spec.bindings, self, None)
+                            .await?;
+                        inner
+                            .prepared
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(layout);
+                        queue
+                    }
+                    None => {
+                        let queue = declare_group(&inner.connection, &channel, &spec, shape).await?;
+                        let plain = inner
+                            .sync_bindings(&channel, group, &spec.bindings, self, None)
+                            .await?;
+                        if plain.partitions.is_some() {
+                            // Partitioned before: the hash exchange stops receiving.
+                            inner.sync_bindings(&channel, hashed, &[], self, None).await?;
+                            log::warn!(
+                                target: "herald::broker",
+                                "group={} is no longer partitioned: exchange {exchange} is unbound, \
+                                 and its partition queues {}.p* receive nothing more; drain them \
+                                 before deleting them",
+                                spec.queue,
+                                spec.queue
+                            );
+                        }
+                        queue
+                    }
+                }
             };
-            inner
-                .sync_bindings(&channel, bound, &spec.bindings, self)
-                .await?;
-            inner.retire(&spec, self).await?;
             let consumer = channel
                 .basic_consume(
                     queue.as_str().into(),

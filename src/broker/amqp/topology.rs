@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use lapin::options::{
-    BasicAckOptions, BasicGetOptions, ExchangeBindOptions, ExchangeDeclareOptions,
+    BasicAckOptions, BasicGetOptions, BasicNackOptions, ExchangeBindOptions, ExchangeDeclareOptions,
     ExchangeUnbindOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
@@ -270,6 +270,18 @@ pub(super) async fn declare_group(
     Ok(spec.consumed_queue())
 }
 
+/// Declares (again) the queue of a partitioned subscription alone, once its
+/// group's whole topology was declared on the same connection.
+pub(super) async fn declare_own_partition(
+    channel: &Channel,
+    spec: &SubscribeSpec,
+    shape: Shape,
+) -> Result<String, BrokerError> {
+    let queue = spec.consumed_queue();
+    declare(channel, &queue, shape, shape.partition(&spec.queue)).await?;
+    Ok(queue)
+}
+
 /// Declares a partitioned group's consistent-hash exchange, hashing on
 /// [`headers::PARTITION_KEY`], on a channel of its own. A broker without the
 /// plugin refuses the exchange type by closing the connection (the next
@@ -322,6 +334,23 @@ async fn declare_hash_exchange(connection: &Connection, exchange: &str) -> Resul
 /// The exchange type of `rabbitmq_consistent_hash_exchange`.
 const HASH_EXCHANGE_TYPE: &str = "x-consistent-hash";
 
+/// The header of a plain group's binding record that says the group runs
+/// partitioned, with how many partitions: a plain subscribe then unbinds the
+/// hash exchange, and a partitioned one with fewer partitions is refused.
+/// Read from the record, so no subscribe probes for queues or exchanges
+/// that may not exist (a passive declare of a missing one closes the
+/// channel, and lapin logs that as an error).
+const PARTITIONS_RECORDED: &str = "x-herald-partitions";
+
+/// What a binding record held before a subscribe replaced it.
+#[derive(Debug, Default)]
+pub(super) struct Recorded {
+    /// The keys herald had bound.
+    pub(super) bindings: Vec<String>,
+    /// On a plain group's record: the partitions it ran with, if partitioned.
+    pub(super) partitions: Option<u16>,
+}
+
 /// What a binding record is kept for: a queue or an exchange bound to the
 /// topic exchange.
 #[derive(Debug, Clone, Copy)]
@@ -362,7 +391,8 @@ impl Inner {
         target: Bound<'_>,
         wanted: &[String],
         broker: &AmqpBroker,
-    ) -> Result<(), BrokerError> {
+        partitions: Option<u16>,
+    ) -> Result<Recorded, BrokerError> {
         let record = target.record();
         let mut arguments = FieldTable::default();
         arguments.insert("x-max-length".into(), AMQPValue::LongInt(1));
@@ -382,14 +412,47 @@ impl Inner {
         let last = channel
             .basic_get(record.as_str().into(), BasicGetOptions { no_ack: false })
             .await?;
-        let previous: Vec<String> = last
-            .as_ref()
-            .and_then(|last| serde_json::from_slice(&last.delivery.data).ok())
-            .unwrap_or_default();
+        let previous = Recorded {
+            bindings: last
+                .as_ref()
+                .and_then(|last| serde_json::from_slice(&last.delivery.data).ok())
+                .unwrap_or_default(),
+            partitions: last.as_ref().and_then(|last| {
+                let headers = last.delivery.properties.headers().as_ref()?;
+                match headers.inner().get(PARTITIONS_RECORDED)? {
+                    AMQPValue::ShortUInt(n) => Some(*n),
+                    AMQPValue::LongInt(n) => u16::try_from(*n).ok(),
+                    AMQPValue::LongLongInt(n) => u16::try_from(*n).ok(),
+                    AMQPValue::LongString(n) => n.to_string().parse().ok(),
+                    _ => None,
+                }
+            }),
+        };
+        if let (Some(now), Some(before)) = (partitions, previous.partitions) {
+            if now < before {
+                if let Some(last) = last {
+                    last.delivery
+                        .acker
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..BasicNackOptions::default()
+                        })
+                        .await?;
+                }
+                return Err(BrokerError::Topology(format!(
+                    "group {} was declared with {before} partitions, now {now}: a consistent \
+                     hash cannot shrink (the keys of the partitions above would stay in queues \
+                     nobody consumes); run every instance with {before}, or move the group's \
+                     messages and delete its partition queues, exchange {} and record {record}",
+                    target.name(),
+                    partition_exchange(target.name())
+                )));
+            }
+        }
         for binding in wanted {
             self.set_binding(channel, target, binding, true).await?;
         }
-        for stale in previous.iter().filter(|b| !wanted.contains(b)) {
+        for stale in previous.bindings.iter().filter(|b| !wanted.contains(b)) {
             self.set_binding(channel, target, stale, false).await?;
             log::info!(
                 target: "herald::broker",
@@ -405,11 +468,16 @@ impl Inner {
         );
         current.persistent = true;
         current.content_type = Some(crate::broker::CONTENT_TYPE_JSON.into());
+        if let Some(count) = partitions {
+            current
+                .headers
+                .insert(PARTITIONS_RECORDED.into(), count.to_string());
+        }
         broker.send_to_queue(&record, &current).await?;
         if let Some(last) = last {
             last.delivery.acker.ack(BasicAckOptions::default()).await?;
         }
-        Ok(())
+        Ok(previous)
     }
 
     /// Binds (`bind`) or unbinds `target` from the topic exchange for `key`.
@@ -449,99 +517,34 @@ impl Inner {
         Ok(())
     }
 
-    /// Stops feeding the way the group is no longer consumed: a partitioned
-    /// group's plain queue, a plain group's hash exchange. Only what herald
-    /// recorded binding is unbound (nothing when it never bound any), and
-    /// only while the queue or exchange still exists. Messages the plain
-    /// queue still holds stay there: a WARN says how many and how to move
-    /// them.
-    pub(super) async fn retire(
-        &self,
-        spec: &SubscribeSpec,
-        broker: &AmqpBroker,
-    ) -> Result<(), BrokerError> {
-        let exchange = partition_exchange(&spec.queue);
-        let retired = match spec.partition {
-            Some(_) => Bound::Queue(&spec.queue),
-            None => Bound::Exchange(&exchange),
-        };
-        if !self.exists(Bound::Queue(&retired.record())).await? {
-            return Ok(());
-        }
-        let Some(held) = self.exists_holding(retired).await? else {
-            return Ok(());
-        };
-        let channel = self.connection.create_channel().await?;
-        self.sync_bindings(&channel, retired, &[], broker).await?;
-        let _ = channel.close(200, "retired".into()).await;
-        match retired {
-            Bound::Queue(queue) if held > 0 => log::warn!(
-                target: "herald::broker",
-                "queue={queue} holds {held} messages from before group {queue} was partitioned; \
-                 nothing consumes them now and nothing new arrives there. Move them into the \
-                 partitions through exchange {exchange} (a shovel: rabbitmq-plugins enable \
-                 rabbitmq_shovel; rabbitmqctl set_parameter shovel {queue}-to-partitions \
-                 '{{\"src-uri\":\"amqp://\",\"src-queue\":\"{queue}\",\"dest-uri\":\"amqp://\",\
-                 \"dest-exchange\":\"{exchange}\",\"src-delete-after\":\"queue-length\"}}'), or \
-                 run the group unpartitioned until it is empty"
-            ),
-            Bound::Exchange(_) => log::warn!(
-                target: "herald::broker",
-                "group={} is no longer partitioned: exchange {exchange} is unbound, and its \
-                 partition queues {} receive nothing more; drain them before deleting them",
-                spec.queue,
-                format_args!("{}.p*", spec.queue)
-            ),
-            Bound::Queue(_) => {}
-        }
-        Ok(())
-    }
-
-    /// Refuses a partitioned subscription with fewer partitions than the
-    /// group was declared with before (its next partition queue exists).
-    pub(super) async fn refuse_shrinking(&self, spec: &SubscribeSpec) -> Result<(), BrokerError> {
-        let Some(partition) = spec.partition else {
-            return Ok(());
-        };
-        let next = partition_queue(&spec.queue, partition.count);
-        if self.exists(Bound::Queue(&next)).await? {
-            return Err(partition.shrunk(&spec.queue));
-        }
-        Ok(())
-    }
-
-    /// Whether `target` exists (a passive declare, on a channel of its own
-    /// since a missing one closes it).
-    async fn exists(&self, target: Bound<'_>) -> Result<bool, BrokerError> {
-        Ok(self.exists_holding(target).await?.is_some())
-    }
-
-    /// The messages ready in `target` when it exists (0 for an exchange).
-    async fn exists_holding(&self, target: Bound<'_>) -> Result<Option<u32>, BrokerError> {
+    /// After a partitioned subscribe found the plain queue `group` had been
+    /// bound by herald before (and unbound it now): a WARN when it still
+    /// holds messages, which nothing consumes any more.
+    pub(super) async fn warn_if_plain_holds(&self, group: &str) -> Result<(), BrokerError> {
+        let exchange = partition_exchange(group);
         let probe = self.connection.create_channel().await?;
-        let found = match target {
-            Bound::Queue(queue) => ready_in(&probe, queue).await,
-            Bound::Exchange(exchange) => probe
-                .exchange_declare(
-                    exchange.into(),
-                    ExchangeKind::Custom(HASH_EXCHANGE_TYPE.into()),
-                    ExchangeDeclareOptions {
-                        passive: true,
-                        ..ExchangeDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .map(|()| 0),
-        };
-        match found {
+        let held = match ready_in(&probe, group).await {
             Ok(held) => {
                 let _ = probe.close(200, "probed".into()).await;
-                Ok(Some(held))
+                held
             }
-            Err(error) if refusal(&error).is_some_and(|(code, _)| code == 404) => Ok(None),
-            Err(error) => Err(error.into()),
+            // Deleted by someone meanwhile: nothing to move.
+            Err(error) if refusal(&error).is_some_and(|(code, _)| code == 404) => return Ok(()),
+            Err(error) => return Err(error.into()),
+        };
+        if held > 0 {
+            log::warn!(
+                target: "herald::broker",
+                "queue={group} holds {held} messages from before group {group} was partitioned; \
+                 nothing consumes them now and nothing new arrives there. Move them into the \
+                 partitions through exchange {exchange} (a shovel: rabbitmq-plugins enable \
+                 rabbitmq_shovel; rabbitmqctl set_parameter shovel {group}-to-partitions \
+                 '{{\"src-uri\":\"amqp://\",\"src-queue\":\"{group}\",\"dest-uri\":\"amqp://\",\
+                 \"dest-exchange\":\"{exchange}\",\"src-delete-after\":\"queue-length\"}}'), or \
+                 run the group unpartitioned until it is empty"
+            );
         }
+        Ok(())
     }
 }
 
