@@ -58,9 +58,11 @@ lint:
 ## The performance targets in one table, each figure beside its reference
 ## (myevents/benches/targets/): the events and booking binaries against raw
 ## lapin and GET, a no-op handler, the projection rebuild, idle RSS, start
-## to ready; about 5 minutes. Single figures: `cargo bench -p herald --bench
+## to ready, and the durable path on PostgreSQL with 1 and 3 instances
+## (target 5); about 7 minutes. `BENCH_ONLY=1,5 make bench` measures only
+## those targets (1 to 5). Single figures: `cargo bench -p herald --bench
 ## throughput`, `cargo bench -p myevents --bench rebuild` (the same code).
-bench: services
+bench: services services-postgres
 	$(CARGO) bench -p myevents --bench targets
 
 check: fmt lint test

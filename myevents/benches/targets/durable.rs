@@ -2,19 +2,23 @@
 //! (inbox entry, event-store append, projection, one SQLite transaction per
 //! delivery with `database.synchronous = full`, ack after commit), against a
 //! raw lapin consumer acking each message (awaited), same message count,
-//! same prefetch, same broker, same run.
+//! same prefetch, same broker, same run. Target 5 measures the same on
+//! PostgreSQL ([`Deployment`]; `crate::postgres`), with one instance and with
+//! several partitioned ones.
 //!
-//! The events binary is started once with a fresh database; a location and
-//! its events are created through its REST API (one event, and the spread
-//! ones), then its consumer is paused through the admin API. Each round:
+//! The events binaries are started once with a fresh database; a location and
+//! its events are created through the REST API (one event, and the spread
+//! ones), then their consumers are paused through the admin API. Each round:
 //!
 //! - raw: N messages into the queue `raw` (straight, not bound), consumed
 //!   with `broker.prefetch` unacked at most, each ack awaited;
 //! - herald, one event: N `eventBooked` for one event published to the
-//!   `events` exchange (they land in the paused context's queue), then the
-//!   consumer is resumed and the clock runs until the context has counted
-//!   every seat (read from its SQLite file, committed rows only) and acked
-//!   every delivery (`herald_messages_acked_total` on `/metrics`); paused again;
+//!   `events` exchange (they land in the paused context's queue, or its
+//!   partition queues by their `x-partition-key`), then the consumers are
+//!   resumed and the clock runs until the context has counted every seat
+//!   (read from its database, committed rows only) and acked every delivery
+//!   (`herald_messages_acked_total` on each instance's `/metrics`); paused
+//!   again;
 //! - herald, spread: the same with the N messages spread over the events.
 //!
 //! After the rounds, the REST API must show every seat counted once.
@@ -22,14 +26,15 @@
 use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
-use diesel::{Connection as _, RunQueryDsl, SqliteConnection};
+use diesel::{Connection as _, PgConnection, RunQueryDsl, SqliteConnection};
 use serde_json::{json, Value};
 
 use crate::amqp::{
     consume_raw, median, rate, BenchResult, Publisher, Route, Vhost, RAW_QUEUE, ROUND_TIMEOUT,
 };
 use crate::http::Api;
-use crate::process::{Binary, Kind};
+use crate::postgres::{BackendCpu, Database};
+use crate::process::{Binary, Kind, Launch};
 use crate::table::{int, Row};
 use crate::Plan;
 
@@ -37,14 +42,58 @@ use crate::Plan;
 const TARGET_RATIO: f64 = 0.8;
 /// How often the bench checks a condition it waits for.
 const POLL: Duration = Duration::from_millis(5);
-/// The events context's queue.
+/// The events context's queue (and its partition queues' prefix).
 const QUEUE: &str = "events";
 const CONSUMER: &str = "events.consumer";
 
-/// A running events binary with one event and `spread` events in a large
-/// hall, its consumer paused, and a publisher on its vhost.
+/// Where the events context keeps its state, and how many instances run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deployment {
+    /// One instance on a SQLite file in the bench's folder (target 1).
+    Sqlite,
+    /// `instances` on one fresh PostgreSQL database; spread over `partitions`
+    /// partition queues when more than 0 (ADR 0009), else unpartitioned.
+    Postgres { instances: usize, partitions: u16 },
+}
+
+impl Deployment {
+    fn partitions(self) -> u16 {
+        match self {
+            Deployment::Sqlite => 0,
+            Deployment::Postgres { partitions, .. } => partitions,
+        }
+    }
+
+    fn instances(self) -> usize {
+        match self {
+            Deployment::Sqlite => 1,
+            Deployment::Postgres { instances, .. } => instances,
+        }
+    }
+
+    /// The queues the context consumes: its own, or its partitions'.
+    fn queues(self) -> Vec<String> {
+        match self.partitions() {
+            0 => vec![QUEUE.to_owned()],
+            count => (0..count)
+                .map(|i| herald::transport::partition_queue(QUEUE, i))
+                .collect(),
+        }
+    }
+}
+
+/// A reader of the context's committed rows, beside the running binaries.
+enum Reader {
+    Sqlite(SqliteConnection),
+    Postgres(PgConnection),
+}
+
+/// Running events binaries with one event and `spread` events in a large
+/// hall, their consumers paused, and a publisher on their vhost.
 pub struct EventsFixture {
-    pub binary: Binary,
+    /// The instances; the first one's REST API creates the events.
+    pub instances: Vec<Binary>,
+    pub deployment: Deployment,
     pub single: String,
     pub spread: Vec<String>,
     pub publisher: Publisher,
@@ -56,31 +105,76 @@ pub struct EventsFixture {
     next_seq: u64,
     /// Seats the context has counted so far (every booking is one seat).
     counted: i64,
-    reader: SqliteConnection,
-    /// What each herald round cost the process, in the order of the rounds.
+    reader: Reader,
+    /// The PostgreSQL database, dropped once the binaries stopped.
+    database: Option<Database>,
+    /// What each herald round cost, in the order of the rounds.
     pub spent: Vec<Spent>,
 }
 
-/// What one herald round cost the events process.
-#[derive(Debug, Clone, Copy)]
+/// What one herald round cost.
+#[derive(Debug, Clone)]
 pub struct Spent {
-    /// Its CPU time (every thread) divided by the messages of the round.
+    /// The events processes' CPU time (every thread of every instance)
+    /// divided by the messages of the round.
     pub cpu_per_message: Duration,
-    /// Units its database writer committed per transaction, on average.
+    /// The same for the PostgreSQL server processes serving the context's
+    /// database, where they can be read (a local server).
+    pub database_cpu_per_message: Option<Duration>,
+    /// Units the database writers committed per transaction, on average.
     pub units_per_batch: f64,
+    /// Deliveries each instance acked in the round.
+    pub acked: Vec<u64>,
+}
+
+impl Spent {
+    /// `<n> µs CPU per message (+ <m> µs PostgreSQL), <u> per commit`.
+    pub fn describe(&self) -> String {
+        let database = self
+            .database_cpu_per_message
+            .map(|cpu| format!(" + {} µs PostgreSQL", cpu.as_micros()))
+            .unwrap_or_default();
+        format!(
+            "{} µs CPU per message{database}, {:.1} per commit",
+            self.cpu_per_message.as_micros(),
+            self.units_per_batch
+        )
+    }
+
+    /// Each instance's share of the round's deliveries.
+    pub fn shares(&self) -> String {
+        shares(&self.acked)
+    }
+}
+
+/// Each instance's share of `acked` deliveries (by instance), `34/33/33 %`.
+fn shares(acked: &[u64]) -> String {
+    let total = acked.iter().sum::<u64>().max(1) as f64;
+    let shares: Vec<String> = acked
+        .iter()
+        .map(|n| format!("{:.0}", 100.0 * *n as f64 / total))
+        .collect();
+    format!("{} %", shares.join("/"))
 }
 
 /// The `eventBooked` of booking number `seq` for `event_id`, one seat, as
-/// booking publishes it (message id, producer, schema version headers).
+/// booking's outbox relay publishes it: message id, producer, schema version
+/// and the partition key (the event id) in `x-partition-key`, which a
+/// partitioned context's hash exchange spreads by.
 pub fn booked(event_id: &str, seq: u64) -> BenchResult<herald::transport::Message> {
-    Ok(herald::Envelope::new(&myevents::contract::EventBooked {
+    let mut message = herald::Envelope::new(&myevents::contract::EventBooked {
         event_id: event_id.to_owned(),
         user_id: "bench".into(),
         booking_id: Some(format!("{seq:024x}")),
         seats: Some(1),
     })?
     .with_producer("booking")
-    .to_message())
+    .to_message();
+    message.headers.insert(
+        herald::transport::headers::PARTITION_KEY.into(),
+        event_id.to_owned(),
+    );
+    Ok(message)
 }
 
 /// The booking number of an `eventBooked` JSON body (as [`booked`] sets it).
@@ -160,20 +254,74 @@ struct Count {
     n: i64,
 }
 
+/// Seats counted in the events read model, committed rows only (the cast:
+/// PostgreSQL sums a `bigint` column as `numeric`).
+const SEATS_COUNTED: &str =
+    "SELECT CAST(coalesce(sum(seats_booked), 0) AS BIGINT) AS n FROM events";
+
 /// Opens a context's SQLite file beside the running binary (WAL: readers see
 /// committed transactions only and never block the writer).
 pub fn open_reader(binary: &Binary) -> BenchResult<SqliteConnection> {
-    let path = binary.database.to_str().ok_or("database path")?;
-    let mut reader = SqliteConnection::establish(path)?;
+    let mut reader = SqliteConnection::establish(&binary.database)?;
     reader.batch_execute("PRAGMA busy_timeout = 5000;")?;
     Ok(reader)
 }
 
+/// The sum of the samples of `metric` in `GET /metrics` of the admin API.
+async fn metric(admin: Api, metric: &str) -> BenchResult<u64> {
+    let metrics = admin.get("/metrics").await?;
+    if metrics.status != 200 {
+        return Err(format!("GET /metrics: HTTP {}", metrics.status).into());
+    }
+    let text = String::from_utf8_lossy(&metrics.body);
+    Ok(text
+        .lines()
+        .filter(|line| line.split([' ', '{']).next() == Some(metric))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64)
+}
+
 impl EventsFixture {
-    pub async fn start(plan: &Plan, vhost: &Vhost, dir: &std::path::Path) -> BenchResult<Self> {
-        let binary = Binary::start(Kind::Events, &vhost.url, dir).await?;
+    /// Starts the events binaries of `deployment` (on a fresh PostgreSQL
+    /// database for [`Deployment::Postgres`]), waits until partitioned
+    /// instances hold their shares, creates the events and pauses the
+    /// consumers.
+    pub async fn start(
+        plan: &Plan,
+        vhost: &Vhost,
+        dir: &std::path::Path,
+        deployment: Deployment,
+    ) -> BenchResult<Self> {
+        let database = match deployment {
+            Deployment::Sqlite => None,
+            Deployment::Postgres { .. } => Some(Database::create()?),
+        };
+        let mut instances = Vec::with_capacity(deployment.instances());
+        for n in 1..=deployment.instances() {
+            let mut launch = Launch {
+                database: database.as_ref().map(|db| db.url.clone()),
+                env: Vec::new(),
+            };
+            if deployment.partitions() > 0 {
+                launch.env = vec![
+                    (
+                        "HERALD__RUNTIME__PARTITIONS".into(),
+                        deployment.partitions().to_string(),
+                    ),
+                    ("HERALD__RUNTIME__INSTANCE".into(), format!("events-{n}")),
+                ];
+            }
+            instances.push(Binary::start_with(Kind::Events, &vhost.url, dir, &launch).await?);
+        }
+        if deployment.partitions() > 0 {
+            crate::postgres::await_shares(&instances, deployment.partitions()).await?;
+        }
+        let reader = match &database {
+            None => Reader::Sqlite(open_reader(&instances[0])?),
+            Some(database) => Reader::Postgres(PgConnection::establish(&database.url)?),
+        };
         let settings = herald::Settings::load(&crate::process::config(Kind::Events))?;
-        let api = binary.api;
+        let api = instances[0].api;
         let location = create_location(api, "Main", 1_000_000).await?;
         let single = create_event(api, "One event", &location, "Main").await?;
         let mut spread = Vec::with_capacity(plan.spread_events);
@@ -183,9 +331,9 @@ impl EventsFixture {
         let publishing = vhost.connect("bench-publisher").await?;
         let raw = vhost.connect("bench-raw").await?;
         let publisher = Publisher::open(&publishing, &settings.broker.exchange).await?;
-        let reader = open_reader(&binary)?;
         let fixture = EventsFixture {
-            binary,
+            instances,
+            deployment,
             single,
             spread,
             publisher,
@@ -195,10 +343,16 @@ impl EventsFixture {
             next_seq: 1,
             counted: 0,
             reader,
+            database,
             spent: Vec::new(),
         };
-        fixture.consumer("pause").await?;
+        fixture.consumers("pause").await?;
         Ok(fixture)
+    }
+
+    /// The first instance (the only one on SQLite).
+    pub fn binary(&self) -> &Binary {
+        &self.instances[0]
     }
 
     /// `n` fresh booking numbers; returns the first.
@@ -208,51 +362,62 @@ impl EventsFixture {
         first
     }
 
-    /// `POST /consumers/events.consumer/{action}` (pause, resume) on the admin API.
-    pub async fn consumer(&self, action: &str) -> BenchResult<()> {
+    /// `POST /consumers/events.consumer/{action}` (pause, resume) on every
+    /// instance's admin API.
+    pub async fn consumers(&self, action: &str) -> BenchResult<()> {
         let path = format!("/consumers/{CONSUMER}/{action}");
-        self.binary
-            .admin
-            .post_json(&path, &json!({}))
-            .await?
-            .expect(200, &path)?;
+        for instance in &self.instances {
+            instance
+                .admin
+                .post_json(&path, &json!({}))
+                .await?
+                .expect(200, &path)?;
+        }
         Ok(())
     }
 
     /// Seats counted in the context's read model (committed).
     fn seats_counted(&mut self) -> BenchResult<i64> {
-        Ok(
-            diesel::sql_query("SELECT coalesce(sum(seats_booked), 0) AS n FROM events")
-                .get_result::<Count>(&mut self.reader)?
-                .n,
-        )
+        let query = diesel::sql_query(SEATS_COUNTED);
+        Ok(match &mut self.reader {
+            Reader::Sqlite(reader) => query.get_result::<Count>(reader)?.n,
+            Reader::Postgres(reader) => query.get_result::<Count>(reader)?.n,
+        })
     }
 
-    /// The sum of the samples of `metric` in `GET /metrics`.
-    async fn metric(&self, metric: &str) -> BenchResult<u64> {
-        let metrics = self.binary.admin.get("/metrics").await?;
-        if metrics.status != 200 {
-            return Err(format!("GET /metrics: HTTP {}", metrics.status).into());
+    /// `metric` on each instance, in their order.
+    async fn per_instance(&self, name: &str) -> BenchResult<Vec<u64>> {
+        let mut values = Vec::with_capacity(self.instances.len());
+        for instance in &self.instances {
+            values.push(metric(instance.admin, name).await?);
         }
-        let text = String::from_utf8_lossy(&metrics.body);
-        Ok(text
-            .lines()
-            .filter(|line| line.split([' ', '{']).next() == Some(metric))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64)
+        Ok(values)
     }
 
-    /// Deliveries the context acked (`herald_messages_acked_total`).
-    async fn acked(&self) -> BenchResult<u64> {
-        self.metric("herald_messages_acked_total").await
+    /// Deliveries each instance acked (`herald_messages_acked_total`).
+    async fn acked(&self) -> BenchResult<Vec<u64>> {
+        self.per_instance("herald_messages_acked_total").await
     }
 
-    /// The database writer's units and batches so far.
+    /// The database writers' units and batches so far, all instances.
     async fn writer(&self) -> BenchResult<(u64, u64)> {
-        Ok((
-            self.metric("herald_db_units_total").await?,
-            self.metric("herald_db_batches_total").await?,
-        ))
+        let units = self.per_instance("herald_db_units_total").await?;
+        let batches = self.per_instance("herald_db_batches_total").await?;
+        Ok((units.iter().sum(), batches.iter().sum()))
+    }
+
+    /// CPU time of every instance so far.
+    fn cpu_time(&self) -> BenchResult<Duration> {
+        self.instances.iter().map(Binary::cpu_time).sum()
+    }
+
+    /// CPU time of the PostgreSQL processes serving the context's database
+    /// (not the bench's reader), by process; `None` on SQLite.
+    fn database_cpu(&mut self) -> BenchResult<Option<BackendCpu>> {
+        match &mut self.reader {
+            Reader::Sqlite(_) => Ok(None),
+            Reader::Postgres(reader) => Ok(Some(BackendCpu::read(reader)?)),
+        }
     }
 
     /// The raw reference: `n` messages straight into `raw`, then consumed.
@@ -269,7 +434,7 @@ impl EventsFixture {
     }
 
     /// `n` bookings spread over `events` (by index), queued while the
-    /// consumer is paused; timed from the resume to the last seat counted
+    /// consumers are paused; timed from the resume to the last seat counted
     /// and the last delivery acked.
     async fn herald_round(&mut self, n: usize, spread: bool) -> BenchResult<Duration> {
         let first = self.take(n);
@@ -284,11 +449,13 @@ impl EventsFixture {
             })
             .await?;
         let want = self.counted + n as i64;
-        let want_acked = self.acked().await? + n as u64;
+        let acked_before = self.acked().await?;
+        let want_acked = acked_before.iter().sum::<u64>() + n as u64;
         let before = self.writer().await?;
-        let cpu_before = self.binary.cpu_time()?;
+        let database_before = self.database_cpu()?;
+        let cpu_before = self.cpu_time()?;
         let started = Instant::now();
-        self.consumer("resume").await?;
+        self.consumers("resume").await?;
         while self.seats_counted()? < want {
             if started.elapsed() > ROUND_TIMEOUT {
                 return Err(format!(
@@ -299,119 +466,224 @@ impl EventsFixture {
             }
             tokio::time::sleep(POLL).await;
         }
-        while self.acked().await? < want_acked {
+        let mut acked = self.acked().await?;
+        while acked.iter().sum::<u64>() < want_acked {
             if started.elapsed() > ROUND_TIMEOUT {
                 return Err(format!("not every delivery acked within {ROUND_TIMEOUT:?}").into());
             }
             tokio::time::sleep(POLL).await;
+            acked = self.acked().await?;
         }
         let elapsed = started.elapsed();
-        let cpu = self.binary.cpu_time()?.saturating_sub(cpu_before);
+        let cpu = self.cpu_time()?.saturating_sub(cpu_before);
+        let database_cpu = match (database_before, self.database_cpu()?) {
+            (Some(before), Some(after)) => after.since(&before),
+            _ => None,
+        };
         let after = self.writer().await?;
-        self.consumer("pause").await?;
+        self.consumers("pause").await?;
         self.spent.push(Spent {
             cpu_per_message: cpu / n as u32,
+            database_cpu_per_message: database_cpu.map(|cpu| cpu / n as u32),
             units_per_batch: (after.0 - before.0) as f64 / (after.1 - before.1).max(1) as f64,
+            acked: acked
+                .iter()
+                .zip(&acked_before)
+                .map(|(now, then)| now.saturating_sub(*then))
+                .collect(),
         });
         self.counted = want;
         let counted = self.seats_counted()?;
         if counted != want {
             return Err(format!("{counted} seats counted, {want} booked").into());
         }
-        let left = self.publisher.ready(QUEUE).await?;
-        if left != 0 {
-            return Err(format!("{left} messages left in queue {QUEUE}").into());
+        for queue in self.deployment.queues() {
+            let left = self.publisher.ready(&queue).await?;
+            if left != 0 {
+                return Err(format!("{left} messages left in queue {queue}").into());
+            }
         }
         Ok(elapsed)
     }
 
+    /// Stops every instance (SIGTERM, orderly exit), then drops the
+    /// PostgreSQL database.
     pub async fn stop(self) -> BenchResult<()> {
         let _ = self.raw.close(200, "done".into()).await;
         let _ = self.publishing.close(200, "done".into()).await;
-        self.binary.stop().await
+        drop(self.reader);
+        let mut outcome = Ok(());
+        for instance in self.instances {
+            if let Err(error) = instance.stop().await {
+                outcome = outcome.and(Err(error));
+            }
+        }
+        drop(self.database);
+        outcome
     }
 }
 
-/// Runs the rounds; the rows of target 1.
-pub async fn measure(plan: &Plan, fixture: &mut EventsFixture) -> BenchResult<Vec<Row>> {
+/// What [`measure`] reports, and how.
+pub struct Figures {
+    /// The target's number and the letter of its first row: `1a`, `5c`.
+    pub first: (u8, char),
+    /// What the rows measure, before the counts: `durable path on PostgreSQL, 1 instance`.
+    pub what: String,
+    /// Whether there is a round on one event (else spread only).
+    pub one_event: bool,
+    /// The target ratio to raw lapin; `None`: reported only.
+    pub target: Option<f64>,
+}
+
+impl Figures {
+    /// Target 1: SQLite, one instance, on one event and spread.
+    pub fn sqlite() -> Self {
+        Figures {
+            first: (1, 'a'),
+            what: "durable path".into(),
+            one_event: true,
+            target: Some(TARGET_RATIO),
+        }
+    }
+}
+
+/// Runs the rounds; the rows of `figures`.
+pub async fn measure(
+    plan: &Plan,
+    fixture: &mut EventsFixture,
+    figures: &Figures,
+) -> BenchResult<Vec<Row>> {
     let n = plan.durable_messages;
+    let spread_label = format!("{} events", fixture.spread.len());
+    let variants: Vec<(bool, &str)> = if figures.one_event {
+        vec![(false, "1 event"), (true, &spread_label)]
+    } else {
+        vec![(true, &spread_label)]
+    };
     println!(
-        "durable path: {n} eventBooked per round, on 1 event and spread over {} events, \
-         prefetch {}, rounds: {}",
-        fixture.spread.len(),
+        "{}: {n} eventBooked per round, on {}, prefetch {}, {} instance(s), rounds: {}",
+        figures.what,
+        variants
+            .iter()
+            .map(|(_, label)| *label)
+            .collect::<Vec<_>>()
+            .join(" and "),
         fixture.prefetch,
+        fixture.instances.len(),
         plan.rounds
     );
-    let (mut raw, mut single, mut spread) = (Vec::new(), Vec::new(), Vec::new());
+    let mut raw = Vec::new();
+    let mut times = vec![Vec::new(); variants.len()];
     for round in 1..=plan.rounds {
-        raw.push(fixture.raw_round(n).await?);
-        single.push(fixture.herald_round(n, false).await?);
-        spread.push(fixture.herald_round(n, true).await?);
-        let spent = &fixture.spent[fixture.spent.len() - 2..];
-        println!(
-            "round {round}     : raw lapin {:>7.0} msg/s, herald 1 event {:>7.0} msg/s, \
-             herald {} events {:>7.0} msg/s",
-            rate(n, raw[round - 1]),
-            rate(n, single[round - 1]),
-            fixture.spread.len(),
-            rate(n, spread[round - 1]),
+        let raw_time = fixture.raw_round(n).await?;
+        raw.push(raw_time);
+        let mut line = format!(
+            "round {round}     : raw lapin {:>7.0} msg/s",
+            rate(n, raw_time)
         );
-        println!(
-            "              events process: {} µs CPU per message, {:.1} per commit \
-             (1 event); {} µs, {:.1} per commit ({} events)",
-            spent[0].cpu_per_message.as_micros(),
-            spent[0].units_per_batch,
-            spent[1].cpu_per_message.as_micros(),
-            spent[1].units_per_batch,
-            fixture.spread.len(),
-        );
+        for ((spread, label), times) in variants.iter().zip(&mut times) {
+            let time = fixture.herald_round(n, *spread).await?;
+            times.push(time);
+            line.push_str(&format!(", herald {label} {:>7.0} msg/s", rate(n, time)));
+        }
+        println!("{line}");
+        let spent = &fixture.spent[fixture.spent.len() - variants.len()..];
+        for ((_, label), spent) in variants.iter().zip(spent) {
+            let shares = if fixture.instances.len() > 1 {
+                format!("; acked by the instances {}", spent.shares())
+            } else {
+                String::new()
+            };
+            println!("              {label}: {}{shares}", spent.describe());
+        }
     }
-    check_counted(plan, fixture).await?;
+    check_counted(plan, fixture, figures.one_event).await?;
     let raw_rate = rate(n, median(raw));
     let reference = format!("raw lapin {} msg/s", int(raw_rate));
-    let target = format!("≥ {TARGET_RATIO:.1} × raw");
-    let row = |figure: String, times: Vec<Duration>| {
-        let herald = rate(n, median(times));
-        Row::new(
-            figure,
-            format!("{} msg/s = {:.2} × raw", int(herald), herald / raw_rate),
-            reference.clone(),
-            target.clone(),
-            herald >= TARGET_RATIO * raw_rate,
-        )
+    let spent_by_variant = |v: usize| -> Vec<&Spent> {
+        fixture
+            .spent
+            .iter()
+            .skip(fixture.spent.len() - plan.rounds * variants.len())
+            .skip(v)
+            .step_by(variants.len())
+            .collect()
     };
-    Ok(vec![
-        row(
-            format!("1a durable path: {} eventBooked, 1 event", int(n as f64)),
-            single,
-        ),
-        row(
-            format!(
-                "1b durable path: {} eventBooked, {} events",
-                int(n as f64),
-                int(fixture.spread.len() as f64)
+    let mut rows = Vec::new();
+    for (v, ((_, label), times)) in variants.iter().zip(times).enumerate() {
+        let herald = rate(n, median(times));
+        let figure = format!(
+            "{}{} {}: {} eventBooked, {label}",
+            figures.first.0,
+            (figures.first.1 as u8 + v as u8) as char,
+            figures.what,
+            int(n as f64),
+        );
+        let mut cell = format!("{} msg/s = {:.2} × raw", int(herald), herald / raw_rate);
+        if figures.target.is_none() {
+            // Reported only: the cost per message tells more than the rate
+            // on a shared machine, and the instances' shares how it spread.
+            let spent = spent_by_variant(v);
+            cell.push_str(&format!(", {}", median_spent(&spent)));
+            if fixture.instances.len() > 1 {
+                // Over every round of this row.
+                let mut acked = vec![0; fixture.instances.len()];
+                for round in &spent {
+                    acked
+                        .iter_mut()
+                        .zip(&round.acked)
+                        .for_each(|(a, n)| *a += n);
+                }
+                cell.push_str(&format!(", shares {}", shares(&acked)));
+            }
+        }
+        rows.push(match figures.target {
+            Some(ratio) => Row::new(
+                figure,
+                cell,
+                reference.clone(),
+                format!("≥ {ratio:.1} × raw"),
+                herald >= ratio * raw_rate,
             ),
-            spread,
-        ),
-    ])
+            None => Row::info(figure, cell, reference.clone()),
+        });
+    }
+    Ok(rows)
+}
+
+/// The median CPU cost per message of `spent` rounds, as
+/// `CPU <n> µs/msg (+ <m> µs PostgreSQL)`.
+fn median_spent(spent: &[&Spent]) -> String {
+    let cpu = median(spent.iter().map(|s| s.cpu_per_message).collect());
+    let database: Vec<Duration> = spent
+        .iter()
+        .filter_map(|s| s.database_cpu_per_message)
+        .collect();
+    let database = if database.is_empty() {
+        String::new()
+    } else {
+        format!(" + {} µs PostgreSQL", median(database).as_micros())
+    };
+    format!("CPU {} µs/msg{database}", cpu.as_micros())
 }
 
 /// The REST API shows every seat counted exactly once.
-async fn check_counted(plan: &Plan, fixture: &EventsFixture) -> BenchResult<()> {
+async fn check_counted(plan: &Plan, fixture: &EventsFixture, one_event: bool) -> BenchResult<()> {
     let want = (plan.rounds * plan.durable_messages) as i64;
-    let seats = seats_by_event(fixture.binary.api).await?;
+    let want_single = if one_event { want } else { 0 };
+    let seats = seats_by_event(fixture.binary().api).await?;
     let single = seats.get(&fixture.single).copied().unwrap_or(0);
     let spread: i64 = fixture
         .spread
         .iter()
         .map(|id| seats.get(id).copied().unwrap_or(0))
         .sum();
-    if single == want && spread == want {
+    if single == want_single && spread == want {
         Ok(())
     } else {
         Err(format!(
             "GET /events counts {single} seats on the one event and {spread} on the spread \
-             events, {want} each were booked"
+             events, {want_single} and {want} were booked"
         )
         .into())
     }

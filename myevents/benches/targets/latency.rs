@@ -169,7 +169,7 @@ fn watch(
     n: usize,
     deadline: Instant,
 ) -> BenchResult<impl FnOnce() -> Result<Vec<Option<Instant>>, String> + Send> {
-    let mut reader = open_reader(&fixture.binary)?;
+    let mut reader = open_reader(fixture.binary())?;
     let after = diesel::sql_query("SELECT coalesce(max(position), 0) AS position FROM event_store")
         .get_result::<Last>(&mut reader)?
         .position;
@@ -233,7 +233,7 @@ pub async fn measure(plan: &Plan, fixture: &mut EventsFixture) -> BenchResult<Ve
         fixture.spread.len(),
         plan.rounds
     );
-    fixture.consumer("resume").await?;
+    fixture.consumers("resume").await?;
     let (mut raw, mut herald) = (Vec::new(), Vec::new());
     for round in 1..=plan.rounds {
         let r = raw_round(fixture, n, period)

@@ -1,5 +1,5 @@
-//! The performance targets of issue 10 in one table: `make bench`
-//! (`cargo bench -p myevents --bench targets`).
+//! The performance targets of issue 10, and the PostgreSQL figures of issue
+//! 12, in one table: `make bench` (`cargo bench -p myevents --bench targets`).
 //!
 //! Every figure is measured in this run, on this broker, beside its
 //! reference; ratios compare the two within the run, and each figure is the
@@ -16,13 +16,20 @@
 //! 4. unchanged or better: a no-op handler against raw lapin (the code of
 //!    herald's `throughput` bench, `benches/common/mod.rs`), the projection
 //!    rebuild rate (the code of the `rebuild` bench, `common/rebuild.rs`),
-//!    idle RSS and start to ready of both binaries ([`startup`]).
+//!    idle RSS and start to ready of both binaries ([`startup`]);
+//! 5. target 1's durable path on PostgreSQL ([`postgres`]): one instance, and
+//!    three instances of the context partitioned six ways, each on a fresh
+//!    database; reported ("info") beside their raw lapin reference, no target.
+//!
+//! `BENCH_ONLY=1,5` measures only those targets (1 and 3 share one binary
+//! and run together).
 //!
 //! The binaries are the release builds `cargo bench` makes of this package
 //! (`CARGO_BIN_EXE_*`), run with the shipped `config/` (so
 //! `database.synchronous = full`), their database in a temporary folder and
-//! quiet logs. Everything runs in a vhost of its own (`herald-bench-<uuid>`),
-//! deleted at the end.
+//! quiet logs. Everything runs in a vhost of its own (`herald-bench-<uuid>`;
+//! each fixture of target 5 in one more), deleted at the end; target 5's
+//! databases (`herald_bench_<uuid>`) are dropped at the end of each fixture.
 //!
 //! Without `--bench` (`cargo test --all-targets` runs bench binaries that
 //! way) it is a smoke run with small counts and one round, debug binaries,
@@ -34,6 +41,7 @@ mod bookings;
 mod durable;
 mod http;
 mod latency;
+mod postgres;
 mod process;
 #[path = "../common/rebuild.rs"]
 mod rebuild;
@@ -132,11 +140,13 @@ async fn events_path(plan: &Plan, vhost: &Vhost, dir: &Path) -> Vec<Row> {
         Ok(dir) => dir,
         Err(error) => return failed(&error),
     };
-    let mut fixture = match durable::EventsFixture::start(plan, vhost, &dir).await {
+    let deployment = durable::Deployment::Sqlite;
+    let mut fixture = match durable::EventsFixture::start(plan, vhost, &dir, deployment).await {
         Ok(fixture) => fixture,
         Err(error) => return failed(&error),
     };
-    let mut rows = match durable::measure(plan, &mut fixture).await {
+    let figures = durable::Figures::sqlite();
+    let mut rows = match durable::measure(plan, &mut fixture, &figures).await {
         Ok(rows) => rows,
         Err(error) => vec![Row::failed(
             "1 durable path",
@@ -213,6 +223,16 @@ async fn measure_all(plan: &Plan, vhost: &Vhost, dir: &Path) -> Vec<Row> {
     if wanted(4) {
         rows.push(noop(plan, vhost).await);
         rows.extend(startup::measure(vhost, dir, plan.starts).await);
+    }
+    if wanted(5) {
+        match subdir(dir, "postgres") {
+            Ok(dir) => rows.extend(postgres::measure(plan, &dir).await),
+            Err(error) => rows.push(Row::failed(
+                "5 durable path on PostgreSQL",
+                "none (info)",
+                &error.to_string(),
+            )),
+        }
     }
     rows
 }

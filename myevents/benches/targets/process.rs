@@ -44,20 +44,47 @@ pub struct Binary {
     pub start_to_ready: Duration,
     pub api: Api,
     pub admin: Api,
-    /// Its SQLite file.
-    pub database: PathBuf,
+    /// Its `DATABASE_URL`: a SQLite file, or a PostgreSQL URL.
+    pub database: String,
     child: Child,
     lines: Lines,
 }
 
+/// What a start changes beyond the shipped config.
+#[derive(Debug, Default, Clone)]
+pub struct Launch {
+    /// `DATABASE_URL`; without it, `<kind>.db` in the bench's folder.
+    pub database: Option<String>,
+    /// Further settings as `HERALD__SECTION__KEY` variables (partitions,
+    /// instance name).
+    pub env: Vec<(String, String)>,
+}
+
 impl Binary {
-    /// Spawns `kind` on `amqp_url` with its database in `dir` and waits until
-    /// its context consumes and both of its APIs listen.
+    /// Spawns `kind` on `amqp_url` with its SQLite database in `dir` and
+    /// waits until its context consumes and both of its APIs listen.
+    pub async fn start(kind: Kind, amqp_url: &str, dir: &Path) -> BenchResult<Binary> {
+        Self::start_with(kind, amqp_url, dir, &Launch::default()).await
+    }
+
+    /// [`Binary::start`] with the database and settings of `launch`.
     /// Waits first for the broker to have no resource alarm (a binary
     /// cannot start while its publishes are blocked).
-    pub async fn start(kind: Kind, amqp_url: &str, dir: &Path) -> BenchResult<Binary> {
+    pub async fn start_with(
+        kind: Kind,
+        amqp_url: &str,
+        dir: &Path,
+        launch: &Launch,
+    ) -> BenchResult<Binary> {
         wait_until_no_alarm(ALARM_DEADLINE).await?;
-        let database = dir.join(format!("{}.db", kind.name()));
+        let database = match &launch.database {
+            Some(url) => url.clone(),
+            None => dir
+                .join(format!("{}.db", kind.name()))
+                .to_str()
+                .ok_or("a temporary path that is not UTF-8")?
+                .to_owned(),
+        };
         let mut command = Command::new(kind.exe());
         // Nothing from the bench's own environment may change the settings.
         for (var, _) in std::env::vars_os() {
@@ -78,6 +105,8 @@ impl Binary {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        // After the removal above, so these win.
+        command.envs(launch.env.iter().map(|(var, value)| (var, value)));
         let spawned = Instant::now();
         let mut child = command
             .spawn()
@@ -159,23 +188,7 @@ impl Binary {
     /// CPU time it has used so far (user + system, every thread), from
     /// `/proc/<pid>/stat`.
     pub fn cpu_time(&self) -> BenchResult<Duration> {
-        let pid = self.child.id().ok_or("the process has exited")?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        // Fields after the command name, which is in parentheses and may hold spaces.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        let ticks = |i: usize| -> BenchResult<u64> {
-            Ok(fields
-                .get(i)
-                .ok_or_else(|| format!("short /proc/{pid}/stat"))?
-                .parse()?)
-        };
-        // utime and stime are fields 14 and 15 of stat(5): 12 and 13 here.
-        let ticks = ticks(11)? + ticks(12)?;
-        let per_second = clock_ticks_per_second()?;
-        Ok(Duration::from_micros(ticks * 1_000_000 / per_second))
+        cpu_time_of(self.child.id().ok_or("the process has exited")?)
     }
 
     /// Its stderr so far.
@@ -210,6 +223,27 @@ impl Binary {
 /// The port of `http://host:port`.
 fn port(url: &str) -> Option<u16> {
     url.rsplit_once(':')?.1.parse().ok()
+}
+
+/// CPU time process `pid` has used so far (user + system, every thread),
+/// from `/proc/<pid>/stat`.
+pub fn cpu_time_of(pid: u32) -> BenchResult<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| -> BenchResult<u64> {
+        Ok(fields
+            .get(i)
+            .ok_or_else(|| format!("short /proc/{pid}/stat"))?
+            .parse()?)
+    };
+    // utime and stime are fields 14 and 15 of stat(5): 12 and 13 here.
+    let ticks = ticks(11)? + ticks(12)?;
+    let per_second = clock_ticks_per_second()?;
+    Ok(Duration::from_micros(ticks * 1_000_000 / per_second))
 }
 
 /// `getconf CLK_TCK`: the unit of the CPU times in `/proc/<pid>/stat`.

@@ -11,6 +11,8 @@ pub enum Verdict {
     NotMet,
     /// The figure could not be measured (the row says why).
     Failed,
+    /// A figure without a target, reported only.
+    Info,
 }
 
 impl Verdict {
@@ -27,6 +29,7 @@ impl Verdict {
             Verdict::Met => "met",
             Verdict::NotMet => "NOT met",
             Verdict::Failed => "NOT met (failed)",
+            Verdict::Info => "info",
         }
     }
 }
@@ -53,6 +56,21 @@ impl Row {
             reference: reference.into(),
             target: target.into(),
             verdict: Verdict::of(met),
+        }
+    }
+
+    /// A figure without a target: reported, never met or missed.
+    pub fn info(
+        figure: impl Into<String>,
+        herald: impl Into<String>,
+        reference: impl Into<String>,
+    ) -> Self {
+        Row {
+            figure: figure.into(),
+            herald: herald.into(),
+            reference: reference.into(),
+            target: "none (info)".into(),
+            verdict: Verdict::Info,
         }
     }
 
