@@ -354,9 +354,10 @@ async fn a_context_user_publishes_only_its_own_events_and_what_it_slips_into_a_q
 async fn a_retried_event_keeps_its_producers_verdict_and_is_applied_once() {
     let (vhost, users, dir, booking) = booking_verifying(&MYEVENTS).await;
 
-    // Hold booking's database lock: its writer gives up (busy) and the
-    // announcement goes through booking's retry queue, republished by
-    // booking as its own user.
+    // Hold booking's database lock: its writer gives up (busy, after six
+    // waits of 5 s) or the handler times out (30 s), and the announcement
+    // goes through booking's retry queue, republished by booking as its own
+    // user.
     let path = dir.path().join("booking.db");
     let mut lock = SqliteConnection::establish(path.to_str().unwrap()).expect("open booking.db");
     // Waits for the writer if a batch of its own holds the lock right now.
@@ -374,7 +375,7 @@ async fn a_retried_event_keeps_its_producers_verdict_and_is_applied_once() {
         .publish(event_created(&id, Some(5)))
         .await
         .expect("booking's queue takes eventCreated");
-    let retried = eventually(LIVENESS, || async {
+    let retried = eventually(LIVENESS * 2, || async {
         metric(
             &booking,
             "herald_messages_retried_total{context=\"booking\",event=\"eventCreated\"}",

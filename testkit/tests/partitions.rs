@@ -120,7 +120,12 @@ impl Instance {
         stream.read_to_string(&mut response).await.unwrap();
         let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
         assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
-        assert!(!head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "{head}");
+        assert!(
+            !head
+                .to_ascii_lowercase()
+                .contains("transfer-encoding: chunked"),
+            "{head}"
+        );
         body.to_owned()
     }
 }
