@@ -158,6 +158,9 @@ pub enum BrokerError {
     /// An AMQP protocol or I/O error from lapin.
     #[error("amqp: {0}")]
     Amqp(#[from] lapin::Error),
+    /// A Kafka protocol, delivery or client error from rdkafka.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
 }
 
 impl BrokerError {

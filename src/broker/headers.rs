@@ -11,6 +11,9 @@ pub const CORRELATION_ID: &str = "x-correlation-id";
 pub const CAUSATION_ID: &str = "x-causation-id";
 /// The context that emitted the event.
 pub const PRODUCER: &str = "x-producer";
+/// The event's partition key: on Kafka the record key (events of one key
+/// stay in one partition, in order); other transports carry it as a header.
+pub const PARTITION_KEY: &str = "x-partition-key";
 /// Why a message was dead-lettered.
 pub const ERROR: &str = "x-herald-error";
 /// How many deliveries of the message have failed so far.

@@ -6,8 +6,10 @@
 //! competing consumers inside a group, redelivery of unsettled messages.
 
 mod amqp;
+mod any;
 mod failure;
 pub mod headers;
+mod kafka;
 mod memory;
 mod seal;
 mod topic;
@@ -23,9 +25,12 @@ use futures_util::stream::BoxStream;
 use crate::error::BrokerError;
 
 pub use amqp::{AmqpBroker, AmqpOptions};
+pub use any::Broker;
 pub(crate) use failure::{
     dead_letter_message, mark_dead_letter, mark_retry, redriven, retry_message,
 };
+pub(crate) use kafka::{bootstrap_servers as kafka_servers, SCHEME as KAFKA_SCHEME};
+pub use kafka::{KafkaBroker, KafkaOptions};
 pub use memory::MemoryBroker;
 pub(crate) use seal::{body_digest, HeaderSeal};
 pub use topic::topic_matches;
@@ -285,7 +290,10 @@ pub trait Publisher: Send + Sync + 'static {
 pub(crate) fn connection_failure(error: &BrokerError) -> bool {
     matches!(
         error,
-        BrokerError::Closed | BrokerError::ConfirmTimeout(_) | BrokerError::Amqp(_)
+        BrokerError::Closed
+            | BrokerError::ConfirmTimeout(_)
+            | BrokerError::Amqp(_)
+            | BrokerError::Kafka(_)
     )
 }
 
@@ -306,6 +314,7 @@ pub(crate) fn copy_error(error: &BrokerError) -> BrokerError {
         BrokerError::Closed => BrokerError::Closed,
         BrokerError::ConfirmTimeout(after) => BrokerError::ConfirmTimeout(*after),
         BrokerError::Amqp(error) => BrokerError::Amqp(error.clone()),
+        BrokerError::Kafka(error) => BrokerError::Kafka(error.clone()),
     }
 }
 
