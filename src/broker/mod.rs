@@ -32,7 +32,7 @@ pub(crate) use failure::{
 pub(crate) use kafka::{bootstrap_servers as kafka_servers, SCHEME as KAFKA_SCHEME};
 pub use kafka::{KafkaBroker, KafkaOptions};
 pub use memory::MemoryBroker;
-pub(crate) use seal::{body_digest, HeaderSeal};
+pub(crate) use seal::{body_digest, encode_hex, hex_bytes, HeaderSeal};
 pub use topic::topic_matches;
 
 /// The content type of every body herald writes.

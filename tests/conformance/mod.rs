@@ -48,6 +48,11 @@ pub struct Capabilities {
     /// flagged `redelivered`. Without: it comes again, unflagged (a Kafka
     /// record carries no such flag).
     pub flags_released_redeliveries: bool,
+    /// A delivery acked while an earlier one of its queue is unsettled stays
+    /// acked when its consumer releases the queue. Without: it comes again to
+    /// the next consumer, a duplicate, never a loss (Kafka commits an offset:
+    /// the settled prefix of a partition).
+    pub acks_behind_unsettled_stay_acked: bool,
 }
 
 impl Capabilities {
@@ -55,6 +60,7 @@ impl Capabilities {
     pub const ALL: Capabilities = Capabilities {
         reports_unroutable: true,
         flags_released_redeliveries: true,
+        acks_behind_unsettled_stay_acked: true,
     };
 }
 
@@ -615,13 +621,16 @@ async fn handover_after_release(factory: impl Factory, release: Release) {
     // close() the ack must fail. A dropped subscription releases in the
     // background, so there the ack may still win the race; either way the
     // outcome must be true (Ok = really acked, Err = goes to consumer 2).
+    // It is acked behind held ones: where such an ack does not survive the
+    // release, it goes to consumer 2 either way.
     let stale = held.pop().expect("held one");
     let stale_id = id(&stale);
     match (release, stale.ack().await) {
         (_, Err(_)) => {}
-        (Release::Drop, Ok(())) => {
+        (Release::Drop, Ok(())) if h.capabilities.acks_behind_unsettled_stay_acked => {
             acked.insert(stale_id);
         }
+        (Release::Drop, Ok(())) => {}
         (Release::Close, Ok(())) => {
             panic!("ack of {stale_id} after close() must fail")
         }

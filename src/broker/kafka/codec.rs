@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 
 use serde_json::value::RawValue;
 
-use crate::broker::{escape, headers, Message};
+use crate::broker::{encode_hex, escape, headers, hex_bytes, Message};
 use crate::error::BrokerError;
 
 /// The record header holding [`Message::message_id`].
@@ -108,7 +108,7 @@ fn envelope(name: &str, body: &[u8]) -> Vec<u8> {
         }
         None => {
             value.extend_from_slice(b",\"payloadHex\":\"");
-            value.extend_from_slice(hex(body).as_bytes());
+            value.extend_from_slice(encode_hex(body).as_bytes());
             value.push(b'"');
         }
     }
@@ -242,31 +242,11 @@ fn unwrap_envelope(value: &[u8]) -> Result<(String, Vec<u8>), NotAnEnvelope> {
         (Some(raw), _) => raw.get().as_bytes().to_vec(),
         (None, Some(raw)) => serde_json::from_str::<String>(raw.get())
             .ok()
-            .and_then(|text| unhex(&text))
+            .and_then(|text| hex_bytes(&text))
             .ok_or_else(|| NotAnEnvelope("\"payloadHex\" is no hex string".into()))?,
         (None, None) => return Err(NotAnEnvelope("the record value has no \"payload\"".into())),
     };
     Ok((name, body))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut text = String::with_capacity(bytes.len() * 2);
-    for byte in bytes {
-        text.push(char::from(DIGITS[usize::from(byte >> 4)]));
-        text.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
-    }
-    text
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 #[cfg(test)]

@@ -142,6 +142,20 @@ fn live(range: &Range, offset: i64, read: &codec::Read) -> bool {
     read.removes.is_none() && !range.removed.contains(&offset)
 }
 
+/// [`walk`] over the letters still in the topic from `from` up to `end`:
+/// `visit` gets each one's offset and message until it returns false.
+fn walk_letters(
+    reader: &BaseConsumer,
+    (dlq, range): (&str, &Range),
+    (from, end): (i64, i64),
+    deadline: Instant,
+    mut visit: impl FnMut(i64, Message) -> bool,
+) -> Result<(), BrokerError> {
+    walk(reader, dlq, from, end, deadline, |offset, read| {
+        !live(range, offset, &read) || visit(offset, read.message)
+    })
+}
+
 /// Commits `end` as the dead-letter group's purged-up-to offset.
 fn purge_up_to(reader: &BaseConsumer, dlq: &str, end: i64) -> Result<(), BrokerError> {
     let mut list = TopicPartitionList::new();
@@ -159,19 +173,11 @@ impl DeadLetters for KafkaBroker {
                 if limit == 0 {
                     return Ok(letters);
                 }
-                walk(
-                    reader,
-                    dlq,
-                    range.start,
-                    range.end,
-                    deadline,
-                    |offset, read| {
-                        if live(range, offset, &read) {
-                            letters.push(read.message);
-                        }
-                        letters.len() < limit
-                    },
-                )?;
+                let span = (range.start, range.end);
+                walk_letters(reader, (dlq, range), span, deadline, |_, letter| {
+                    letters.push(letter);
+                    letters.len() < limit
+                })?;
                 Ok(letters)
             })
             .await
@@ -201,14 +207,18 @@ impl DeadLetters for KafkaBroker {
                         let mut chunk: Vec<(i64, Message)> = Vec::new();
                         let start = from.map_or(range.start, |f: i64| f + 1);
                         let end = stop.map_or(range.end, |s| s.min(range.end));
-                        walk(reader, dlq, start, end, deadline, |offset, read| {
-                            let chosen = chosen_id.is_none()
-                                || read.message.message_id.as_deref() == chosen_id.as_deref();
-                            if live(range, offset, &read) && chosen {
-                                chunk.push((offset, read.message));
-                            }
-                            chunk.len() < REDRIVE_CHUNK
-                        })?;
+                        walk_letters(
+                            reader,
+                            (dlq, range),
+                            (start, end),
+                            deadline,
+                            |offset, letter| {
+                                if chosen_id.is_none() || letter.message_id == chosen_id {
+                                    chunk.push((offset, letter));
+                                }
+                                chunk.len() < REDRIVE_CHUNK
+                            },
+                        )?;
                         Ok((chunk, end))
                     })
                     .await?;
@@ -244,17 +254,11 @@ impl DeadLetters for KafkaBroker {
         async move {
             self.with_letters(&queue, |reader, dlq, range, deadline| {
                 let mut purged = 0;
-                walk(
-                    reader,
-                    dlq,
-                    range.start,
-                    range.end,
-                    deadline,
-                    |offset, read| {
-                        purged += usize::from(live(range, offset, &read));
-                        true
-                    },
-                )?;
+                let span = (range.start, range.end);
+                walk_letters(reader, (dlq, range), span, deadline, |_, _| {
+                    purged += 1;
+                    true
+                })?;
                 purge_up_to(reader, dlq, range.end)?;
                 Ok(purged)
             })

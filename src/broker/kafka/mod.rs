@@ -43,8 +43,8 @@ use crate::error::BrokerError;
 
 impl Subscriber for KafkaBroker {
     /// Creates the group's retry and dead-letter topics, joins its consumer
-    /// group and resolves once partitions are assigned (or after 30 s, then
-    /// consuming once they are).
+    /// group and resolves once partitions are assigned (or after two session
+    /// timeouts, then consuming once they are).
     fn subscribe(&self, spec: SubscribeSpec) -> BoxFuture<'_, Result<Subscription, BrokerError>> {
         self.subscribe_group(spec).boxed()
     }

@@ -47,9 +47,10 @@ type Tp = (String, i32);
 /// cancel or close is noticed.
 const POLL: Duration = Duration::from_millis(50);
 
-/// How long `subscribe` waits for the group to assign partitions (tansu's
-/// crate build joins in about a second, Kafka in a few).
-const JOIN_WAIT: Duration = Duration::from_secs(30);
+/// How many session timeouts `subscribe` waits for the group to assign
+/// partitions (tansu's crate build joins in about a second, Kafka in a few;
+/// a join that waits for a departed member takes a session timeout).
+const JOIN_WAIT_SESSIONS: u32 = 2;
 
 /// The topic that hands records to one group alone, at once: redriven dead
 /// letters go there.
@@ -119,6 +120,7 @@ impl KafkaBroker {
             prefetch: usize::from(spec.prefetch.max(1)),
             broker: self.clone(),
             paused: Vec::new(),
+            throttled: false,
         };
         std::thread::Builder::new()
             .name(format!("kafka-{}", spec.queue))
@@ -128,10 +130,11 @@ impl KafkaBroker {
             })
             .map_err(|e| BrokerError::Unencodable(format!("no consumer thread: {e}")))?;
 
-        if tokio::time::timeout(JOIN_WAIT, assigned_rx).await.is_err() {
+        let join_wait = options.session_timeout * JOIN_WAIT_SESSIONS;
+        if tokio::time::timeout(join_wait, assigned_rx).await.is_err() {
             log::warn!(
                 target: "herald::kafka",
-                "group={} no partitions assigned within {JOIN_WAIT:?}; consuming once they are",
+                "group={} no partitions assigned within {join_wait:?}; consuming once they are",
                 escape(&spec.queue)
             );
         }
@@ -193,6 +196,8 @@ struct State {
     stop: Stop,
     /// A commit failed: commit every partition's offset again.
     recommit: bool,
+    /// Partitions were assigned (unpaused) since the poller last looked.
+    reassigned: bool,
 }
 
 /// One assignment of a partition to this subscription.
@@ -302,6 +307,7 @@ impl ConsumerContext for GroupContext {
                         .partitions
                         .insert((e.topic().to_owned(), e.partition()), assigned);
                 }
+                state.reassigned = true;
                 drop(state);
                 // A partition paused under an earlier assignment reads again.
                 if let Err(error) = consumer.resume(list) {
@@ -394,6 +400,8 @@ struct Poller {
     broker: KafkaBroker,
     /// Partitions paused while a retry record waits.
     paused: Vec<Tp>,
+    /// The whole assignment is paused: `prefetch` deliveries are unsettled.
+    throttled: bool,
 }
 
 impl Poller {
@@ -411,20 +419,24 @@ impl Poller {
                 self.tx = None;
                 self.pause_all();
             }
+            if std::mem::take(&mut lock(&self.shared).reassigned) {
+                // The new assignment starts unpaused.
+                self.paused.clear();
+                self.throttled = false;
+            }
             self.hand_out_requeued();
             let next_due = self.hand_out_due();
             self.commit(CommitMode::Async);
+            // A full window pauses the assignment rather than the polling: the
+            // poll keeps serving rebalances and keeps the member alive
+            // (`max.poll.interval.ms`).
             let full = lock(&self.shared).in_flight >= self.prefetch;
             if full && self.tx.is_some() {
-                let state = lock(&self.shared);
-                let _ = self
-                    .shared
-                    .settled
-                    .wait_timeout_while(state, POLL, |s| {
-                        s.in_flight >= self.prefetch && s.stop == Stop::Running
-                    })
-                    .unwrap_or_else(|e| e.into_inner());
-                continue;
+                self.pause_all();
+                self.throttled = true;
+            } else if self.throttled && self.tx.is_some() {
+                self.resume_all();
+                self.throttled = false;
             }
             let timeout = next_due.map_or(POLL, |due| {
                 due.saturating_duration_since(Instant::now()).min(POLL)
@@ -447,12 +459,27 @@ impl Poller {
                 self.pause(&tp);
             }
         }
-        self.commit(CommitMode::Sync);
         self.shared.stop(Stop::Closing);
-        // Dropping the consumer leaves the group; its revoke commits again.
-        drop(self.consumer);
-        lock(&self.shared).partitions.clear();
+        // Settlements from now on fail: the last commit covers every one that succeeded.
+        let last = std::mem::take(&mut lock(&self.shared).partitions);
         self.shared.settled.notify_all();
+        let mut list = TopicPartitionList::new();
+        for (tp, mut assigned) in last {
+            if let Some(next) = assigned.offsets.commit() {
+                let _ = list.add_partition_offset(&tp.0, tp.1, Offset::Offset(next));
+            }
+        }
+        if list.count() > 0 {
+            if let Err(error) = self.consumer.commit(&list, CommitMode::Sync) {
+                log::warn!(
+                    target: "herald::kafka",
+                    "group={} last commit failed: {error}",
+                    escape(&self.spec.group)
+                );
+            }
+        }
+        // Dropping the consumer leaves the group (its revoke finds nothing left).
+        drop(self.consumer);
     }
 
     /// Hands out, skips or holds `record`; returns the partition to pause
@@ -631,6 +658,21 @@ impl Poller {
             let _ = self.consumer.pause(&assignment);
         }
     }
+
+    /// Resumes the assignment but the partitions whose retry records wait.
+    fn resume_all(&mut self) {
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        let mut list = TopicPartitionList::new();
+        for e in assignment.elements() {
+            let tp = (e.topic().to_owned(), e.partition());
+            if !self.paused.contains(&tp) {
+                list.add_partition(&tp.0, tp.1);
+            }
+        }
+        let _ = self.consumer.resume(&list);
+    }
 }
 
 /// Records that `offset` of `tp` was read, at `stage`; returns the
@@ -727,9 +769,12 @@ impl Acknowledger for KafkaAcker {
                             routing_key: retry_queue(&self.spec.group, delay),
                         });
                     };
+                    // One millisecond more: the clock is read in whole milliseconds,
+                    // and the record must never come back before its delay.
                     let due = chrono::Utc::now()
                         .timestamp_millis()
-                        .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+                        .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX))
+                        .saturating_add(1);
                     let copy = retry_message(message.clone(), reason, attempts);
                     self.move_to(message, &topic, copy, &[(RETRY_DUE, due.to_string())])
                         .await
