@@ -387,3 +387,83 @@ async fn records_the_group_is_not_bound_to_are_skipped_and_committed() {
         .expect("publish");
     assert_eq!(id(&next(&mut again, "the fence").await), "fence");
 }
+
+/// A second member joins while the first holds a delivery: the first's
+/// revoke waits for it, so its ack still succeeds and is committed, and
+/// neither member gets it again. (A join, not a failover: tansu's failover
+/// after a dead member is not relied on.)
+#[actix_rt::test]
+async fn a_revoke_waits_for_the_deliveries_with_handlers_and_commits_them() {
+    use herald_testkit::capture::{capture, lines_with};
+    capture();
+    let options = options(2);
+    let broker = connect(&options).await;
+    let group = group();
+    let mut first = broker
+        .subscribe(spec(&group, &["job"]))
+        .await
+        .expect("subscribe");
+    for n in 0..10 {
+        let key = format!("k{}", n % 4);
+        broker
+            .publish(keyed("job", &format!("v{n}"), &key))
+            .await
+            .expect("publish");
+    }
+    let mut held = None;
+    for _ in 0..10 {
+        let delivery = next(&mut first, "the first member's deliveries").await;
+        if held.is_none() {
+            held = Some(delivery);
+        } else {
+            delivery.ack().await.expect("ack");
+        }
+    }
+    let held = held.expect("one held");
+    let joining = {
+        let broker = broker.clone();
+        let spec = spec(&group, &["job"]);
+        tokio::spawn(async move { broker.subscribe(spec).await })
+    };
+    let waiting = format!("group={group} rebalance:");
+    assert!(
+        herald_testkit::eventually(DEADLINE, || {
+            let seen = !lines_with(&waiting).is_empty();
+            async move { seen }
+        })
+        .await,
+        "the first member's revoke waits for its delivery"
+    );
+    held.ack()
+        .await
+        .expect("acked while the revoke waits for it");
+    let mut second = joining
+        .await
+        .expect("join task")
+        .expect("the second member joins");
+
+    // Nothing old comes again: the next deliveries are the fences, one per key.
+    let fences: BTreeSet<String> = (0..4).map(|k| format!("fence-{k}")).collect();
+    for k in 0..4 {
+        broker
+            .publish(keyed("job", &format!("fence-{k}"), &format!("k{k}")))
+            .await
+            .expect("publish");
+    }
+    let mut got = BTreeSet::new();
+    let mut both = futures_util::stream::select(&mut first.deliveries, &mut second.deliveries);
+    while got.len() < fences.len() {
+        let delivery = tokio::time::timeout(DEADLINE, both.next())
+            .await
+            .expect("a fence within the deadline")
+            .expect("a stream")
+            .expect("a delivery");
+        let id = id(&delivery);
+        assert!(
+            fences.contains(&id),
+            "{id} came again after it was committed"
+        );
+        got.insert(id);
+        delivery.ack().await.expect("ack");
+    }
+}

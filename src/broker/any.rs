@@ -50,6 +50,17 @@ impl Broker {
             Ok(Broker::Amqp(AmqpBroker::connect(&options).await?))
         }
     }
+
+    /// Closes the broker: [`AmqpBroker::close`] or [`KafkaBroker::close`].
+    ///
+    /// # Errors
+    /// As theirs.
+    pub async fn close(&self) -> Result<(), BrokerError> {
+        match self {
+            Broker::Amqp(broker) => broker.close().await,
+            Broker::Kafka(broker) => broker.close().await,
+        }
+    }
 }
 
 impl Publisher for Broker {

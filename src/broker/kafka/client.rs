@@ -10,7 +10,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 
 use super::codec;
@@ -69,6 +69,20 @@ impl KafkaBroker {
             .ensure_topics(&[(options.topic.as_str(), options.partitions)])
             .await?;
         Ok(broker)
+    }
+
+    /// Waits (up to [`KafkaOptions::delivery_timeout`]) until every record
+    /// handed to the producer has its delivery report. Subscriptions close
+    /// on their own ([`SubscriptionControl::close`](crate::transport::SubscriptionControl::close)).
+    ///
+    /// # Errors
+    /// [`BrokerError::Kafka`] when records are still undelivered at the deadline.
+    pub async fn close(&self) -> Result<(), BrokerError> {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || inner.producer.flush(inner.options.delivery_timeout))
+            .await
+            .map_err(|_| BrokerError::Closed)??;
+        Ok(())
     }
 
     /// What this broker was connected with.

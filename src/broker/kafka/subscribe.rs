@@ -87,6 +87,7 @@ impl KafkaBroker {
         });
         let context = GroupContext {
             shared: Arc::clone(&shared),
+            group: spec.queue.clone(),
             revoke_timeout: options.revoke_timeout,
         };
         let session = millis(options.session_timeout);
@@ -276,6 +277,7 @@ impl Shared {
 /// The consumer's callbacks: rebalances and commit results.
 struct GroupContext {
     shared: Arc<Shared>,
+    group: String,
     revoke_timeout: Duration,
 }
 
@@ -352,10 +354,27 @@ impl GroupContext {
             state.waiting.remove(tp);
         }
         if state.stop != Stop::Closing {
+            let handed: usize = revoked
+                .iter()
+                .filter_map(|tp| state.partitions.get(tp))
+                .map(|a| a.offsets.handed())
+                .sum();
+            if handed > 0 {
+                log::info!(
+                    target: "herald::kafka",
+                    "group={} rebalance: {} partitions revoked; waiting up to {:?} for \
+                     {handed} deliveries with handlers before committing",
+                    escape(&self.group),
+                    revoked.len(),
+                    self.revoke_timeout
+                );
+            }
+            // A close meanwhile ends the wait: what is unsettled goes to the next owner.
             let busy = |s: &mut State| {
-                revoked
-                    .iter()
-                    .any(|tp| s.partitions.get(tp).is_some_and(|a| a.offsets.handed() > 0))
+                s.stop != Stop::Closing
+                    && revoked
+                        .iter()
+                        .any(|tp| s.partitions.get(tp).is_some_and(|a| a.offsets.handed() > 0))
             };
             let (waited, timeout) = self
                 .shared
@@ -424,8 +443,12 @@ impl Poller {
                 self.paused.clear();
                 self.throttled = false;
             }
-            self.hand_out_requeued();
-            let next_due = self.hand_out_due();
+            let next_due = if self.tx.is_some() {
+                self.hand_out_requeued();
+                self.hand_out_due()
+            } else {
+                None
+            };
             self.commit(CommitMode::Async);
             // A full window pauses the assignment rather than the polling: the
             // poll keeps serving rebalances and keeps the member alive
