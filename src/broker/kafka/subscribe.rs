@@ -385,8 +385,9 @@ impl GroupContext {
             if timeout.timed_out() {
                 log::warn!(
                     target: "herald::kafka",
-                    "rebalance: deliveries of revoked partitions still unsettled after {:?}; \
-                     their records go to the next owner",
+                    "group={} rebalance: deliveries of revoked partitions still unsettled \
+                     after {:?}; their records go to the next owner",
+                    escape(&self.group),
                     self.revoke_timeout
                 );
             }
@@ -402,7 +403,11 @@ impl GroupContext {
         drop(state);
         if list.count() > 0 {
             if let Err(error) = consumer.commit(&list, CommitMode::Sync) {
-                log::warn!(target: "herald::kafka", "commit on revoke failed: {error}");
+                log::warn!(
+                    target: "herald::kafka",
+                    "group={} commit on revoke failed: {error}",
+                    escape(&self.group)
+                );
             }
         }
     }
