@@ -22,8 +22,10 @@ pub struct KafkaOptions {
     /// Replicas of every topic herald creates (1 on a single broker).
     pub replication_factor: i32,
     /// librdkafka's `session.timeout.ms`: a member silent this long leaves its
-    /// group and its partitions move. Low values fail a dead member over
-    /// sooner (tansu reassigns reliably only with about 6 s).
+    /// group and its partitions move. 6 s by default, Kafka's smallest
+    /// unless the broker allows less: librdkafka heartbeats from a thread of
+    /// its own, so a busy handler does not count as silence, and tansu
+    /// reassigns the partitions of a killed member reliably only so.
     pub session_timeout: Duration,
     /// How long a rebalance waits for the deliveries of a revoked partition
     /// still with their handlers before it commits what settled and lets the
@@ -37,7 +39,7 @@ pub struct KafkaOptions {
 
 impl KafkaOptions {
     /// Options for `url` (`kafka://host:port[,host:port...]`) with the defaults:
-    /// topic `events` with 3 partitions, one replica, a 10 s session timeout,
+    /// topic `events` with 3 partitions, one replica, a 6 s session timeout,
     /// a 10 s revoke wait and a 30 s delivery timeout.
     ///
     /// # Errors
@@ -52,7 +54,7 @@ impl KafkaOptions {
             topic: "events".into(),
             partitions: 3,
             replication_factor: 1,
-            session_timeout: Duration::from_secs(10),
+            session_timeout: Duration::from_secs(6),
             revoke_timeout: Duration::from_secs(10),
             delivery_timeout: Duration::from_secs(30),
             client_id: "herald".into(),
