@@ -395,6 +395,10 @@ impl GroupContext {
         let mut list = TopicPartitionList::new();
         for tp in revoked {
             if let Some(mut assigned) = state.partitions.remove(tp) {
+                // Still with handlers: their settlements fail from now on and
+                // no longer hold a place in the window.
+                let abandoned = assigned.offsets.handed();
+                state.in_flight = state.in_flight.saturating_sub(abandoned);
                 if let Some(next) = assigned.offsets.commit() {
                     let _ = list.add_partition_offset(&tp.0, tp.1, Offset::Offset(next));
                 }
