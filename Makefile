@@ -4,7 +4,7 @@
 CARGO ?= cargo
 export RUST_BACKTRACE ?= 1
 
-.PHONY: services services-postgres provision test-tools run run-demo demo test fmt lint bench check clean
+.PHONY: services services-postgres services-kafka provision test-tools run run-demo demo test fmt lint bench check clean
 
 ## Install (from Debian) and start RabbitMQ on loopback; wait until it answers.
 services:
@@ -15,6 +15,12 @@ services:
 ## what the tests on PostgreSQL need. `make run` does not (SQLite).
 services-postgres:
 	./scripts/services-postgres.sh
+
+## Build (once, cached in /var/cache/herald) and start tansu, a
+## Kafka-protocol broker, on 127.0.0.1:9092 with its SQLite-backed log:
+## what the tests on Kafka need.
+services-kafka:
+	./scripts/services-kafka.sh
 
 ## One RabbitMQ user per MyEvents context in VHOST (default /), each allowed
 ## to publish only its own events; new users' passwords are printed once.
@@ -42,8 +48,9 @@ test-tools:
 	@test -d target/asyncapi/node_modules/@asyncapi/parser || \
 		npm install --silent --no-audit --no-fund --prefix target/asyncapi @asyncapi/parser@3
 
-## Every test: unit, integration against the real RabbitMQ and PostgreSQL, doctests.
-test: services services-postgres test-tools
+## Every test: unit, integration against the real RabbitMQ, PostgreSQL and
+## Kafka (tansu), doctests.
+test: services services-postgres services-kafka test-tools
 	$(CARGO) test --workspace --all-targets
 	$(CARGO) test --workspace --doc
 

@@ -1,8 +1,9 @@
 //! Settings: a TOML file (plus `default.toml` beside it), then environment
 //! overrides, then validation. Every failure names the key.
 //!
-//! Environment overrides: `AMQP_URL`, `DATABASE_URL`, `HTTP_ADDR`,
-//! `ADMIN_ADDR`, `ADMIN_TOKEN` (the names the book's services read); any
+//! Environment overrides: `AMQP_URL` (or `BROKER_URL`, which wins when both
+//! are set), `DATABASE_URL`, `HTTP_ADDR`, `ADMIN_ADDR`, `ADMIN_TOKEN` (the
+//! names the book's services read); any
 //! other key as `HERALD__<SECTION>__<KEY>` (for example
 //! `HERALD__RUNTIME__SHARDS=4`).
 //!
@@ -27,7 +28,7 @@ use crate::error::ConfigError;
 pub struct Settings {
     /// `[context]`: who the context is.
     pub context: ContextSettings,
-    /// `[broker]`: RabbitMQ.
+    /// `[broker]`: RabbitMQ or Kafka.
     #[serde(default)]
     pub broker: BrokerSettings,
     /// `[runtime]`: the actor system.
@@ -180,14 +181,17 @@ pub struct ContextSettings {
     pub name: String,
 }
 
-/// How to reach RabbitMQ.
+/// How to reach the broker: RabbitMQ or Kafka, as the URL's scheme says.
 #[derive(Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerSettings {
-    /// `amqp://user:password@host:port/vhost`. Secret: it holds the
+    /// `amqp://user:password@host:port/vhost` for RabbitMQ,
+    /// `kafka://host:port[,host:port...]` for Kafka. Secret: it holds the
     /// password; printed and serialized through [`redact_url`].
     #[serde(serialize_with = "redacted_url")]
     pub url: SecretString,
+    /// Kafka: the one topic events are published to (the book's `events`).
+    pub topic: String,
     /// The topic exchange events are published to (the book's `events`).
     pub exchange: String,
     /// Unsettled deliveries the context holds at most.
@@ -258,6 +262,7 @@ impl Default for BrokerSettings {
     fn default() -> Self {
         BrokerSettings {
             url: SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            topic: "events".into(),
             exchange: "events".into(),
             prefetch: 256,
             heartbeat: Duration::from_secs(30),
@@ -275,6 +280,7 @@ impl std::fmt::Debug for BrokerSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BrokerSettings")
             .field("url", &redact_url(self.url.expose_secret()))
+            .field("topic", &self.topic)
             .field("exchange", &self.exchange)
             .field("prefetch", &self.prefetch)
             .field("heartbeat", &self.heartbeat)
@@ -508,9 +514,11 @@ impl std::fmt::Debug for DatabaseSettings {
     }
 }
 
-/// The environment variables that override single keys.
-const ENV_OVERRIDES: [(&str, &str); 5] = [
+/// The environment variables that override single keys; a later one wins
+/// over an earlier one for the same key (`BROKER_URL` over `AMQP_URL`).
+const ENV_OVERRIDES: [(&str, &str); 6] = [
     ("AMQP_URL", "broker.url"),
+    ("BROKER_URL", "broker.url"),
     ("DATABASE_URL", "database.url"),
     ("HTTP_ADDR", "http.addr"),
     ("ADMIN_ADDR", "admin.addr"),
@@ -601,7 +609,17 @@ impl Settings {
             );
         }
         let url = self.broker.url.expose_secret();
-        if let Err(reason) = url.parse::<lapin::uri::AMQPUri>() {
+        if url.starts_with(crate::broker::KAFKA_SCHEME) {
+            if let Err(reason) = crate::broker::kafka_servers(url) {
+                return Err(ConfigError::Invalid {
+                    key: "broker.url",
+                    reason: format!("not a Kafka URL ({reason}): {}", redact_url(url)),
+                });
+            }
+            if self.broker.topic.is_empty() {
+                return invalid("broker.topic", "must not be empty");
+            }
+        } else if let Err(reason) = url.parse::<lapin::uri::AMQPUri>() {
             return Err(ConfigError::Invalid {
                 key: "broker.url",
                 reason: format!(
@@ -1108,6 +1126,43 @@ mod tests {
             .to_string();
         assert!(error.contains("broker.url"), "{error}");
         assert!(!error.contains("hunter2"), "{error}");
+    }
+
+    #[test]
+    fn broker_url_selects_kafka_and_wins_over_amqp_url() {
+        let f = file("[context]\nname = \"booking\"\n[broker]\ntopic = \"book-events\"\n");
+        let s = Settings::load_with_env(
+            f.path(),
+            env(&[
+                ("AMQP_URL", "amqp://u:p@10.0.0.1:5672/v"),
+                ("BROKER_URL", "kafka://10.0.0.2:9092,10.0.0.3:9092"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            s.broker.url.expose_secret(),
+            "kafka://10.0.0.2:9092,10.0.0.3:9092"
+        );
+        assert_eq!(s.broker.topic, "book-events");
+        let amqp = Settings::load_with_env(f.path(), env(&[("AMQP_URL", "amqp://x:5672/v")]));
+        assert_eq!(amqp.unwrap().broker.url.expose_secret(), "amqp://x:5672/v");
+    }
+
+    #[test]
+    fn a_bad_kafka_url_or_empty_topic_is_named() {
+        let f = file("[context]\nname = \"booking\"\n");
+        for url in ["kafka://host", "kafka://u:s3cret@host:9092"] {
+            let error = Settings::load_with_env(f.path(), env(&[("BROKER_URL", url)]))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("broker.url"), "{error}");
+            assert!(!error.contains("s3cret"), "{error}");
+        }
+        let f = file("[context]\nname = \"booking\"\n[broker]\ntopic = \"\"\n");
+        let error = Settings::load_with_env(f.path(), env(&[("BROKER_URL", "kafka://h:1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("broker.topic"), "{error}");
     }
 
     #[test]

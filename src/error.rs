@@ -164,6 +164,9 @@ pub enum BrokerError {
     /// Names what to change; retrying does not help.
     #[error("broker topology: {0}")]
     Topology(String),
+    /// A Kafka protocol, delivery or client error from rdkafka.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
 }
 
 impl BrokerError {

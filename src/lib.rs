@@ -20,7 +20,10 @@
 //! - `broker/` (public as [`transport`]): the `Publisher` / `Subscriber` /
 //!   `DeadLetters` seam, [`AmqpBroker`] (lapin: a publishing and a consuming
 //!   connection, topology, confirms, coalesced acks, retry and dead-letter
-//!   queues, reconnect), [`MemoryBroker`] (in-process, same
+//!   queues, reconnect), [`KafkaBroker`] (rdkafka: the book's envelope on
+//!   one topic, consumer groups committing only settled prefixes, retry and
+//!   dead-letter topics), [`Broker`] (whichever the URL names),
+//!   [`MemoryBroker`] (in-process, same
 //!   semantics), header names and their seals (HMAC of herald's own
 //!   `x-herald-*` headers), [`escape`] for untrusted text in logs.
 //! - `event.rs`: the [`Event`] trait, [`Envelope`] and [`Metadata`], the wire codec.
@@ -69,7 +72,10 @@ mod failpoint;
 mod fnv;
 mod runtime;
 
-pub use broker::{escape, AmqpBroker, AmqpOptions, MemoryBroker, LOGGED_TEXT_CHARS};
+pub use broker::{
+    escape, AmqpBroker, AmqpOptions, Broker, KafkaBroker, KafkaOptions, MemoryBroker,
+    LOGGED_TEXT_CHARS,
+};
 pub use config::Settings;
 pub use error::{BrokerError, CodecError, ConfigError, Error, HandlerError, Result, StoreError};
 pub use event::{new_id, Envelope, Event, Metadata};
@@ -90,8 +96,9 @@ pub mod prelude {
     pub use crate::store::Conn;
     pub use crate::transport::Publisher;
     pub use crate::{
-        shutdown_signal, AmqpBroker, AmqpOptions, Context, ContextBuilder, Envelope, Error, Event,
-        HandlerError, JsonSchema, MemoryBroker, MessageContext, Result, Settings,
+        shutdown_signal, AmqpBroker, AmqpOptions, Broker, Context, ContextBuilder, Envelope, Error,
+        Event, HandlerError, JsonSchema, KafkaBroker, KafkaOptions, MemoryBroker, MessageContext,
+        Result, Settings,
     };
 }
 

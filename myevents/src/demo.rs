@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use herald::transport::Publisher;
-use herald::{AmqpBroker, AmqpOptions, JsonSchema};
+use herald::{Broker, JsonSchema};
 use herald::{ContextBuilder, Envelope, Error, Event, HandlerError, MessageContext, Settings};
 
 /// One ping. Pings of the same key are handled in order.
@@ -57,7 +57,7 @@ async fn on_pinged(ping: Pinged, meta: MessageContext) -> Result<(), HandlerErro
 /// # Errors
 /// The broker is unreachable at start, or a shard escalated.
 pub async fn run(settings: Settings, ping_every: Option<Duration>) -> Result<(), Error> {
-    let broker = AmqpBroker::connect(&AmqpOptions::from_settings(&settings)).await?;
+    let broker = Broker::connect(&settings).await?;
     let producer = settings.context.name.clone();
     let context = ContextBuilder::new(settings)
         .handle(on_pinged)

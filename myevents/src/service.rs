@@ -15,7 +15,7 @@ use herald::store::idempotency::{Keyed, StoredResponse};
 use herald::store::projection::Projections;
 use herald::store::repository::{ExecuteOptions, Executed};
 use herald::store::{Db, DbOptions};
-use herald::{AmqpBroker, AmqpOptions, ContextBuilder, Error, Settings};
+use herald::{Broker, ContextBuilder, Error, Settings};
 
 /// MyEvents' own tables (both contexts' read models), beside the runtime's:
 /// on SQLite, and the same versions on PostgreSQL.
@@ -143,7 +143,7 @@ pub async fn run_service(
         projections: Arc::new(projections),
         event_store: settings.event_store.clone(),
     };
-    let broker = AmqpBroker::connect(&AmqpOptions::from_settings(&settings)).await?;
+    let broker = Broker::connect(&settings).await?;
     let http_settings = settings.http.clone();
     let addr = http_settings.addr;
     let admin_settings = settings.admin.clone();

@@ -13,7 +13,8 @@ pub const CAUSATION_ID: &str = "x-causation-id";
 pub const PRODUCER: &str = "x-producer";
 /// The event's partition key (an aggregate id, a booking id): the hash a
 /// partitioned group's exchange spreads messages over its partition queues
-/// by, so one key always lands in one partition. A routing hint, not under
+/// by, so one key always lands in one partition; on Kafka the record key
+/// (one key stays in one topic partition, in order). A routing hint, not under
 /// the sealed `x-herald-` prefix: it grants nothing, and a forged one only
 /// picks a partition. Messages without it (the book's Go services) all land
 /// in one fixed partition ([`unkeyed_partition`](crate::transport::unkeyed_partition)).

@@ -8,8 +8,10 @@
 //! queues by their [`headers::PARTITION_KEY`].
 
 mod amqp;
+mod any;
 mod failure;
 pub mod headers;
+mod kafka;
 mod memory;
 mod partition;
 mod seal;
@@ -26,15 +28,18 @@ use futures_util::stream::BoxStream;
 use crate::error::BrokerError;
 
 pub use amqp::{AmqpBroker, AmqpOptions};
+pub use any::Broker;
 pub(crate) use failure::{
     dead_letter_message, mark_dead_letter, mark_retry, redriven, retry_message,
 };
+pub(crate) use kafka::{bootstrap_servers as kafka_servers, SCHEME as KAFKA_SCHEME};
+pub use kafka::{KafkaBroker, KafkaOptions};
 pub use memory::MemoryBroker;
 pub use partition::{
     partition_exchange, partition_queue, partition_retry_queue, unkeyed_partition, GroupLayout,
     Partition,
 };
-pub(crate) use seal::{body_digest, HeaderSeal};
+pub(crate) use seal::{body_digest, encode_hex, hex_bytes, HeaderSeal};
 pub use topic::topic_matches;
 
 /// The content type of every body herald writes.
@@ -320,7 +325,10 @@ pub trait Publisher: Send + Sync + 'static {
 pub(crate) fn connection_failure(error: &BrokerError) -> bool {
     matches!(
         error,
-        BrokerError::Closed | BrokerError::ConfirmTimeout(_) | BrokerError::Amqp(_)
+        BrokerError::Closed
+            | BrokerError::ConfirmTimeout(_)
+            | BrokerError::Amqp(_)
+            | BrokerError::Kafka(_)
     )
 }
 
@@ -342,6 +350,7 @@ pub(crate) fn copy_error(error: &BrokerError) -> BrokerError {
         BrokerError::ConfirmTimeout(after) => BrokerError::ConfirmTimeout(*after),
         BrokerError::Amqp(error) => BrokerError::Amqp(error.clone()),
         BrokerError::Topology(reason) => BrokerError::Topology(reason.clone()),
+        BrokerError::Kafka(error) => BrokerError::Kafka(error.clone()),
     }
 }
 

@@ -165,12 +165,21 @@ fn unreachable_key() -> HmacSha256 {
     HmacSha256::new_from_slice(&[0; 32]).unwrap_or_else(|_| unreachable!())
 }
 
-fn encode_hex(bytes: &[u8]) -> String {
+/// `bytes` as lowercase hex text.
+pub(crate) fn encode_hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn decode_hex(text: &str) -> Option<Vec<u8>> {
     if text.len() != SEAL_BYTES * 2 {
+        return None;
+    }
+    hex_bytes(text)
+}
+
+/// The bytes hex `text` spells; `None` unless it is pairs of hex digits.
+pub(crate) fn hex_bytes(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
         return None;
     }
     (0..text.len())

@@ -197,6 +197,7 @@ impl Service {
         // Nothing from the environment may override the test config.
         for var in [
             "AMQP_URL",
+            "BROKER_URL",
             "DATABASE_URL",
             "HTTP_ADDR",
             "ADMIN_ADDR",

@@ -1,0 +1,243 @@
+//! The broker handle: one idempotent producer and one admin client, shared
+//! by every clone; consumers are made per subscription.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::{join_all, BoxFuture, FutureExt};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+
+use super::codec;
+use super::options::KafkaOptions;
+use crate::broker::{Message, Publisher};
+use crate::error::BrokerError;
+
+/// A Kafka-protocol broker: publishes to one topic, consumes with one consumer
+/// group per subscriber group. Clones share the producer.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let options = herald::KafkaOptions::new("kafka://127.0.0.1:9092")?;
+/// let broker = herald::KafkaBroker::connect(&options).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct KafkaBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    options: KafkaOptions,
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+}
+
+impl KafkaBroker {
+    /// Creates the producer and makes sure the event topic exists, which
+    /// also proves that the broker answers.
+    ///
+    /// # Errors
+    /// [`BrokerError::Kafka`] when a client cannot be created or the broker
+    /// does not answer within [`KafkaOptions::delivery_timeout`].
+    pub async fn connect(options: &KafkaOptions) -> Result<Self, BrokerError> {
+        let producer: FutureProducer = client_config(options)
+            // Retries never duplicate or reorder a record within a partition.
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set(
+                "message.timeout.ms",
+                millis(options.delivery_timeout).to_string(),
+            )
+            // A short linger lets a window of publishes share requests.
+            .set("linger.ms", "5")
+            .create()?;
+        let admin: AdminClient<DefaultClientContext> = client_config(options).create()?;
+        let broker = KafkaBroker {
+            inner: Arc::new(Inner {
+                options: options.clone(),
+                producer,
+                admin,
+            }),
+        };
+        broker
+            .ensure_topics(&[(options.topic.as_str(), options.partitions)])
+            .await?;
+        Ok(broker)
+    }
+
+    /// Waits (up to [`KafkaOptions::delivery_timeout`]) until every record
+    /// handed to the producer has its delivery report. Subscriptions close
+    /// on their own ([`SubscriptionControl::close`](crate::transport::SubscriptionControl::close)).
+    ///
+    /// # Errors
+    /// [`BrokerError::Kafka`] when records are still undelivered at the deadline.
+    pub async fn close(&self) -> Result<(), BrokerError> {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || inner.producer.flush(inner.options.delivery_timeout))
+            .await
+            .map_err(|_| BrokerError::Closed)??;
+        Ok(())
+    }
+
+    /// What this broker was connected with.
+    pub fn options(&self) -> &KafkaOptions {
+        &self.inner.options
+    }
+
+    /// A client configuration for this broker's servers and client id.
+    pub(super) fn client_config(&self) -> ClientConfig {
+        client_config(&self.inner.options)
+    }
+
+    /// Creates the topics that do not exist yet, each with its partitions.
+    pub(super) async fn ensure_topics(&self, topics: &[(&str, i32)]) -> Result<(), BrokerError> {
+        let options = &self.inner.options;
+        let new: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|(name, partitions)| {
+                NewTopic::new(
+                    name,
+                    *partitions,
+                    TopicReplication::Fixed(options.replication_factor),
+                )
+            })
+            .collect();
+        let admin = AdminOptions::new().operation_timeout(Some(options.delivery_timeout));
+        let wait = tokio::time::timeout(
+            options.delivery_timeout,
+            self.inner.admin.create_topics(&new, &admin),
+        );
+        let results = wait
+            .await
+            .map_err(|_| BrokerError::ConfirmTimeout(options.delivery_timeout))??;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => {
+                    log::warn!(target: "herald::kafka", "topic={topic} cannot be created: {code}");
+                    return Err(KafkaError::AdminOp(code).into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes `message` to `topic` with the transport's `extra` record
+    /// headers; resolves on the delivery report.
+    pub(super) async fn produce(
+        &self,
+        topic: &str,
+        message: &Message,
+        extra: &[(&str, String)],
+    ) -> Result<(), BrokerError> {
+        let report = self.enqueue(topic, message, extra).await?;
+        delivered(report).await
+    }
+
+    /// Hands `message` to the producer (it is in the producer's queue, in
+    /// order, when this returns) and gives back its delivery report to await.
+    async fn enqueue(
+        &self,
+        topic: &str,
+        message: &Message,
+        extra: &[(&str, String)],
+    ) -> Result<DeliveryFuture, BrokerError> {
+        let record = codec::encode(message)?;
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + extra.len());
+        let all = record
+            .headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_str()))
+            .chain(extra.iter().map(|(name, value)| (*name, value.as_str())));
+        for (key, value) in all {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
+        let mut out = FutureRecord::<[u8], [u8]>::to(topic)
+            .payload(&record.value)
+            .headers(headers);
+        if let Some(key) = &record.key {
+            out = out.key(key);
+        }
+        if let Some(ms) = record.timestamp_ms {
+            out = out.timestamp(ms);
+        }
+        let deadline = tokio::time::Instant::now() + self.inner.options.delivery_timeout;
+        loop {
+            match self.inner.producer.send_result(out) {
+                Ok(report) => return Ok(report),
+                // The producer's local queue is full: wait for room, as rdkafka's own `send` does.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    out = back;
+                    tokio::time::sleep(QUEUE_FULL_PAUSE).await;
+                }
+                Err((error, _)) => return Err(error.into()),
+            }
+        }
+    }
+}
+
+/// How long a publish waits before it tries again to put a record into a
+/// full producer queue.
+const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(10);
+
+/// What a delivery report says.
+async fn delivered(report: DeliveryFuture) -> Result<(), BrokerError> {
+    match report.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((error, _))) => Err(error.into()),
+        // The producer is gone (the broker handle was dropped).
+        Err(_) => Err(BrokerError::Closed),
+    }
+}
+
+fn client_config(options: &KafkaOptions) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &options.bootstrap_servers)
+        .set("client.id", &options.client_id);
+    config
+}
+
+/// Milliseconds for a librdkafka setting, at least 1.
+pub(super) fn millis(duration: Duration) -> u128 {
+    duration.as_millis().max(1)
+}
+
+impl Publisher for KafkaBroker {
+    /// The event topic takes every record: nothing is unroutable on Kafka.
+    fn publish(&self, message: Message) -> BoxFuture<'_, Result<(), BrokerError>> {
+        async move { self.produce(&self.inner.options.topic, &message, &[]).await }.boxed()
+    }
+
+    /// Every record is handed to the producer at once, in order (the
+    /// idempotent producer keeps that order within a partition); each
+    /// result is its own delivery report.
+    fn publish_all(&self, messages: Vec<Message>) -> BoxFuture<'_, Vec<Result<(), BrokerError>>> {
+        async move {
+            let topic = &self.inner.options.topic;
+            let mut reports = Vec::with_capacity(messages.len());
+            for message in &messages {
+                reports.push(self.enqueue(topic, message, &[]).await);
+            }
+            join_all(reports.into_iter().map(|report| async move {
+                match report {
+                    Ok(report) => delivered(report).await,
+                    Err(error) => Err(error),
+                }
+            }))
+            .await
+        }
+        .boxed()
+    }
+}

@@ -1,0 +1,865 @@
+//! Consuming: one consumer in the subscriber group's consumer group per
+//! subscription, polled on a thread of its own.
+//!
+//! The thread reads records of the event topic and of the group's retry
+//! topics and hands them out as deliveries, at most `prefetch` unsettled at a
+//! time. Records whose event name no binding matches are settled at once,
+//! unseen. A retry record waits in memory until it is due, its partition
+//! paused meanwhile, so it never holds up the event topic.
+//!
+//! Offsets are committed (never automatically) only past the settled prefix
+//! of each partition ([`PartitionOffsets`]). A rebalance that revokes a
+//! partition runs on this thread, inside the poll: it stops handing out
+//! that partition's records, waits (bounded by
+//! [`KafkaOptions::revoke_timeout`]) for those still with their handlers,
+//! commits what settled and lets the partition go; deliveries settled later
+//! fail as [`BrokerError::Closed`] and their records go to the next owner.
+//!
+//! A requeued delivery is handed out again by this subscription
+//! (redelivered), and its partition's commit stays below it meanwhile: Kafka
+//! has no per-record requeue, and seeking back would hand out again every
+//! later record of the partition.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures_util::future::{BoxFuture, FutureExt};
+use futures_util::stream::StreamExt;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::{mpsc, oneshot};
+
+use super::client::{millis, KafkaBroker};
+use super::codec::{self, RETRY_DUE};
+use super::offsets::{PartitionOffsets, Stage};
+use crate::broker::{
+    dead_letter_message, dead_letter_queue, escape, retry_message, retry_queue, topic_matches,
+    Acknowledger, Delivery, Message, Settlement, SubscribeSpec, Subscription, SubscriptionControl,
+};
+use crate::error::BrokerError;
+
+/// A topic and partition.
+type Tp = (String, i32);
+
+/// The longest a poll waits, so that settlements are committed soon and a
+/// cancel or close is noticed.
+const POLL: Duration = Duration::from_millis(50);
+
+/// How many session timeouts `subscribe` waits for the group to assign
+/// partitions (tansu's crate build joins in about a second, Kafka in a few;
+/// a join that waits for a departed member takes a session timeout).
+const JOIN_WAIT_SESSIONS: u32 = 2;
+
+/// The topic that hands records to one group alone, at once: redriven dead
+/// letters go there.
+pub(super) fn direct_topic(group: &str) -> String {
+    retry_queue(group, Duration::ZERO)
+}
+
+impl KafkaBroker {
+    /// Creates the group's retry and dead-letter topics, joins the group and
+    /// starts its polling thread.
+    pub(super) async fn subscribe_group(
+        &self,
+        spec: SubscribeSpec,
+    ) -> Result<Subscription, BrokerError> {
+        if spec.partition.is_some() {
+            // Kafka partitions its topic itself, and a consumer group shares
+            // the partitions among the instances of a context.
+            return Err(BrokerError::Topology(format!(
+                "group {}: runtime.partitions is for RabbitMQ; on Kafka run several \
+                 instances with runtime.partitions = 0 (the consumer group shares the \
+                 topic's partitions)",
+                spec.queue
+            )));
+        }
+        let options = self.options().clone();
+        let mut delays = spec.retry_delays.clone();
+        delays.push(Duration::ZERO);
+        delays.sort();
+        delays.dedup();
+        let retry_topics: BTreeMap<Duration, String> = delays
+            .iter()
+            .map(|delay| (*delay, retry_queue(&spec.queue, *delay)))
+            .collect();
+        let dlq = dead_letter_queue(&spec.queue);
+        let mut topics: Vec<(&str, i32)> = vec![(dlq.as_str(), 1)];
+        topics.extend(retry_topics.values().map(|topic| (topic.as_str(), 1)));
+        self.ensure_topics(&topics).await?;
+
+        let (assigned_tx, assigned_rx) = oneshot::channel();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            settled: Condvar::new(),
+            first_assignment: Mutex::new(Some(assigned_tx)),
+        });
+        let context = GroupContext {
+            shared: Arc::clone(&shared),
+            group: spec.queue.clone(),
+            revoke_timeout: options.revoke_timeout,
+        };
+        let session = millis(options.session_timeout);
+        let consumer: BaseConsumer<GroupContext> = self
+            .client_config()
+            .set("group.id", &spec.queue)
+            .set("enable.auto.commit", "false")
+            // A new group reads the log from its start (replay), as a new queue's
+            // bindings would not: the log keeps what came before.
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("session.timeout.ms", session.to_string())
+            .set("heartbeat.interval.ms", (session / 3).max(1).to_string())
+            .create_with_context(context)?;
+        let mut subscribed: Vec<&str> = vec![options.topic.as_str()];
+        subscribed.extend(retry_topics.values().map(String::as_str));
+        consumer.subscribe(&subscribed)?;
+
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (done_tx, done_rx) = oneshot::channel();
+        let poller = Poller {
+            consumer,
+            shared: Arc::clone(&shared),
+            tx: Some(tx),
+            spec: Arc::new(GroupSpec {
+                group: spec.queue.clone(),
+                event_topic: options.topic.clone(),
+                bindings: spec.bindings.clone(),
+                retry_topics,
+            }),
+            prefetch: usize::from(spec.prefetch.max(1)),
+            broker: self.clone(),
+            paused: Vec::new(),
+            throttled: false,
+        };
+        std::thread::Builder::new()
+            .name(format!("kafka-{}", spec.queue))
+            .spawn(move || {
+                poller.run();
+                let _ = done_tx.send(());
+            })
+            .map_err(|e| BrokerError::Unencodable(format!("no consumer thread: {e}")))?;
+
+        let join_wait = options.session_timeout * JOIN_WAIT_SESSIONS;
+        if tokio::time::timeout(join_wait, assigned_rx).await.is_err() {
+            log::warn!(
+                target: "herald::kafka",
+                "group={} no partitions assigned within {join_wait:?}; consuming once they are",
+                escape(&spec.queue)
+            );
+        }
+        let mut rx = rx;
+        let deliveries = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed();
+        Ok(Subscription {
+            deliveries,
+            control: Box::new(KafkaControl {
+                shared,
+                done: tokio::sync::Mutex::new(Some(done_rx)),
+            }),
+        })
+    }
+}
+
+/// What a subscription consumes.
+struct GroupSpec {
+    group: String,
+    event_topic: String,
+    bindings: Vec<String>,
+    /// Delay -> retry topic; [`Duration::ZERO`] is the direct topic.
+    retry_topics: BTreeMap<Duration, String>,
+}
+
+impl GroupSpec {
+    fn is_retry_topic(&self, topic: &str) -> bool {
+        self.retry_topics.values().any(|t| t == topic)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Stop {
+    #[default]
+    Running,
+    /// No new deliveries; settlements still commit.
+    Cancelled,
+    /// Leave the group; what is unsettled goes to the next owner.
+    Closing,
+}
+
+/// What the polling thread, the rebalance callbacks and the deliveries'
+/// ackers share.
+struct Shared {
+    state: Mutex<State>,
+    /// Signalled on every settlement (a rebalance waits on it).
+    settled: Condvar,
+    first_assignment: Mutex<Option<oneshot::Sender<()>>>,
+}
+
+#[derive(Default)]
+struct State {
+    partitions: HashMap<Tp, Assigned>,
+    next_generation: u64,
+    /// Deliveries with a handler or requeued: what `prefetch` bounds.
+    in_flight: usize,
+    requeued: VecDeque<Requeued>,
+    /// Retry records not yet due, per partition, in offset order.
+    waiting: BTreeMap<Tp, VecDeque<Waiting>>,
+    stop: Stop,
+    /// A commit failed: commit every partition's offset again.
+    recommit: bool,
+    /// Partitions were assigned (unpaused) since the poller last looked.
+    reassigned: bool,
+}
+
+/// One assignment of a partition to this subscription.
+struct Assigned {
+    /// Tells this assignment from a later one of the same partition.
+    generation: u64,
+    offsets: PartitionOffsets,
+}
+
+struct Requeued {
+    tp: Tp,
+    offset: i64,
+    generation: u64,
+    message: Message,
+}
+
+struct Waiting {
+    offset: i64,
+    due: Instant,
+    message: Message,
+}
+
+fn lock(shared: &Shared) -> MutexGuard<'_, State> {
+    shared.state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn stop(&self, stop: Stop) {
+        let mut state = lock(self);
+        if state.stop != Stop::Closing {
+            state.stop = stop;
+        }
+        drop(state);
+        self.settled.notify_all();
+    }
+
+    /// Moves a delivery of `generation` to `stage`; false when its
+    /// partition was revoked (or the subscription closed) since.
+    fn settle(&self, tp: &Tp, offset: i64, generation: u64, stage: Stage) -> bool {
+        let mut state = lock(self);
+        let owned = match state.partitions.get_mut(tp) {
+            Some(assigned) if assigned.generation == generation => {
+                assigned.offsets.set(offset, stage)
+            }
+            _ => false,
+        };
+        if owned && stage == Stage::Settled {
+            state.in_flight = state.in_flight.saturating_sub(1);
+        }
+        drop(state);
+        self.settled.notify_all();
+        owned
+    }
+
+    fn owns(&self, tp: &Tp, generation: u64) -> bool {
+        lock(self)
+            .partitions
+            .get(tp)
+            .is_some_and(|a| a.generation == generation)
+    }
+
+    fn requeue(&self, tp: Tp, offset: i64, generation: u64, message: Message) -> bool {
+        if !self.settle(&tp, offset, generation, Stage::Held) {
+            return false;
+        }
+        lock(self).requeued.push_back(Requeued {
+            tp,
+            offset,
+            generation,
+            message,
+        });
+        true
+    }
+}
+
+/// The consumer's callbacks: rebalances and commit results.
+struct GroupContext {
+    shared: Arc<Shared>,
+    group: String,
+    revoke_timeout: Duration,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            let revoked: Vec<Tp> = list
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect();
+            self.revoke(consumer, &revoked);
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(list) => {
+                let mut state = lock(&self.shared);
+                for e in list.elements() {
+                    state.next_generation += 1;
+                    let assigned = Assigned {
+                        generation: state.next_generation,
+                        offsets: PartitionOffsets::default(),
+                    };
+                    state
+                        .partitions
+                        .insert((e.topic().to_owned(), e.partition()), assigned);
+                }
+                state.reassigned = true;
+                drop(state);
+                // A partition paused under an earlier assignment reads again.
+                if let Err(error) = consumer.resume(list) {
+                    log::warn!(target: "herald::kafka", "resuming assigned partitions: {error}");
+                }
+                let first = self
+                    .shared
+                    .first_assignment
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                if let Some(first) = first {
+                    let _ = first.send(());
+                }
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(error) => {
+                log::warn!(target: "herald::kafka", "rebalance failed: {error}");
+            }
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        if let Err(error) = result {
+            log::warn!(target: "herald::kafka", "offset commit failed (retried): {error}");
+            lock(&self.shared).recommit = true;
+        }
+    }
+}
+
+impl GroupContext {
+    /// Lets `revoked` go: their held records are dropped (the next owner
+    /// reads them again), the deliveries with handlers are awaited (bounded;
+    /// not when closing), the settled prefix is committed.
+    fn revoke(&self, consumer: &BaseConsumer<Self>, revoked: &[Tp]) {
+        let mut state = lock(&self.shared);
+        let before = state.requeued.len();
+        state.requeued.retain(|r| !revoked.contains(&r.tp));
+        let dropped = before - state.requeued.len();
+        state.in_flight = state.in_flight.saturating_sub(dropped);
+        for tp in revoked {
+            state.waiting.remove(tp);
+        }
+        if state.stop != Stop::Closing {
+            let handed: usize = revoked
+                .iter()
+                .filter_map(|tp| state.partitions.get(tp))
+                .map(|a| a.offsets.handed())
+                .sum();
+            if handed > 0 {
+                log::info!(
+                    target: "herald::kafka",
+                    "group={} rebalance: {} partitions revoked; waiting up to {:?} for \
+                     {handed} deliveries with handlers before committing",
+                    escape(&self.group),
+                    revoked.len(),
+                    self.revoke_timeout
+                );
+            }
+            // A close meanwhile ends the wait: what is unsettled goes to the next owner.
+            let busy = |s: &mut State| {
+                s.stop != Stop::Closing
+                    && revoked
+                        .iter()
+                        .any(|tp| s.partitions.get(tp).is_some_and(|a| a.offsets.handed() > 0))
+            };
+            let (waited, timeout) = self
+                .shared
+                .settled
+                .wait_timeout_while(state, self.revoke_timeout, busy)
+                .unwrap_or_else(|e| e.into_inner());
+            state = waited;
+            if timeout.timed_out() {
+                log::warn!(
+                    target: "herald::kafka",
+                    "group={} rebalance: deliveries of revoked partitions still unsettled \
+                     after {:?}; their records go to the next owner",
+                    escape(&self.group),
+                    self.revoke_timeout
+                );
+            }
+        }
+        let mut list = TopicPartitionList::new();
+        for tp in revoked {
+            if let Some(mut assigned) = state.partitions.remove(tp) {
+                // Still with handlers: their settlements fail from now on and
+                // no longer hold a place in the window.
+                let abandoned = assigned.offsets.handed();
+                state.in_flight = state.in_flight.saturating_sub(abandoned);
+                if let Some(next) = assigned.offsets.commit() {
+                    let _ = list.add_partition_offset(&tp.0, tp.1, Offset::Offset(next));
+                }
+            }
+        }
+        drop(state);
+        if list.count() > 0 {
+            if let Err(error) = consumer.commit(&list, CommitMode::Sync) {
+                log::warn!(
+                    target: "herald::kafka",
+                    "group={} commit on revoke failed: {error}",
+                    escape(&self.group)
+                );
+            }
+        }
+    }
+}
+
+/// The polling thread's own state.
+struct Poller {
+    consumer: BaseConsumer<GroupContext>,
+    shared: Arc<Shared>,
+    /// `None` once cancelled: the delivery stream has ended.
+    tx: Option<mpsc::UnboundedSender<Result<Delivery, BrokerError>>>,
+    spec: Arc<GroupSpec>,
+    prefetch: usize,
+    broker: KafkaBroker,
+    /// Partitions paused while a retry record waits.
+    paused: Vec<Tp>,
+    /// The whole assignment is paused: `prefetch` deliveries are unsettled.
+    throttled: bool,
+}
+
+impl Poller {
+    fn run(mut self) {
+        loop {
+            let stop = lock(&self.shared).stop;
+            let gone = self
+                .tx
+                .as_ref()
+                .is_some_and(mpsc::UnboundedSender::is_closed);
+            if stop == Stop::Closing || gone {
+                break;
+            }
+            if stop == Stop::Cancelled && self.tx.is_some() {
+                self.tx = None;
+                self.pause_all();
+            }
+            if std::mem::take(&mut lock(&self.shared).reassigned) {
+                // The new assignment starts unpaused.
+                self.paused.clear();
+                self.throttled = false;
+            }
+            let next_due = if self.tx.is_some() {
+                self.hand_out_requeued();
+                self.hand_out_due()
+            } else {
+                None
+            };
+            self.commit(CommitMode::Async);
+            // A full window pauses the assignment rather than the polling: the
+            // poll keeps serving rebalances and keeps the member alive
+            // (`max.poll.interval.ms`).
+            let full = lock(&self.shared).in_flight >= self.prefetch;
+            if full && self.tx.is_some() {
+                self.pause_all();
+                self.throttled = true;
+            } else if self.throttled && self.tx.is_some() {
+                self.resume_all();
+                self.throttled = false;
+            }
+            let timeout = next_due.map_or(POLL, |due| {
+                due.saturating_duration_since(Instant::now()).min(POLL)
+            });
+            let pause = match self.consumer.poll(timeout) {
+                None => None,
+                Some(Ok(record)) if self.tx.is_some() => self.read(&record),
+                // Cancelled: not handed out, not tracked; the next owner reads it.
+                Some(Ok(_)) => None,
+                Some(Err(error)) => {
+                    log::warn!(
+                        target: "herald::kafka",
+                        "group={} consumer: {error}",
+                        escape(&self.spec.group)
+                    );
+                    None
+                }
+            };
+            if let Some(tp) = pause {
+                self.pause(&tp);
+            }
+        }
+        self.shared.stop(Stop::Closing);
+        // Settlements from now on fail: the last commit covers every one that succeeded.
+        let last = std::mem::take(&mut lock(&self.shared).partitions);
+        self.shared.settled.notify_all();
+        let mut list = TopicPartitionList::new();
+        for (tp, mut assigned) in last {
+            if let Some(next) = assigned.offsets.commit() {
+                let _ = list.add_partition_offset(&tp.0, tp.1, Offset::Offset(next));
+            }
+        }
+        if list.count() > 0 {
+            if let Err(error) = self.consumer.commit(&list, CommitMode::Sync) {
+                log::warn!(
+                    target: "herald::kafka",
+                    "group={} last commit failed: {error}",
+                    escape(&self.spec.group)
+                );
+            }
+        }
+        // Dropping the consumer leaves the group (its revoke finds nothing left).
+        drop(self.consumer);
+    }
+
+    /// Hands out, skips or holds `record`; returns the partition to pause
+    /// when a retry record waits.
+    fn read(&self, record: &rdkafka::message::BorrowedMessage<'_>) -> Option<Tp> {
+        use rdkafka::Message as _;
+        let tp: Tp = (record.topic().to_owned(), record.partition());
+        let offset = record.offset();
+        let read = codec::read(record);
+        if let Err(reason) = &read.verdict {
+            log::warn!(
+                target: "herald::kafka",
+                "group={} topic={} partition={} offset={offset} {}: handed out as it is",
+                escape(&self.spec.group),
+                escape(&tp.0),
+                tp.1,
+                escape(&reason.0)
+            );
+        }
+        if self.spec.is_retry_topic(&tp.0) {
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            let wait = read.due_ms.map_or(0, |due| due.saturating_sub(now_ms));
+            let behind = lock(&self.shared).waiting.contains_key(&tp);
+            if wait > 0 || behind {
+                let due = Instant::now() + Duration::from_millis(wait.unsigned_abs());
+                let mut state = lock(&self.shared);
+                track(&mut state, &tp, offset, Stage::Held);
+                state
+                    .waiting
+                    .entry(tp.clone())
+                    .or_default()
+                    .push_back(Waiting {
+                        offset,
+                        due,
+                        message: read.message,
+                    });
+                return Some(tp);
+            }
+        } else if tp.0 == self.spec.event_topic && read.verdict.is_ok() {
+            let key = &read.message.routing_key;
+            if !self.spec.bindings.iter().any(|b| topic_matches(b, key)) {
+                track(&mut lock(&self.shared), &tp, offset, Stage::Settled);
+                return None;
+            }
+        }
+        let generation = track(&mut lock(&self.shared), &tp, offset, Stage::Handed);
+        self.hand_out(tp, offset, generation, read.message, false);
+        None
+    }
+
+    fn hand_out(&self, tp: Tp, offset: i64, generation: u64, message: Message, again: bool) {
+        lock(&self.shared).in_flight += if again { 0 } else { 1 };
+        let acker = KafkaAcker {
+            shared: Arc::clone(&self.shared),
+            broker: self.broker.clone(),
+            spec: Arc::clone(&self.spec),
+            tp,
+            offset,
+            generation,
+        };
+        if let Some(tx) = &self.tx {
+            // A closed stream is noticed by the loop, which then leaves the group.
+            let _ = tx.send(Ok(Delivery::new(message, again, Box::new(acker))));
+        }
+    }
+
+    fn hand_out_requeued(&mut self) {
+        let requeued: Vec<Requeued> = lock(&self.shared).requeued.drain(..).collect();
+        for r in requeued {
+            if self
+                .shared
+                .settle(&r.tp, r.offset, r.generation, Stage::Handed)
+            {
+                self.hand_out(r.tp, r.offset, r.generation, r.message, true);
+            }
+        }
+    }
+
+    /// Hands out the retry records now due (within `prefetch`), resumes
+    /// partitions left with none waiting; returns when the next one is due.
+    fn hand_out_due(&mut self) -> Option<Instant> {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        let mut next = None;
+        let mut emptied = Vec::new();
+        {
+            let mut state = lock(&self.shared);
+            let mut room = self.prefetch.saturating_sub(state.in_flight);
+            let mut ready = Vec::new();
+            for (tp, queue) in &mut state.waiting {
+                while room > 0 && queue.front().is_some_and(|w| w.due <= now) {
+                    if let Some(w) = queue.pop_front() {
+                        ready.push((tp.clone(), w));
+                        room -= 1;
+                    }
+                }
+                match queue.front() {
+                    Some(w) => next = Some(next.map_or(w.due, |n: Instant| n.min(w.due))),
+                    None => emptied.push(tp.clone()),
+                }
+            }
+            for tp in &emptied {
+                state.waiting.remove(tp);
+            }
+            for (tp, w) in ready {
+                if let Some(assigned) = state.partitions.get_mut(&tp) {
+                    if assigned.offsets.set(w.offset, Stage::Handed) {
+                        due.push((tp, w, assigned.generation));
+                    }
+                }
+            }
+        }
+        for (tp, w, generation) in due {
+            self.hand_out(tp, w.offset, generation, w.message, false);
+        }
+        for tp in emptied {
+            self.resume(&tp);
+        }
+        next
+    }
+
+    /// Commits every partition's settled prefix that grew.
+    fn commit(&self, mode: CommitMode) {
+        let mut list = TopicPartitionList::new();
+        {
+            let mut state = lock(&self.shared);
+            let again = std::mem::take(&mut state.recommit);
+            for (tp, assigned) in &mut state.partitions {
+                let next = assigned.offsets.commit();
+                let next = if again {
+                    next.or(assigned.offsets.committed())
+                } else {
+                    next
+                };
+                if let Some(next) = next {
+                    let _ = list.add_partition_offset(&tp.0, tp.1, Offset::Offset(next));
+                }
+            }
+        }
+        if list.count() == 0 {
+            return;
+        }
+        if let Err(error) = self.consumer.commit(&list, mode) {
+            log::warn!(
+                target: "herald::kafka",
+                "group={} commit failed (retried): {error}",
+                escape(&self.spec.group)
+            );
+            lock(&self.shared).recommit = true;
+        }
+    }
+
+    fn pause(&mut self, tp: &Tp) {
+        if self.paused.contains(tp) {
+            return;
+        }
+        let mut list = TopicPartitionList::new();
+        list.add_partition(&tp.0, tp.1);
+        if self.consumer.pause(&list).is_ok() {
+            self.paused.push(tp.clone());
+        }
+    }
+
+    fn resume(&mut self, tp: &Tp) {
+        let Some(at) = self.paused.iter().position(|p| p == tp) else {
+            return;
+        };
+        self.paused.swap_remove(at);
+        let mut list = TopicPartitionList::new();
+        list.add_partition(&tp.0, tp.1);
+        let _ = self.consumer.resume(&list);
+    }
+
+    fn pause_all(&mut self) {
+        if let Ok(assignment) = self.consumer.assignment() {
+            let _ = self.consumer.pause(&assignment);
+        }
+    }
+
+    /// Resumes the assignment but the partitions whose retry records wait.
+    fn resume_all(&mut self) {
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        let mut list = TopicPartitionList::new();
+        for e in assignment.elements() {
+            let tp = (e.topic().to_owned(), e.partition());
+            if !self.paused.contains(&tp) {
+                list.add_partition(&tp.0, tp.1);
+            }
+        }
+        let _ = self.consumer.resume(&list);
+    }
+}
+
+/// Records that `offset` of `tp` was read, at `stage`; returns the
+/// partition's generation.
+fn track(state: &mut State, tp: &Tp, offset: i64, stage: Stage) -> u64 {
+    if !state.partitions.contains_key(tp) {
+        state.next_generation += 1;
+        let generation = state.next_generation;
+        state.partitions.insert(
+            tp.clone(),
+            Assigned {
+                generation,
+                offsets: PartitionOffsets::default(),
+            },
+        );
+    }
+    let assigned = state.partitions.get_mut(tp).expect("inserted above");
+    assigned.offsets.read(offset, stage);
+    assigned.generation
+}
+
+/// Settles one delivery of a group.
+struct KafkaAcker {
+    shared: Arc<Shared>,
+    broker: KafkaBroker,
+    spec: Arc<GroupSpec>,
+    tp: Tp,
+    offset: i64,
+    generation: u64,
+}
+
+impl KafkaAcker {
+    fn done(&self, stage: Stage) -> Result<(), BrokerError> {
+        if self
+            .shared
+            .settle(&self.tp, self.offset, self.generation, stage)
+        {
+            Ok(())
+        } else {
+            // Revoked or closed: the record goes to the partition's next owner.
+            Err(BrokerError::Closed)
+        }
+    }
+
+    /// Publishes `copy` to `topic`, then settles the original: a crash in
+    /// between duplicates, never loses. A failed publish requeues the original.
+    async fn move_to(
+        self,
+        original: Message,
+        topic: &str,
+        copy: Message,
+        extra: &[(&str, String)],
+    ) -> Result<(), BrokerError> {
+        if !self.shared.owns(&self.tp, self.generation) {
+            return Err(BrokerError::Closed);
+        }
+        if let Err(error) = self.broker.produce(topic, &copy, extra).await {
+            self.shared
+                .requeue(self.tp.clone(), self.offset, self.generation, original);
+            return Err(error);
+        }
+        self.done(Stage::Settled)
+    }
+}
+
+impl Acknowledger for KafkaAcker {
+    fn settle(
+        self: Box<Self>,
+        message: Message,
+        settlement: Settlement,
+    ) -> BoxFuture<'static, Result<(), BrokerError>> {
+        async move {
+            match settlement {
+                Settlement::Ack => self.done(Stage::Settled),
+                Settlement::Requeue => {
+                    let (tp, offset, generation) = (self.tp.clone(), self.offset, self.generation);
+                    if self.shared.requeue(tp, offset, generation, message) {
+                        Ok(())
+                    } else {
+                        Err(BrokerError::Closed)
+                    }
+                }
+                Settlement::Retry {
+                    delay,
+                    attempts,
+                    reason,
+                } => {
+                    let Some(topic) = self.spec.retry_topics.get(&delay).cloned() else {
+                        // No retry topic for this delay: nothing is lost, it comes back at once.
+                        self.shared
+                            .requeue(self.tp.clone(), self.offset, self.generation, message);
+                        return Err(BrokerError::Unroutable {
+                            exchange: String::new(),
+                            routing_key: retry_queue(&self.spec.group, delay),
+                        });
+                    };
+                    // One millisecond more: the clock is read in whole milliseconds,
+                    // and the record must never come back before its delay.
+                    let due = chrono::Utc::now()
+                        .timestamp_millis()
+                        .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX))
+                        .saturating_add(1);
+                    let copy = retry_message(message.clone(), reason, attempts);
+                    self.move_to(message, &topic, copy, &[(RETRY_DUE, due.to_string())])
+                        .await
+                }
+                Settlement::DeadLetter { reason, attempts } => {
+                    let topic = dead_letter_queue(&self.spec.group);
+                    let copy = dead_letter_message(message.clone(), reason, attempts);
+                    self.move_to(message, &topic, copy, &[]).await
+                }
+            }
+        }
+        .boxed()
+    }
+}
+
+/// The control side of one subscription.
+struct KafkaControl {
+    shared: Arc<Shared>,
+    /// Resolves when the polling thread has left the group.
+    done: tokio::sync::Mutex<Option<oneshot::Receiver<()>>>,
+}
+
+impl SubscriptionControl for KafkaControl {
+    fn cancel(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
+        self.shared.stop(Stop::Cancelled);
+        futures_util::future::ready(Ok(())).boxed()
+    }
+
+    /// Commits what settled, leaves the group and waits until it has left.
+    fn close(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
+        async move {
+            self.shared.stop(Stop::Closing);
+            if let Some(done) = self.done.lock().await.take() {
+                let _ = done.await;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+impl Drop for KafkaControl {
+    fn drop(&mut self) {
+        self.shared.stop(Stop::Closing);
+    }
+}

@@ -1,0 +1,121 @@
+//! The Kafka broker restarts (`kill -9`, then `scripts/services-kafka.sh`)
+//! while 5,000 messages are published and consumed: consumption resumes and
+//! nothing is lost (a redelivery is allowed: at least once). Alone in its
+//! binary, as it stops the broker every other Kafka test uses; it restarts
+//! only the broker that script started (its pid file).
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use herald::transport::{headers, Message, Publisher, SubscribeSpec, Subscriber};
+use herald::{KafkaBroker, KafkaOptions};
+
+const N: usize = 5_000;
+
+fn kafka_url() -> String {
+    std::env::var("HERALD_TEST_KAFKA").unwrap_or_else(|_| "kafka://127.0.0.1:9092".into())
+}
+
+fn data_dir() -> PathBuf {
+    std::env::var_os("HERALD_TANSU_DATA")
+        .map_or_else(|| "/var/lib/herald-tansu".into(), PathBuf::from)
+}
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/services-kafka.sh")
+}
+
+/// Kills the broker the script started and starts it again with the script.
+async fn restart_broker() {
+    let pid_file = data_dir().join("tansu.pid");
+    let pid = std::fs::read_to_string(&pid_file).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}: the broker was not started by {}",
+            pid_file.display(),
+            script().display()
+        )
+    });
+    let killed = tokio::process::Command::new("kill")
+        .args(["-9", pid.trim()])
+        .status()
+        .await
+        .expect("run kill");
+    assert!(killed.success(), "kill -9 {}", pid.trim());
+    // The script starts it again once the port is free (it answers then).
+    let started = tokio::process::Command::new(script())
+        .status()
+        .await
+        .expect("run services-kafka.sh");
+    assert!(started.success(), "services-kafka.sh restarts the broker");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "not passing yet: after the restart consumption stalled (one run), and the \
+            broker the test restarted was gone once the test ended; see ADR 0010"]
+async fn a_broker_restart_during_5000_messages_loses_none() {
+    herald_testkit::capture::capture();
+    let mut options = KafkaOptions::new(&kafka_url()).expect("a Kafka URL");
+    options.topic = format!("t{}", uuid::Uuid::new_v4().simple());
+    options.session_timeout = Duration::from_secs(6);
+    options.delivery_timeout = Duration::from_secs(60);
+    let broker = KafkaBroker::connect(&options).await.expect("connect");
+    let mut sub = broker
+        .subscribe(SubscribeSpec {
+            queue: format!("g{}", uuid::Uuid::new_v4().simple()),
+            bindings: vec!["job".into()],
+            prefetch: 200,
+            retry_delays: vec![Duration::from_secs(1)],
+            partition: None,
+        })
+        .await
+        .expect("subscribe");
+    let publisher = {
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            for chunk in 0..N / 100 {
+                let messages = (chunk * 100..chunk * 100 + 100)
+                    .map(|i| {
+                        let mut m = Message::new("job".into(), format!("{i}").into_bytes());
+                        m.message_id = Some(format!("m{i:05}"));
+                        m.headers
+                            .insert(headers::PARTITION_KEY.into(), format!("k{}", i % 7));
+                        m
+                    })
+                    .collect();
+                let results = broker.publish_all(messages).await;
+                for (i, result) in results.into_iter().enumerate() {
+                    result.unwrap_or_else(|e| panic!("publish m{:05}: {e}", chunk * 100 + i));
+                }
+            }
+        })
+    };
+    let mut seen = BTreeSet::new();
+    let mut restarted = false;
+    while seen.len() < N {
+        let Ok(next) = tokio::time::timeout(Duration::from_secs(60), sub.deliveries.next()).await
+        else {
+            if publisher.is_finished() {
+                publisher.await.expect("the publisher");
+            }
+            panic!(
+                "stalled at {} of {N}; log: {:#?}",
+                seen.len(),
+                herald_testkit::capture::lines_with("herald")
+            );
+        };
+        let delivery = next.expect("the stream goes on").expect("a delivery");
+        seen.insert(delivery.message.message_id.clone().expect("an id"));
+        // An ack that fails (the broker is down) leaves the record to come again.
+        let _ = delivery.ack().await;
+        if !restarted && seen.len() >= N / 4 {
+            restarted = true;
+            restart_broker().await;
+        }
+    }
+    publisher.await.expect("every publish delivered");
+    let expected: BTreeSet<String> = (0..N).map(|i| format!("m{i:05}")).collect();
+    assert_eq!(seen, expected, "every message consumed at least once");
+    sub.control.close().await.expect("close");
+}
