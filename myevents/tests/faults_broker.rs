@@ -35,7 +35,7 @@ async fn events_survives_two_broker_restarts_and_counts_every_booking_once() {
     let _guard = RestartOnDrop;
     let reconnects = |events: &Service| events.stderr().matches("consumer back after").count();
     for (restart, threshold) in [TOTAL / 4, TOTAL * 3 / 5].into_iter().enumerate() {
-        wait_for_count("eventBooked facts", threshold, || booked_facts(&db)).await;
+        wait_for_facts(&events, &vhost, &db, threshold).await;
         rabbitmqctl(&["stop_app"]);
         rabbitmqctl(&["start_app"]);
         assert!(
@@ -46,7 +46,7 @@ async fn events_survives_two_broker_restarts_and_counts_every_booking_once() {
         assert!(events.is_running(), "the process never exits");
     }
     publisher.await.unwrap();
-    wait_for_count("eventBooked facts", stream.distinct, || booked_facts(&db)).await;
+    wait_for_facts(&events, &vhost, &db, stream.distinct).await;
     wait_until_all_settled(&vhost).await;
     assert_eq!(
         booked_facts(&db).await,
@@ -57,4 +57,33 @@ async fn events_survives_two_broker_restarts_and_counts_every_booking_once() {
     assert!(reconnects(&events) >= 2, "{}", events.stderr());
     assert!(events.is_running());
     events.terminate().await;
+}
+
+/// As `wait_for_count` on the applied `eventBooked` facts, and when they stop
+/// growing for [`LIVENESS`], fails with what events logged and what the
+/// queues hold (a broker restart is the moment something can hang).
+async fn wait_for_facts(events: &Service, vhost: &TestVhost, db: &herald::store::Db, target: i64) {
+    let mut last = booked_facts(db).await;
+    let mut progressed = std::time::Instant::now();
+    while last < target {
+        if progressed.elapsed() >= LIVENESS {
+            let log = events.stderr();
+            let tail: Vec<&str> = log
+                .lines()
+                .filter(|l| !l.contains("herald::mailbox"))
+                .collect();
+            let tail = tail[tail.len().saturating_sub(60)..].join("\n");
+            panic!(
+                "eventBooked facts: stuck at {last} of {target} for {LIVENESS:?}; queues: {:?}; \
+                 events' last lines:\n{tail}",
+                all_queues(vhost).await
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let now = booked_facts(db).await;
+        if now != last {
+            progressed = std::time::Instant::now();
+            last = now;
+        }
+    }
 }
