@@ -331,10 +331,19 @@ impl Partitions {
         };
         consumed.intake.cancel().await;
         self.relay.held.write().await.remove(&partition);
-        if drain && !consumed.in_flight.drained(self.drain).await {
-            log::warn!(target: TARGET, "context={} partition={partition} {} deliveries still in flight after {:?}: the broker requeues them", self.terms.context, consumed.in_flight.count(), self.drain);
+        if drain {
+            self.drained(partition, &consumed).await;
         }
         consumed.intake.close().await;
+    }
+
+    /// Waits (up to the drain timeout) for the deliveries `partition` took to
+    /// settle; what is still unsettled then goes back to the queue when its
+    /// channel closes.
+    async fn drained(&self, partition: u16, consumed: &Consumed) {
+        if !consumed.in_flight.drained(self.drain).await {
+            log::warn!(target: TARGET, "context={} partition={partition} {} deliveries still in flight after {:?}: the broker requeues them", self.terms.context, consumed.in_flight.count(), self.drain);
+        }
     }
 
     /// Stops the coordinator and gives every partition back, drained, so the
@@ -349,9 +358,7 @@ impl Partitions {
         }
         self.relay.held.write().await.clear();
         for (partition, held) in &consumed {
-            if !held.in_flight.drained(self.drain).await {
-                log::warn!(target: TARGET, "context={} partition={partition} {} deliveries still in flight after {:?}: the broker requeues them", self.terms.context, held.in_flight.count(), self.drain);
-            }
+            self.drained(*partition, held).await;
         }
         for held in consumed.values() {
             held.intake.close().await;
