@@ -10,8 +10,10 @@ mod myevents_support;
 
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use futures_util::future::join_all;
-use herald_testkit::TestVhost;
+use herald_testkit::{eventually, TestVhost, LIVENESS};
 use myevents_support::*;
 use serde_json::json;
 
@@ -23,19 +25,23 @@ fn kafka_url() -> String {
 /// Held by the running case: one member per consumer group.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// A context's start on Kafka, on `topic`. (The config still names a
+/// vhost; `BROKER_URL` wins over it.)
+fn on_kafka(topic: &str) -> Extra {
+    Extra {
+        env: vec![
+            ("BROKER_URL".into(), kafka_url()),
+            ("HERALD__BROKER__TOPIC".into(), topic.into()),
+        ],
+        ..Extra::default()
+    }
+}
+
 /// Both contexts on Kafka, on a fresh topic (offsets are committed per
 /// topic, so the groups start at its beginning).
 async fn start_on_kafka(dir: &DataDir) -> (Service, Service) {
-    // The config still names a vhost; BROKER_URL wins over it.
     let vhost = TestVhost::new();
-    let topic = format!("events-{}", fresh_id());
-    let extra = Extra {
-        env: vec![
-            ("BROKER_URL".into(), kafka_url()),
-            ("HERALD__BROKER__TOPIC".into(), topic),
-        ],
-        ..Extra::default()
-    };
+    let extra = on_kafka(&format!("events-{}", fresh_id()));
     let booking = Service::start_with(Kind::Booking, &vhost, dir, &extra).await;
     let events = Service::start_with(Kind::Events, &vhost, dir, &extra).await;
     (booking, events)
@@ -96,4 +102,95 @@ async fn of_60_simultaneous_requests_for_40_seats_exactly_40_are_booked_and_coun
     wait_for_seats_booked(&events, &id, i64::from(SEATS)).await;
     events.terminate().await;
     booking.terminate().await;
+}
+
+/// `kill -9` of booking twice while 5,000 `eventCreated` stream in on Kafka
+/// (published as herald's events context does, with message ids): each is
+/// applied exactly once (one known event and one ledger opened per event),
+/// and booking's consumer group ends committed at the end of every
+/// partition of the topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn booking_killed_twice_during_5000_events_applies_each_once_and_commits_to_the_log_end() {
+    const TOTAL: i64 = 5_000;
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let (dir, vhost) = (DataDir::new(), TestVhost::new());
+    let topic = format!("events-{}", fresh_id());
+    let extra = on_kafka(&topic);
+    let mut booking = Service::start_with(Kind::Booking, &vhost, &dir, &extra).await;
+    let mut options = herald::KafkaOptions::new(&kafka_url()).expect("a Kafka URL");
+    options.topic.clone_from(&topic);
+    let broker = herald::KafkaBroker::connect(&options)
+        .await
+        .expect("connect to the test broker");
+    let publisher = spawn_announcements(&broker, TOTAL, Some(10));
+    let db = database(&dir, Kind::Booking);
+    for threshold in [TOTAL / 4, TOTAL * 3 / 5] {
+        wait_for_count("events booking knows", threshold, || known_events(&db)).await;
+        booking.kill9().await;
+        booking = Service::start_with(Kind::Booking, &vhost, &dir, &extra).await;
+    }
+    publisher.await.expect("every announcement delivered");
+    wait_for_count("events booking knows", TOTAL, || known_events(&db)).await;
+    let at_end = eventually(LIVENESS, || async {
+        committed_behind(&options, "booking").await == Ok(0)
+    })
+    .await;
+    assert!(
+        at_end,
+        "booking's offsets end at the log end: {:?} records behind",
+        committed_behind(&options, "booking").await
+    );
+    assert_eq!(known_events(&db).await, TOTAL, "each event known once");
+    assert_eq!(ledgers_opened(&db).await, TOTAL, "each event applied once");
+    booking.terminate().await;
+    assert_eq!(
+        committed_behind(&options, "booking").await,
+        Ok(0),
+        "still at the log end after a clean stop"
+    );
+}
+
+/// How many records of `options.topic` lie past what `group` committed,
+/// summed over its partitions (a partition without a commit counts whole).
+async fn committed_behind(options: &herald::KafkaOptions, group: &str) -> Result<i64, String> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    const WAIT: Duration = Duration::from_secs(10);
+    let (servers, topic, group) = (
+        options.bootstrap_servers.clone(),
+        options.topic.clone(),
+        group.to_owned(),
+    );
+    tokio::task::spawn_blocking(move || {
+        // A consumer that never subscribes reads the group's offsets
+        // without joining it.
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &servers)
+            .set("group.id", &group)
+            .create()
+            .map_err(|e| e.to_string())?;
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), WAIT)
+            .map_err(|e| e.to_string())?;
+        let mut list = rdkafka::TopicPartitionList::new();
+        for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+            list.add_partition(&topic, partition.id());
+        }
+        let committed = consumer
+            .committed_offsets(list, WAIT)
+            .map_err(|e| e.to_string())?;
+        let mut behind = 0;
+        for element in committed.elements() {
+            let (low, high) = consumer
+                .fetch_watermarks(&topic, element.partition(), WAIT)
+                .map_err(|e| e.to_string())?;
+            let at = match element.offset() {
+                rdkafka::Offset::Offset(at) => at,
+                _ => low,
+            };
+            behind += high - at;
+        }
+        Ok(behind)
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }

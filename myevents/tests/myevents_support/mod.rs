@@ -844,11 +844,10 @@ pub fn announcement(n: i64, capacity: Option<u32>) -> herald::transport::Message
 }
 
 /// Publishes, trying again while the broker is unreachable (a minute at most).
-pub async fn publish_until_confirmed(
-    broker: &herald::AmqpBroker,
-    message: herald::transport::Message,
-) {
-    use herald::transport::Publisher;
+pub async fn publish_until_confirmed<B>(broker: &B, message: herald::transport::Message)
+where
+    B: herald::transport::Publisher + Clone,
+{
     let published = eventually(LIVENESS * 2, || {
         let (broker, message) = (broker.clone(), message.clone());
         async move { broker.publish(message).await.is_ok() }
@@ -857,12 +856,16 @@ pub async fn publish_until_confirmed(
     assert!(published, "a message was never confirmed");
 }
 
-/// Publishes announcements `0..total` in the background, each until confirmed.
-pub fn spawn_announcements(
-    broker: &herald::AmqpBroker,
+/// Publishes announcements `0..total` in the background, each until
+/// confirmed, on either transport.
+pub fn spawn_announcements<B>(
+    broker: &B,
     total: i64,
     capacity: Option<u32>,
-) -> tokio::task::JoinHandle<()> {
+) -> tokio::task::JoinHandle<()>
+where
+    B: herald::transport::Publisher + Clone + Send + Sync + 'static,
+{
     let broker = broker.clone();
     tokio::spawn(async move {
         for n in 0..total {
