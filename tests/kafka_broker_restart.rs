@@ -5,7 +5,6 @@
 //! only the broker that script started (its pid file).
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -14,60 +13,10 @@ use herald::{KafkaBroker, KafkaOptions};
 
 const N: usize = 5_000;
 
-fn kafka_url() -> String {
-    std::env::var("HERALD_TEST_KAFKA").unwrap_or_else(|_| "kafka://127.0.0.1:9092".into())
-}
-
-fn data_dir() -> PathBuf {
-    std::env::var_os("HERALD_TANSU_DATA")
-        .map_or_else(|| "/var/lib/herald-tansu".into(), PathBuf::from)
-}
-
-fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/services-kafka.sh")
-}
-
-/// Kills the broker the script started and starts it again with the script.
-async fn restart_broker() {
-    let pid_file = data_dir().join("tansu.pid");
-    let pid = std::fs::read_to_string(&pid_file).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}: the broker was not started by {}",
-            pid_file.display(),
-            script().display()
-        )
-    });
-    let killed = tokio::process::Command::new("kill")
-        .args(["-9", pid.trim()])
-        .status()
-        .await
-        .expect("run kill");
-    assert!(killed.success(), "kill -9 {}", pid.trim());
-    // Until the process is gone its port still answers, and the script
-    // would find the dying broker running.
-    let proc_dir = PathBuf::from(format!("/proc/{}", pid.trim()));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while proc_dir.exists() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the broker {} still runs 30 s after kill -9",
-            pid.trim()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // The script starts it again once the port is free (it answers then).
-    let started = tokio::process::Command::new(script())
-        .env("HERALD_TANSU_KEEP_LOG", "1")
-        .status()
-        .await
-        .expect("run services-kafka.sh");
-    assert!(started.success(), "services-kafka.sh restarts the broker");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_during_5000_messages_loses_none() {
     herald_testkit::capture::capture();
-    let mut options = KafkaOptions::new(&kafka_url()).expect("a Kafka URL");
+    let mut options = KafkaOptions::new(&herald_testkit::kafka::url()).expect("a Kafka URL");
     options.topic = format!("t{}", uuid::Uuid::new_v4().simple());
     options.session_timeout = Duration::from_secs(6);
     options.delivery_timeout = Duration::from_secs(60);
@@ -127,7 +76,7 @@ async fn a_broker_restart_during_5000_messages_loses_none() {
         let _ = delivery.ack().await;
         if !restarted && seen.len() >= N / 4 {
             restarted = true;
-            restart_broker().await;
+            herald_testkit::kafka::restart_broker().await;
         }
     }
     publisher.await.expect("every publish delivered");

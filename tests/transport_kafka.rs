@@ -23,15 +23,10 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-/// Where the test broker listens. `make test` starts it.
-fn kafka_url() -> String {
-    std::env::var("HERALD_TEST_KAFKA").unwrap_or_else(|_| "kafka://127.0.0.1:9092".into())
-}
-
 /// Options for a topic nobody else uses, with a session timeout the broker
 /// fails over with.
 fn options(partitions: i32) -> KafkaOptions {
-    let mut options = KafkaOptions::new(&kafka_url()).expect("a Kafka URL");
+    let mut options = KafkaOptions::new(&herald_testkit::kafka::url()).expect("a Kafka URL");
     options.topic = format!("t{}", uuid::Uuid::new_v4().simple());
     options.partitions = partitions;
     options.session_timeout = Duration::from_secs(6);

@@ -17,11 +17,6 @@ use herald_testkit::{eventually, TestVhost, LIVENESS};
 use myevents_support::*;
 use serde_json::json;
 
-/// Where the test broker listens. `make test` starts it.
-fn kafka_url() -> String {
-    std::env::var("HERALD_TEST_KAFKA").unwrap_or_else(|_| "kafka://127.0.0.1:9092".into())
-}
-
 /// Held by the running case: one member per consumer group.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -30,7 +25,7 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 fn on_kafka(topic: &str) -> Extra {
     Extra {
         env: vec![
-            ("BROKER_URL".into(), kafka_url()),
+            ("BROKER_URL".into(), herald_testkit::kafka::url()),
             ("HERALD__BROKER__TOPIC".into(), topic.into()),
         ],
         ..Extra::default()
@@ -104,30 +99,63 @@ async fn of_60_simultaneous_requests_for_40_seats_exactly_40_are_booked_and_coun
     booking.terminate().await;
 }
 
+/// What befalls booking's stream of 5,000 `eventCreated` midway.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// `kill -9` of booking at a quarter and at three fifths, each time
+    /// started again.
+    KillBookingTwice,
+    /// `kill -9` of the broker at a third, started again by its script.
+    RestartBroker,
+}
+
 /// `kill -9` of booking twice while 5,000 `eventCreated` stream in on Kafka
 /// (published as herald's events context does, with message ids): each is
-/// applied exactly once (one known event and one ledger opened per event),
-/// and booking's consumer group ends committed at the end of every
-/// partition of the topic.
+/// applied exactly once, and booking's group ends at the log end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn booking_killed_twice_during_5000_events_applies_each_once_and_commits_to_the_log_end() {
+    five_thousand_events_applied_once_despite(Fault::KillBookingTwice).await;
+}
+
+/// The broker restarts (`kill -9`) while 5,000 `eventCreated` stream in:
+/// booking keeps running, resumes consuming, loses none and applies each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_restart_during_5000_events_loses_none_and_applies_each_once() {
+    five_thousand_events_applied_once_despite(Fault::RestartBroker).await;
+}
+
+/// Streams 5,000 `eventCreated` to booking on a fresh topic through `fault`;
+/// then each is applied exactly once (one known event and one ledger opened
+/// per event) and booking's consumer group has committed to the end of
+/// every partition of the topic, before and after a clean stop.
+async fn five_thousand_events_applied_once_despite(fault: Fault) {
     const TOTAL: i64 = 5_000;
+    // Also keeps the other cases off the broker while it restarts.
     let _alone = ONE_AT_A_TIME.lock().await;
     let (dir, vhost) = (DataDir::new(), TestVhost::new());
     let topic = format!("events-{}", fresh_id());
     let extra = on_kafka(&topic);
     let mut booking = Service::start_with(Kind::Booking, &vhost, &dir, &extra).await;
-    let mut options = herald::KafkaOptions::new(&kafka_url()).expect("a Kafka URL");
+    let mut options =
+        herald::KafkaOptions::new(&herald_testkit::kafka::url()).expect("a Kafka URL");
     options.topic.clone_from(&topic);
     let broker = herald::KafkaBroker::connect(&options)
         .await
         .expect("connect to the test broker");
     let publisher = spawn_announcements(&broker, TOTAL, Some(10));
     let db = database(&dir, Kind::Booking);
-    for threshold in [TOTAL / 4, TOTAL * 3 / 5] {
-        wait_for_count("events booking knows", threshold, || known_events(&db)).await;
-        booking.kill9().await;
-        booking = Service::start_with(Kind::Booking, &vhost, &dir, &extra).await;
+    match fault {
+        Fault::KillBookingTwice => {
+            for threshold in [TOTAL / 4, TOTAL * 3 / 5] {
+                wait_for_count("events booking knows", threshold, || known_events(&db)).await;
+                booking.kill9().await;
+                booking = Service::start_with(Kind::Booking, &vhost, &dir, &extra).await;
+            }
+        }
+        Fault::RestartBroker => {
+            wait_for_count("events booking knows", TOTAL / 3, || known_events(&db)).await;
+            herald_testkit::kafka::restart_broker().await;
+        }
     }
     publisher.await.expect("every announcement delivered");
     wait_for_count("events booking knows", TOTAL, || known_events(&db)).await;
@@ -142,6 +170,7 @@ async fn booking_killed_twice_during_5000_events_applies_each_once_and_commits_t
     );
     assert_eq!(known_events(&db).await, TOTAL, "each event known once");
     assert_eq!(ledgers_opened(&db).await, TOTAL, "each event applied once");
+    assert!(booking.is_running(), "booking still runs");
     booking.terminate().await;
     assert_eq!(
         committed_behind(&options, "booking").await,

@@ -4,6 +4,7 @@
 //! own tests and MyEvents' (one copy).
 
 pub mod capture;
+pub mod kafka;
 
 use std::future::Future;
 use std::process::Command;
