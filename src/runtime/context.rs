@@ -239,10 +239,12 @@ impl ContextBuilder {
                 let terms = lease::Terms {
                     context: name.to_string(),
                     instance: rt.instance.clone().unwrap_or_else(default_instance),
+                    incarnation: uuid::Uuid::new_v4().simple().to_string(),
                     partitions: count,
                     lease_ms: i64::try_from(rt.lease.as_millis()).unwrap_or(i64::MAX),
                 };
-                let partitions = Partitions::new(terms, rt.lease, rt.drain_timeout);
+                let partitions =
+                    Partitions::new(terms, rt.lease, rt.drain_timeout, escalation.clone());
                 partitions.run(
                     db.clone(),
                     Start {
@@ -703,10 +705,18 @@ impl Context {
             .ok()
             .flatten();
         match escalated {
-            Some(e) => Error::Escalated {
-                actor: e.actor,
-                restarts: e.restarts,
-                window: e.window,
+            Some(Escalated::Restarts {
+                actor,
+                restarts,
+                window,
+            }) => Error::Escalated {
+                actor,
+                restarts,
+                window,
+            },
+            Some(Escalated::Misconfigured { reason }) => Error::Context {
+                context: self.name.to_string(),
+                reason,
             },
             None => Error::Context {
                 context: self.name.to_string(),

@@ -24,9 +24,9 @@ use tokio::sync::{watch, Notify, RwLock};
 
 use super::consumer::{ConsumerParts, InFlight};
 use super::intake::Intake;
-use super::supervisor::Backoff;
+use super::supervisor::{Backoff, Escalated, Escalation};
 use crate::broker::{Partition, SubscribeSpec, Subscriber};
-use crate::store::lease::{self, Round, Terms};
+use crate::store::lease::{self, Outcome, Round, Terms};
 use crate::store::Db;
 
 const TARGET: &str = "herald::partitions";
@@ -61,6 +61,10 @@ pub(crate) struct Partitions {
     /// Being subscribed: leased, not consumed yet.
     starting: Mutex<BTreeSet<u16>>,
     relay: Arc<HeldPartitions>,
+    /// Stops the context when another process runs under this instance's name.
+    escalation: Escalation,
+    /// Another process took this instance's name: its leases are not ours to give back.
+    displaced: std::sync::atomic::AtomicBool,
     paused: watch::Sender<bool>,
     stopping: watch::Sender<bool>,
     live: std::sync::atomic::AtomicUsize,
@@ -75,10 +79,17 @@ pub(crate) struct Start<S> {
 }
 
 impl Partitions {
-    pub(crate) fn new(terms: Terms, lease: Duration, drain: Duration) -> Arc<Partitions> {
+    pub(crate) fn new(
+        terms: Terms,
+        lease: Duration,
+        drain: Duration,
+        escalation: Escalation,
+    ) -> Arc<Partitions> {
         let count = terms.partitions;
         Arc::new(Partitions {
             terms,
+            escalation,
+            displaced: std::sync::atomic::AtomicBool::new(false),
             count,
             lease,
             drain,
@@ -181,15 +192,35 @@ impl Partitions {
     {
         let mut stopping = self.stopping.subscribe();
         let mut renewed = Instant::now();
+        let mut first = true;
         let every = self.lease / 3;
         loop {
             let terms = self.terms.clone();
             // On a pooled connection, never behind the writer's queue: a
             // busy writer must not cost this instance its leases.
-            match db.read(move |c| lease::round(c, &terms)).await {
-                Ok(round) => {
+            match db.read(move |c| lease::round(c, &terms, first)).await {
+                Ok(Outcome::Held(round)) => {
+                    first = false;
                     renewed = Instant::now();
                     self.apply(&db, &start, round).await;
+                }
+                Ok(Outcome::Displaced) => {
+                    self.displaced
+                        .store(true, std::sync::atomic::Ordering::Release);
+                    // The other process holds the leases under the shared
+                    // name now: stop consuming at once, never give them back.
+                    for partition in self.held() {
+                        self.stop_partition(partition, false).await;
+                    }
+                    self.escalation.escalate(Escalated::Misconfigured {
+                        reason: format!(
+                            "context={} instance={}: another process started under this \
+                             instance name (runtime.instance must differ per instance, as \
+                             its default does)",
+                            self.terms.context, self.terms.instance
+                        ),
+                    });
+                    return;
                 }
                 Err(error) => {
                     log::warn!(target: TARGET, "context={} instance={} lease round failed: {error}", self.terms.context, self.terms.instance);
@@ -362,6 +393,10 @@ impl Partitions {
         }
         for held in consumed.values() {
             held.intake.close().await;
+        }
+        if self.displaced.load(std::sync::atomic::Ordering::Acquire) {
+            // The leases and the name are the other process's now.
+            return;
         }
         let terms = self.terms.clone();
         if let Err(error) = db.read(move |c| lease::leave(c, &terms)).await {

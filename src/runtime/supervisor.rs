@@ -149,7 +149,7 @@ pub(crate) fn on_restart(
             Duration::ZERO
         }
         RestartDecision::Escalate { restarts } => {
-            escalation.escalate(Escalated {
+            escalation.escalate(Escalated::Restarts {
                 actor: stats.name().to_owned(),
                 restarts,
                 window: policy.window(),
@@ -172,10 +172,16 @@ impl actix::Message for Restart {
 
 /// Why a context stopped by itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Escalated {
-    pub(crate) actor: String,
-    pub(crate) restarts: usize,
-    pub(crate) window: Duration,
+pub(crate) enum Escalated {
+    /// An actor restarted too often.
+    Restarts {
+        actor: String,
+        restarts: usize,
+        window: Duration,
+    },
+    /// The context must not go on as it is configured (e.g. another process
+    /// runs under its instance name); `reason` says why, naming the setting.
+    Misconfigured { reason: String },
 }
 
 /// The channel an actor escalates through; the context watches the other end.
@@ -196,13 +202,21 @@ impl Escalation {
             if current.is_some() {
                 return false;
             }
-            log::error!(
-                target: "herald::supervisor",
-                "actor={} restarts={} window_s={} escalating: the context shuts down",
-                escalated.actor,
-                escalated.restarts,
-                escalated.window.as_secs()
-            );
+            match &escalated {
+                Escalated::Restarts {
+                    actor,
+                    restarts,
+                    window,
+                } => log::error!(
+                    target: "herald::supervisor",
+                    "actor={actor} restarts={restarts} window_s={} escalating: the context shuts down",
+                    window.as_secs()
+                ),
+                Escalated::Misconfigured { reason } => log::error!(
+                    target: "herald::supervisor",
+                    "{reason}: the context shuts down"
+                ),
+            }
             *current = Some(escalated);
             true
         });

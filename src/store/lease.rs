@@ -30,11 +30,24 @@ const FORGET_AFTER_LEASES: i64 = 10;
 pub(crate) struct Terms {
     pub(crate) context: String,
     pub(crate) instance: String,
+    /// This process among those that ever ran as `instance`: fresh per start.
+    pub(crate) incarnation: String,
     pub(crate) partitions: u16,
     pub(crate) lease_ms: i64,
 }
 
 /// What one round found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// This process speaks for its instance.
+    Held(Round),
+    /// Another process started under this instance's name since this one's
+    /// last round (the name is configured twice): this one must stop, and
+    /// took nothing.
+    Displaced,
+}
+
+/// The leases one round leaves this instance with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Round {
     /// The partitions this instance holds now (renewed or newly taken).
@@ -74,21 +87,44 @@ fn now(conn: &mut Conn) -> Result<i64, StoreError> {
     Ok(diesel::sql_query(sql).get_result::<Number>(conn)?.n)
 }
 
-/// One round for `terms`; see the module documentation. Runs inside the
-/// caller's transaction.
+#[derive(QueryableByName)]
+struct Incarnation {
+    #[diesel(sql_type = Text)]
+    incarnation: String,
+}
+
+/// One round for `terms`; see the module documentation. `first` is this
+/// process's first round: it takes the instance's name over from an
+/// earlier process (one killed and started again still finds its former
+/// self's row), where a later round that finds another process's mark
+/// reports [`Outcome::Displaced`]. So of two processes configured with one
+/// name, the one started last runs and the other stops at its next round.
 ///
 /// # Errors
 /// A database error.
-pub(crate) fn round(conn: &mut Conn, terms: &Terms) -> Result<Round, StoreError> {
+pub(crate) fn round(conn: &mut Conn, terms: &Terms, first: bool) -> Result<Outcome, StoreError> {
     let now = now(conn)?;
     let context = terms.context.as_str();
+    if !first {
+        let marks: Vec<Incarnation> = diesel::sql_query(
+            "SELECT incarnation FROM herald_instances WHERE context = $1 AND instance = $2",
+        )
+        .bind::<Text, _>(context)
+        .bind::<Text, _>(&terms.instance)
+        .load(conn)?;
+        if marks.iter().any(|m| m.incarnation != terms.incarnation) {
+            return Ok(Outcome::Displaced);
+        }
+    }
     diesel::sql_query(
-        "INSERT INTO herald_instances (context, instance, seen_at) VALUES ($1, $2, $3) \
-         ON CONFLICT (context, instance) DO UPDATE SET seen_at = excluded.seen_at",
+        "INSERT INTO herald_instances (context, instance, seen_at, incarnation) \
+         VALUES ($1, $2, $3, $4) ON CONFLICT (context, instance) DO UPDATE \
+         SET seen_at = excluded.seen_at, incarnation = excluded.incarnation",
     )
     .bind::<Text, _>(context)
     .bind::<Text, _>(&terms.instance)
     .bind::<BigInt, _>(now)
+    .bind::<Text, _>(&terms.incarnation)
     .execute(conn)?;
     diesel::sql_query("DELETE FROM herald_instances WHERE context = $1 AND seen_at < $2")
         .bind::<Text, _>(context)
@@ -162,7 +198,7 @@ pub(crate) fn round(conn: &mut Conn, terms: &Terms) -> Result<Round, StoreError>
             held.insert(partition);
         }
     }
-    Ok(Round { held, live, share })
+    Ok(Outcome::Held(Round { held, live, share }))
 }
 
 /// Gives `partition` back (after its deliveries were drained and its channel
@@ -227,14 +263,23 @@ mod tests {
         Terms {
             context: "booking".into(),
             instance: instance.into(),
+            incarnation: format!("{instance}-1"),
             partitions: 6,
             lease_ms: 60_000,
         }
     }
 
+    async fn round_of(t: &TempDb, terms: &Terms, first: bool) -> Outcome {
+        let terms = terms.clone();
+        t.db.write(move |c| round(c, &terms, first)).await.unwrap()
+    }
+
+    /// A later round of the one process that runs as `instance`.
     async fn run(t: &TempDb, instance: &str) -> Round {
-        let terms = terms(instance);
-        t.db.write(move |c| round(c, &terms)).await.unwrap()
+        match round_of(t, &terms(instance), false).await {
+            Outcome::Held(round) => round,
+            Outcome::Displaced => panic!("{instance} displaced"),
+        }
     }
 
     fn set(partitions: &[u16]) -> BTreeSet<u16> {
@@ -337,5 +382,31 @@ mod tests {
         .unwrap();
         let a = run(&t, "a").await;
         assert_eq!(a.held, set(&[0, 1, 2, 3, 4, 5]));
+    }
+
+    on_each_backend!(
+        #[tokio::test]
+        a_second_process_under_one_name_takes_it_over_and_the_first_learns_it
+    );
+    async fn a_second_process_under_one_name_takes_it_over_and_the_first_learns_it(t: TempDb) {
+        let first = terms("a");
+        let second = Terms {
+            incarnation: "a-2".into(),
+            ..terms("a")
+        };
+        assert!(matches!(round_of(&t, &first, true).await, Outcome::Held(_)));
+        // A process started under the same name (or the first one killed and
+        // started again) takes the name over at its first round.
+        let Outcome::Held(taken) = round_of(&t, &second, true).await else {
+            panic!("a first round is never displaced");
+        };
+        assert_eq!(taken.held, set(&[0, 1, 2, 3, 4, 5]));
+        assert_eq!(taken.live, 1, "one name, one instance");
+        // The first process, still running, learns it at its next round.
+        assert_eq!(round_of(&t, &first, false).await, Outcome::Displaced);
+        assert!(matches!(
+            round_of(&t, &second, false).await,
+            Outcome::Held(_)
+        ));
     }
 }

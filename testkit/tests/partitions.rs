@@ -343,3 +343,45 @@ async fn three_instances_share_partitions_in_key_order_and_survive_a_kill_9_exac
     .await;
     assert!(shared, "not shared out again: {:?}", owners(&db).await);
 }
+
+/// Two processes configured with one `runtime.instance`: the one started
+/// last takes the name over; the first learns it at its next lease round,
+/// stops consuming, and exits non-zero naming the setting, without giving
+/// back the leases that are the second's now. The second holds every
+/// partition and keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_under_one_instance_name_stops_the_first_naming_the_setting() {
+    let vhost = TestVhost::new();
+    let database = TestDatabase::new();
+    let mut first = Instance::start("twin", &vhost, &database).await;
+    let mut second = Instance::start("twin", &vhost, &database).await;
+    let status = tokio::time::timeout(LIVENESS, first.child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("the first still runs:\n{}", first.log()))
+        .expect("wait for the first");
+    assert!(!status.success(), "{status}:\n{}", first.log());
+    assert!(
+        first
+            .log()
+            .contains("runtime.instance must differ per instance"),
+        "{}",
+        first.log()
+    );
+    let all_held = eventually(LIVENESS, || async {
+        second.admin_get("/partitions").await["held"]
+            .as_array()
+            .map(Vec::len)
+            == Some(usize::from(PARTITIONS))
+    })
+    .await;
+    assert!(
+        all_held,
+        "the second holds every partition:\n{}",
+        second.log()
+    );
+    assert!(
+        second.child.try_wait().expect("poll the second").is_none(),
+        "the second still runs:\n{}",
+        second.log()
+    );
+}

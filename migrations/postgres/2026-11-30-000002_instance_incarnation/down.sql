@@ -1,0 +1,1 @@
+ALTER TABLE herald_instances DROP COLUMN incarnation;
