@@ -185,7 +185,9 @@ pub fn rabbitmqctl(args: &[&str]) {
 }
 
 /// Polls `check` until it holds or `deadline` passes (for state only the broker
-/// knows, such as queue depths). Returns whether it held.
+/// knows, such as queue depths). Returns whether it held. A check that
+/// hangs counts as not holding once the deadline passes: the test fails
+/// with its own message instead of hanging.
 pub async fn eventually<F, Fut>(deadline: Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,
@@ -193,7 +195,11 @@ where
 {
     let start = Instant::now();
     loop {
-        if check().await {
+        let left = deadline.saturating_sub(start.elapsed());
+        if tokio::time::timeout(left.max(Duration::from_millis(1)), check())
+            .await
+            .unwrap_or(false)
+        {
             return true;
         }
         if start.elapsed() > deadline {

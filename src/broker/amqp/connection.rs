@@ -47,6 +47,11 @@ use crate::error::BrokerError;
 /// growing and filling them after the handshake.
 pub(super) const CONSUME_FRAME_MAX: u32 = 131_072;
 
+/// The longest a connection (socket, handshake, publishing channel, the
+/// exchange's check) may take to open before the attempt fails and its
+/// caller retries with its backoff.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// A RabbitMQ client: a publisher (confirm mode) on one connection and a
 /// subscriber factory on another, each re-opened on demand after the broker
 /// dropped it. Clones share the connections.
@@ -150,7 +155,25 @@ fn publishing_user(uri: &AMQPUri) -> Option<String> {
 }
 
 impl Inner {
+    /// Opens a connection for `role`, or fails within [`CONNECT_TIMEOUT`]:
+    /// a broker that accepts the socket but never finishes the handshake (one
+    /// starting up, a half-open proxy) must not hold a reconnect, and every
+    /// caller queued behind it, forever.
     async fn open(options: &AmqpOptions, role: Role) -> Result<Self, BrokerError> {
+        tokio::time::timeout(CONNECT_TIMEOUT, Self::open_unbounded(options, role))
+            .await
+            .unwrap_or_else(|_| {
+                Err(BrokerError::Amqp(lapin::Error::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no connection to {} within {CONNECT_TIMEOUT:?}",
+                        redact_url(options.url.expose_secret())
+                    ),
+                ))))
+            })
+    }
+
+    async fn open_unbounded(options: &AmqpOptions, role: Role) -> Result<Self, BrokerError> {
         let mut uri: AMQPUri = options
             .url
             .expose_secret()
