@@ -167,6 +167,15 @@ pub enum BrokerError {
     /// A Kafka protocol, delivery or client error from rdkafka.
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    /// The broker did not finish an operation (creating topics, reading
+    /// dead letters) in time; trying again later may succeed.
+    #[error("{what}: not done within {after:?}")]
+    Timeout {
+        /// What was being done.
+        what: String,
+        /// How long it was given.
+        after: Duration,
+    },
 }
 
 impl BrokerError {

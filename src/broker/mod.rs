@@ -329,6 +329,7 @@ pub(crate) fn connection_failure(error: &BrokerError) -> bool {
             | BrokerError::ConfirmTimeout(_)
             | BrokerError::Amqp(_)
             | BrokerError::Kafka(_)
+            | BrokerError::Timeout { .. }
     )
 }
 
@@ -351,6 +352,10 @@ pub(crate) fn copy_error(error: &BrokerError) -> BrokerError {
         BrokerError::Amqp(error) => BrokerError::Amqp(error.clone()),
         BrokerError::Topology(reason) => BrokerError::Topology(reason.clone()),
         BrokerError::Kafka(error) => BrokerError::Kafka(error.clone()),
+        BrokerError::Timeout { what, after } => BrokerError::Timeout {
+            what: what.clone(),
+            after: *after,
+        },
     }
 }
 

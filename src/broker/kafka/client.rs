@@ -95,16 +95,37 @@ impl KafkaBroker {
         client_config(&self.inner.options)
     }
 
-    /// Creates the topics that do not exist yet, each with its partitions.
+    /// Creates the topics that do not exist yet, each with its partitions
+    /// and the broker's default retention.
     pub(super) async fn ensure_topics(&self, topics: &[(&str, i32)]) -> Result<(), BrokerError> {
+        self.create_topics(topics, &[]).await
+    }
+
+    /// Creates a group's dead-letter topic if it does not exist yet, one
+    /// partition, keeping its records until they are purged (as a dead-letter
+    /// queue does on RabbitMQ), not for the broker's default retention
+    /// (Kafka's is 7 days).
+    pub(super) async fn ensure_dead_letter_topic(&self, topic: &str) -> Result<(), BrokerError> {
+        self.create_topics(&[(topic, 1)], &[("retention.ms", "-1")])
+            .await
+    }
+
+    async fn create_topics(
+        &self,
+        topics: &[(&str, i32)],
+        config: &[(&str, &str)],
+    ) -> Result<(), BrokerError> {
         let options = &self.inner.options;
         let new: Vec<NewTopic<'_>> = topics
             .iter()
             .map(|(name, partitions)| {
-                NewTopic::new(
-                    name,
-                    *partitions,
-                    TopicReplication::Fixed(options.replication_factor),
+                config.iter().fold(
+                    NewTopic::new(
+                        name,
+                        *partitions,
+                        TopicReplication::Fixed(options.replication_factor),
+                    ),
+                    |topic, (key, value)| topic.set(key, value),
                 )
             })
             .collect();
@@ -113,9 +134,13 @@ impl KafkaBroker {
             options.delivery_timeout,
             self.inner.admin.create_topics(&new, &admin),
         );
-        let results = wait
-            .await
-            .map_err(|_| BrokerError::ConfirmTimeout(options.delivery_timeout))??;
+        let results = wait.await.map_err(|_| BrokerError::Timeout {
+            what: format!(
+                "creating the topics {:?}",
+                topics.iter().map(|(name, _)| *name).collect::<Vec<_>>()
+            ),
+            after: options.delivery_timeout,
+        })??;
         for result in results {
             match result {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}

@@ -57,8 +57,8 @@ impl KafkaBroker {
     {
         let dlq = dead_letter_queue(queue);
         let direct = direct_topic(queue);
-        self.ensure_topics(&[(dlq.as_str(), 1), (direct.as_str(), 1)])
-            .await?;
+        self.ensure_dead_letter_topic(&dlq).await?;
+        self.ensure_topics(&[(direct.as_str(), 1)]).await?;
         let reader = self.letter_reader(&dlq)?;
         let timeout = self.options().delivery_timeout;
         tokio::task::spawn_blocking(move || {
@@ -113,13 +113,17 @@ fn walk(
     if from >= end {
         return Ok(());
     }
+    let started = Instant::now();
     let mut list = TopicPartitionList::new();
     list.add_partition_offset(dlq, 0, Offset::Offset(from))?;
     reader.assign(&list)?;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(BrokerError::ConfirmTimeout(left));
+            return Err(BrokerError::Timeout {
+                what: format!("reading the dead letters of {dlq} from offset {from} to {end}"),
+                after: started.elapsed(),
+            });
         }
         match reader.poll(left) {
             None => continue,

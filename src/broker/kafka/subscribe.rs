@@ -55,7 +55,14 @@ const JOIN_WAIT_SESSIONS: u32 = 2;
 /// The topic that hands records to one group alone, at once: redriven dead
 /// letters go there.
 pub(super) fn direct_topic(group: &str) -> String {
-    retry_queue(group, Duration::ZERO)
+    retry_topic(group, Duration::ZERO)
+}
+
+/// The group's retry topic for `delay`: the retry queue's name as on
+/// RabbitMQ, without the spaces a delay of mixed units has there
+/// (`1m 30s`), which a Kafka topic name cannot hold.
+pub(super) fn retry_topic(group: &str, delay: Duration) -> String {
+    retry_queue(group, delay).replace(' ', "")
 }
 
 impl KafkaBroker {
@@ -82,11 +89,11 @@ impl KafkaBroker {
         delays.dedup();
         let retry_topics: BTreeMap<Duration, String> = delays
             .iter()
-            .map(|delay| (*delay, retry_queue(&spec.queue, *delay)))
+            .map(|delay| (*delay, retry_topic(&spec.queue, *delay)))
             .collect();
         let dlq = dead_letter_queue(&spec.queue);
-        let mut topics: Vec<(&str, i32)> = vec![(dlq.as_str(), 1)];
-        topics.extend(retry_topics.values().map(|topic| (topic.as_str(), 1)));
+        self.ensure_dead_letter_topic(&dlq).await?;
+        let topics: Vec<(&str, i32)> = retry_topics.values().map(|t| (t.as_str(), 1)).collect();
         self.ensure_topics(&topics).await?;
 
         let (assigned_tx, assigned_rx) = oneshot::channel();
@@ -139,7 +146,12 @@ impl KafkaBroker {
                 poller.run();
                 let _ = done_tx.send(());
             })
-            .map_err(|e| BrokerError::Unencodable(format!("no consumer thread: {e}")))?;
+            .map_err(|e| {
+                BrokerError::Kafka(rdkafka::error::KafkaError::ClientCreation(format!(
+                    "no thread for the consumer of group {}: {e}",
+                    spec.queue
+                )))
+            })?;
 
         let join_wait = options.session_timeout * JOIN_WAIT_SESSIONS;
         if tokio::time::timeout(join_wait, assigned_rx).await.is_err() {
@@ -356,10 +368,6 @@ impl GroupContext {
     /// not when closing), the settled prefix is committed.
     fn revoke(&self, consumer: &BaseConsumer<Self>, revoked: &[Tp]) {
         let mut state = lock(&self.shared);
-        let before = state.requeued.len();
-        state.requeued.retain(|r| !revoked.contains(&r.tp));
-        let dropped = before - state.requeued.len();
-        state.in_flight = state.in_flight.saturating_sub(dropped);
         for tp in revoked {
             state.waiting.remove(tp);
         }
@@ -402,6 +410,13 @@ impl GroupContext {
                 );
             }
         }
+        // Requeued deliveries of the revoked partitions are dropped (the next
+        // owner reads them again) only now: a handler may have requeued one
+        // during the wait, and each must give its place in the window back.
+        let before = state.requeued.len();
+        state.requeued.retain(|r| !revoked.contains(&r.tp));
+        let dropped = before - state.requeued.len();
+        state.in_flight = state.in_flight.saturating_sub(dropped);
         let mut list = TopicPartitionList::new();
         for tp in revoked {
             if let Some(mut assigned) = state.partitions.remove(tp) {
@@ -409,7 +424,9 @@ impl GroupContext {
                 // no longer hold a place in the window.
                 let abandoned = assigned.offsets.handed();
                 state.in_flight = state.in_flight.saturating_sub(abandoned);
-                if let Some(next) = assigned.offsets.commit() {
+                // The last offset again too: an asynchronous commit of it may
+                // have failed, and this is the partition's last commit here.
+                if let Some(next) = assigned.offsets.commit().or(assigned.offsets.committed()) {
                     let _ = list.add_partition_offset(&tp.0, tp.1, Offset::Offset(next));
                 }
             }
@@ -507,7 +524,8 @@ impl Poller {
         self.shared.settled.notify_all();
         let mut list = TopicPartitionList::new();
         for (tp, mut assigned) in last {
-            if let Some(next) = assigned.offsets.commit() {
+            // The last offset again too: an asynchronous commit of it may have failed.
+            if let Some(next) = assigned.offsets.commit().or(assigned.offsets.committed()) {
                 let _ = list.add_partition_offset(&tp.0, tp.1, Offset::Offset(next));
             }
         }
@@ -610,6 +628,7 @@ impl Poller {
         {
             let mut state = lock(&self.shared);
             let mut room = self.prefetch.saturating_sub(state.in_flight);
+            let full = room == 0;
             let mut ready = Vec::new();
             for (tp, queue) in &mut state.waiting {
                 while room > 0 && queue.front().is_some_and(|w| w.due <= now) {
@@ -619,6 +638,9 @@ impl Poller {
                     }
                 }
                 match queue.front() {
+                    // While the window is full a due record waits for room,
+                    // not for its time: no zero poll timeout in a spin.
+                    Some(_) if full => {}
                     Some(w) => next = Some(next.map_or(w.due, |n: Instant| n.min(w.due))),
                     None => emptied.push(tp.clone()),
                 }
@@ -808,7 +830,7 @@ impl Acknowledger for KafkaAcker {
                             .requeue(self.tp.clone(), self.offset, self.generation, message);
                         return Err(BrokerError::Unroutable {
                             exchange: String::new(),
-                            routing_key: retry_queue(&self.spec.group, delay),
+                            routing_key: retry_topic(&self.spec.group, delay),
                         });
                     };
                     // One millisecond more: the clock is read in whole milliseconds,
@@ -861,5 +883,30 @@ impl SubscriptionControl for KafkaControl {
 impl Drop for KafkaControl {
     fn drop(&mut self) {
         self.shared.stop(Stop::Closing);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{direct_topic, retry_topic};
+
+    #[test]
+    fn retry_topics_are_legal_kafka_topic_names_for_any_delay() {
+        let legal = |name: &str| {
+            name.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        };
+        for (delay, name) in [
+            (Duration::from_secs(5), "booking.retry.5s"),
+            (Duration::from_secs(90), "booking.retry.1m30s"),
+            (Duration::from_millis(1500), "booking.retry.1s500ms"),
+        ] {
+            let topic = retry_topic("booking", delay);
+            assert_eq!(topic, name);
+            assert!(legal(&topic), "{topic}");
+        }
+        assert!(legal(&direct_topic("booking")));
     }
 }
