@@ -15,7 +15,7 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use super::codec;
 use super::options::KafkaOptions;
-use crate::broker::{Message, Publisher};
+use crate::broker::{copy_error, Message, Publisher};
 use crate::error::BrokerError;
 
 /// A Kafka-protocol broker: publishes to one topic, consumes with one consumer
@@ -247,13 +247,23 @@ impl Publisher for KafkaBroker {
 
     /// Every record is handed to the producer at once, in order (the
     /// idempotent producer keeps that order within a partition); each
-    /// result is its own delivery report.
+    /// result is its own delivery report. Once one cannot be handed over,
+    /// the ones behind it are not either (each gets a copy of that error),
+    /// so none overtakes it.
     fn publish_all(&self, messages: Vec<Message>) -> BoxFuture<'_, Vec<Result<(), BrokerError>>> {
         async move {
             let topic = &self.inner.options.topic;
             let mut reports = Vec::with_capacity(messages.len());
+            let mut failed: Option<BrokerError> = None;
             for message in &messages {
-                reports.push(self.enqueue(topic, message, &[]).await);
+                let report = match &failed {
+                    Some(error) => Err(copy_error(error)),
+                    None => self.enqueue(topic, message, &[]).await,
+                };
+                if let (None, Err(error)) = (&failed, &report) {
+                    failed = Some(copy_error(error));
+                }
+                reports.push(report);
             }
             join_all(reports.into_iter().map(|report| async move {
                 match report {
