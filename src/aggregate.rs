@@ -12,8 +12,9 @@
 
 use std::fmt::Debug;
 
-use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::de::value::{BorrowedStrDeserializer, MapAccessDeserializer};
+use serde::de::{DeserializeOwned, DeserializeSeed, MapAccess};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::CodecError;
@@ -145,10 +146,70 @@ pub fn decode_event_text<A: Aggregate>(
             serde_json::from_str(payload).map_err(invalid)?,
         );
     }
-    // The tag first: serde reads an adjacently tagged payload without buffering it.
-    let tag = serde_json::to_string(name).map_err(invalid)?;
-    let tagged = format!(r#"{{"name":{tag},"payload":{payload}}}"#);
-    serde_json::from_str(&tagged).map_err(invalid)
+    A::Event::deserialize(MapAccessDeserializer::new(Tagged {
+        name,
+        payload,
+        next: TaggedField::Name,
+    }))
+    .map_err(invalid)
+}
+
+/// A stored event as the map `{"name": <name>, "payload": <payload>}` an
+/// adjacently tagged enum reads, without writing that text: the name is
+/// handed over as it is and the payload parsed straight from its stored
+/// text. The tag comes first, so serde reads the payload into the variant
+/// it names without buffering it. Replays decode every stored event; this
+/// spares each one a copy of its payload.
+struct Tagged<'a> {
+    name: &'a str,
+    payload: &'a str,
+    next: TaggedField,
+}
+
+/// The entry of [`Tagged`] read next.
+#[derive(Clone, Copy)]
+enum TaggedField {
+    Name,
+    Payload,
+    Done,
+}
+
+impl<'de> MapAccess<'de> for Tagged<'de> {
+    type Error = serde_json::Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, Self::Error> {
+        let key = match self.next {
+            TaggedField::Name => "name",
+            TaggedField::Payload => "payload",
+            TaggedField::Done => return Ok(None),
+        };
+        seed.deserialize(BorrowedStrDeserializer::new(key))
+            .map(Some)
+    }
+
+    fn next_value_seed<V: DeserializeSeed<'de>>(
+        &mut self,
+        seed: V,
+    ) -> Result<V::Value, Self::Error> {
+        match self.next {
+            TaggedField::Name => {
+                self.next = TaggedField::Payload;
+                seed.deserialize(BorrowedStrDeserializer::new(self.name))
+            }
+            TaggedField::Payload | TaggedField::Done => {
+                self.next = TaggedField::Done;
+                let mut payload = serde_json::Deserializer::from_str(self.payload);
+                let value = seed.deserialize(&mut payload)?;
+                // Trailing text after the payload is as wrong as it was
+                // inside the braces of the tagged form.
+                payload.end()?;
+                Ok(value)
+            }
+        }
+    }
 }
 
 /// Given/when/then tests for aggregates: given past events, when a command,
@@ -224,6 +285,87 @@ impl<A: Aggregate> Outcome<A> {
         match self.result {
             Ok(events) => panic!("expected error {expected}, the command decided {events:?}"),
             Err(error) => assert_eq!(error, expected, "refusal"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::Deserialize;
+
+    use super::*;
+
+    #[derive(Default, Clone, Serialize, Deserialize)]
+    struct Tally;
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(tag = "name", content = "payload")]
+    enum Tallied {
+        #[serde(rename = "added")]
+        Added { n: u32, by: Option<String> },
+        #[serde(rename = "cleared")]
+        Cleared,
+    }
+
+    #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+    #[error("never")]
+    struct Never;
+
+    impl Aggregate for Tally {
+        const KIND: &'static str = "tally";
+        type Command = ();
+        type Event = Tallied;
+        type Error = Never;
+        fn handle(&self, _: ()) -> Result<Vec<Tallied>, Never> {
+            Ok(Vec::new())
+        }
+        fn apply(&mut self, _: &Tallied) {}
+    }
+
+    fn decode(name: &str, payload: &str) -> Result<Tallied, CodecError> {
+        decode_event_text::<Tally>(name, 1, payload)
+    }
+
+    #[test]
+    fn stored_text_decodes_as_what_was_encoded() {
+        for event in [
+            Tallied::Added {
+                n: 7,
+                by: Some("a \"quoted\" name".into()),
+            },
+            Tallied::Added { n: 0, by: None },
+            Tallied::Cleared,
+        ] {
+            let (name, version, payload) = encode_event::<Tally>(&event).unwrap();
+            let text = serde_json::to_string(&payload).unwrap();
+            assert_eq!(
+                decode_event_text::<Tally>(&name, version, &text).unwrap(),
+                event
+            );
+        }
+        // Whitespace around a payload is no part of it.
+        assert_eq!(
+            decode("added", " {\"n\": 1}\n").unwrap(),
+            Tallied::Added { n: 1, by: None }
+        );
+    }
+
+    #[test]
+    fn a_payload_that_does_not_fit_is_an_invalid_body_naming_the_event() {
+        for (name, payload) in [
+            ("added", r#"{"n": -1}"#),
+            ("added", r#"{"n": 1} trailing"#),
+            ("added", r#"{"n": 1}}"#),
+            ("added", "not json"),
+            ("added", ""),
+            ("unknown", r#"{"n": 1}"#),
+        ] {
+            match decode(name, payload) {
+                Err(CodecError::InvalidBody { name: named, .. }) => {
+                    assert_eq!(named, name, "{payload}")
+                }
+                other => panic!("{name} {payload:?}: {other:?}"),
+            }
         }
     }
 }

@@ -175,18 +175,23 @@ pub fn load(
 }
 
 /// Up to `limit` events after global `position`, in order.
+///
+/// Replays read the store through this in batches of a thousand. It runs
+/// on the backend's own connection: diesel keeps the statement by its type
+/// and maps columns by position, where the multi-backend connection would
+/// render the statement and convert every value on each batch.
 pub fn read_all(
     conn: &mut Conn,
     after_position: i64,
     limit: i64,
 ) -> Result<Vec<RecordedEvent>, StoreError> {
-    event_store::table
+    crate::on_backend!(conn, |c| event_store::table
         .filter(event_store::position.gt(after_position))
         .order(event_store::position)
         .limit(limit)
         .select(RecordedEvent::as_select())
-        .load(conn)
-        .map_err(StoreError::from)
+        .load(c))
+    .map_err(StoreError::from)
 }
 
 /// The last global position, 0 when the store is empty.

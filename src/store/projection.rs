@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Conn;
+use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use serde::Serialize;
 
@@ -118,6 +119,42 @@ fn after_checkpoint(conn: &mut Conn, projection: &str) -> Result<Vec<RecordedEve
     .map_err(StoreError::from)
 }
 
+/// SQLite's page cache while a rebuild runs, in KiB. A rebuild writes its
+/// whole read model in one transaction; in the default 2 MiB its changed
+/// pages no longer fit, and SQLite writes them to the log before the commit
+/// (then again, as the replay changes them once more). 64 MiB hold the
+/// model of a few hundred thousand events; the cache is only filled as far
+/// as the rebuild needs, and given back after it.
+const REPLAY_CACHE_KIB: u32 = 64 * 1024;
+
+#[derive(QueryableByName)]
+struct CacheSize {
+    #[diesel(sql_type = BigInt)]
+    cache_size: i64,
+}
+
+/// Runs `work` with the connection's page cache at [`REPLAY_CACHE_KIB`]
+/// (SQLite; PostgreSQL keeps its own buffers), then sets it back to what it
+/// was, whether `work` failed or not.
+fn with_replay_cache<T>(
+    conn: &mut Conn,
+    work: impl FnOnce(&mut Conn) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let Conn::Sqlite(sqlite) = conn else {
+        return work(conn);
+    };
+    let before = diesel::sql_query("PRAGMA cache_size")
+        .get_result::<CacheSize>(sqlite)?
+        .cache_size;
+    // A negative size is in KiB, a positive one in pages.
+    sqlite.batch_execute(&format!("PRAGMA cache_size = -{REPLAY_CACHE_KIB}"))?;
+    let result = work(conn);
+    let restored = conn.batch_execute(&format!("PRAGMA cache_size = {before}"));
+    let value = result?;
+    restored?;
+    Ok(value)
+}
+
 /// Where a projection stands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ProjectionStatus {
@@ -204,9 +241,11 @@ impl Projections {
         let started = Instant::now();
         let replayed = db
             .write(move |c| {
-                projection.reset(c)?;
-                set_checkpoint(c, projection.name(), 0)?;
-                catch_up(c, projection.as_ref())
+                with_replay_cache(c, |c| {
+                    projection.reset(c)?;
+                    set_checkpoint(c, projection.name(), 0)?;
+                    catch_up(c, projection.as_ref())
+                })
             })
             .await?;
         let report = RebuildReport {
@@ -357,7 +396,8 @@ mod restart_tests {
         }
     }
 
-    async fn append(db: &Db, n: usize) {
+    /// Appends `n` events to stream `s`.
+    pub(super) async fn append(db: &Db, n: usize) {
         db.write(move |c| {
             for _ in 0..n {
                 let version = event_store::stream_version(c, "s")?;
@@ -401,5 +441,62 @@ mod restart_tests {
         );
         let status = second.list(&t.db).await.unwrap();
         assert_eq!((status[0].checkpoint, status[0].head), (12, 12));
+    }
+}
+
+#[cfg(test)]
+mod replay_cache_tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::store::testing::TempDb;
+    use crate::store::Backend;
+
+    /// Notes the page cache it replays under; fails on demand.
+    struct Probe {
+        seen: Arc<Mutex<Vec<i64>>>,
+        fail: bool,
+    }
+
+    impl Projection for Probe {
+        fn name(&self) -> &'static str {
+            "probe"
+        }
+        fn reset(&self, _: &mut Conn) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn apply(&self, conn: &mut Conn, _: &RecordedEvent) -> Result<(), StoreError> {
+            self.seen.lock().unwrap().push(cache_size(conn)?);
+            if self.fail {
+                return Err(StoreError::Corrupt("probe fails".into()));
+            }
+            Ok(())
+        }
+    }
+
+    fn cache_size(conn: &mut Conn) -> Result<i64, StoreError> {
+        Ok(diesel::sql_query("PRAGMA cache_size")
+            .get_result::<CacheSize>(conn)?
+            .cache_size)
+    }
+
+    #[tokio::test]
+    async fn a_rebuild_replays_under_a_large_page_cache_and_gives_it_back_even_when_it_fails() {
+        let t = TempDb::new(Backend::Sqlite);
+        super::restart_tests::append(&t.db, 1).await;
+        let before = t.db.write(cache_size).await.unwrap();
+        assert!(before > -i64::from(REPLAY_CACHE_KIB), "{before}");
+        for fail in [false, true] {
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let projections = Projections::default().with(Probe {
+                seen: seen.clone(),
+                fail,
+            });
+            let rebuilt = projections.rebuild(&t.db, "probe").await;
+            assert_eq!(rebuilt.is_err(), fail, "{rebuilt:?}");
+            assert_eq!(*seen.lock().unwrap(), [-i64::from(REPLAY_CACHE_KIB)]);
+            // The writer's connection is the one that rebuilt.
+            assert_eq!(t.db.write(cache_size).await.unwrap(), before, "fail={fail}");
+        }
     }
 }

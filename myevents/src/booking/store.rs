@@ -115,6 +115,10 @@ impl PendingBookings {
     /// Writes what is pending (only for `event_id` when given, else everything).
     fn flush(&mut self, conn: &mut Conn, event_id: Option<&str>) -> Result<(), StoreError> {
         let rows: Vec<BookingRow> = match event_id {
+            // Every pending row's event has its seats entry: none, nothing
+            // to write (an event is announced before its bookings, so a
+            // replay mostly takes this way instead of splitting the rows).
+            Some(id) if !self.seats.contains_key(id) => return Ok(()),
             Some(id) => {
                 let (these, others) = std::mem::take(&mut self.rows)
                     .into_iter()
@@ -137,20 +141,24 @@ impl PendingBookings {
                     .bind::<BigInt, _>(row.booked_at)
             })
             .collect();
-        sql::execute_rows(
-            conn,
+        // On the backend's own connection: through the multi-backend one,
+        // every statement's text and binds would be built twice.
+        herald::on_backend!(conn, |c| sql::execute_rows(
+            c,
             "INSERT INTO bookings (id, event_id, user_id, seats, booked_at) VALUES ",
             &values,
-        )?;
+        ))?;
         let seats: Vec<(String, i64)> = match event_id {
             Some(id) => self.seats.remove_entry(id).into_iter().collect(),
             None => std::mem::take(&mut self.seats).into_iter().collect(),
         };
         for (event_id, added) in seats {
-            Sql::new("UPDATE known_events SET seats_booked = seats_booked + ? WHERE id = ?")
-                .bind::<BigInt, _>(added)
-                .bind::<Text, _>(&event_id)
-                .execute(conn)?;
+            herald::on_backend!(conn, |c| Sql::new(
+                "UPDATE known_events SET seats_booked = seats_booked + ? WHERE id = ?"
+            )
+            .bind::<BigInt, _>(added)
+            .bind::<Text, _>(&event_id)
+            .execute(c))?;
         }
         Ok(())
     }
