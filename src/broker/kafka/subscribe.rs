@@ -118,6 +118,9 @@ impl KafkaBroker {
             // bindings would not: the log keeps what came before.
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
+            // What librdkafka fetches ahead is kept while the window is full
+            // (see `FULL_WAIT`): 4 MiB of it, not its default of 64 MiB.
+            .set("queued.max.messages.kbytes", "4096")
             .set("session.timeout.ms", session.to_string())
             .set("heartbeat.interval.ms", (session / 3).max(1).to_string())
             .create_with_context(context)?;
