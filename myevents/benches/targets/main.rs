@@ -86,9 +86,10 @@ pub struct Plan {
     pub latency_duration: Duration,
     pub noop_messages: usize,
     /// Records per round on Kafka (6a; 6b and 6c as `durable_messages`):
-    /// fewer, because tansu 0.6's fetch reads every record from the offset
-    /// to the end of the partition (`record_fetch.sql`), so a backlog costs
-    /// more than linear time to drain.
+    /// fewer, because tansu 0.6's fetch costs grow with its log: it sums
+    /// the sizes of every record from the offset to the end of the
+    /// partition (`record_fetch.sql`), and reads each record's headers
+    /// through a table without an index, scanning every header it holds.
     pub kafka_messages: usize,
     pub rebuild_ledgers: usize,
     /// Starts of each binary for start to ready and idle RSS.
