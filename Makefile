@@ -65,11 +65,12 @@ lint:
 ## The performance targets in one table, each figure beside its reference
 ## (myevents/benches/targets/): the events and booking binaries against raw
 ## lapin and GET, a no-op handler, the projection rebuild, idle RSS, start
-## to ready, and the durable path on PostgreSQL with 1 and 3 instances
-## (target 5); about 7 minutes. `BENCH_ONLY=1,5 make bench` measures only
-## those targets (1 to 5). Single figures: `cargo bench -p herald --bench
+## to ready, the durable path on PostgreSQL with 1 and 3 instances
+## (target 5), and on Kafka the no-op handler against raw rdkafka and the
+## durable path (target 6). `BENCH_ONLY=1,5 make bench` measures only those
+## targets (1 to 6). Single figures: `cargo bench -p herald --bench
 ## throughput`, `cargo bench -p myevents --bench rebuild` (the same code).
-bench: services services-postgres
+bench: services services-postgres services-kafka
 	$(CARGO) bench -p myevents --bench targets
 
 check: fmt lint test

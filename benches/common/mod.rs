@@ -400,13 +400,20 @@ pub async fn consume_raw(
     Ok(elapsed)
 }
 
-/// Runs a context with a no-op handler until its consumer has acked `n`
-/// deliveries. Timed from `ContextBuilder::start` returned (consume-ok).
-async fn consume_noop(
-    broker: &herald::AmqpBroker,
+/// Runs a context with a no-op handler on `broker` (any transport) until its
+/// consumer has acked `n` deliveries. Timed from `ContextBuilder::start`
+/// returned: consume-ok on RabbitMQ, partitions assigned on Kafka.
+pub async fn consume_noop<B>(
+    broker: &B,
     settings: herald::Settings,
     n: usize,
-) -> BenchResult<Duration> {
+) -> BenchResult<Duration>
+where
+    B: herald::transport::Subscriber
+        + herald::transport::Publisher
+        + herald::transport::DeadLetters
+        + Clone,
+{
     let context = herald::ContextBuilder::new(settings)
         .handle(|_: SeatBooked, _| async { Ok(()) })
         .start(broker)

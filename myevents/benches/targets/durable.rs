@@ -4,7 +4,8 @@
 //! raw lapin consumer acking each message (awaited), same message count,
 //! same prefetch, same broker, same run. Target 5 measures the same on
 //! PostgreSQL ([`Deployment`]; `crate::postgres`), with one instance and with
-//! several partitioned ones.
+//! several partitioned ones; target 6 on Kafka ([`Feed`]; `crate::kafka`),
+//! against a raw rdkafka consumer.
 //!
 //! The events binaries are started once with a fresh database; a location and
 //! its events are created through the REST API (one event, and the spread
@@ -54,19 +55,22 @@ pub enum Deployment {
     /// `instances` on one fresh PostgreSQL database; spread over `partitions`
     /// partition queues when more than 0 (ADR 0009), else unpartitioned.
     Postgres { instances: usize, partitions: u16 },
+    /// One instance on a SQLite file, on Kafka: a fresh topic on the
+    /// bench's Kafka broker (target 6).
+    Kafka,
 }
 
 impl Deployment {
     fn partitions(self) -> u16 {
         match self {
-            Deployment::Sqlite => 0,
+            Deployment::Sqlite | Deployment::Kafka => 0,
             Deployment::Postgres { partitions, .. } => partitions,
         }
     }
 
     fn instances(self) -> usize {
         match self {
-            Deployment::Sqlite => 1,
+            Deployment::Sqlite | Deployment::Kafka => 1,
             Deployment::Postgres { instances, .. } => instances,
         }
     }
@@ -88,19 +92,51 @@ enum Reader {
     Postgres(PgConnection),
 }
 
+/// Where a fixture's `eventBooked` come from, and its raw reference.
+pub enum Feed {
+    /// RabbitMQ: the events exchange of the bench's vhost, and raw lapin
+    /// (boxed: lapin's handles are large).
+    Amqp(Box<AmqpFeed>),
+    /// Kafka: the context's topic, and raw rdkafka.
+    Kafka(crate::kafka::KafkaFeed),
+}
+
+/// A publisher on the fixture's vhost and a second connection for the raw
+/// lapin references.
+pub struct AmqpFeed {
+    pub publisher: Publisher,
+    pub raw: lapin::Connection,
+    publishing: lapin::Connection,
+}
+
+impl Feed {
+    /// The raw reference's name in the table.
+    fn reference(&self) -> &'static str {
+        match self {
+            Feed::Amqp(_) => "raw lapin",
+            Feed::Kafka(_) => "raw rdkafka",
+        }
+    }
+
+    /// The RabbitMQ side, for what only RabbitMQ measures (target 3).
+    pub fn amqp(&self) -> BenchResult<&AmqpFeed> {
+        match self {
+            Feed::Amqp(feed) => Ok(feed),
+            Feed::Kafka(_) => Err("this measurement runs on RabbitMQ only".into()),
+        }
+    }
+}
+
 /// Running events binaries with one event and `spread` events in a large
-/// hall, their consumers paused, and a publisher on their vhost.
+/// hall, their consumers paused, and where their bookings come from.
 pub struct EventsFixture {
     /// The instances; the first one's REST API creates the events.
     pub instances: Vec<Binary>,
     pub deployment: Deployment,
     pub single: String,
     pub spread: Vec<String>,
-    pub publisher: Publisher,
+    pub feed: Feed,
     pub prefetch: u16,
-    /// A second connection, for the raw lapin references.
-    pub raw: lapin::Connection,
-    publishing: lapin::Connection,
     /// The next booking number: every `eventBooked` of the run is distinct.
     next_seq: u64,
     /// Seats the context has counted so far (every booking is one seat).
@@ -293,8 +329,12 @@ impl EventsFixture {
         deployment: Deployment,
     ) -> BenchResult<Self> {
         let database = match deployment {
-            Deployment::Sqlite => None,
+            Deployment::Sqlite | Deployment::Kafka => None,
             Deployment::Postgres { .. } => Some(Database::create()?),
+        };
+        let kafka = match deployment {
+            Deployment::Kafka => Some(crate::kafka::KafkaFeed::open(&crate::kafka::url()).await?),
+            _ => None,
         };
         let mut instances = Vec::with_capacity(deployment.instances());
         for n in 1..=deployment.instances() {
@@ -310,6 +350,9 @@ impl EventsFixture {
                     ),
                     ("HERALD__RUNTIME__INSTANCE".into(), format!("events-{n}")),
                 ];
+            }
+            if let Some(kafka) = &kafka {
+                launch.env.extend(kafka.env());
             }
             instances.push(Binary::start_with(Kind::Events, &vhost.url, dir, &launch).await?);
         }
@@ -328,18 +371,26 @@ impl EventsFixture {
         for i in 0..plan.spread_events {
             spread.push(create_event(api, &format!("Spread {i}"), &location, "Main").await?);
         }
-        let publishing = vhost.connect("bench-publisher").await?;
-        let raw = vhost.connect("bench-raw").await?;
-        let publisher = Publisher::open(&publishing, &settings.broker.exchange).await?;
+        let feed = match kafka {
+            Some(kafka) => Feed::Kafka(kafka),
+            None => {
+                let publishing = vhost.connect("bench-publisher").await?;
+                let raw = vhost.connect("bench-raw").await?;
+                let publisher = Publisher::open(&publishing, &settings.broker.exchange).await?;
+                Feed::Amqp(Box::new(AmqpFeed {
+                    publisher,
+                    raw,
+                    publishing,
+                }))
+            }
+        };
         let fixture = EventsFixture {
             instances,
             deployment,
             single,
             spread,
-            publisher,
+            feed,
             prefetch: settings.broker.prefetch,
-            raw,
-            publishing,
             next_seq: 1,
             counted: 0,
             reader,
@@ -420,17 +471,24 @@ impl EventsFixture {
         }
     }
 
-    /// The raw reference: `n` messages straight into `raw`, then consumed.
+    /// The raw reference: `n` messages straight into `raw` (on Kafka: a
+    /// fresh topic), then consumed.
     async fn raw_round(&mut self, n: usize) -> BenchResult<Duration> {
-        self.publisher.declare(RAW_QUEUE, None).await?;
         let first = self.take(n);
         let single = &self.single;
-        self.publisher
-            .fill(Route::Queue(RAW_QUEUE), first, n, |seq| booked(single, seq))
-            .await?;
-        let elapsed = consume_raw(&self.raw, RAW_QUEUE, n, self.prefetch).await?;
-        self.publisher.delete(RAW_QUEUE).await?;
-        Ok(elapsed)
+        let message = |seq| booked(single, seq);
+        match &self.feed {
+            Feed::Amqp(amqp) => {
+                amqp.publisher.declare(RAW_QUEUE, None).await?;
+                amqp.publisher
+                    .fill(Route::Queue(RAW_QUEUE), first, n, message)
+                    .await?;
+                let elapsed = consume_raw(&amqp.raw, RAW_QUEUE, n, self.prefetch).await?;
+                amqp.publisher.delete(RAW_QUEUE).await?;
+                Ok(elapsed)
+            }
+            Feed::Kafka(kafka) => kafka.raw_round(first, n, message).await,
+        }
     }
 
     /// `n` bookings spread over `events` (by index), queued while the
@@ -443,11 +501,15 @@ impl EventsFixture {
         } else {
             vec![self.single.clone()]
         };
-        self.publisher
-            .fill(Route::Exchange, first, n, |seq| {
-                booked(&events[(seq % events.len() as u64) as usize], seq)
-            })
-            .await?;
+        let message = |seq| booked(&events[(seq % events.len() as u64) as usize], seq);
+        match &self.feed {
+            Feed::Amqp(amqp) => {
+                amqp.publisher
+                    .fill(Route::Exchange, first, n, message)
+                    .await?
+            }
+            Feed::Kafka(kafka) => kafka.fill(first, n, message).await?,
+        }
         let want = self.counted + n as i64;
         let acked_before = self.acked().await?;
         let want_acked = acked_before.iter().sum::<u64>() + n as u64;
@@ -497,20 +559,28 @@ impl EventsFixture {
         if counted != want {
             return Err(format!("{counted} seats counted, {want} booked").into());
         }
-        for queue in self.deployment.queues() {
-            let left = self.publisher.ready(&queue).await?;
-            if left != 0 {
-                return Err(format!("{left} messages left in queue {queue}").into());
+        match &self.feed {
+            Feed::Amqp(amqp) => {
+                for queue in self.deployment.queues() {
+                    let left = amqp.publisher.ready(&queue).await?;
+                    if left != 0 {
+                        return Err(format!("{left} messages left in queue {queue}").into());
+                    }
+                }
             }
+            // The consumer group is named after the context.
+            Feed::Kafka(kafka) => kafka.drained(QUEUE).await?,
         }
         Ok(elapsed)
     }
 
     /// Stops every instance (SIGTERM, orderly exit), then drops the
-    /// PostgreSQL database.
+    /// PostgreSQL database (on Kafka: flushes the producer).
     pub async fn stop(self) -> BenchResult<()> {
-        let _ = self.raw.close(200, "done".into()).await;
-        let _ = self.publishing.close(200, "done".into()).await;
+        if let Feed::Amqp(amqp) = &self.feed {
+            let _ = amqp.raw.close(200, "done".into()).await;
+            let _ = amqp.publishing.close(200, "done".into()).await;
+        }
         drop(self.reader);
         let mut outcome = Ok(());
         for instance in self.instances {
@@ -519,6 +589,9 @@ impl EventsFixture {
             }
         }
         drop(self.database);
+        if let Feed::Kafka(kafka) = self.feed {
+            outcome = outcome.and(kafka.close().await);
+        }
         outcome
     }
 }
@@ -578,7 +651,8 @@ pub async fn measure(
         let raw_time = fixture.raw_round(n).await?;
         raw.push(raw_time);
         let mut line = format!(
-            "round {round}     : raw lapin {:>7.0} msg/s",
+            "round {round}     : {} {:>7.0} msg/s",
+            fixture.feed.reference(),
             rate(n, raw_time)
         );
         for ((spread, label), times) in variants.iter().zip(&mut times) {
@@ -599,7 +673,7 @@ pub async fn measure(
     }
     check_counted(plan, fixture, figures.one_event).await?;
     let raw_rate = rate(n, median(raw));
-    let reference = format!("raw lapin {} msg/s", int(raw_rate));
+    let reference = format!("{} {} msg/s", fixture.feed.reference(), int(raw_rate));
     let spent_by_variant = |v: usize| -> Vec<&Spent> {
         fixture
             .spent
@@ -649,6 +723,40 @@ pub async fn measure(
         });
     }
     Ok(rows)
+}
+
+/// One fixture of `deployment`: started, measured, stopped; its rows, or
+/// one failed row (reported, no target: targets 5 and 6).
+pub async fn fixture_rows(
+    plan: &Plan,
+    vhost: &Vhost,
+    dir: &std::path::Path,
+    deployment: Deployment,
+    figures: &Figures,
+) -> Vec<Row> {
+    let failed = |error: &dyn std::fmt::Display| {
+        Row::failed(
+            format!("{}{} {}", figures.first.0, figures.first.1, figures.what),
+            "none (info)",
+            &error.to_string(),
+        )
+    };
+    let mut fixture = match EventsFixture::start(plan, vhost, dir, deployment).await {
+        Ok(fixture) => fixture,
+        Err(error) => return vec![failed(&error)],
+    };
+    let mut rows = match measure(plan, &mut fixture, figures).await {
+        Ok(rows) => rows,
+        Err(error) => vec![failed(&error)],
+    };
+    if let Err(error) = fixture.stop().await {
+        rows.push(Row::failed(
+            format!("{}: events binaries stopped cleanly", figures.what),
+            "exit 0",
+            &error.to_string(),
+        ));
+    }
+    rows
 }
 
 /// The median CPU cost per message of `spent` rounds, as

@@ -66,13 +66,14 @@ async fn paced(
     messages: &[herald::transport::Message],
     period: Duration,
 ) -> BenchResult<Vec<Instant>> {
+    let publisher = &fixture.feed.amqp()?.publisher;
     let mut sent = Vec::with_capacity(messages.len());
     let mut confirms = Vec::with_capacity(messages.len());
     let start = Instant::now();
     for (i, message) in messages.iter().enumerate() {
         tokio::time::sleep_until((start + period * i as u32).into()).await;
         sent.push(Instant::now());
-        confirms.push(fixture.publisher.publish(route, message).await?);
+        confirms.push(publisher.publish(route, message).await?);
     }
     for confirm in confirms {
         confirmed(confirm).await?;
@@ -99,8 +100,9 @@ async fn raw_round(
     period: Duration,
 ) -> BenchResult<Timings> {
     let (first, messages) = messages(fixture, n)?;
-    fixture.publisher.declare(RAW_QUEUE, None).await?;
-    let channel = fixture.raw.create_channel().await?;
+    let amqp = fixture.feed.amqp()?;
+    amqp.publisher.declare(RAW_QUEUE, None).await?;
+    let channel = amqp.raw.create_channel().await?;
     channel
         .basic_qos(fixture.prefetch, BasicQosOptions::default())
         .await?;
@@ -142,7 +144,7 @@ async fn raw_round(
         handled: handled?,
     };
     channel.close(200, "done".into()).await?;
-    fixture.publisher.delete(RAW_QUEUE).await?;
+    amqp.publisher.delete(RAW_QUEUE).await?;
     Ok(timings)
 }
 

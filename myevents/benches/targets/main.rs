@@ -19,7 +19,10 @@
 //!    idle RSS and start to ready of both binaries ([`startup`]);
 //! 5. target 1's durable path on PostgreSQL ([`postgres`]): one instance, and
 //!    three instances of the context partitioned six ways, each on a fresh
-//!    database; reported ("info") beside their raw lapin reference, no target.
+//!    database; reported ("info") beside their raw lapin reference, no target;
+//! 6. herald on Kafka ([`kafka`], issue 13): the no-op handler of target 4
+//!    against a raw rdkafka consumer, and target 1's durable path with the
+//!    `events` binary on a Kafka topic (reported, no target).
 //!
 //! `BENCH_ONLY=1,5` measures only those targets (1 and 3 share one binary
 //! and run together).
@@ -29,7 +32,9 @@
 //! `database.synchronous = full`), their database in a temporary folder and
 //! quiet logs. Everything runs in a vhost of its own (`herald-bench-<uuid>`;
 //! each fixture of target 5 in one more), deleted at the end; target 5's
-//! databases (`herald_bench_<uuid>`) are dropped at the end of each fixture.
+//! databases (`herald_bench_<uuid>`) are dropped at the end of each fixture;
+//! target 6 runs on the Kafka broker of `make services-kafka` on fresh
+//! topics and groups (`bench-*-<uuid>`), which stay (see [`kafka`]).
 //!
 //! Without `--bench` (`cargo test --all-targets` runs bench binaries that
 //! way) it is a smoke run with small counts and one round, debug binaries,
@@ -40,6 +45,7 @@ mod amqp;
 mod bookings;
 mod durable;
 mod http;
+mod kafka;
 mod latency;
 mod postgres;
 mod process;
@@ -55,11 +61,13 @@ use amqp::{BenchResult, Vhost};
 use table::{int, Row, Verdict};
 
 const ROUNDS: usize = 3;
-/// A no-op handler at least this share (percent) of raw lapin's rate.
+/// A no-op handler at least this share (percent) of its raw reference's
+/// rate (lapin on RabbitMQ, rdkafka on Kafka).
 const NOOP_TARGET_PERCENT: f64 = 90.0;
 const REBUILD_TARGET: f64 = 200_000.0;
 
 /// What a run measures, and how much of it.
+#[derive(Clone)]
 pub struct Plan {
     pub smoke: bool,
     pub rounds: usize,
@@ -77,6 +85,12 @@ pub struct Plan {
     pub latency_rate: u32,
     pub latency_duration: Duration,
     pub noop_messages: usize,
+    /// Records per round on Kafka (6a; 6b and 6c as `durable_messages`):
+    /// fewer, because tansu 0.6's fetch costs grow with its log: it sums
+    /// the sizes of every record from the offset to the end of the
+    /// partition (`record_fetch.sql`), and reads each record's headers
+    /// through a table without an index, scanning every header it holds.
+    pub kafka_messages: usize,
     pub rebuild_ledgers: usize,
     /// Starts of each binary for start to ready and idle RSS.
     pub starts: usize,
@@ -96,6 +110,7 @@ impl Plan {
             latency_rate: 1_000,
             latency_duration: Duration::from_secs(10),
             noop_messages: 20_000,
+            kafka_messages: 5_000,
             rebuild_ledgers: rebuild::LEDGERS,
             starts: ROUNDS,
         }
@@ -114,6 +129,7 @@ impl Plan {
             latency_rate: 1_000,
             latency_duration: Duration::from_millis(300),
             noop_messages: 500,
+            kafka_messages: 200,
             rebuild_ledgers: rebuild::SMOKE_LEDGERS,
             starts: 1,
         }
@@ -173,9 +189,17 @@ async fn events_path(plan: &Plan, vhost: &Vhost, dir: &Path) -> Vec<Row> {
 }
 
 async fn noop(plan: &Plan, vhost: &Vhost) -> Row {
-    let figure = "4a no-op handler, in-process context";
+    noop_row(
+        "4a no-op handler, in-process context",
+        "raw lapin",
+        amqp::noop_vs_raw(vhost, plan.noop_messages, plan.rounds).await,
+    )
+}
+
+/// The row of a no-op handler against its raw reference (4a, 6a).
+fn noop_row(figure: &str, raw: &str, measured: BenchResult<amqp::NoopComparison>) -> Row {
     let target = format!("≥ {NOOP_TARGET_PERCENT:.0} % of raw");
-    match amqp::noop_vs_raw(vhost, plan.noop_messages, plan.rounds).await {
+    match measured {
         Ok(result) => Row::new(
             figure,
             format!(
@@ -183,7 +207,7 @@ async fn noop(plan: &Plan, vhost: &Vhost) -> Row {
                 int(result.herald_rate()),
                 result.percent()
             ),
-            format!("raw lapin {} msg/s", int(result.raw_rate())),
+            format!("{raw} {} msg/s", int(result.raw_rate())),
             target,
             result.percent() >= NOOP_TARGET_PERCENT,
         ),
@@ -232,6 +256,12 @@ async fn measure_all(plan: &Plan, vhost: &Vhost, dir: &Path) -> Vec<Row> {
                 "none (info)",
                 &error.to_string(),
             )),
+        }
+    }
+    if wanted(6) {
+        match subdir(dir, "kafka") {
+            Ok(dir) => rows.extend(kafka::measure(plan, vhost, &dir).await),
+            Err(error) => rows.push(Row::failed("6 herald on Kafka", "-", &error.to_string())),
         }
     }
     rows

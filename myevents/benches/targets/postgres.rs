@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use diesel::{PgConnection, RunQueryDsl};
 
 use crate::amqp::{BenchResult, Vhost};
-use crate::durable::{self, Deployment, EventsFixture, Figures};
+use crate::durable::{self, Deployment, Figures};
 use crate::process::{cpu_time_of, Binary};
 use crate::table::Row;
 use crate::Plan;
@@ -186,22 +186,7 @@ async fn run(plan: &Plan, dir: &Path, deployment: Deployment, figures: Figures) 
         Ok(vhost) => vhost,
         Err(error) => return vec![failed(&error)],
     };
-    let mut fixture = match EventsFixture::start(plan, &vhost, dir, deployment).await {
-        Ok(fixture) => fixture,
-        Err(error) => return vec![failed(&error)],
-    };
-    let mut rows = match durable::measure(plan, &mut fixture, &figures).await {
-        Ok(rows) => rows,
-        Err(error) => vec![failed(&error)],
-    };
-    if let Err(error) = fixture.stop().await {
-        rows.push(Row::failed(
-            format!("{}: events binaries stopped cleanly", figures.what),
-            "exit 0",
-            &error.to_string(),
-        ));
-    }
-    rows
+    durable::fixture_rows(plan, &vhost, dir, deployment, &figures).await
 }
 
 /// The rows of target 5: one instance, then several partitioned ones, each

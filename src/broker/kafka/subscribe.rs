@@ -47,6 +47,15 @@ type Tp = (String, i32);
 /// cancel or close is noticed.
 const POLL: Duration = Duration::from_millis(50);
 
+/// How long a full window waits for room before the assignment is paused
+/// (rebalance callbacks wait as long: they run inside the poll).
+const FULL_WAIT: Duration = Duration::from_secs(1);
+
+/// How often the settled prefix is committed while consuming (revoke and
+/// close commit at once). A commit per record costs the broker a write per
+/// record: tansu fell so far behind that heartbeats timed out.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+
 /// How many session timeouts `subscribe` waits for the group to assign
 /// partitions (tansu's crate build joins in about a second, Kafka in a few;
 /// a join that waits for a departed member takes a session timeout).
@@ -116,6 +125,9 @@ impl KafkaBroker {
             // bindings would not: the log keeps what came before.
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
+            // What librdkafka fetches ahead is kept while the window is full
+            // (see `FULL_WAIT`): 4 MiB of it, not its default of 64 MiB.
+            .set("queued.max.messages.kbytes", "4096")
             .set("session.timeout.ms", session.to_string())
             .set("heartbeat.interval.ms", (session / 3).max(1).to_string())
             .create_with_context(context)?;
@@ -139,6 +151,7 @@ impl KafkaBroker {
             broker: self.clone(),
             paused: Vec::new(),
             throttled: false,
+            committed_at: Instant::now(),
         };
         std::thread::Builder::new()
             .name(format!("kafka-{}", spec.queue))
@@ -455,8 +468,10 @@ struct Poller {
     broker: KafkaBroker,
     /// Partitions paused while a retry record waits.
     paused: Vec<Tp>,
-    /// The whole assignment is paused: `prefetch` deliveries are unsettled.
+    /// The whole assignment is paused: `prefetch` deliveries were unsettled.
     throttled: bool,
+    /// When the loop last committed.
+    committed_at: Instant,
 }
 
 impl Poller {
@@ -485,21 +500,39 @@ impl Poller {
             } else {
                 None
             };
-            self.commit(CommitMode::Async);
-            // A full window pauses the assignment rather than the polling: the
-            // poll keeps serving rebalances and keeps the member alive
-            // (`max.poll.interval.ms`).
-            let full = lock(&self.shared).in_flight >= self.prefetch;
-            if full && self.tx.is_some() {
-                self.pause_all();
-                self.throttled = true;
-            } else if self.throttled && self.tx.is_some() {
-                self.resume_all();
-                self.throttled = false;
+            if self.committed_at.elapsed() >= COMMIT_INTERVAL {
+                self.commit(CommitMode::Async);
+                self.committed_at = Instant::now();
             }
-            let timeout = next_due.map_or(POLL, |due| {
+            // A full window first waits for room without polling: a pause
+            // drops what librdkafka fetched ahead, and the fetch after the
+            // resume waits on the broker (`fetch.wait.max.ms`) for the empty
+            // retry topics. Still full after `FULL_WAIT`, the assignment is
+            // paused rather than the polling, so that the poll serves
+            // rebalances (`max.poll.interval.ms`), and resumes once half the
+            // window is free.
+            let in_flight = lock(&self.shared).in_flight;
+            if self.tx.is_some() {
+                if !self.throttled
+                    && in_flight >= self.prefetch
+                    && !self.await_room(FULL_WAIT, self.prefetch - 1)
+                {
+                    self.pause_all();
+                    self.throttled = true;
+                } else if self.throttled && in_flight <= self.prefetch / 2 {
+                    self.resume_all();
+                    self.throttled = false;
+                }
+            }
+            let mut timeout = next_due.map_or(POLL, |due| {
                 due.saturating_duration_since(Instant::now()).min(POLL)
             });
+            if self.throttled && self.tx.is_some() {
+                // Paused, the poll would sleep through the settlements that
+                // free the window: wait for them instead, then serve callbacks.
+                self.await_room(timeout, self.prefetch / 2);
+                timeout = Duration::ZERO;
+            }
             let pause = match self.consumer.poll(timeout) {
                 None => None,
                 Some(Ok(record)) if self.tx.is_some() => self.read(&record),
@@ -696,6 +729,21 @@ impl Poller {
         }
     }
 
+    /// Waits (up to `timeout`) until settlements bring the deliveries in
+    /// flight down to `at_most`, or a stop or a new assignment wants the
+    /// loop; whether they did.
+    fn await_room(&self, timeout: Duration, at_most: usize) -> bool {
+        let state = lock(&self.shared);
+        let (state, _) = self
+            .shared
+            .settled
+            .wait_timeout_while(state, timeout, |s| {
+                s.in_flight > at_most && s.stop == Stop::Running && !s.reassigned
+            })
+            .unwrap_or_else(|e| e.into_inner());
+        state.in_flight <= at_most
+    }
+
     fn pause(&mut self, tp: &Tp) {
         if self.paused.contains(tp) {
             return;
@@ -712,6 +760,10 @@ impl Poller {
             return;
         };
         self.paused.swap_remove(at);
+        if self.throttled {
+            // The whole assignment waits for room; `resume_all` resumes it.
+            return;
+        }
         let mut list = TopicPartitionList::new();
         list.add_partition(&tp.0, tp.1);
         let _ = self.consumer.resume(&list);
