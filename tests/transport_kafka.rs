@@ -72,6 +72,20 @@ fn spec(group: &str, bindings: &[&str]) -> SubscribeSpec {
     }
 }
 
+/// Subscribes `group` again and publishes a fence: the first delivery is
+/// the fence, so nothing the group settled before comes again.
+async fn assert_nothing_old_comes_again(broker: &KafkaBroker, group: &str, binding: &str) {
+    let mut again = broker
+        .subscribe(spec(group, &[binding]))
+        .await
+        .expect("subscribe");
+    broker
+        .publish(keyed(binding, "fence", "k"))
+        .await
+        .expect("publish");
+    assert_eq!(id(&next(&mut again, "the fence").await), "fence");
+}
+
 async fn next(sub: &mut Subscription, what: &str) -> Delivery {
     match tokio::time::timeout(DEADLINE, sub.deliveries.next()).await {
         Ok(Some(Ok(delivery))) => delivery,
@@ -331,15 +345,7 @@ async fn a_retried_record_does_not_hold_up_its_partition() {
     sub.control.close().await.expect("close");
 
     // Everything settled: a restarted consumer of the group gets nothing old.
-    let mut again = broker
-        .subscribe(spec(&group, &["job"]))
-        .await
-        .expect("subscribe");
-    broker
-        .publish(keyed("job", "fence", "k"))
-        .await
-        .expect("publish");
-    assert_eq!(id(&next(&mut again, "the fence").await), "fence");
+    assert_nothing_old_comes_again(&broker, &group, "job").await;
 }
 
 /// Records of events the group is not bound to are skipped and committed:
@@ -373,15 +379,7 @@ async fn records_the_group_is_not_bound_to_are_skipped_and_committed() {
     }
     assert_eq!(got, expected);
     sub.control.close().await.expect("close");
-    let mut again = broker
-        .subscribe(spec(&group, &["wanted"]))
-        .await
-        .expect("subscribe");
-    broker
-        .publish(keyed("wanted", "fence", "k"))
-        .await
-        .expect("publish");
-    assert_eq!(id(&next(&mut again, "the fence").await), "fence");
+    assert_nothing_old_comes_again(&broker, &group, "wanted").await;
 }
 
 /// A second member joins while the first holds a delivery: the first's

@@ -17,7 +17,7 @@
 use std::collections::BTreeSet;
 
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Integer, Text};
+use diesel::sql_types::{BigInt, Bool, Integer, Text};
 
 use super::Conn;
 use crate::error::StoreError;
@@ -87,12 +87,6 @@ fn now(conn: &mut Conn) -> Result<i64, StoreError> {
     Ok(diesel::sql_query(sql).get_result::<Number>(conn)?.n)
 }
 
-#[derive(QueryableByName)]
-struct Incarnation {
-    #[diesel(sql_type = Text)]
-    incarnation: String,
-}
-
 /// One round for `terms`; see the module documentation. `first` is this
 /// process's first round: it takes the instance's name over from an
 /// earlier process (one killed and started again still finds its former
@@ -105,27 +99,24 @@ struct Incarnation {
 pub(crate) fn round(conn: &mut Conn, terms: &Terms, first: bool) -> Result<Outcome, StoreError> {
     let now = now(conn)?;
     let context = terms.context.as_str();
-    if !first {
-        let marks: Vec<Incarnation> = diesel::sql_query(
-            "SELECT incarnation FROM herald_instances WHERE context = $1 AND instance = $2",
-        )
-        .bind::<Text, _>(context)
-        .bind::<Text, _>(&terms.instance)
-        .load(conn)?;
-        if marks.iter().any(|m| m.incarnation != terms.incarnation) {
-            return Ok(Outcome::Displaced);
-        }
-    }
-    diesel::sql_query(
+    // Says it is alive and marks the row as this process's, in one
+    // statement: the row is left alone (no row changed) when a later round
+    // finds another process's mark on it.
+    let marked = diesel::sql_query(
         "INSERT INTO herald_instances (context, instance, seen_at, incarnation) \
          VALUES ($1, $2, $3, $4) ON CONFLICT (context, instance) DO UPDATE \
-         SET seen_at = excluded.seen_at, incarnation = excluded.incarnation",
+         SET seen_at = excluded.seen_at, incarnation = excluded.incarnation \
+         WHERE $5 OR herald_instances.incarnation = excluded.incarnation",
     )
     .bind::<Text, _>(context)
     .bind::<Text, _>(&terms.instance)
     .bind::<BigInt, _>(now)
     .bind::<Text, _>(&terms.incarnation)
+    .bind::<Bool, _>(first)
     .execute(conn)?;
+    if marked == 0 {
+        return Ok(Outcome::Displaced);
+    }
     diesel::sql_query("DELETE FROM herald_instances WHERE context = $1 AND seen_at < $2")
         .bind::<Text, _>(context)
         .bind::<BigInt, _>(now - FORGET_AFTER_LEASES * terms.lease_ms)
