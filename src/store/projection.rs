@@ -49,8 +49,12 @@ pub trait Projection: Send + Sync + 'static {
     }
 }
 
-/// The last position `projection` applied (0: nothing yet).
+/// The last position `projection` applied (0: nothing yet), as the
+/// transaction in progress sees it.
 pub fn checkpoint(conn: &mut Conn, projection: &str) -> Result<i64, StoreError> {
+    if let Some(position) = batch::moved(projection) {
+        return Ok(position);
+    }
     let position: Option<i64> = checkpoints::table
         .find(projection)
         .select(checkpoints::position)
@@ -59,7 +63,20 @@ pub fn checkpoint(conn: &mut Conn, projection: &str) -> Result<i64, StoreError> 
     Ok(position.unwrap_or(0))
 }
 
-fn set_checkpoint(conn: &mut Conn, projection: &str, position: i64) -> Result<(), StoreError> {
+/// Moves `projection`'s checkpoint to `position`: at once outside the
+/// writer's batches, at the end of the batch inside one.
+fn set_checkpoint(
+    conn: &mut Conn,
+    projection: &'static str,
+    position: i64,
+) -> Result<(), StoreError> {
+    if batch::move_to(projection, position) {
+        return Ok(());
+    }
+    write_checkpoint(conn, projection, position)
+}
+
+fn write_checkpoint(conn: &mut Conn, projection: &str, position: i64) -> Result<(), StoreError> {
     let updated_at = now_ms();
     crate::on_backend!(conn, |c| Sql::new(
         "INSERT INTO checkpoints (projection, position, updated_at) VALUES (?, ?, ?) \
@@ -73,6 +90,106 @@ fn set_checkpoint(conn: &mut Conn, projection: &str, position: i64) -> Result<()
     Ok(())
 }
 
+/// The checkpoints the writer's batch in progress moved.
+///
+/// On the durable path every unit of a batch catches the read models up to
+/// the events it appended; written per unit, each catch-up would cost a
+/// read of the checkpoint and an upsert of it per projection, a third of
+/// the catch-up. Inside a batch the writer holds the database's write lock
+/// (SQLite's `BEGIN IMMEDIATE`, herald's advisory lock on PostgreSQL), so
+/// once a projection's checkpoint was read, only the batch's own units move
+/// it: they keep it here, and the writer writes each moved checkpoint once,
+/// before the batch commits ([`flush`]). A unit rolled back to its
+/// savepoint takes its moves back with it ([`drop_unit`]).
+///
+/// The writer's thread runs one batch at a time; the state is that
+/// thread's (`catch_up` is handed a connection, not the writer's session).
+/// Anywhere else no batch is open and checkpoints are written at once.
+pub(crate) mod batch {
+    use std::cell::RefCell;
+
+    use super::{write_checkpoint, Conn, StoreError};
+
+    #[derive(Default)]
+    struct Moves {
+        /// Every projection moved in the batch, at its last position.
+        batch: Vec<(&'static str, i64)>,
+        /// `batch` as the unit in progress found it.
+        before_unit: Vec<(&'static str, i64)>,
+    }
+
+    thread_local! {
+        static OPEN: RefCell<Option<Moves>> = const { RefCell::new(None) };
+    }
+
+    /// A batch begins on this thread.
+    pub(crate) fn open() {
+        OPEN.with(|open| *open.borrow_mut() = Some(Moves::default()));
+    }
+
+    /// A unit of it begins.
+    pub(crate) fn begin_unit() {
+        OPEN.with(|open| {
+            if let Some(moves) = open.borrow_mut().as_mut() {
+                moves.before_unit.clone_from(&moves.batch);
+            }
+        });
+    }
+
+    /// The unit was rolled back to its savepoint: so are its moves.
+    pub(crate) fn drop_unit() {
+        OPEN.with(|open| {
+            if let Some(moves) = open.borrow_mut().as_mut() {
+                moves.batch.clone_from(&moves.before_unit);
+            }
+        });
+    }
+
+    /// Writes every moved checkpoint, in the batch's transaction, and ends
+    /// the batch.
+    pub(crate) fn flush(conn: &mut Conn) -> Result<(), StoreError> {
+        let moves = OPEN.with(|open| open.borrow_mut().take());
+        for (projection, position) in moves.map(|m| m.batch).unwrap_or_default() {
+            write_checkpoint(conn, projection, position)?;
+        }
+        Ok(())
+    }
+
+    /// Ends the batch without writing (it rolled back).
+    pub(crate) fn close() {
+        OPEN.with(|open| *open.borrow_mut() = None);
+    }
+
+    /// Where `projection` was moved in the open batch, if it was.
+    pub(super) fn moved(projection: &str) -> Option<i64> {
+        OPEN.with(|open| {
+            open.borrow().as_ref().and_then(|moves| {
+                moves
+                    .batch
+                    .iter()
+                    .find(|(name, _)| *name == projection)
+                    .map(|(_, position)| *position)
+            })
+        })
+    }
+
+    /// Keeps `projection` at `position` in the open batch; false when no
+    /// batch is open (the caller writes it at once).
+    pub(super) fn move_to(projection: &'static str, position: i64) -> bool {
+        OPEN.with(|open| {
+            let mut open = open.borrow_mut();
+            let Some(moves) = open.as_mut() else {
+                return false;
+            };
+            match moves.batch.iter_mut().find(|(name, _)| *name == projection) {
+                Some(entry) => entry.1 = position,
+                None => moves.batch.push((projection, position)),
+            }
+            true
+        })
+    }
+}
+
 /// Applies every event after the projection's checkpoint and moves the
 /// checkpoint, inside the caller's transaction; returns how many events it read.
 ///
@@ -82,9 +199,9 @@ pub fn catch_up(conn: &mut Conn, projection: &dyn Projection) -> Result<u64, Sto
     let mut position = None;
     let mut read = 0u64;
     loop {
-        // The first read finds the checkpoint itself: on the durable path a
-        // catch-up is one read of one event, and a statement fewer counts.
-        let batch = match position {
+        // The first read finds the checkpoint itself (a statement fewer on
+        // the durable path), unless a unit of this batch moved it already.
+        let batch = match position.or_else(|| batch::moved(projection.name())) {
             None => after_checkpoint(conn, projection.name())?,
             Some(position) => event_store::read_all(conn, position, BATCH)?,
         };
@@ -367,6 +484,92 @@ mod tests {
             projections.rebuild(&t.db, "nope").await,
             Err(StoreError::NotFound)
         ));
+    }
+    /// Appends `{"n": n}` to stream `s-<n>` and catches `projections` up.
+    fn append_and_catch_up(
+        c: &mut Conn,
+        projections: &Projections,
+        n: i64,
+    ) -> Result<(), StoreError> {
+        let event = NewEvent {
+            event_id: crate::event::new_id(),
+            name: "noted".into(),
+            schema_version: 1,
+            payload: format!(r#"{{"n":{n}}}"#),
+            metadata: EventMetadata::default(),
+        };
+        event_store::append(c, &format!("s-{n}"), 0, &[event])?;
+        projections.catch_up(c)
+    }
+
+    on_each_backend!(
+        #[tokio::test]
+        units_of_one_batch_move_the_checkpoint_once_and_a_failed_unit_takes_its_move_back,
+        backend
+    );
+    async fn units_of_one_batch_move_the_checkpoint_once_and_a_failed_unit_takes_its_move_back(
+        backend: crate::store::Backend,
+    ) {
+        // Four units queued at once land in one batch: the writer waits for them.
+        let options = crate::store::DbOptions {
+            batch_max: 4,
+            batch_wait: Duration::from_secs(5),
+            ..crate::store::DbOptions::default()
+        };
+        let t = TempDb::with(backend, &options);
+        t.db.write(|c| {
+            c.batch_execute(
+                "CREATE TABLE test_totals (stream TEXT PRIMARY KEY, events BIGINT, total BIGINT)",
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let before = t.db.writer_stats();
+        let projections = Projections::default().with(Totals);
+        let unit = |n: i64, fail: bool| {
+            let projections = projections.clone();
+            t.db.write(move |c| {
+                append_and_catch_up(c, &projections, n)?;
+                // What a later unit of the batch (or this one) reads.
+                let seen = checkpoint(c, "totals")?;
+                if fail {
+                    return Err(StoreError::Corrupt(format!("unit {n} fails at {seen}")));
+                }
+                Ok(seen)
+            })
+        };
+        let (one, two, three, four) =
+            (unit(1, false), unit(2, true), unit(3, false), unit(4, true));
+        let (one, two, three, four) = tokio::join!(one, two, three, four);
+        let after = t.db.writer_stats();
+        assert_eq!(after.batches - before.batches, 1, "{after:?}");
+
+        // Each unit sees the checkpoint its own catch-up moved. Unit 2's
+        // event, its read-model row and its move are gone: unit 3 caught up
+        // from unit 1's position, and the batch committed unit 3's.
+        let (one, three) = (one.unwrap(), three.unwrap());
+        assert!(one < three, "{one} {three}");
+        assert!(matches!(two, Err(StoreError::Corrupt(ref m)) if m.starts_with("unit 2 fails")));
+        assert!(four.is_err());
+        let status = projections.list(&t.db).await.unwrap();
+        assert_eq!((status[0].checkpoint, status[0].head), (three, three));
+        assert_eq!(t.db.read(checksum).await.unwrap(), "s-1:1:1,s-3:1:3");
+
+        // The next batch starts from the committed checkpoint: nothing again, nothing skipped.
+        t.db.write({
+            let projections = projections.clone();
+            move |c| append_and_catch_up(c, &projections, 5)
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            t.db.read(checksum).await.unwrap(),
+            "s-1:1:1,s-3:1:3,s-5:1:5"
+        );
+        let status = projections.list(&t.db).await.unwrap();
+        assert!(status[0].checkpoint > three);
+        assert_eq!(status[0].checkpoint, status[0].head);
     }
 }
 

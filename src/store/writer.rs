@@ -12,6 +12,10 @@
 //! a savepoint, commits once, and only then answers. A unit that fails or
 //! panics rolls back to its savepoint and fails alone; the others commit.
 //!
+//! Projections caught up by the units move their checkpoints in memory;
+//! the writer writes each moved checkpoint once, before the commit (see
+//! [`projection::batch`](super::projection::batch)).
+//!
 //! Units run in the order they were queued, so a caller that queues its
 //! units in order (a shard, for one partition key) sees them committed in
 //! that order. The writer also owns the [aggregate cache](super::cache).
@@ -29,6 +33,7 @@ use diesel::RunQueryDsl;
 use tokio::sync::{oneshot, Notify};
 
 use super::cache::{AggregateCache, CacheStats};
+use super::projection;
 use super::sql::Sql;
 use super::Conn;
 use crate::error::{panic_text, StoreError};
@@ -271,11 +276,13 @@ impl WriterThread {
         let cache = &mut self.cache;
         let mut outcomes: Vec<Reply> = Vec::with_capacity(works.len());
         let result = in_transaction(conn, |conn| {
+            projection::batch::open();
             for work in works {
                 outcomes.push(run_unit(conn, cache, work)?);
             }
-            Ok(())
+            projection::batch::flush(conn)
         });
+        projection::batch::close();
         match result {
             Ok(()) => {
                 self.cache.commit();
@@ -408,6 +415,7 @@ where
 /// are savepoints of other names, inside this one.
 fn run_unit(conn: &mut Conn, cache: &mut AggregateCache, work: Work) -> Result<Reply, StoreError> {
     crate::on_backend!(conn, |c| Sql::new("SAVEPOINT herald_unit").execute(c))?;
+    projection::batch::begin_unit();
     let ran = std::panic::catch_unwind(AssertUnwindSafe(|| work(&mut Session { conn, cache })));
     match ran {
         Ok(Ok(value)) => {
@@ -421,7 +429,7 @@ fn run_unit(conn: &mut Conn, cache: &mut AggregateCache, work: Work) -> Result<R
                 // The unit fails alone; the batch goes on.
                 Err(error) => {
                     roll_back_unit(conn)?;
-                    cache.drop_unit();
+                    drop_unit(cache);
                     Ok(Reply::Broken(StoreError::Pool(format!(
                         "the unit swallowed a database error and cannot commit ({error}); \
                      catch errors inside conn.transaction(..) instead"
@@ -431,17 +439,24 @@ fn run_unit(conn: &mut Conn, cache: &mut AggregateCache, work: Work) -> Result<R
         }
         Ok(Err(error)) => {
             roll_back_unit(conn)?;
-            cache.drop_unit();
+            drop_unit(cache);
             Ok(Reply::Refused(error))
         }
         Err(panic) => {
             roll_back_unit(conn)?;
-            cache.drop_unit();
+            drop_unit(cache);
             Ok(Reply::Broken(StoreError::Panicked(panic_text(
                 panic.as_ref(),
             ))))
         }
     }
+}
+
+/// Forgets what the unit rolled back to its savepoint had staged: its
+/// aggregates' states and its projections' checkpoints.
+fn drop_unit(cache: &mut AggregateCache) {
+    cache.drop_unit();
+    projection::batch::drop_unit();
 }
 
 /// Undoes what the unit wrote and ends its savepoint.
