@@ -423,6 +423,18 @@ mod tests {
         }
     }
 
+    /// The table of [`Totals`].
+    async fn create_totals(db: &Db) {
+        db.write(|c| {
+            c.batch_execute(
+                "CREATE TABLE test_totals (stream TEXT PRIMARY KEY, events BIGINT, total BIGINT)",
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    }
+
     fn checksum(conn: &mut Conn) -> Result<String, StoreError> {
         let sql = match conn {
             Conn::Sqlite(_) => {
@@ -443,14 +455,7 @@ mod tests {
         a_rebuild_from_100_000_events_replays_them_all_and_equals_the_live_model
     );
     async fn a_rebuild_from_100_000_events_replays_them_all_and_equals_the_live_model(t: TempDb) {
-        t.db.write(|c| {
-            c.batch_execute(
-                "CREATE TABLE test_totals (stream TEXT PRIMARY KEY, events BIGINT, total BIGINT)",
-            )?;
-            Ok(())
-        })
-        .await
-        .unwrap();
+        create_totals(&t.db).await;
         let projections = Projections::default().with(Totals);
         for batch in 0..100 {
             let live = projections.clone();
@@ -517,14 +522,7 @@ mod tests {
             ..crate::store::DbOptions::default()
         };
         let t = TempDb::with(backend, &options);
-        t.db.write(|c| {
-            c.batch_execute(
-                "CREATE TABLE test_totals (stream TEXT PRIMARY KEY, events BIGINT, total BIGINT)",
-            )?;
-            Ok(())
-        })
-        .await
-        .unwrap();
+        create_totals(&t.db).await;
         let before = t.db.writer_stats();
         let projections = Projections::default().with(Totals);
         let unit = |n: i64, fail: bool| {
