@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::amqp::{median, rate, BenchResult, Vhost};
-use crate::durable::{create_event, create_location};
+use crate::durable::{create_event, create_location, metric};
 use crate::http::{self, Api, Connection, Load, Request};
 use crate::process::{Binary, Kind};
 use crate::table::{int, ms, Row};
@@ -89,6 +89,14 @@ struct Round {
     post_p99: Duration,
 }
 
+/// A context's database writer so far: units committed, transactions.
+async fn writer(admin: Api) -> BenchResult<(u64, u64)> {
+    Ok((
+        metric(admin, "herald_db_units_total").await?,
+        metric(admin, "herald_db_batches_total").await?,
+    ))
+}
+
 fn percentiles(load: &mut Load) -> BenchResult<(Duration, Duration)> {
     match (load.percentile(50.0), load.percentile(99.0)) {
         (Some(p50), Some(p99)) => Ok((p50, p99)),
@@ -142,12 +150,23 @@ async fn rounds(plan: &Plan, contexts: &Contexts) -> BenchResult<Vec<Row>> {
             .await?;
         let post = Request::post_json(format!("/events/{event}/bookings"), &json!({"seats": 1}));
         let cpu = (contexts.booking.cpu_time()?, contexts.events.cpu_time()?);
+        let batches = (
+            writer(contexts.booking.admin).await?,
+            writer(contexts.events.admin).await?,
+        );
         let mut posts = http::load(booking.port, clients, n, &post).await?;
         contexts.counted(&event, posts.count(201)).await?;
         let window = posts.started.elapsed();
         let cpu = (
             contexts.booking.cpu_time()?.saturating_sub(cpu.0),
             contexts.events.cpu_time()?.saturating_sub(cpu.1),
+        );
+        let per_batch = |(units, batches): (u64, u64), (u, b): (u64, u64)| {
+            (u - units) as f64 / (b - batches).max(1) as f64
+        };
+        let per_batch = (
+            per_batch(batches.0, writer(contexts.booking.admin).await?),
+            per_batch(batches.1, writer(contexts.events.admin).await?),
         );
         let (post_p50, post_p99) = percentiles(&mut posts)?;
         only_201_409 &= posts.errors == 0 && posts.statuses.keys().all(|s| [201, 409].contains(s));
@@ -171,10 +190,13 @@ async fn rounds(plan: &Plan, contexts: &Contexts) -> BenchResult<Vec<Row>> {
         );
         // CPU time per request: steadier than the rates on a busy machine.
         println!(
-            "              CPU per request: GET booking {} µs; POST booking {} µs + events {} µs",
+            "              CPU per request: GET booking {} µs; POST booking {} µs + events {} µs; \
+             units per transaction: booking {:.1}, events {:.1}",
             (get_cpu / n as u32).as_micros(),
             (cpu.0 / n as u32).as_micros(),
             (cpu.1 / n as u32).as_micros(),
+            per_batch.0,
+            per_batch.1,
         );
         figures.push(Round {
             get_rate: rate(n, gets.elapsed),

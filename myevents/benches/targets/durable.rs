@@ -304,7 +304,7 @@ pub fn open_reader(binary: &Binary) -> BenchResult<SqliteConnection> {
 }
 
 /// The sum of the samples of `metric` in `GET /metrics` of the admin API.
-async fn metric(admin: Api, metric: &str) -> BenchResult<u64> {
+pub async fn metric(admin: Api, metric: &str) -> BenchResult<u64> {
     let metrics = admin.get("/metrics").await?;
     if metrics.status != 200 {
         return Err(format!("GET /metrics: HTTP {}", metrics.status).into());
