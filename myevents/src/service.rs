@@ -104,7 +104,7 @@ impl Service {
             &self.execute_options(None),
             keyed,
             move |c, executed| {
-                views.catch_up(c)?;
+                views.catch_up_with(c, &executed.recorded)?;
                 effects(c, executed, &producer)
             },
             refused,

@@ -236,6 +236,13 @@ fn after_checkpoint(conn: &mut Conn, projection: &str) -> Result<Vec<RecordedEve
     .map_err(StoreError::from)
 }
 
+/// Whether `events` are the ones right after `position`, one after another.
+fn follows(position: i64, events: &[RecordedEvent]) -> bool {
+    (position + 1..)
+        .zip(events)
+        .all(|(next, event)| event.position == next)
+}
+
 /// SQLite's page cache while a rebuild runs, in KiB. A rebuild writes its
 /// whole read model in one transaction; in the default 2 MiB its changed
 /// pages no longer fit, and SQLite writes them to the log before the commit
@@ -318,6 +325,35 @@ impl Projections {
     pub fn catch_up(&self, conn: &mut Conn) -> Result<(), StoreError> {
         for projection in &self.all {
             catch_up(conn, projection.as_ref())?;
+        }
+        Ok(())
+    }
+
+    /// As [`catch_up`](Self::catch_up), given the events this transaction
+    /// just appended (in order, the last thing it appended): a projection
+    /// that a unit of the writer's batch already brought up to the event
+    /// right before them folds them as they are, without reading them back.
+    /// Any other projection (the batch's first catch-up, events in between)
+    /// reads what it misses, as `catch_up` does.
+    ///
+    /// # Errors
+    /// A projection failed; the transaction must roll back.
+    pub fn catch_up_with(
+        &self,
+        conn: &mut Conn,
+        appended: &[RecordedEvent],
+    ) -> Result<(), StoreError> {
+        for projection in &self.all {
+            let name = projection.name();
+            match (batch::moved(name), appended.last()) {
+                (Some(position), Some(last)) if follows(position, appended) => {
+                    projection.apply_all(conn, appended)?;
+                    set_checkpoint(conn, name, last.position)?;
+                }
+                _ => {
+                    catch_up(conn, projection.as_ref())?;
+                }
+            }
         }
         Ok(())
     }
@@ -490,21 +526,79 @@ mod tests {
             Err(StoreError::NotFound)
         ));
     }
+    /// The event `{"n": n}`.
+    fn noted(n: i64) -> NewEvent {
+        NewEvent {
+            event_id: crate::event::new_id(),
+            name: "noted".into(),
+            schema_version: 1,
+            payload: format!(r#"{{"n":{n}}}"#),
+            metadata: EventMetadata::default(),
+        }
+    }
+
     /// Appends `{"n": n}` to stream `s-<n>` and catches `projections` up.
     fn append_and_catch_up(
         c: &mut Conn,
         projections: &Projections,
         n: i64,
     ) -> Result<(), StoreError> {
-        let event = NewEvent {
-            event_id: crate::event::new_id(),
-            name: "noted".into(),
-            schema_version: 1,
-            payload: format!(r#"{{"n":{n}}}"#),
-            metadata: EventMetadata::default(),
-        };
+        let event = noted(n);
         event_store::append(c, &format!("s-{n}"), 0, &[event])?;
         projections.catch_up(c)
+    }
+
+    /// A database whose writer commits four units in one batch (four
+    /// queued at once: it waits for them), the writer's stats before them,
+    /// and [`Totals`] on it.
+    async fn batch_of_four(
+        backend: crate::store::Backend,
+    ) -> (TempDb, crate::store::WriterSnapshot, Projections) {
+        let options = crate::store::DbOptions {
+            batch_max: 4,
+            batch_wait: Duration::from_secs(5),
+            ..crate::store::DbOptions::default()
+        };
+        let t = TempDb::with(backend, &options);
+        create_totals(&t.db).await;
+        let before = t.db.writer_stats();
+        (t, before, Projections::default().with(Totals))
+    }
+
+    on_each_backend!(
+        #[tokio::test]
+        events_handed_over_are_folded_as_they_are_and_a_gap_is_read_first,
+        backend
+    );
+    async fn events_handed_over_are_folded_as_they_are_and_a_gap_is_read_first(
+        backend: crate::store::Backend,
+    ) {
+        let (t, before, projections) = batch_of_four(backend).await;
+        // Unit 3 appends without catching up: unit 4, handing over only its
+        // own event, must fold unit 3's first.
+        let unit = |n: i64, catch_up: bool| {
+            let projections = projections.clone();
+            t.db.write(move |c| {
+                let event = noted(n);
+                let appended = event_store::append(c, &format!("s-{n}"), 0, &[event])?;
+                if catch_up {
+                    projections.catch_up_with(c, &appended)?;
+                }
+                Ok(())
+            })
+        };
+        let units = tokio::join!(unit(1, true), unit(2, true), unit(3, false), unit(4, true));
+        assert!(
+            matches!(units, (Ok(()), Ok(()), Ok(()), Ok(()))),
+            "{units:?}"
+        );
+        assert_eq!(t.db.writer_stats().batches - before.batches, 1);
+        assert_eq!(
+            t.db.read(checksum).await.unwrap(),
+            "s-1:1:1,s-2:1:2,s-3:1:3,s-4:1:4"
+        );
+        let status = projections.list(&t.db).await.unwrap();
+        assert_eq!(status[0].checkpoint, status[0].head);
     }
 
     on_each_backend!(
@@ -515,16 +609,7 @@ mod tests {
     async fn units_of_one_batch_move_the_checkpoint_once_and_a_failed_unit_takes_its_move_back(
         backend: crate::store::Backend,
     ) {
-        // Four units queued at once land in one batch: the writer waits for them.
-        let options = crate::store::DbOptions {
-            batch_max: 4,
-            batch_wait: Duration::from_secs(5),
-            ..crate::store::DbOptions::default()
-        };
-        let t = TempDb::with(backend, &options);
-        create_totals(&t.db).await;
-        let before = t.db.writer_stats();
-        let projections = Projections::default().with(Totals);
+        let (t, before, projections) = batch_of_four(backend).await;
         let unit = |n: i64, fail: bool| {
             let projections = projections.clone();
             t.db.write(move |c| {

@@ -95,7 +95,7 @@ async fn open_ledger(
         seen,
         move |c, executed| {
             inbox::claim(c, &key)?;
-            views.catch_up(c)?;
+            views.catch_up_with(c, &executed.recorded)?;
             Ok(!executed.events.is_empty())
         },
     )

@@ -71,8 +71,8 @@ fn count_seats(
         payload: serde_json::to_string(&booked).map_err(HandlerError::from_error)?,
         metadata: message.recorded_metadata(),
     };
-    repository::record::<model::Event>(conn, &booked.event_id, fact)?;
-    views.catch_up(conn)?;
+    let recorded = repository::record::<model::Event>(conn, &booked.event_id, fact)?;
+    views.catch_up_with(conn, std::slice::from_ref(&recorded))?;
     log::info!(
         target: "myevents::events",
         "eventBooked event={} seats={} counted",
