@@ -208,20 +208,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::store::testing::{on_each_backend, TempDb};
-
-    fn event(n: u32) -> NewEvent {
-        NewEvent {
-            event_id: crate::event::new_id(),
-            name: "noted".into(),
-            schema_version: 1,
-            payload: format!(r#"{{"n":{n}}}"#),
-            metadata: EventMetadata {
-                producer: Some("test".into()),
-                ..EventMetadata::default()
-            },
-        }
-    }
+    use crate::store::testing::{noted as event, on_each_backend, TempDb};
 
     on_each_backend!(
         #[tokio::test]

@@ -318,6 +318,22 @@ pub(crate) mod testing {
     use diesel::connection::SimpleConnection;
     use diesel::Connection;
 
+    use super::event_store::{EventMetadata, NewEvent};
+
+    /// A fresh event `noted` with payload `{"n": n}`, produced by `test`.
+    pub(crate) fn noted(n: i64) -> NewEvent {
+        NewEvent {
+            event_id: crate::event::new_id(),
+            name: "noted".into(),
+            schema_version: 1,
+            payload: format!(r#"{{"n":{n}}}"#),
+            metadata: EventMetadata {
+                producer: Some("test".into()),
+                ..EventMetadata::default()
+            },
+        }
+    }
+
     use super::{Backend, Db, DbOptions};
 
     /// A database of its own for one test, removed on drop: a SQLite file in
@@ -928,13 +944,7 @@ mod postgres_tests {
     async fn writers_of_two_processes_commit_one_at_a_time() {
         let t = TempDb::new(Backend::Postgres);
         let other = Db::open(&t.url()).unwrap();
-        let event = |n: u32| event_store::NewEvent {
-            event_id: crate::event::new_id(),
-            name: "noted".into(),
-            schema_version: 1,
-            payload: format!(r#"{{"n":{n}}}"#),
-            metadata: event_store::EventMetadata::default(),
-        };
+        let event = super::testing::noted;
         // The first process appends and holds its transaction open.
         let (inside, entered) = tokio::sync::oneshot::channel::<()>();
         let (release, held) = std::sync::mpsc::channel::<()>();

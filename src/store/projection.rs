@@ -423,8 +423,7 @@ mod tests {
     use diesel::sql_types::{BigInt, Text};
 
     use super::*;
-    use crate::store::event_store::{EventMetadata, NewEvent};
-    use crate::store::testing::{on_each_backend, TempDb};
+    use crate::store::testing::{noted, on_each_backend, TempDb};
 
     /// Per stream: how many events and the sum of their `n`.
     struct Totals;
@@ -499,14 +498,7 @@ mod tests {
                 for i in 0..1000 {
                     let stream = format!("s-{}", (batch * 1000 + i) % 97);
                     let version = event_store::stream_version(c, &stream)?;
-                    let event = NewEvent {
-                        event_id: crate::event::new_id(),
-                        name: "noted".into(),
-                        schema_version: 1,
-                        payload: format!(r#"{{"n":{i}}}"#),
-                        metadata: EventMetadata::default(),
-                    };
-                    event_store::append(c, &stream, version, &[event])?;
+                    event_store::append(c, &stream, version, &[noted(i)])?;
                 }
                 // The live model commits with the events.
                 live.catch_up(c)
@@ -526,17 +518,6 @@ mod tests {
             Err(StoreError::NotFound)
         ));
     }
-    /// The event `{"n": n}`.
-    fn noted(n: i64) -> NewEvent {
-        NewEvent {
-            event_id: crate::event::new_id(),
-            name: "noted".into(),
-            schema_version: 1,
-            payload: format!(r#"{{"n":{n}}}"#),
-            metadata: EventMetadata::default(),
-        }
-    }
-
     /// Appends `{"n": n}` to stream `s-<n>` and catches `projections` up.
     fn append_and_catch_up(
         c: &mut Conn,
@@ -662,8 +643,7 @@ mod restart_tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::store::event_store::{EventMetadata, NewEvent};
-    use crate::store::testing::{on_each_backend, TempDb};
+    use crate::store::testing::{noted, on_each_backend, TempDb};
 
     /// Counts the events it is given, so re-applied or skipped ones show.
     struct Tally(Arc<AtomicUsize>);
@@ -687,14 +667,7 @@ mod restart_tests {
         db.write(move |c| {
             for _ in 0..n {
                 let version = event_store::stream_version(c, "s")?;
-                let event = NewEvent {
-                    event_id: crate::event::new_id(),
-                    name: "noted".into(),
-                    schema_version: 1,
-                    payload: "{}".into(),
-                    metadata: EventMetadata::default(),
-                };
-                event_store::append(c, "s", version, &[event])?;
+                event_store::append(c, "s", version, &[noted(0)])?;
             }
             Ok(())
         })
