@@ -145,9 +145,13 @@ impl Db {
         drop(first);
         // Reading connections open when needed (each holds SQLite's page
         // cache or a PostgreSQL backend process): an idle context keeps one.
+        // A PostgreSQL connection may have lost its server while it idled
+        // and is checked (a query) before each use; a SQLite one is a file
+        // handle and is not (r2d2 still drops one a read found broken).
         let pool = Pool::builder()
             .max_size(8)
             .min_idle(Some(1))
+            .test_on_check_out(backend == Backend::Postgres)
             .build(connector)
             .map_err(|e| StoreError::Pool(e.to_string()))?;
         let committed = Arc::new(Notify::new());
