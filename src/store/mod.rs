@@ -323,6 +323,7 @@ pub(crate) mod testing {
     use diesel::Connection;
 
     use super::event_store::{EventMetadata, NewEvent};
+    use super::{Backend, Db, DbOptions};
 
     /// A fresh event `noted` with payload `{"n": n}`, produced by `test`.
     pub(crate) fn noted(n: i64) -> NewEvent {
@@ -337,8 +338,6 @@ pub(crate) mod testing {
             },
         }
     }
-
-    use super::{Backend, Db, DbOptions};
 
     /// A database of its own for one test, removed on drop: a SQLite file in
     /// a temporary folder, or a fresh PostgreSQL database on the server
