@@ -104,7 +104,9 @@ async fn change(db: Data<Db>, id: Path<String>, request: CommandRequest) -> Answ
         for AccountEvent::Changed(changed) in &done.events {
             outbox::append(c, changed, "wallet", None)?;
         }
-        Projections::default().with(Balances).catch_up(c)?;
+        Projections::default()
+            .with(Balances)
+            .catch_up_with(c, &done.recorded)?;
         Ok(h::stored(StatusCode::CREATED, &done.state))
     };
     let options = ExecuteOptions {
