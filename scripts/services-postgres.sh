@@ -24,11 +24,11 @@ if [[ "$password" == *"'"* ]]; then
   exit 64
 fi
 
-if ! command -v pg_ctlcluster >/dev/null 2>&1 || ! command -v pg_config >/dev/null 2>&1; then
-  log "installing postgresql and libpq-dev from Debian"
+if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+  log "installing postgresql from Debian"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends postgresql libpq-dev >/dev/null
+  apt-get install -y -qq --no-install-recommends postgresql >/dev/null
 fi
 
 # The newest cluster the package created (Debian 12: 15 main).

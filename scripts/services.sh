@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Ensure a local RabbitMQ (Debian's package) is installed, running on loopback
-# and answering, and libpq's headers are there to build against. Idempotent: safe to run before every `make run` / `make test`.
+# and answering, and OpenSSL's headers are there to build against. Idempotent:
+# safe to run before every `make run` / `make test`.
 set -euo pipefail
 
 log() { echo "services: $*" >&2; }
 
-# herald links libpq (diesel's PostgreSQL backend) even when it runs on
-# SQLite: a build dependency, so `make run` builds on a fresh machine.
-if ! command -v pg_config >/dev/null 2>&1; then
-  log "installing libpq-dev from Debian (a build dependency)"
+# herald builds libpq (diesel's PostgreSQL backend) into its binaries, with
+# TLS through the system's OpenSSL: its headers and pkg-config are build
+# dependencies, so `make run` builds on a fresh machine.
+if ! dpkg -s libssl-dev pkg-config >/dev/null 2>&1; then
+  log "installing libssl-dev and pkg-config from Debian (build dependencies)"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends libpq-dev >/dev/null
+  apt-get install -y -qq --no-install-recommends libssl-dev pkg-config >/dev/null
 fi
 
 if ! command -v rabbitmq-server >/dev/null 2>&1; then
