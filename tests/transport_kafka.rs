@@ -348,6 +348,56 @@ async fn a_retried_record_does_not_hold_up_its_partition() {
     assert_nothing_old_comes_again(&broker, &group, "job").await;
 }
 
+/// A record waiting in a retry topic still comes back after that delay was
+/// taken out of `retry.delays`: the group reads the retry topics of its old
+/// delays as well, until what waits there is handled.
+#[actix_rt::test]
+async fn a_record_retried_with_a_delay_since_removed_still_comes_back() {
+    let options = options(1);
+    let broker = connect(&options).await;
+    let group = group();
+    let old_delay = Duration::from_secs(2);
+    let mut with_old = spec(&group, &["job"]);
+    with_old.retry_delays = vec![old_delay];
+    let mut sub = broker.subscribe(with_old).await.expect("subscribe");
+    broker
+        .publish(keyed("job", "waits", "k"))
+        .await
+        .expect("publish");
+    let first = next(&mut sub, "the first delivery").await;
+    let retried_at = Instant::now();
+    first
+        .settle(Settlement::Retry {
+            delay: old_delay,
+            attempts: 1,
+            reason: "later".into(),
+        })
+        .await
+        .expect("retry");
+    // Leaves the group before the record is due: it waits in the retry topic.
+    sub.control.close().await.expect("close");
+    assert!(
+        retried_at.elapsed() < old_delay,
+        "the group closed only after the record was due: the case shows nothing"
+    );
+
+    let mut without = spec(&group, &["job"]);
+    without.retry_delays = vec![Duration::from_millis(300)];
+    let mut again = broker.subscribe(without).await.expect("subscribe again");
+    let back = next(&mut again, "the record retried with the removed delay").await;
+    assert_eq!(id(&back), "waits");
+    assert_eq!(back.message.header(headers::ATTEMPTS), Some("1"));
+    assert!(
+        retried_at.elapsed() >= old_delay,
+        "came back before its delay: {:?}",
+        retried_at.elapsed()
+    );
+    back.ack().await.expect("ack");
+    again.control.close().await.expect("close");
+
+    assert_nothing_old_comes_again(&broker, &group, "job").await;
+}
+
 /// Records of events the group is not bound to are skipped and committed:
 /// they neither reach the handler nor hold up the commit.
 #[actix_rt::test]

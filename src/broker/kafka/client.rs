@@ -95,6 +95,24 @@ impl KafkaBroker {
         client_config(&self.inner.options)
     }
 
+    /// The names of every topic the broker has.
+    pub(super) async fn topic_names(&self) -> Result<Vec<String>, BrokerError> {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let metadata = inner
+                .admin
+                .inner()
+                .fetch_metadata(None, inner.options.delivery_timeout)?;
+            Ok(metadata
+                .topics()
+                .iter()
+                .map(|topic| topic.name().to_owned())
+                .collect())
+        })
+        .await
+        .map_err(|_| BrokerError::Closed)?
+    }
+
     /// Creates the topics that do not exist yet, each with its partitions
     /// and the broker's default retention.
     pub(super) async fn ensure_topics(&self, topics: &[(&str, i32)]) -> Result<(), BrokerError> {

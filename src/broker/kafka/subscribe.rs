@@ -104,6 +104,17 @@ impl KafkaBroker {
         self.ensure_dead_letter_topic(&dlq).await?;
         let topics: Vec<(&str, i32)> = retry_topics.values().map(|t| (t.as_str(), 1)).collect();
         self.ensure_topics(&topics).await?;
+        let draining =
+            left_over_retry_topics(&spec.queue, &retry_topics, self.topic_names().await?);
+        if !draining.is_empty() {
+            log::info!(
+                target: "herald::kafka",
+                "group={} also reads the retry topics of delays no longer in retry.delays \
+                 until the records in them are handled: {}",
+                escape(&spec.queue),
+                escape(&draining.join(", "))
+            );
+        }
 
         let (assigned_tx, assigned_rx) = oneshot::channel();
         let shared = Arc::new(Shared {
@@ -133,6 +144,7 @@ impl KafkaBroker {
             .create_with_context(context)?;
         let mut subscribed: Vec<&str> = vec![options.topic.as_str()];
         subscribed.extend(retry_topics.values().map(String::as_str));
+        subscribed.extend(draining.iter().map(String::as_str));
         consumer.subscribe(&subscribed)?;
 
         let (tx, rx) = mpsc::unbounded_channel();
@@ -146,6 +158,7 @@ impl KafkaBroker {
                 event_topic: options.topic.clone(),
                 bindings: spec.bindings.clone(),
                 retry_topics,
+                draining,
             }),
             prefetch: usize::from(spec.prefetch.max(1)),
             broker: self.clone(),
@@ -193,12 +206,42 @@ struct GroupSpec {
     bindings: Vec<String>,
     /// Delay -> retry topic; [`Duration::ZERO`] is the direct topic.
     retry_topics: BTreeMap<Duration, String>,
+    /// The group's retry topics of delays no longer configured: read (their
+    /// records are due as they were written), never written to again.
+    draining: Vec<String>,
 }
 
 impl GroupSpec {
     fn is_retry_topic(&self, topic: &str) -> bool {
-        self.retry_topics.values().any(|t| t == topic)
+        self.retry_topics
+            .values()
+            .chain(&self.draining)
+            .any(|t| t == topic)
     }
+}
+
+/// Among `topics`, the retry topics of `group` for delays `retry_topics`
+/// does not have: records retried before `retry.delays` changed wait there,
+/// and would be stranded if the group stopped reading them. A retry topic
+/// is `<group>.retry.<delay>`; the delay part must read as one, so another
+/// group named `<group>.retry.<something>` is not taken for this one.
+fn left_over_retry_topics(
+    group: &str,
+    retry_topics: &BTreeMap<Duration, String>,
+    topics: Vec<String>,
+) -> Vec<String> {
+    let prefix = format!("{group}.retry.");
+    let mut left: Vec<String> = topics
+        .into_iter()
+        .filter(|topic| {
+            topic
+                .strip_prefix(&prefix)
+                .is_some_and(|delay| humantime_serde::re::humantime::parse_duration(delay).is_ok())
+                && !retry_topics.values().any(|t| t == topic)
+        })
+        .collect();
+    left.sort();
+    left
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -942,7 +985,9 @@ impl Drop for KafkaControl {
 mod tests {
     use std::time::Duration;
 
-    use super::{direct_topic, retry_topic};
+    use std::collections::BTreeMap;
+
+    use super::{direct_topic, left_over_retry_topics, retry_topic};
 
     #[test]
     fn retry_topics_are_legal_kafka_topic_names_for_any_delay() {
@@ -960,5 +1005,36 @@ mod tests {
             assert!(legal(&topic), "{topic}");
         }
         assert!(legal(&direct_topic("booking")));
+    }
+
+    /// The retry topics of delays no longer configured are found by their
+    /// names as `retry_topic` writes them, and nothing else is: not the
+    /// configured ones, not the dead letters, not another group whose name
+    /// starts like a retry topic of this one.
+    #[test]
+    fn left_over_retry_topics_are_this_groups_of_other_delays() {
+        let configured: BTreeMap<Duration, String> = [Duration::ZERO, Duration::from_millis(300)]
+            .into_iter()
+            .map(|delay| (delay, retry_topic("booking", delay)))
+            .collect();
+        let old_short = retry_topic("booking", Duration::from_secs(5));
+        let old_mixed = retry_topic("booking", Duration::from_millis(90_500));
+        let topics = [
+            old_short.as_str(),
+            "events",
+            "booking.dead-letter",
+            &retry_topic("booking", Duration::from_millis(300)),
+            &direct_topic("booking"),
+            "booking.retry.x.retry.5s",
+            "booking2.retry.5s",
+            &old_mixed,
+            &retry_topic("events", Duration::from_secs(5)),
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        assert_eq!(
+            left_over_retry_topics("booking", &configured, topics),
+            [old_mixed, old_short]
+        );
     }
 }
