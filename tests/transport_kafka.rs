@@ -109,6 +109,21 @@ fn keyed(routing_key: &str, id: &str, key: &str) -> Message {
     message
 }
 
+/// Produces `value` to the topic with a plain producer: no key, no headers.
+async fn produce_raw(
+    options: &KafkaOptions,
+    value: &[u8],
+) -> rdkafka::producer::future_producer::Delivery {
+    let producer: FutureProducer = plain_config(options).create().expect("producer");
+    producer
+        .send(
+            FutureRecord::<(), [u8]>::to(&options.topic).payload(value),
+            DEADLINE,
+        )
+        .await
+        .expect("a plain producer's record is produced")
+}
+
 fn plain_config(options: &KafkaOptions) -> ClientConfig {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", &options.bootstrap_servers);
@@ -162,14 +177,7 @@ async fn a_record_in_the_books_envelope_without_key_is_consumed() {
         .expect("subscribe");
     let payload = r#"{"eventId":"5a1c3e9b8f1d2c0012345678","userId":"someUserID"}"#;
     let value = format!(r#"{{"eventName":"eventBooked","payload":{payload}}}"#);
-    let producer: FutureProducer = plain_config(&options).create().expect("producer");
-    producer
-        .send(
-            FutureRecord::<(), str>::to(&options.topic).payload(&value),
-            DEADLINE,
-        )
-        .await
-        .expect("the book's record is produced");
+    produce_raw(&options, value.as_bytes()).await;
 
     let delivery = next(&mut sub, "the book's record").await;
     let message = &delivery.message;
@@ -395,6 +403,82 @@ async fn a_record_retried_with_a_delay_since_removed_still_comes_back() {
     back.ack().await.expect("ack");
     again.control.close().await.expect("close");
 
+    assert_nothing_old_comes_again(&broker, &group, "job").await;
+}
+
+/// A record whose dead-letter copy the broker refuses as too large (a value
+/// of 600 KiB that is no envelope is copied hex-encoded, twice its size) is
+/// not requeued for ever, holding up its partition's commit: a stand-in
+/// naming it goes to the dead letters, and a redrive moves the other
+/// letters and leaves the stand-in.
+#[actix_rt::test]
+async fn a_dead_letter_too_large_to_copy_leaves_a_stand_in_and_its_partition_goes_on() {
+    use herald::transport::{DeadLetters, GroupLayout};
+
+    let options = options(1);
+    let broker = connect(&options).await;
+    let group = group();
+    let mut sub = broker
+        .subscribe(spec(&group, &["job"]))
+        .await
+        .expect("subscribe");
+    let value = vec![0xf0_u8; 600 * 1024];
+    let produced = produce_raw(&options, &value).await;
+
+    let large = next(&mut sub, "the large record").await;
+    assert_eq!(large.message.body.len(), value.len());
+    large
+        .settle(Settlement::DeadLetter {
+            reason: "no envelope".into(),
+            attempts: 1,
+        })
+        .await
+        .expect("dead-lettered through a stand-in");
+    broker
+        .publish(keyed("job", "after", "k"))
+        .await
+        .expect("publish");
+    let after = next(&mut sub, "the record after it").await;
+    assert_eq!(id(&after), "after", "the large record came again");
+    after
+        .settle(Settlement::DeadLetter {
+            reason: "plain".into(),
+            attempts: 1,
+        })
+        .await
+        .expect("dead-lettered as it is");
+
+    let letters = broker.list(&group, 10).await.expect("list");
+    assert_eq!(letters.len(), 2);
+    assert_eq!(letters[1].message_id.as_deref(), Some("after"));
+    let place = format!(
+        "{}/{}/{}",
+        options.topic, produced.partition, produced.offset
+    );
+    assert_eq!(letters[0].header("x-stand-in-for"), Some(place.as_str()));
+    let stand_in: serde_json::Value =
+        serde_json::from_slice(&letters[0].body).expect("the stand-in's body is JSON");
+    assert_eq!(stand_in["standInFor"], place.as_str());
+    assert_eq!(stand_in["bytes"], value.len());
+    assert_eq!(stand_in["error"], "no envelope");
+    assert!(
+        stand_in["refused"].as_str().is_some_and(|r| !r.is_empty()),
+        "{stand_in}"
+    );
+
+    // A redrive of all moves the plain letter and leaves the stand-in.
+    let redriven = broker
+        .redrive(&group, GroupLayout::Plain, None)
+        .await
+        .expect("redrive");
+    assert_eq!(redriven, 1, "only the plain letter is redriven");
+    let back = next(&mut sub, "the redriven letter").await;
+    assert_eq!(id(&back), "after");
+    back.ack().await.expect("ack");
+    let left = broker.list(&group, 10).await.expect("list");
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].header("x-stand-in-for"), Some(place.as_str()));
+    sub.control.close().await.expect("close");
     assert_nothing_old_comes_again(&broker, &group, "job").await;
 }
 

@@ -30,9 +30,15 @@ pub(super) const RETRY_DUE: &str = "x-retry-due";
 /// offset it holds was redriven (a log cannot delete one record).
 pub(super) const REMOVED: &str = "x-dead-letter-removed";
 
+/// On a dead-letter topic: the letter stands in for the record at
+/// `<topic>/<partition>/<offset>`, whose copy the broker refused as too
+/// large; its value says why and how large. Kept in the listed letter's
+/// headers, so that a redrive leaves it where it is.
+pub(crate) const STAND_IN_FOR: &str = "x-stand-in-for";
+
 /// Record header names a message's own headers may not use: the transport
 /// gives them their meaning.
-const RESERVED: [&str; 4] = [MESSAGE_ID, CONTENT_TYPE, RETRY_DUE, REMOVED];
+const RESERVED: [&str; 5] = [MESSAGE_ID, CONTENT_TYPE, RETRY_DUE, REMOVED, STAND_IN_FOR];
 
 /// A record as it goes to or comes from the broker, without its topic.
 #[derive(Debug, Clone, PartialEq, Eq)]

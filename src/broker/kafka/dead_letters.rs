@@ -9,6 +9,10 @@
 //!   reads), then removes it: all of them by the same purge, a single one by
 //!   a marker record after it ([`REMOVED`], naming its offset).
 //!
+//! - a *stand-in* (a letter in place of a copy the broker refused as too
+//!   large, [`STAND_IN_FOR`] naming the record) is never redriven; a
+//!   redrive of all that meets one removes the letters it moved by markers.
+//!
 //! Listing reads from the purged-up-to offset to the end, twice: once for
 //! the markers, once for the letters they do not name. It holds at most the
 //! letters it returns; it commits nothing and changes nothing.
@@ -21,7 +25,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::client::KafkaBroker;
-use super::codec::{self, REMOVED};
+use super::codec::{self, REMOVED, STAND_IN_FOR};
 use super::subscribe::direct_topic;
 use crate::broker::{dead_letter_queue, redriven, DeadLetters, GroupLayout, Message};
 use crate::error::BrokerError;
@@ -38,6 +42,13 @@ struct Range {
 }
 
 impl KafkaBroker {
+    /// Appends a marker removing the letter at `offset` of `dlq`.
+    async fn remove_letter(&self, dlq: &str, offset: i64) -> Result<(), BrokerError> {
+        let marker = Message::new(String::new(), Vec::new());
+        self.produce(dlq, &marker, &[(REMOVED, offset.to_string())])
+            .await
+    }
+
     /// A consumer in the dead-letter topic's own group, assigned nothing.
     fn letter_reader(&self, dlq: &str) -> Result<BaseConsumer, BrokerError> {
         Ok(self
@@ -207,6 +218,11 @@ impl DeadLetters for KafkaBroker {
             // after this end and must not be redriven in a loop.
             let mut stop: Option<i64> = None;
             let mut moved = 0;
+            // Stand-ins stay (their record is elsewhere): a redrive of all
+            // that met one removes each moved letter by a marker, not by
+            // purging the whole range.
+            let mut moved_offsets = Vec::new();
+            let mut stand_ins = 0;
             loop {
                 // A chunk of chosen letters after `from`, and the range they came from.
                 let chosen_id = wanted.clone();
@@ -232,7 +248,16 @@ impl DeadLetters for KafkaBroker {
                     .await?;
                 stop = Some(end);
                 let Some(last) = chunk.last().map(|(offset, _)| *offset) else {
-                    if wanted.is_none() && moved > 0 {
+                    if stand_ins > 0 {
+                        log::warn!(
+                            target: "herald::kafka",
+                            "{dlq}: {stand_ins} stand-in(s) not redriven: each names the \
+                             record its copy stands for (header {STAND_IN_FOR})"
+                        );
+                        for offset in moved_offsets {
+                            self.remove_letter(&dlq, offset).await?;
+                        }
+                    } else if wanted.is_none() && moved > 0 {
                         // Every letter before the end was moved: purge them at once.
                         self.with_letters(queue, move |reader, dlq, _, _| {
                             purge_up_to(reader, dlq, end)
@@ -242,12 +267,16 @@ impl DeadLetters for KafkaBroker {
                     return Ok(moved);
                 };
                 for (offset, letter) in chunk {
+                    if letter.header(STAND_IN_FOR).is_some() {
+                        stand_ins += 1;
+                        continue;
+                    }
                     // Into the group first, then out of the dead letters.
                     self.produce(&direct, &redriven(letter), &[]).await?;
                     if wanted.is_some() {
-                        let marker = Message::new(String::new(), Vec::new());
-                        self.produce(&dlq, &marker, &[(REMOVED, offset.to_string())])
-                            .await?;
+                        self.remove_letter(&dlq, offset).await?;
+                    } else {
+                        moved_offsets.push(offset);
                     }
                     moved += 1;
                 }

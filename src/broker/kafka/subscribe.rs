@@ -32,7 +32,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot};
 
 use super::client::{millis, KafkaBroker};
-use super::codec::{self, RETRY_DUE};
+use super::codec::{self, RETRY_DUE, STAND_IN_FOR};
 use super::offsets::{PartitionOffsets, Stage};
 use crate::broker::{
     dead_letter_message, dead_letter_queue, escape, retry_message, retry_queue, topic_matches,
@@ -877,7 +877,11 @@ impl KafkaAcker {
     }
 
     /// Publishes `copy` to `topic`, then settles the original: a crash in
-    /// between duplicates, never loses. A failed publish requeues the original.
+    /// between duplicates, never loses. A failed publish requeues the
+    /// original; a copy the broker refuses as too large (a body that is no
+    /// JSON is hex-encoded in the copy, twice its size) would be refused the
+    /// same way for ever, so a [stand-in](Self::stand_in) goes to the dead
+    /// letters instead.
     async fn move_to(
         self,
         original: Message,
@@ -888,12 +892,75 @@ impl KafkaAcker {
         if !self.shared.owns(&self.tp, self.generation) {
             return Err(BrokerError::Closed);
         }
-        if let Err(error) = self.broker.produce(topic, &copy, extra).await {
+        let moved = match self.broker.produce(topic, &copy, extra).await {
+            Err(refused) if too_large(&refused) => {
+                let place = format!("{}/{}/{}", self.tp.0, self.tp.1, self.offset);
+                let stand_in = stand_in(&copy, &place, &refused);
+                let dlq = dead_letter_queue(&self.spec.group);
+                let moved = self
+                    .broker
+                    .produce(&dlq, &stand_in, &[(STAND_IN_FOR, place.clone())])
+                    .await;
+                if moved.is_ok() {
+                    log::warn!(
+                        target: "herald::kafka",
+                        "group={} record {} not copied to {} ({refused}): a stand-in \
+                         naming it is in {}; the record stays in its topic for the \
+                         topic's retention",
+                        escape(&self.spec.group),
+                        escape(&place),
+                        escape(topic),
+                        escape(&dlq)
+                    );
+                }
+                moved
+            }
+            other => other,
+        };
+        if let Err(error) = moved {
             self.shared
                 .requeue(self.tp.clone(), self.offset, self.generation, original);
             return Err(error);
         }
         self.done(Stage::Settled)
+    }
+}
+
+/// The producer or the broker refused a record for its size, which a
+/// later attempt does not change.
+fn too_large(error: &BrokerError) -> bool {
+    matches!(
+        error,
+        BrokerError::Kafka(rdkafka::error::KafkaError::MessageProduction(
+            rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge
+        ))
+    )
+}
+
+/// A small letter in place of `copy`, the copy of the record at `place`
+/// that the broker `refused`: its headers (herald's among them, sealed for
+/// the original's body, so they read as unsealed here) and, as its JSON
+/// body, where the original is, its size, why it failed and why the copy
+/// was refused.
+fn stand_in(copy: &Message, place: &str, refused: &BrokerError) -> Message {
+    let error = copy
+        .header(crate::broker::headers::ERROR)
+        .or_else(|| copy.header(crate::broker::headers::LAST_ERROR));
+    let body = serde_json::json!({
+        "standInFor": place,
+        "bytes": copy.body.len(),
+        "error": error,
+        "refused": refused.to_string(),
+    });
+    Message {
+        routing_key: copy.routing_key.clone(),
+        message_id: copy.message_id.clone(),
+        timestamp: copy.timestamp,
+        content_type: Some(crate::broker::CONTENT_TYPE_JSON.to_owned()),
+        headers: copy.headers.clone(),
+        body: body.to_string().into_bytes(),
+        persistent: true,
+        user_id: copy.user_id.clone(),
     }
 }
 
