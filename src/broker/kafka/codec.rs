@@ -32,8 +32,9 @@ pub(super) const REMOVED: &str = "x-dead-letter-removed";
 
 /// On a dead-letter topic: the letter stands in for the record at
 /// `<topic>/<partition>/<offset>`, whose copy the broker refused as too
-/// large; its value says why and how large. Kept in the listed letter's
-/// headers, so that a redrive leaves it where it is.
+/// large; its value says why and how large. Like the others, never part of
+/// a delivered message (a foreign record's header of that name is dropped);
+/// a listed letter has it back in its headers, so a redrive leaves it.
 pub(crate) const STAND_IN_FOR: &str = "x-stand-in-for";
 
 /// Record header names a message's own headers may not use: the transport
@@ -148,7 +149,7 @@ pub(super) fn decode(
         match name.as_str() {
             MESSAGE_ID => message.message_id = Some(value),
             CONTENT_TYPE => message.content_type = Some(value),
-            RETRY_DUE | REMOVED => {}
+            RETRY_DUE | REMOVED | STAND_IN_FOR => {}
             // The first of repeated names wins, as a reader of the book's records would see it.
             _ => {
                 kept.entry(name).or_insert(value);
@@ -193,6 +194,8 @@ pub(super) struct Read {
     pub(super) due_ms: Option<i64>,
     /// [`REMOVED`], if it holds a number: the record is a removal marker.
     pub(super) removes: Option<i64>,
+    /// [`STAND_IN_FOR`]: the record is a stand-in for the record it names.
+    pub(super) stand_in_for: Option<String>,
 }
 
 /// Reads what `record` carries.
@@ -215,6 +218,10 @@ pub(super) fn read(record: &impl rdkafka::Message) -> Read {
     };
     let due_ms = number(RETRY_DUE);
     let removes = number(REMOVED);
+    let stand_in_for = headers
+        .iter()
+        .find(|(key, _)| key == STAND_IN_FOR)
+        .and_then(|(_, value)| String::from_utf8(value.clone()?).ok());
     let (message, verdict) = decode(
         record.key(),
         record.payload().unwrap_or_default(),
@@ -226,6 +233,7 @@ pub(super) fn read(record: &impl rdkafka::Message) -> Read {
         verdict,
         due_ms,
         removes,
+        stand_in_for,
     }
 }
 
@@ -365,10 +373,15 @@ mod tests {
             ("x-b".to_owned(), Some(b"first".to_vec())),
             ("x-b".to_owned(), Some(b"second".to_vec())),
             (RETRY_DUE.to_owned(), Some(b"123".to_vec())),
+            (STAND_IN_FOR.to_owned(), Some(b"t/0/1".to_vec())),
         ];
         let (message, _) = decode(None, br#"{"eventName":"e","payload":1}"#, headers, None);
         assert_eq!(message.header("x-a"), Some(""));
         assert_eq!(message.header("x-b"), Some("first"));
+        // The transport's own never reach a delivered message: a copy of it
+        // would be refused for carrying a reserved name.
         assert_eq!(message.header(RETRY_DUE), None);
+        assert_eq!(message.header(STAND_IN_FOR), None);
+        assert!(encode(&message).is_ok());
     }
 }

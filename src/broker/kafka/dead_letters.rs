@@ -167,8 +167,17 @@ fn walk_letters(
     mut visit: impl FnMut(i64, Message) -> bool,
 ) -> Result<(), BrokerError> {
     walk(reader, dlq, from, end, deadline, |offset, read| {
-        !live(range, offset, &read) || visit(offset, read.message)
+        !live(range, offset, &read) || visit(offset, listed(read))
     })
+}
+
+/// The letter a record holds, a stand-in with [`STAND_IN_FOR`] in its headers.
+fn listed(read: codec::Read) -> Message {
+    let mut letter = read.message;
+    if let Some(place) = read.stand_in_for {
+        letter.headers.insert(STAND_IN_FOR.to_owned(), place);
+    }
+    letter
 }
 
 /// Commits `end` as the dead-letter group's purged-up-to offset.

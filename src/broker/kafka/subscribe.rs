@@ -880,7 +880,7 @@ impl KafkaAcker {
     /// between duplicates, never loses. A failed publish requeues the
     /// original; a copy the broker refuses as too large (a body that is no
     /// JSON is hex-encoded in the copy, twice its size) would be refused the
-    /// same way for ever, so a [stand-in](Self::stand_in) goes to the dead
+    /// same way for ever, so a [stand-in](stand_in) goes to the dead
     /// letters instead.
     async fn move_to(
         self,
@@ -1050,9 +1050,8 @@ impl Drop for KafkaControl {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use std::collections::BTreeMap;
+    use std::time::Duration;
 
     use super::{direct_topic, left_over_retry_topics, retry_topic};
 
