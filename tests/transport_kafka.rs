@@ -86,6 +86,19 @@ async fn assert_nothing_old_comes_again(broker: &KafkaBroker, group: &str, bindi
     assert_eq!(id(&next(&mut again, "the fence").await), "fence");
 }
 
+/// A topic of its own (one partition), a client of it and a fresh group
+/// subscribed to `binding`.
+async fn subscribed(binding: &str) -> (KafkaOptions, KafkaBroker, String, Subscription) {
+    let options = options(1);
+    let broker = connect(&options).await;
+    let group = group();
+    let sub = broker
+        .subscribe(spec(&group, &[binding]))
+        .await
+        .expect("subscribe");
+    (options, broker, group, sub)
+}
+
 async fn next(sub: &mut Subscription, what: &str) -> Delivery {
     match tokio::time::timeout(DEADLINE, sub.deliveries.next()).await {
         Ok(Some(Ok(delivery))) => delivery,
@@ -168,13 +181,7 @@ async fn messages_of_one_key_keep_their_order_over_several_partitions() {
 /// The book's Go emitter: value `{"eventName", "payload"}`, no key, no headers.
 #[actix_rt::test]
 async fn a_record_in_the_books_envelope_without_key_is_consumed() {
-    let options = options(1);
-    let broker = connect(&options).await;
-    let group = group();
-    let mut sub = broker
-        .subscribe(spec(&group, &["eventBooked"]))
-        .await
-        .expect("subscribe");
+    let (options, _broker, _group, mut sub) = subscribed("eventBooked").await;
     let payload = r#"{"eventId":"5a1c3e9b8f1d2c0012345678","userId":"someUserID"}"#;
     let value = format!(r#"{{"eventName":"eventBooked","payload":{payload}}}"#);
     produce_raw(&options, value.as_bytes()).await;
@@ -311,13 +318,7 @@ async fn a_restarted_consumer_resumes_after_the_settled_prefix_and_loses_nothing
 /// partition go on at once, and it comes back after its delay.
 #[actix_rt::test]
 async fn a_retried_record_does_not_hold_up_its_partition() {
-    let options = options(1);
-    let broker = connect(&options).await;
-    let group = group();
-    let mut sub = broker
-        .subscribe(spec(&group, &["job"]))
-        .await
-        .expect("subscribe");
+    let (_options, broker, group, mut sub) = subscribed("job").await;
     for id in ["poison", "a", "b", "c"] {
         broker
             .publish(keyed("job", id, "k"))
@@ -415,13 +416,7 @@ async fn a_record_retried_with_a_delay_since_removed_still_comes_back() {
 async fn a_dead_letter_too_large_to_copy_leaves_a_stand_in_and_its_partition_goes_on() {
     use herald::transport::{DeadLetters, GroupLayout};
 
-    let options = options(1);
-    let broker = connect(&options).await;
-    let group = group();
-    let mut sub = broker
-        .subscribe(spec(&group, &["job"]))
-        .await
-        .expect("subscribe");
+    let (options, broker, group, mut sub) = subscribed("job").await;
     let value = vec![0xf0_u8; 600 * 1024];
     let produced = produce_raw(&options, &value).await;
 
@@ -486,13 +481,7 @@ async fn a_dead_letter_too_large_to_copy_leaves_a_stand_in_and_its_partition_goe
 /// they neither reach the handler nor hold up the commit.
 #[actix_rt::test]
 async fn records_the_group_is_not_bound_to_are_skipped_and_committed() {
-    let options = options(1);
-    let broker = connect(&options).await;
-    let group = group();
-    let mut sub = broker
-        .subscribe(spec(&group, &["wanted"]))
-        .await
-        .expect("subscribe");
+    let (_options, broker, group, mut sub) = subscribed("wanted").await;
     let mut expected = BTreeSet::new();
     for i in 0..10 {
         let name = if i % 2 == 0 { "wanted" } else { "other" };
