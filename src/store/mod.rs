@@ -611,19 +611,27 @@ mod tests {
             panic!("boom in a batch");
         });
         let ok_2 = append("ok-2");
+        // The batch's last unit fails too: nothing of it stays.
+        let refused_last = t.db.write(|c| {
+            outbox::append(c, &Noted { id: "last".into() }, "ctx", None)?;
+            Err::<(), _>(StoreError::Conflict("refused on purpose".into()))
+        });
         release.send(()).unwrap();
         first.await.unwrap().unwrap();
-        let (ok_1, refused, panicked, ok_2) = tokio::join!(ok_1, refused, panicked, ok_2);
+        let (ok_1, refused, panicked, ok_2, refused_last) =
+            tokio::join!(ok_1, refused, panicked, ok_2, refused_last);
         ok_1.unwrap();
         ok_2.unwrap();
-        assert!(
-            matches!(refused, Err(StoreError::Conflict(_))),
-            "{refused:?}"
-        );
+        for refused in [refused, refused_last] {
+            assert!(
+                matches!(refused, Err(StoreError::Conflict(_))),
+                "{refused:?}"
+            );
+        }
         assert!(matches!(panicked, Err(StoreError::Panicked(ref m)) if m.contains("boom")));
         let stats = t.db.writer_stats();
-        assert!(stats.largest_batch >= 4, "one batch: {stats:?}");
-        assert_eq!(stats.failed_units, 2);
+        assert!(stats.largest_batch >= 5, "one batch: {stats:?}");
+        assert_eq!(stats.failed_units, 3);
         let kept = pending_ids(&t).await;
         assert_eq!(kept, ["first", "ok-1", "ok-2"]);
     }
@@ -896,12 +904,12 @@ mod postgres_tests {
 
     /// On PostgreSQL a failed statement aborts the transaction: a unit that
     /// swallows the error cannot commit. It fails alone; the units of its
-    /// batch before and after it commit.
+    /// batch before and after it commit, also when it is the batch's last.
     #[tokio::test]
     async fn on_postgres_a_unit_that_swallows_a_database_error_fails_alone() {
         let database = PgDatabase::create();
         let options = DbOptions {
-            // One batch for the three units below.
+            // One batch for the four units below.
             batch_wait: Duration::from_millis(300),
             ..DbOptions::default()
         };
@@ -909,18 +917,25 @@ mod postgres_tests {
         let note = |id: &'static str| {
             move |c: &mut Conn| outbox::append(c, &Noted { id: id.into() }, "ctx", None).map(drop)
         };
+        let swallowing = || {
+            db.write(|c: &mut Conn| {
+                let failed = Sql::new("SELECT no_such_column FROM outbox").execute(c);
+                assert!(failed.is_err());
+                Ok(())
+            })
+        };
         let first = db.write(note("first"));
-        let swallowing = db.write(|c: &mut Conn| {
-            let failed = Sql::new("SELECT no_such_column FROM outbox").execute(c);
-            assert!(failed.is_err());
-            Ok(())
-        });
+        let swallowed = swallowing();
         let last = db.write(note("last"));
-        let (first, swallowing, last) = tokio::join!(first, swallowing, last);
+        let swallowed_last = swallowing();
+        let (first, swallowed, last, swallowed_last) =
+            tokio::join!(first, swallowed, last, swallowed_last);
         assert!(first.is_ok(), "{first:?}");
         assert!(last.is_ok(), "{last:?}");
-        let error = swallowing.unwrap_err().to_string();
-        assert!(error.contains("swallowed a database error"), "{error}");
+        for swallowed in [swallowed, swallowed_last] {
+            let error = swallowed.unwrap_err().to_string();
+            assert!(error.contains("swallowed a database error"), "{error}");
+        }
         let pending = db
             .read(|c| outbox::count(c, OutboxStatus::Pending))
             .await
@@ -929,7 +944,7 @@ mod postgres_tests {
         assert_eq!(
             db.writer_stats().batches,
             1,
-            "the three units shared a batch"
+            "the four units shared a batch"
         );
     }
 

@@ -177,12 +177,7 @@ pub fn record<A: Aggregate>(
         .map_err(|e| StoreError::Corrupt(format!("{}: {e}", event.name)))?;
     decode_event::<A>(&event.name, event.schema_version, payload)
         .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    let stream = A::stream_id(id);
-    let version = event_store::stream_version(conn, &stream)?;
-    let mut recorded = event_store::append_after(conn, &stream, version, &[event])?;
-    recorded
-        .pop()
-        .ok_or_else(|| StoreError::Corrupt("nothing recorded".into()))
+    event_store::append_next(conn, &A::stream_id(id), &event)
 }
 
 /// A command's result, for the caller's effects in the same transaction.

@@ -27,7 +27,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use diesel::connection::{AnsiTransactionManager, TransactionManager};
+use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
 use diesel::sql_types::BigInt;
 use diesel::RunQueryDsl;
 use tokio::sync::{oneshot, Notify};
@@ -277,8 +277,10 @@ impl WriterThread {
         let mut outcomes: Vec<Reply> = Vec::with_capacity(works.len());
         let result = in_transaction(conn, |conn| {
             projection::batch::open();
-            for work in works {
-                outcomes.push(run_unit(conn, cache, work)?);
+            let last = works.len().saturating_sub(1);
+            savepoint(conn)?;
+            for (index, work) in works.into_iter().enumerate() {
+                outcomes.push(run_unit(conn, cache, work, index == last)?);
             }
             projection::batch::flush(conn)
         });
@@ -406,50 +408,80 @@ where
     }
 }
 
-/// Runs one unit under a savepoint. `Err` only when the savepoint itself
-/// failed: the whole batch must roll back.
+/// Opens the savepoint the batch's first unit runs under.
+fn savepoint(conn: &mut Conn) -> Result<(), StoreError> {
+    crate::on_backend!(conn, |c| Sql::new("SAVEPOINT herald_unit").execute(c))?;
+    Ok(())
+}
+
+/// Runs one unit under the savepoint opened for it, and leaves the next
+/// unit's savepoint open unless this unit is the batch's `last`. `Err` only
+/// when a savepoint statement itself failed: the whole batch must roll back.
 ///
 /// The savepoint statements are kept prepared ([`Sql`]) rather than left to
-/// diesel's transaction manager, which has SQLite parse them on every unit.
-/// Code inside the unit may still open its own (diesel) transactions: they
-/// are savepoints of other names, inside this one.
-fn run_unit(conn: &mut Conn, cache: &mut AggregateCache, work: Work) -> Result<Reply, StoreError> {
-    crate::on_backend!(conn, |c| Sql::new("SAVEPOINT herald_unit").execute(c))?;
+/// diesel's transaction manager, which has SQLite parse them on every unit;
+/// on PostgreSQL, where each statement is a round trip to the server, the
+/// end of one unit's savepoint and the start of the next are one (see
+/// [`next_unit`]). Code inside the unit may still open its own (diesel)
+/// transactions: they are savepoints of other names, inside this one.
+fn run_unit(
+    conn: &mut Conn,
+    cache: &mut AggregateCache,
+    work: Work,
+    last: bool,
+) -> Result<Reply, StoreError> {
     projection::batch::begin_unit();
     let ran = std::panic::catch_unwind(AssertUnwindSafe(|| work(&mut Session { conn, cache })));
     match ran {
-        Ok(Ok(value)) => {
-            match crate::on_backend!(conn, |c| Sql::new("RELEASE herald_unit").execute(c)) {
-                Ok(_) => {
-                    cache.keep_unit();
-                    Ok(Reply::Done(value))
-                }
-                // PostgreSQL: a statement of the unit failed and the unit went on
-                // (the transaction is aborted until the savepoint is rolled back).
-                // The unit fails alone; the batch goes on.
-                Err(error) => {
-                    roll_back_unit(conn)?;
-                    drop_unit(cache);
-                    Ok(Reply::Broken(StoreError::Pool(format!(
-                        "the unit swallowed a database error and cannot commit ({error}); \
-                     catch errors inside conn.transaction(..) instead"
-                    ))))
-                }
+        Ok(Ok(value)) => match next_unit(conn, last) {
+            Ok(()) => {
+                cache.keep_unit();
+                Ok(Reply::Done(value))
             }
-        }
+            // PostgreSQL: a statement of the unit failed and the unit went on
+            // (the transaction is aborted until the savepoint is rolled back),
+            // so releasing it failed. The unit fails alone; the batch goes on.
+            Err(error) => {
+                roll_back_unit(conn, last)?;
+                drop_unit(cache);
+                Ok(Reply::Broken(StoreError::Pool(format!(
+                    "the unit swallowed a database error and cannot commit ({error}); \
+                     catch errors inside conn.transaction(..) instead"
+                ))))
+            }
+        },
         Ok(Err(error)) => {
-            roll_back_unit(conn)?;
+            roll_back_unit(conn, last)?;
             drop_unit(cache);
             Ok(Reply::Refused(error))
         }
         Err(panic) => {
-            roll_back_unit(conn)?;
+            roll_back_unit(conn, last)?;
             drop_unit(cache);
             Ok(Reply::Broken(StoreError::Panicked(panic_text(
                 panic.as_ref(),
             ))))
         }
     }
+}
+
+/// Keeps what the unit wrote (releases its savepoint) and, unless it was
+/// the `last`, opens the next unit's. On PostgreSQL both go in one message:
+/// if the release fails, the server runs nothing after it, and the unit's
+/// savepoint is still the one open.
+fn next_unit(conn: &mut Conn, last: bool) -> Result<(), StoreError> {
+    match conn {
+        Conn::Postgres(c) if !last => {
+            c.batch_execute("RELEASE herald_unit; SAVEPOINT herald_unit")?
+        }
+        _ => {
+            crate::on_backend!(conn, |c| Sql::new("RELEASE herald_unit").execute(c))?;
+            if !last {
+                savepoint(conn)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Forgets what the unit rolled back to its savepoint had staged: its
@@ -459,10 +491,13 @@ fn drop_unit(cache: &mut AggregateCache) {
     projection::batch::drop_unit();
 }
 
-/// Undoes what the unit wrote and ends its savepoint.
-fn roll_back_unit(conn: &mut Conn) -> Result<(), StoreError> {
+/// Undoes what the unit wrote. Its savepoint stays open for the next unit
+/// (as after [`next_unit`]), unless this was the `last`.
+fn roll_back_unit(conn: &mut Conn, last: bool) -> Result<(), StoreError> {
     crate::on_backend!(conn, |c| Sql::new("ROLLBACK TO herald_unit").execute(c))?;
-    crate::on_backend!(conn, |c| Sql::new("RELEASE herald_unit").execute(c))?;
+    if last {
+        crate::on_backend!(conn, |c| Sql::new("RELEASE herald_unit").execute(c))?;
+    }
     Ok(())
 }
 
