@@ -18,6 +18,7 @@ use herald::transport::{
 };
 use herald::{Envelope, KafkaBroker, KafkaOptions};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::OwnedMessage;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
@@ -106,6 +107,18 @@ async fn next(sub: &mut Subscription, what: &str) -> Delivery {
         Ok(None) => panic!("waiting for {what}: the delivery stream ended"),
         Err(_) => panic!("waiting for {what}: nothing within {DEADLINE:?}"),
     }
+}
+
+/// Settles `delivery` as a first failure, to come back after `delay`.
+async fn retry_once(delivery: Delivery, delay: Duration) {
+    delivery
+        .settle(Settlement::Retry {
+            delay,
+            attempts: 1,
+            reason: "later".into(),
+        })
+        .await
+        .expect("retry");
 }
 
 fn id(delivery: &Delivery) -> String {
@@ -207,7 +220,6 @@ async fn a_record_in_the_books_envelope_without_key_is_consumed() {
 /// keyed by the partition key, with herald's metadata in record headers.
 #[actix_rt::test]
 async fn a_record_herald_publishes_reads_as_the_books_envelope() {
-    use rdkafka::message::Headers as _;
     use rdkafka::Message as _;
     let options = options(1);
     let broker = connect(&options).await;
@@ -218,24 +230,7 @@ async fn a_record_herald_publishes_reads_as_the_books_envelope() {
         .insert(headers::SCHEMA_VERSION.into(), "2".into());
     broker.publish(message).await.expect("publish");
 
-    let consumer: BaseConsumer = plain_config(&options)
-        .set("group.id", group())
-        .create()
-        .expect("consumer");
-    let mut list = TopicPartitionList::new();
-    list.add_partition_offset(&options.topic, 0, Offset::Beginning)
-        .unwrap();
-    consumer.assign(&list).expect("assign");
-    let started = Instant::now();
-    let record = loop {
-        assert!(
-            started.elapsed() < DEADLINE,
-            "no record within {DEADLINE:?}"
-        );
-        if let Some(record) = consumer.poll(Duration::from_millis(100)) {
-            break record.expect("a record").detach();
-        }
-    };
+    let record = first_record(&options, &options.topic);
     let value: serde_json::Value =
         serde_json::from_slice(record.payload().expect("a value")).expect("JSON");
     assert_eq!(
@@ -243,15 +238,7 @@ async fn a_record_herald_publishes_reads_as_the_books_envelope() {
         serde_json::json!({"eventName": "eventBooked", "payload": {"eventId": "event-7", "userId": "u"}})
     );
     assert_eq!(record.key(), Some(&b"event-7"[..]));
-    let headers: Vec<(String, String)> = record
-        .headers()
-        .expect("headers")
-        .iter()
-        .map(|h| {
-            let value = String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned();
-            (h.key.to_owned(), value)
-        })
-        .collect();
+    let headers = record_headers(&record);
     assert!(
         headers.contains(&("x-message-id".into(), "m-1".into())),
         "{headers:?}"
@@ -260,6 +247,109 @@ async fn a_record_herald_publishes_reads_as_the_books_envelope() {
         headers.contains(&(headers::SCHEMA_VERSION.into(), "2".into())),
         "{headers:?}"
     );
+}
+
+/// The first record of partition 0 of `topic`, read with a plain consumer.
+fn first_record(options: &KafkaOptions, topic: &str) -> OwnedMessage {
+    let consumer: BaseConsumer = plain_config(options)
+        .set("group.id", group())
+        .create()
+        .expect("consumer");
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&list).expect("assign");
+    let started = Instant::now();
+    loop {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "no record in {topic} within {DEADLINE:?}"
+        );
+        if let Some(record) = consumer.poll(Duration::from_millis(100)) {
+            return record.expect("a record").detach();
+        }
+    }
+}
+
+/// A record's headers, as text.
+fn record_headers(record: &OwnedMessage) -> Vec<(String, String)> {
+    use rdkafka::message::Headers as _;
+    use rdkafka::Message as _;
+    record
+        .headers()
+        .map(|headers| {
+            headers
+                .iter()
+                .map(|h| {
+                    let value = String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned();
+                    (h.key.to_owned(), value)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Retry and dead-letter copies, and a redriven letter, are records written
+/// when they are copied (a broker's retention by time counts from the
+/// copy, not from the original), and deliver the message with its own
+/// timestamp.
+#[actix_rt::test]
+async fn copies_are_stamped_when_written_and_deliver_the_messages_timestamp() {
+    use herald::transport::{dead_letter_queue, DeadLetters, GroupLayout};
+    use rdkafka::Message as _;
+
+    let (options, broker, group, mut sub) = subscribed("job").await;
+    let now_ms = || {
+        let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        i64::try_from(since.expect("after 1970").as_millis()).expect("in range")
+    };
+    let copied_from = now_ms();
+    let old = u64::try_from(copied_from / 1000).expect("positive") - 3 * 86_400;
+    let mut message = keyed("job", "old", "k");
+    message.timestamp = Some(old);
+    broker.publish(message).await.expect("publish");
+
+    let first = next(&mut sub, "the old record").await;
+    assert_eq!(first.message.timestamp, Some(old));
+    retry_once(first, Duration::from_millis(300)).await;
+    let again = next(&mut sub, "its retry").await;
+    assert_eq!(id(&again), "old");
+    assert_eq!(again.message.timestamp, Some(old), "after a retry");
+    again
+        .settle(Settlement::DeadLetter {
+            reason: "no luck".into(),
+            attempts: 2,
+        })
+        .await
+        .expect("dead-lettered");
+
+    let letter = first_record(&options, &dead_letter_queue(&group));
+    let written = letter.timestamp().to_millis().expect("a timestamp");
+    assert!(
+        written >= copied_from - 1000,
+        "the dead-letter copy carries the original's time: {written} < {copied_from}"
+    );
+    assert!(
+        record_headers(&letter).contains(&("x-timestamp".into(), (old * 1000).to_string())),
+        "{:?}",
+        record_headers(&letter)
+    );
+    let listed = broker.list(&group, 10).await.expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].timestamp, Some(old), "a listed letter");
+    assert_eq!(listed[0].header("x-timestamp"), None, "the transport's own");
+
+    let redriven = broker
+        .redrive(&group, GroupLayout::Plain, None)
+        .await
+        .expect("redrive");
+    assert_eq!(redriven, 1);
+    let back = next(&mut sub, "the redriven letter").await;
+    assert_eq!(id(&back), "old");
+    assert_eq!(back.message.timestamp, Some(old), "after a redrive");
+    back.ack().await.expect("ack");
+    sub.control.close().await.expect("close");
+    assert_nothing_old_comes_again(&broker, &group, "job").await;
 }
 
 /// Settled out of order, then closed: the restarted consumer starts after the
@@ -328,14 +418,7 @@ async fn a_retried_record_does_not_hold_up_its_partition() {
     let poison = next(&mut sub, "poison").await;
     assert_eq!(id(&poison), "poison");
     let retried_at = Instant::now();
-    poison
-        .settle(Settlement::Retry {
-            delay: Duration::from_millis(300),
-            attempts: 1,
-            reason: "later".into(),
-        })
-        .await
-        .expect("retry");
+    retry_once(poison, Duration::from_millis(300)).await;
     let mut order = Vec::new();
     while order.len() < 4 {
         let delivery = next(&mut sub, "the rest").await;
@@ -375,14 +458,7 @@ async fn a_record_retried_with_a_delay_since_removed_still_comes_back() {
         .expect("publish");
     let first = next(&mut sub, "the first delivery").await;
     let retried_at = Instant::now();
-    first
-        .settle(Settlement::Retry {
-            delay: old_delay,
-            attempts: 1,
-            reason: "later".into(),
-        })
-        .await
-        .expect("retry");
+    retry_once(first, old_delay).await;
     // Leaves the group before the record is due: it waits in the retry topic.
     sub.control.close().await.expect("close");
     assert!(

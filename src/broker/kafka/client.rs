@@ -183,6 +183,21 @@ impl KafkaBroker {
         delivered(report).await
     }
 
+    /// [`produce`](Self::produce) for a copy of a record read before (a
+    /// retry, a dead letter, a redriven letter): stamped when written, the
+    /// message's timestamp kept in [`codec::TIMESTAMP`].
+    pub(super) async fn produce_copy(
+        &self,
+        topic: &str,
+        message: &Message,
+        extra: &[(&str, String)],
+    ) -> Result<(), BrokerError> {
+        let report = self
+            .send(topic, codec::encode_copy(message)?, extra)
+            .await?;
+        delivered(report).await
+    }
+
     /// Hands `message` to the producer (it is in the producer's queue, in
     /// order, when this returns) and gives back its delivery report to await.
     async fn enqueue(
@@ -191,7 +206,16 @@ impl KafkaBroker {
         message: &Message,
         extra: &[(&str, String)],
     ) -> Result<DeliveryFuture, BrokerError> {
-        let record = codec::encode(message)?;
+        self.send(topic, codec::encode(message)?, extra).await
+    }
+
+    /// Hands `record` with the `extra` headers to the producer.
+    async fn send(
+        &self,
+        topic: &str,
+        record: codec::Record,
+        extra: &[(&str, String)],
+    ) -> Result<DeliveryFuture, BrokerError> {
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + extra.len());
         let all = record
             .headers

@@ -10,7 +10,9 @@
 //!
 //! Headers travel as record headers. The message id and content type, which
 //! AMQP keeps in properties, travel as [`MESSAGE_ID`] and [`CONTENT_TYPE`];
-//! the timestamp is the record's own. Pure functions, tested without a broker.
+//! the timestamp is the record's own, except on a copy (retry, dead letter,
+//! redrive), which is stamped when written and keeps the message's in
+//! [`TIMESTAMP`]. Pure functions, tested without a broker.
 
 use std::collections::BTreeMap;
 
@@ -37,9 +39,23 @@ pub(super) const REMOVED: &str = "x-dead-letter-removed";
 /// a listed letter has it back in its headers, so a redrive leaves it.
 pub(crate) const STAND_IN_FOR: &str = "x-stand-in-for";
 
+/// On a record herald copied (to a retry or dead-letter topic, or back by a
+/// redrive): the message's own timestamp, in milliseconds since the Unix
+/// epoch. The copy's record timestamp is when the copy was written, so a
+/// broker's retention by time counts from there: a retry copy of a record
+/// six days old does not expire a day later.
+pub(super) const TIMESTAMP: &str = "x-timestamp";
+
 /// Record header names a message's own headers may not use: the transport
 /// gives them their meaning.
-const RESERVED: [&str; 5] = [MESSAGE_ID, CONTENT_TYPE, RETRY_DUE, REMOVED, STAND_IN_FOR];
+const RESERVED: [&str; 6] = [
+    MESSAGE_ID,
+    CONTENT_TYPE,
+    RETRY_DUE,
+    REMOVED,
+    STAND_IN_FOR,
+    TIMESTAMP,
+];
 
 /// A record as it goes to or comes from the broker, without its topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +112,20 @@ pub(super) fn encode(message: &Message) -> Result<Record, BrokerError> {
     })
 }
 
+/// The record a copy of `message` goes out as: [`encode`]'s, with the
+/// message's timestamp in [`TIMESTAMP`] and the record's left to the
+/// producer (now).
+///
+/// # Errors
+/// As [`encode`].
+pub(super) fn encode_copy(message: &Message) -> Result<Record, BrokerError> {
+    let mut record = encode(message)?;
+    if let Some(ms) = record.timestamp_ms.take() {
+        record.headers.push((TIMESTAMP.to_owned(), ms.to_string()));
+    }
+    Ok(record)
+}
+
 /// `{"eventName": name, "payload": body}`, or `"payloadHex"` for a body that
 /// is not exactly one JSON value (whitespace around it included: the bytes
 /// must come back as they went).
@@ -138,9 +168,8 @@ pub(super) fn decode(
 ) -> (Message, Result<(), NotAnEnvelope>) {
     let mut message = Message::new(String::new(), Vec::new());
     message.persistent = true;
-    message.timestamp = timestamp_ms
-        .filter(|ms| *ms >= 0)
-        .and_then(|ms| u64::try_from(ms / 1000).ok());
+    let seconds = |ms: i64| u64::try_from(ms).ok().map(|ms| ms / 1000);
+    message.timestamp = timestamp_ms.and_then(seconds);
     let mut kept = BTreeMap::new();
     for (name, value) in record_headers {
         let value = value
@@ -149,6 +178,12 @@ pub(super) fn decode(
         match name.as_str() {
             MESSAGE_ID => message.message_id = Some(value),
             CONTENT_TYPE => message.content_type = Some(value),
+            // A copy's: the message's own timestamp, not the copy's.
+            TIMESTAMP => {
+                if let Ok(ms) = value.parse::<i64>() {
+                    message.timestamp = seconds(ms);
+                }
+            }
             RETRY_DUE | REMOVED | STAND_IN_FOR => {}
             // The first of repeated names wins, as a reader of the book's records would see it.
             _ => {
@@ -316,6 +351,31 @@ mod tests {
     fn a_message_comes_back_as_it_went() {
         let sent = event();
         assert_eq!(round_trip(&sent), sent);
+    }
+
+    #[test]
+    fn a_copy_is_stamped_when_written_and_reads_with_the_messages_timestamp() {
+        let sent = event();
+        let copy = encode_copy(&sent).unwrap();
+        assert_eq!(copy.timestamp_ms, None, "the producer stamps the copy");
+        assert!(copy
+            .headers
+            .contains(&(TIMESTAMP.to_owned(), "1700000000000".to_owned())));
+        let headers = copy
+            .headers
+            .iter()
+            .map(|(n, v)| (n.clone(), Some(v.clone().into_bytes())));
+        // Read back a day later: the message's timestamp, not the record's.
+        let (back, verdict) = decode(
+            copy.key.as_deref(),
+            &copy.value,
+            headers,
+            Some(1_700_086_400_000),
+        );
+        verdict.unwrap();
+        assert_eq!(back, sent);
+        // A copy of the copy keeps it too.
+        assert_eq!(encode_copy(&back).unwrap().headers, copy.headers);
     }
 
     #[test]

@@ -281,7 +281,7 @@ impl DeadLetters for KafkaBroker {
                         continue;
                     }
                     // Into the group first, then out of the dead letters.
-                    self.produce(&direct, &redriven(letter), &[]).await?;
+                    self.produce_copy(&direct, &redriven(letter), &[]).await?;
                     if wanted.is_some() {
                         self.remove_letter(&dlq, offset).await?;
                     } else {

@@ -892,14 +892,14 @@ impl KafkaAcker {
         if !self.shared.owns(&self.tp, self.generation) {
             return Err(BrokerError::Closed);
         }
-        let moved = match self.broker.produce(topic, &copy, extra).await {
+        let moved = match self.broker.produce_copy(topic, &copy, extra).await {
             Err(refused) if too_large(&refused) => {
                 let place = format!("{}/{}/{}", self.tp.0, self.tp.1, self.offset);
                 let stand_in = stand_in(&copy, &place, &refused);
                 let dlq = dead_letter_queue(&self.spec.group);
                 let moved = self
                     .broker
-                    .produce(&dlq, &stand_in, &[(STAND_IN_FOR, place.clone())])
+                    .produce_copy(&dlq, &stand_in, &[(STAND_IN_FOR, place.clone())])
                     .await;
                 if moved.is_ok() {
                     log::warn!(
