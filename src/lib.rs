@@ -4,16 +4,22 @@
 //! deliveries from the broker, shard actors run the context's handlers (the
 //! same partition key always on the same shard, in order), and every delivery
 //! is settled only after its handler finished. Shards are supervised: a panic
-//! fails the delivery and restarts the shard after a backoff; a shard that keeps
+//! in a handler fails the delivery and restarts the shard after a backoff (a
+//! handler registered with `apply_once` runs on the database writer: its
+//! panic fails that delivery's unit alone); a shard that keeps
 //! failing escalates and stops the context. Handlers change state and emit
 //! events in one database transaction (inbox, outbox); a relay actor publishes
 //! the outbox with publisher confirms.
 //!
 //! # Layout
 //!
-//! Layers from the bottom up; each uses only the ones above it in this list.
+//! Layers from the bottom up; each uses only the ones above it in this list
+//! (one exception: [`config`] checks a `kafka://` URL with the parser in
+//! `broker/kafka/options.rs`, which needs no Kafka client).
 //!
 //! - [`error`]: one error enum per layer; [`Result`].
+//! - `fnv.rs`: FNV-1a, the hash that picks a shard, a partition and an
+//!   outbox bucket the same way in every process and build.
 //! - `failpoint.rs`: named crash points a test build can arm (feature
 //!   `failpoints`, off by default), to kill a process inside a crash window.
 //! - [`config`]: [`Settings`] from TOML plus environment overrides, validated.
@@ -33,10 +39,14 @@
 //!   [`store::Conn`] for both: [`store::Db`] (a reading pool and the
 //!   group-commit writer thread with its aggregate cache), the event store,
 //!   repository, projections, outbox, inbox, idempotency keys, and
-//!   [`store::sql::Sql`] for statements the connection keeps prepared.
+//!   [`store::sql::Sql`] for statements the connection keeps prepared,
+//!   [`on_backend!`] to run one on the backend's own connection, and the
+//!   partition leases of several instances (`store/lease.rs`).
 //! - `runtime/`: [`ContextBuilder`] and [`Context`]; intake (subscription kept
-//!   alive) and the consumer actor that settles every delivery, trust (sealed
-//!   headers, producers verified against each event's owner), the
+//!   alive) and the consumer actor that settles every delivery, the
+//!   partition coordinator of several instances (`partitions.rs`), trust
+//!   (sealed headers, producers verified against each event's owner), the
+//!   handler registry and [`MessageContext`] (`handler.rs`), the
 //!   dispatcher, shard actors, supervision (restart policy, one backoff,
 //!   escalation), mailbox counters and log lines, the outbox relay actor,
 //!   AsyncAPI, metrics, shutdown.
