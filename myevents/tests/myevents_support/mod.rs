@@ -432,10 +432,25 @@ impl Api {
         headers: &[(&str, &str)],
         body: Option<&[u8]>,
     ) -> Response {
+        self.try_request(method, path, headers, body)
+            .await
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// As [`request`](Self::request), but a refused connection, a reset, a
+    /// malformed response or no answer within the liveness deadline is an
+    /// `Err` (from a server that was killed, say), not a panic.
+    pub async fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Result<Response, String> {
         match timeout(LIVENESS, self.exchange(method, path, headers, body)).await {
-            Ok(Ok(response)) => response,
-            Ok(Err(error)) => panic!("{method} {path} on port {}: {error}", self.port),
-            Err(_) => panic!("{method} {path} on port {}: no answer", self.port),
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(error)) => Err(format!("{method} {path} on port {}: {error}", self.port)),
+            Err(_) => Err(format!("{method} {path} on port {}: no answer", self.port)),
         }
     }
 
