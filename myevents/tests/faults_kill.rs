@@ -14,6 +14,7 @@ herald_testkit::on_each_backend!(
     events_killed_twice_mid_stream_counts_every_booking_exactly_once,
     sigterm_under_load_exits_cleanly_and_counts_every_booking_once,
     booking_crashing_between_publish_and_mark_is_counted_once_by_events,
+    booking_killed_under_rest_load_and_restarted_books_every_seat_exactly_once,
 );
 
 /// Starts events, creates its events, and returns what to publish.
@@ -195,6 +196,81 @@ async fn booking_crashing_between_publish_and_mark_is_counted_once_by_events(bac
     assert_eq!(booked_facts(&events_db).await, 1, "one eventBooked applied");
     assert_eq!(booked_rows(&db, true).await, 0, "the row ends published");
     assert_eq!(booked(&booking.api, &event_id).await, (1, 3));
+    booking.terminate().await;
+    events.terminate().await;
+}
+
+/// booking is killed with `kill -9` a third of the way through 300 keyed
+/// single-seat bookings for two halls of 100 seats, and started again.
+/// Clients send a request that got no answer again with the same
+/// `Idempotency-Key` once booking is back (on its new port): each hall ends
+/// with exactly 100 bookings, every key answered once, and the events
+/// context counts every seat once, including those booking committed but
+/// had not published when it died.
+async fn booking_killed_under_rest_load_and_restarted_books_every_seat_exactly_once(
+    backend: Backend,
+) {
+    use std::sync::Arc;
+    const EVENTS: usize = 2;
+    const SEATS: usize = 100;
+    const REQUESTS: usize = 300;
+    const CLIENTS: usize = 8;
+    let vhost = TestVhost::new();
+    let dir = DataDir::on(backend);
+    let events = Service::start(Kind::Events, &vhost, &dir).await;
+    let booking = Service::start(Kind::Booking, &vhost, &dir).await;
+    let mut ids = Vec::new();
+    for n in 0..EVENTS {
+        let id = event_with_capacity(&events.api, &format!("Hall {n}"), SEATS as u32).await;
+        wait_until_booking_knows(&booking, &id).await;
+        ids.push(id);
+    }
+
+    // Where booking answers: its port changes when it is started again.
+    let port = Arc::new(tokio::sync::watch::channel(booking.api).0);
+    let a_third = Arc::new(tokio::sync::Notify::new());
+    let load = {
+        let (a_third, port, ids) = (a_third.clone(), port.clone(), ids.clone());
+        tokio::spawn(async move {
+            let load = (REQUESTS / 3, a_third);
+            keyed_bookings(CLIENTS, REQUESTS, &ids, load, move |_, event_id, key| {
+                let mut current = port.subscribe();
+                async move {
+                    let mut unanswered = 0;
+                    loop {
+                        let api = *current.borrow_and_update();
+                        match try_book_keyed(&api, &event_id, &key).await {
+                            Ok(response) => return (response, unanswered),
+                            Err(error) => {
+                                unanswered += 1;
+                                // Sent again once booking answers on a new port.
+                                let back = tokio::time::timeout(LIVENESS, current.changed()).await;
+                                assert!(
+                                    matches!(back, Ok(Ok(()))),
+                                    "booking {key}: {error}, and booking did not come back"
+                                );
+                            }
+                        }
+                    }
+                }
+            })
+            .await
+        })
+    };
+    a_third.notified().await;
+    booking.kill9().await;
+    let booking = Service::start(Kind::Booking, &vhost, &dir).await;
+    port.send_replace(booking.api);
+    let (answers, unanswered) = load.await.expect("the clients");
+    assert!(
+        unanswered > 0,
+        "no request went unanswered: the kill came after the load"
+    );
+    assert_each_hall_booked_exactly(&answers, &ids, SEATS, REQUESTS / EVENTS);
+    for id in &ids {
+        assert_eq!(booked(&booking.api, id).await, (SEATS, SEATS as i64));
+        wait_for_seats_booked(&events, id, SEATS as i64).await;
+    }
     booking.terminate().await;
     events.terminate().await;
 }

@@ -174,8 +174,6 @@ async fn a_booking_instance_killed_under_load_loses_no_booking_and_overbooks_no_
 
     let apis: Vec<Api> = bookings.iter().map(|b| b.api).collect();
     let victim = bookings.remove(1);
-    let next = Arc::new(AtomicUsize::new(0));
-    let answered = Arc::new(AtomicUsize::new(0));
     let a_third = Arc::new(tokio::sync::Notify::new());
     let killer = {
         let a_third = a_third.clone();
@@ -184,93 +182,30 @@ async fn a_booking_instance_killed_under_load_loses_no_booking_and_overbooks_no_
             victim.kill9().await;
         })
     };
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|_| {
-            let (next, answered, a_third) = (next.clone(), answered.clone(), a_third.clone());
-            let (apis, ids) = (apis.clone(), ids.clone());
-            tokio::spawn(async move {
-                let mut answers = Vec::new();
+    let load = (REQUESTS / 3, a_third);
+    let (answers, unanswered) =
+        keyed_bookings(CLIENTS, REQUESTS, &ids, load, move |n, event_id, key| {
+            let apis = apis.clone();
+            async move {
+                // Round-robin, then on to the next instance while none answers.
                 let mut unanswered = 0;
-                loop {
-                    let n = next.fetch_add(1, Ordering::SeqCst);
-                    if n >= REQUESTS {
-                        return (answers, unanswered);
-                    }
-                    let event = &ids[n % EVENTS];
-                    let key = format!("booking-{n}");
-                    let body = json!({"seats": 1, "user": format!("user-{n}")}).to_string();
-                    let headers = [
-                        ("Content-Type", "application/json"),
-                        ("Idempotency-Key", key.as_str()),
-                    ];
-                    // Round-robin, then on to the next instance while none answers.
-                    let mut response = None;
-                    for attempt in n..n + 3 * apis.len() {
-                        let api = apis[attempt % apis.len()];
-                        match api
-                            .try_request(
-                                "POST",
-                                &bookings_path(event),
-                                &headers,
-                                Some(body.as_bytes()),
-                            )
-                            .await
-                        {
-                            Ok(got) if got.status == 201 || got.status == 409 => {
-                                response = Some(got);
-                                break;
-                            }
-                            Ok(other) => panic!("booking {key}: {other:?}"),
-                            Err(_) => unanswered += 1,
-                        }
-                    }
-                    let response =
-                        response.unwrap_or_else(|| panic!("booking {key}: no instance answered"));
-                    answers.push((event.clone(), key, response));
-                    if answered.fetch_add(1, Ordering::SeqCst) + 1 == REQUESTS / 3 {
-                        a_third.notify_one();
+                for attempt in n..n + 3 * apis.len() {
+                    match try_book_keyed(&apis[attempt % apis.len()], &event_id, &key).await {
+                        Ok(response) => return (response, unanswered),
+                        Err(_) => unanswered += 1,
                     }
                 }
-            })
+                panic!("booking {key}: no instance answered");
+            }
         })
-        .collect();
-    let (mut answers, mut unanswered) = (Vec::new(), 0);
-    for client in clients {
-        let (some, missed) = client.await.expect("client task");
-        answers.extend(some);
-        unanswered += missed;
-    }
+        .await;
     killer.await.expect("the killer task");
     assert!(
         unanswered > 0,
         "the kill happened after the last request: nothing was tested"
     );
-
-    let mut per_event: BTreeMap<(String, u16), usize> = BTreeMap::new();
-    let mut booking_ids = std::collections::BTreeSet::new();
-    for (event, key, response) in &answers {
-        *per_event
-            .entry((event.clone(), response.status))
-            .or_default() += 1;
-        if response.status == 201 {
-            let id = response.json()["ID"].as_str().map(str::to_owned);
-            assert!(
-                booking_ids.insert(id.clone()),
-                "booking {id:?} answered twice ({key})"
-            );
-        }
-    }
+    assert_each_hall_booked_exactly(&answers, &ids, SEATS, REQUESTS / EVENTS);
     for id in &ids {
-        assert_eq!(
-            per_event.get(&(id.clone(), 201)),
-            Some(&SEATS),
-            "{per_event:?}"
-        );
-        assert_eq!(
-            per_event.get(&(id.clone(), 409)),
-            Some(&(REQUESTS / EVENTS - SEATS)),
-            "{per_event:?}"
-        );
         for booking in &bookings {
             assert_eq!(booked(&booking.api, id).await, (SEATS, SEATS as i64));
         }

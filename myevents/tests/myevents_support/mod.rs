@@ -646,6 +646,122 @@ pub async fn book(booking: &Api, event_id: &str, seats: i64) -> Response {
         .await
 }
 
+/// `POST /events/{event_id}/bookings` for one seat under `Idempotency-Key:
+/// key`, as a client that may send it again does; `Err` when no answer came
+/// (the instance was killed).
+pub async fn try_book_keyed(booking: &Api, event_id: &str, key: &str) -> Result<Response, String> {
+    let body = json!({"seats": 1, "user": key}).to_string();
+    let headers = [
+        ("Content-Type", "application/json"),
+        ("Idempotency-Key", key),
+    ];
+    booking
+        .try_request(
+            "POST",
+            &bookings_path(event_id),
+            &headers,
+            Some(body.as_bytes()),
+        )
+        .await
+}
+
+/// The final answer a client got to one keyed booking request.
+#[derive(Debug)]
+pub struct Answered {
+    pub event_id: String,
+    pub key: String,
+    pub response: Response,
+}
+
+/// `requests` keyed single-seat bookings (`booking-<n>`, round-robin over
+/// `event_ids`) from `clients` concurrent clients; `answer(n, event_id,
+/// key)` sends request `n` until it is answered and returns the answer and
+/// how many attempts got none. `reached` is notified as request `at` goes
+/// out. Returns every final answer and the attempts without one.
+pub async fn keyed_bookings<F, Fut>(
+    clients: usize,
+    requests: usize,
+    event_ids: &[String],
+    (at, reached): (usize, Arc<tokio::sync::Notify>),
+    answer: F,
+) -> (Vec<Answered>, usize)
+where
+    F: Fn(usize, String, String) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = (Response, usize)> + Send,
+{
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (next, reached, event_ids) = (next.clone(), reached.clone(), event_ids.to_vec());
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let (mut answers, mut unanswered) = (Vec::new(), 0);
+                loop {
+                    let n = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if n >= requests {
+                        return (answers, unanswered);
+                    }
+                    if n == at {
+                        reached.notify_one();
+                    }
+                    let (event_id, key) = (
+                        event_ids[n % event_ids.len()].clone(),
+                        format!("booking-{n}"),
+                    );
+                    let (response, missed) = answer(n, event_id.clone(), key.clone()).await;
+                    unanswered += missed;
+                    answers.push(Answered {
+                        event_id,
+                        key,
+                        response,
+                    });
+                }
+            })
+        })
+        .collect();
+    let (mut answers, mut unanswered) = (Vec::new(), 0);
+    for task in tasks {
+        let (some, missed) = task.await.expect("client task");
+        answers.extend(some);
+        unanswered += missed;
+    }
+    (answers, unanswered)
+}
+
+/// Asserts that each of `event_ids` got exactly `seats` answers 201 and the
+/// rest of its `per_event` requests 409, and that no booking was answered
+/// under two keys (a request sent again created nothing new).
+pub fn assert_each_hall_booked_exactly(
+    answers: &[Answered],
+    event_ids: &[String],
+    seats: usize,
+    per_event: usize,
+) {
+    let mut statuses = std::collections::BTreeMap::new();
+    let mut bookings = std::collections::BTreeSet::new();
+    for answer in answers {
+        let status = answer.response.status;
+        assert!(status == 201 || status == 409, "{answer:?}");
+        *statuses
+            .entry((answer.event_id.as_str(), status))
+            .or_insert(0_usize) += 1;
+        if status == 201 {
+            let id = answer.response.json()["ID"].as_str().map(str::to_owned);
+            assert!(
+                bookings.insert(id),
+                "one booking answered twice: {answer:?}"
+            );
+        }
+    }
+    for id in event_ids {
+        let got = (
+            statuses.get(&(id.as_str(), 201)).copied().unwrap_or(0),
+            statuses.get(&(id.as_str(), 409)).copied().unwrap_or(0),
+        );
+        assert_eq!(got, (seats, per_event - seats), "201s and 409s of {id}");
+    }
+}
+
 /// Waits until the booking context knows `event_id` (its bookings list stops
 /// answering 404); returns the list.
 pub async fn wait_until_booking_knows(booking: &Service, event_id: &str) -> Value {
