@@ -352,6 +352,46 @@ async fn copies_are_stamped_when_written_and_deliver_the_messages_timestamp() {
     assert_nothing_old_comes_again(&broker, &group, "job").await;
 }
 
+/// After a fatal error of its idempotent producer (librdkafka's test hook
+/// stands in for a broker that lost the producer's state), the next publish
+/// goes through a new producer: the broker handle does not refuse every
+/// record until the process restarts. The hook needs herald's test-only
+/// `failpoints` feature, which `make test` (the whole workspace) turns on.
+#[cfg(feature = "failpoints")]
+#[actix_rt::test]
+async fn a_producer_that_hit_a_fatal_error_is_replaced() {
+    use rdkafka::bindings::{rd_kafka_resp_err_t, rd_kafka_test_fatal_error};
+
+    let (_options, broker, _group, mut sub) = subscribed("job").await;
+    broker
+        .publish(keyed("job", "before", "k"))
+        .await
+        .expect("publish");
+    let before = next(&mut sub, "the record before").await;
+    assert_eq!(id(&before), "before");
+    before.ack().await.expect("ack");
+
+    let reason = std::ffi::CString::new("fatal on purpose").expect("no NUL");
+    // SAFETY: the handle is the broker's live producer (the broker is held
+    // for the whole call) and `reason` a NUL-terminated string that outlives it.
+    let raised = unsafe {
+        rd_kafka_test_fatal_error(
+            broker.producer_handle(),
+            rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+            reason.as_ptr(),
+        )
+    };
+    assert_eq!(raised, rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR);
+
+    broker
+        .publish(keyed("job", "after", "k"))
+        .await
+        .expect("a new producer publishes");
+    let after = next(&mut sub, "the record after").await;
+    assert_eq!(id(&after), "after");
+    after.ack().await.expect("ack");
+}
+
 /// Settled out of order, then closed: the restarted consumer starts after the
 /// settled prefix, gets everything unsettled and nothing settled before it.
 #[actix_rt::test]

@@ -1,7 +1,7 @@
 //! The broker handle: one idempotent producer and one admin client, shared
 //! by every clone; consumers are made per subscription.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_util::future::{join_all, BoxFuture, FutureExt};
@@ -34,7 +34,8 @@ pub struct KafkaBroker {
 
 struct Inner {
     options: KafkaOptions,
-    producer: FutureProducer,
+    /// Replaced by a new one after a fatal error (see [`KafkaBroker::producer`]).
+    producer: RwLock<FutureProducer>,
     admin: AdminClient<DefaultClientContext>,
 }
 
@@ -46,22 +47,12 @@ impl KafkaBroker {
     /// [`BrokerError::Kafka`] when a client cannot be created or the broker
     /// does not answer within [`KafkaOptions::delivery_timeout`].
     pub async fn connect(options: &KafkaOptions) -> Result<Self, BrokerError> {
-        let producer: FutureProducer = client_config(options)
-            // Retries never duplicate or reorder a record within a partition.
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set(
-                "message.timeout.ms",
-                millis(options.delivery_timeout).to_string(),
-            )
-            // A short linger lets a window of publishes share requests.
-            .set("linger.ms", "5")
-            .create()?;
+        let producer = new_producer(options)?;
         let admin: AdminClient<DefaultClientContext> = client_config(options).create()?;
         let broker = KafkaBroker {
             inner: Arc::new(Inner {
                 options: options.clone(),
-                producer,
+                producer: RwLock::new(producer),
                 admin,
             }),
         };
@@ -78,11 +69,66 @@ impl KafkaBroker {
     /// # Errors
     /// [`BrokerError::Kafka`] when records are still undelivered at the deadline.
     pub async fn close(&self) -> Result<(), BrokerError> {
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || inner.producer.flush(inner.options.delivery_timeout))
+        let producer = self.producer();
+        let timeout = self.inner.options.delivery_timeout;
+        tokio::task::spawn_blocking(move || producer.flush(timeout))
             .await
             .map_err(|_| BrokerError::Closed)??;
         Ok(())
+    }
+
+    /// The producer to hand records to. An idempotent producer that hit a
+    /// fatal error (the broker lost its state, a sequence gap it cannot
+    /// close) refuses every record from then on: the first caller after
+    /// that replaces it with a new one, under a new producer id. The records
+    /// it failed went back to their callers as errors (the relay publishes
+    /// them again, a copy's original is requeued), so nothing is lost; one
+    /// may be written twice, which consumers' inboxes absorb.
+    fn producer(&self) -> FutureProducer {
+        let current = self
+            .inner
+            .producer
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some((code, reason)) = current.client().fatal_error() else {
+            return current;
+        };
+        let mut slot = self
+            .inner
+            .producer
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        // Another caller may have replaced it meanwhile.
+        if slot.client().native_ptr() != current.client().native_ptr() {
+            return slot.clone();
+        }
+        match new_producer(&self.inner.options) {
+            Ok(fresh) => {
+                log::error!(
+                    target: "herald::kafka",
+                    "the producer hit a fatal error ({code}: {reason}): replaced by a new one"
+                );
+                *slot = fresh.clone();
+                fresh
+            }
+            Err(error) => {
+                log::error!(
+                    target: "herald::kafka",
+                    "the producer hit a fatal error ({code}: {reason}) and a new one \
+                     could not be made: {error}"
+                );
+                current
+            }
+        }
+    }
+
+    /// The producer's librdkafka handle, for tests that make it fail
+    /// (`rd_kafka_test_fatal_error`). Test builds only.
+    #[cfg(feature = "failpoints")]
+    #[doc(hidden)]
+    pub fn producer_handle(&self) -> *mut rdkafka::types::RDKafka {
+        self.producer().client().native_ptr()
     }
 
     /// What this broker was connected with.
@@ -238,8 +284,9 @@ impl KafkaBroker {
             out = out.timestamp(ms);
         }
         let deadline = tokio::time::Instant::now() + self.inner.options.delivery_timeout;
+        let producer = self.producer();
         loop {
-            match self.inner.producer.send_result(out) {
+            match producer.send_result(out) {
                 Ok(report) => return Ok(report),
                 // The producer's local queue is full: wait for room, as rdkafka's own `send` does.
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
@@ -266,6 +313,21 @@ async fn delivered(report: DeliveryFuture) -> Result<(), BrokerError> {
         // The producer is gone (the broker handle was dropped).
         Err(_) => Err(BrokerError::Closed),
     }
+}
+
+/// herald's idempotent producer for `options`' broker.
+fn new_producer(options: &KafkaOptions) -> Result<FutureProducer, KafkaError> {
+    client_config(options)
+        // Retries never duplicate or reorder a record within a partition.
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set(
+            "message.timeout.ms",
+            millis(options.delivery_timeout).to_string(),
+        )
+        // A short linger lets a window of publishes share requests.
+        .set("linger.ms", "5")
+        .create()
 }
 
 fn client_config(options: &KafkaOptions) -> ClientConfig {
