@@ -330,14 +330,19 @@ async fn copies_are_stamped_when_written_and_deliver_the_messages_timestamp() {
         "the dead-letter copy carries the original's time: {written} < {copied_from}"
     );
     assert!(
-        record_headers(&letter).contains(&("x-timestamp".into(), (old * 1000).to_string())),
+        record_headers(&letter)
+            .contains(&("x-herald-copy-timestamp".into(), (old * 1000).to_string())),
         "{:?}",
         record_headers(&letter)
     );
     let listed = broker.list(&group, 10).await.expect("list");
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].timestamp, Some(old), "a listed letter");
-    assert_eq!(listed[0].header("x-timestamp"), None, "the transport's own");
+    assert_eq!(
+        listed[0].header("x-herald-copy-timestamp"),
+        None,
+        "the transport's own"
+    );
 
     let redriven = broker
         .redrive(&group, GroupLayout::Plain, None)

@@ -244,7 +244,8 @@ async fn booking_killed_under_rest_load_and_restarted_books_every_seat_exactly_o
                             Err(error) => {
                                 unanswered += 1;
                                 // Sent again once booking answers on a new port.
-                                let back = tokio::time::timeout(LIVENESS, current.changed()).await;
+                                let back =
+                                    tokio::time::timeout(2 * LIVENESS, current.changed()).await;
                                 assert!(
                                     matches!(back, Ok(Ok(()))),
                                     "booking {key}: {error}, and booking did not come back"

@@ -668,6 +668,46 @@ mod tests {
         assert_eq!(kept, ["kept", "inner-kept"]);
     }
 
+    on_each_backend!(
+        #[tokio::test]
+        a_unit_that_panics_inside_its_own_transaction_fails_alone
+    );
+    /// A panic inside a unit's own (diesel) transaction unwinds past it
+    /// without rolling it back: the unit fails alone all the same, the
+    /// units of its batch commit, and the writer goes on.
+    async fn a_unit_that_panics_inside_its_own_transaction_fails_alone(t: TempDb) {
+        use diesel::Connection;
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (started, running) = tokio::sync::oneshot::channel::<()>();
+        let note = |c: &mut Conn, id: &str| {
+            outbox::append(c, &Noted { id: id.into() }, "ctx", None).map(drop)
+        };
+        let first = tokio::spawn(t.db.write(move |c| {
+            let _ = started.send(());
+            held.recv().ok();
+            note(c, "first")
+        }));
+        running.await.unwrap();
+        let panicked = t.db.write(move |c| {
+            c.transaction(|c| -> Result<(), StoreError> {
+                note(c, "inside")?;
+                panic!("boom inside a transaction");
+            })
+        });
+        let after = t.db.write(move |c| note(c, "after"));
+        release.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        let (panicked, after) = tokio::join!(panicked, after);
+        assert!(
+            matches!(panicked, Err(StoreError::Panicked(ref m)) if m.contains("boom")),
+            "{panicked:?}"
+        );
+        after.unwrap();
+        t.db.write(move |c| note(c, "next batch")).await.unwrap();
+        assert_eq!(pending_ids(&t).await, ["first", "after", "next batch"]);
+        assert_eq!(t.db.writer_stats().failed_units, 1);
+    }
+
     /// The writer's commits checkpoint the WAL (SQLite's automatic
     /// checkpoint, between transactions), so it does not grow with every commit.
     #[tokio::test]

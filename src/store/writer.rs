@@ -431,7 +431,11 @@ fn run_unit(
     last: bool,
 ) -> Result<Reply, StoreError> {
     projection::batch::begin_unit();
+    let depth = diesel_depth(conn);
     let ran = std::panic::catch_unwind(AssertUnwindSafe(|| work(&mut Session { conn, cache })));
+    if ran.is_err() {
+        close_inner_transactions(conn, depth)?;
+    }
     match ran {
         Ok(Ok(value)) => match next_unit(conn, last) {
             Ok(()) => {
@@ -463,6 +467,27 @@ fn run_unit(
             ))))
         }
     }
+}
+
+/// How many transactions diesel's transaction manager counts open on
+/// `conn` (the batch's own is one).
+fn diesel_depth(conn: &mut Conn) -> u32 {
+    <Conn as TransactionManager<Conn>>::transaction_manager_status_mut(conn)
+        .transaction_depth()
+        .ok()
+        .flatten()
+        .map_or(0, std::num::NonZeroU32::get)
+}
+
+/// Rolls back the (diesel) transactions a panicking unit left open inside
+/// its savepoint: a panic unwinds through `conn.transaction(..)` without
+/// ending it, and diesel would otherwise try to release its savepoint at
+/// the batch's commit, long after the unit's rollback removed it.
+fn close_inner_transactions(conn: &mut Conn, depth: u32) -> Result<(), StoreError> {
+    while diesel_depth(conn) > depth {
+        <Conn as TransactionManager<Conn>>::rollback_transaction(conn)?;
+    }
+    Ok(())
 }
 
 /// Keeps what the unit wrote (releases its savepoint) and, unless it was

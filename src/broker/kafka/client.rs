@@ -69,7 +69,7 @@ impl KafkaBroker {
     /// # Errors
     /// [`BrokerError::Kafka`] when records are still undelivered at the deadline.
     pub async fn close(&self) -> Result<(), BrokerError> {
-        let producer = self.producer();
+        let producer = self.current_producer();
         let timeout = self.inner.options.delivery_timeout;
         tokio::task::spawn_blocking(move || producer.flush(timeout))
             .await
@@ -85,12 +85,7 @@ impl KafkaBroker {
     /// them again, a copy's original is requeued), so nothing is lost; one
     /// may be written twice, which consumers' inboxes absorb.
     fn producer(&self) -> FutureProducer {
-        let current = self
-            .inner
-            .producer
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let current = self.current_producer();
         let Some((code, reason)) = current.client().fatal_error() else {
             return current;
         };
@@ -109,7 +104,13 @@ impl KafkaBroker {
                     target: "herald::kafka",
                     "the producer hit a fatal error ({code}: {reason}): replaced by a new one"
                 );
-                *slot = fresh.clone();
+                let old = std::mem::replace(&mut *slot, fresh.clone());
+                // The last handle of a producer flushes and joins its
+                // thread when dropped: not on an async worker.
+                match tokio::runtime::Handle::try_current() {
+                    Ok(runtime) => drop(runtime.spawn_blocking(move || drop((old, current)))),
+                    Err(_) => drop((old, current)),
+                }
                 fresh
             }
             Err(error) => {
@@ -121,6 +122,15 @@ impl KafkaBroker {
                 current
             }
         }
+    }
+
+    /// The producer in place, fatal or not.
+    fn current_producer(&self) -> FutureProducer {
+        self.inner
+            .producer
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The producer's librdkafka handle, for tests that make it fail
@@ -225,7 +235,9 @@ impl KafkaBroker {
         message: &Message,
         extra: &[(&str, String)],
     ) -> Result<(), BrokerError> {
-        let report = self.enqueue(topic, message, extra).await?;
+        let report = self
+            .enqueue(&self.producer(), topic, message, extra)
+            .await?;
         delivered(report).await
     }
 
@@ -238,26 +250,28 @@ impl KafkaBroker {
         message: &Message,
         extra: &[(&str, String)],
     ) -> Result<(), BrokerError> {
-        let report = self
-            .send(topic, codec::encode_copy(message)?, extra)
-            .await?;
+        let record = codec::encode_copy(message)?;
+        let report = self.send(&self.producer(), topic, record, extra).await?;
         delivered(report).await
     }
 
-    /// Hands `message` to the producer (it is in the producer's queue, in
+    /// Hands `message` to `producer` (it is in the producer's queue, in
     /// order, when this returns) and gives back its delivery report to await.
     async fn enqueue(
         &self,
+        producer: &FutureProducer,
         topic: &str,
         message: &Message,
         extra: &[(&str, String)],
     ) -> Result<DeliveryFuture, BrokerError> {
-        self.send(topic, codec::encode(message)?, extra).await
+        self.send(producer, topic, codec::encode(message)?, extra)
+            .await
     }
 
-    /// Hands `record` with the `extra` headers to the producer.
+    /// Hands `record` with the `extra` headers to `producer`.
     async fn send(
         &self,
+        producer: &FutureProducer,
         topic: &str,
         record: codec::Record,
         extra: &[(&str, String)],
@@ -284,7 +298,6 @@ impl KafkaBroker {
             out = out.timestamp(ms);
         }
         let deadline = tokio::time::Instant::now() + self.inner.options.delivery_timeout;
-        let producer = self.producer();
         loop {
             match producer.send_result(out) {
                 Ok(report) => return Ok(report),
@@ -359,10 +372,14 @@ impl Publisher for KafkaBroker {
             let topic = &self.inner.options.topic;
             let mut reports = Vec::with_capacity(messages.len());
             let mut failed: Option<BrokerError> = None;
+            // One producer for the window: if it fails fatally halfway, the
+            // rest of the window fails on it too, rather than going out
+            // through its replacement ahead of the records it failed.
+            let producer = self.producer();
             for message in &messages {
                 let report = match &failed {
                     Some(error) => Err(copy_error(error)),
-                    None => self.enqueue(topic, message, &[]).await,
+                    None => self.enqueue(&producer, topic, message, &[]).await,
                 };
                 if let (None, Err(error)) = (&failed, &report) {
                     failed = Some(copy_error(error));

@@ -43,8 +43,10 @@ pub(crate) const STAND_IN_FOR: &str = "x-stand-in-for";
 /// redrive): the message's own timestamp, in milliseconds since the Unix
 /// epoch. The copy's record timestamp is when the copy was written, so a
 /// broker's retention by time counts from there: a retry copy of a record
-/// six days old does not expire a day later.
-pub(super) const TIMESTAMP: &str = "x-timestamp";
+/// six days old does not expire a day later. Named as herald's own headers
+/// are: a foreign producer is unlikely to use it, and a herald that does
+/// not know it drops it as an unsealed `x-herald-` header.
+pub(super) const TIMESTAMP: &str = "x-herald-copy-timestamp";
 
 /// Record header names a message's own headers may not use: the transport
 /// gives them their meaning.
@@ -180,8 +182,8 @@ pub(super) fn decode(
             CONTENT_TYPE => message.content_type = Some(value),
             // A copy's: the message's own timestamp, not the copy's.
             TIMESTAMP => {
-                if let Ok(ms) = value.parse::<i64>() {
-                    message.timestamp = seconds(ms);
+                if let Some(secs) = value.parse::<i64>().ok().and_then(seconds) {
+                    message.timestamp = Some(secs);
                 }
             }
             RETRY_DUE | REMOVED | STAND_IN_FOR => {}
