@@ -40,8 +40,9 @@
 //!   group-commit writer thread with its aggregate cache), the event store,
 //!   repository, projections, outbox, inbox, idempotency keys, and
 //!   [`store::sql::Sql`] for statements the connection keeps prepared,
-//!   [`on_backend!`] to run one on the backend's own connection, and the
-//!   partition leases of several instances (`store/lease.rs`).
+//!   [`on_backend!`] to run one on the backend's own connection, and what
+//!   several instances share: partition leases (`store/lease.rs`) and the
+//!   announcements that wake each other's relays (`store/peers.rs`).
 //! - `runtime/`: [`ContextBuilder`] and [`Context`]; intake (subscription kept
 //!   alive) and the consumer actor that settles every delivery, the
 //!   partition coordinator of several instances (`partitions.rs`), trust

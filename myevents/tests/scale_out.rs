@@ -23,16 +23,33 @@ const PARTITIONS: &str = "6";
 /// Starts `count` instances of `kind`, partitioned, named `<kind>-<n>`, and
 /// waits until each holds its share of the partitions.
 async fn instances(kind: Kind, count: usize, vhost: &TestVhost, dir: &DataDir) -> Vec<Service> {
+    instances_with(kind, count, vhost, dir, &[]).await
+}
+
+/// As [`instances`], with further `HERALD__…` settings.
+async fn instances_with(
+    kind: Kind,
+    count: usize,
+    vhost: &TestVhost,
+    dir: &DataDir,
+    settings: &[(&str, &str)],
+) -> Vec<Service> {
     let mut started = Vec::new();
     for n in 1..=count {
+        let mut env = vec![
+            ("HERALD__RUNTIME__PARTITIONS".into(), PARTITIONS.into()),
+            (
+                "HERALD__RUNTIME__INSTANCE".into(),
+                format!("{}-{n}", kind.name()),
+            ),
+        ];
+        env.extend(
+            settings
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
         let extra = Extra {
-            env: vec![
-                ("HERALD__RUNTIME__PARTITIONS".into(), PARTITIONS.into()),
-                (
-                    "HERALD__RUNTIME__INSTANCE".into(),
-                    format!("{}-{n}", kind.name()),
-                ),
-            ],
+            env,
             ..Extra::default()
         };
         started.push(Service::start_with(kind, vhost, dir, &extra).await);
@@ -260,6 +277,61 @@ async fn two_events_instances_publish_every_event_once() {
     }
     let wrong = herald_testkit::not_exactly_once(&seen, created);
     assert!(wrong.is_empty(), "not published exactly once: {wrong:?}");
+}
+
+/// A row one instance writes for a partition another holds goes out at once
+/// through the holder's relay: the writer announces its commit and the
+/// holder's relay wakes (PostgreSQL `NOTIFY`), not at its poll interval,
+/// set here to an hour. Every event is created through the first instance;
+/// the second, which writes nothing itself, publishes the rows of its
+/// partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rows_written_by_one_instance_go_out_through_the_other_without_waiting_for_its_poll() {
+    const EVENTS: usize = 40;
+    let vhost = TestVhost::new();
+    let dir = DataDir::on(Backend::Postgres);
+    let poll = [("HERALD__OUTBOX__POLL_INTERVAL", "1h")];
+    let events = instances_with(Kind::Events, 2, &vhost, &dir, &poll).await;
+    let location =
+        create_location(&events[0].api, json!([{"name": "Hall A", "capacity": 10}])).await;
+    let location = location["ID"].as_str().unwrap().to_owned();
+    for n in 0..EVENTS {
+        create_event(
+            &events[0].api,
+            &format!("Show {n}"),
+            &location,
+            Some("Hall A"),
+        )
+        .await;
+    }
+    let db = database(&dir, Kind::Events);
+    let held = events[1].admin.get("/partitions").await.json()["held"].clone();
+    let held: Vec<String> = held
+        .as_array()
+        .expect("held partitions")
+        .iter()
+        .map(Value::to_string)
+        .collect();
+    let theirs = format!(
+        "SELECT count(*) AS n FROM outbox WHERE event_name = 'eventCreated' \
+         AND bucket % {PARTITIONS} IN ({})",
+        held.join(", ")
+    );
+    let theirs = count(&db, theirs).await;
+    assert!(
+        theirs > 0,
+        "no row fell to the second instance's partitions"
+    );
+    // Nothing consumes eventCreated here: a row the broker took is unrouted.
+    let sent = wait_for_count("outbox rows sent", EVENTS as i64, || {
+        count(
+            &db,
+            "SELECT count(*) AS n FROM outbox WHERE status <> 'pending' \
+             AND event_name = 'eventCreated'",
+        )
+    })
+    .await;
+    assert_eq!(sent, EVENTS as i64);
 }
 
 /// Whether every spy queue (`listen-…`) of the vhost is empty.

@@ -236,6 +236,8 @@ impl ContextBuilder {
                 });
             }
             (count, Some(db)) => {
+                // Other instances write rows this one's relay publishes.
+                db.share_outbox();
                 let terms = lease::Terms {
                     context: name.to_string(),
                     instance: rt.instance.clone().unwrap_or_else(default_instance),

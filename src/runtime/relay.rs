@@ -273,10 +273,13 @@ async fn relay(parts: RelayParts) {
             _ => vec![(1, 0)],
         };
         if slices.is_empty() {
-            drop(held);
             if let Some(partitions) = &partitions {
+                // Waiting from before the guard is dropped: a partition
+                // taken in between (the taker waits for the guard) wakes it.
+                let taken = partitions.taken.notified();
+                drop(held);
                 tokio::select! {
-                    () = partitions.taken.notified() => {}
+                    () = taken => {}
                     () = tokio::time::sleep(settings.poll_interval) => {}
                 }
             }
@@ -295,6 +298,9 @@ async fn relay(parts: RelayParts) {
             .into_iter()
             .partition(|row| refusals.due(row.position, now));
         if window.is_empty() {
+            // Not while waiting: taking or giving back a partition would
+            // wait for the poll interval.
+            drop(held);
             // Nothing, or only refused rows waiting for their retry.
             let wait = refusals
                 .next_due(&waiting)

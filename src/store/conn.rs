@@ -106,6 +106,7 @@ pub(crate) fn sqlite_path(url: &str) -> &str {
 pub(crate) const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Opens connections to one database, set up as the store needs them.
+#[derive(Clone)]
 pub(crate) struct Connector {
     url: String,
     backend: Backend,

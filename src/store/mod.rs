@@ -16,6 +16,7 @@ pub mod idempotency;
 pub mod inbox;
 pub(crate) mod lease;
 pub mod outbox;
+mod peers;
 pub mod projection;
 pub mod repository;
 pub(crate) mod schema;
@@ -91,6 +92,8 @@ pub struct Db {
     writer: Arc<Writer>,
     /// Woken after every committed write: the outbox relay looks for new rows.
     committed: Arc<Notify>,
+    /// Announcements to and from other instances' relays (`peers.rs`).
+    peers: Arc<peers::Peers>,
 }
 
 impl std::fmt::Debug for Db {
@@ -161,6 +164,7 @@ impl Db {
             wait: options.batch_wait,
             cache: options.aggregate_cache,
         };
+        let peers = Arc::new(peers::Peers::new(Connector::new(url, options.synchronous)));
         let db = Db {
             pool,
             backend,
@@ -168,8 +172,10 @@ impl Db {
                 move || writer_connector.connect(),
                 batching,
                 committed.clone(),
+                peers.announcer(),
             )),
             committed,
+            peers,
         };
         db.migrate(SQLITE_MIGRATIONS, POSTGRES_MIGRATIONS)?;
         Ok(db)
@@ -306,9 +312,20 @@ impl Db {
     }
 
     /// Resolves after the next committed write (or at once if one happened
-    /// since the last call).
+    /// since the last call); on a shared outbox also after another
+    /// instance's write that made rows pending.
     pub async fn committed(&self) {
         self.committed.notified().await;
+    }
+
+    /// Tells this database that other processes write into its outbox too
+    /// (the instances of a partitioned context): on PostgreSQL, commits that
+    /// make outbox rows pending are announced to them from now on, and theirs
+    /// wake [`Db::committed`] here (`peers.rs`). Nothing on SQLite.
+    pub(crate) fn share_outbox(&self) {
+        if self.backend == Backend::Postgres {
+            self.peers.share(&self.committed);
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use super::sql::Sql;
 use super::Conn;
 use crate::error::{CodecError, StoreError};
 use crate::event::{Envelope, Event, Metadata};
-use diesel::sql_types::{BigInt, Integer};
+use diesel::sql_types::{BigInt, Integer, Nullable, Text};
 
 /// Where an outbox row is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +102,7 @@ pub fn append_envelope(
 ) -> Result<i64, StoreError> {
     let meta = &envelope.meta;
     let event_id = meta.id.clone().unwrap_or_else(crate::event::new_id);
+    appended::mark();
     diesel::insert_into(outbox::table)
         .values((
             outbox::event_id.eq(event_id),
@@ -120,6 +121,27 @@ pub fn append_envelope(
         .returning(outbox::position)
         .get_result(conn)
         .map_err(StoreError::from)
+}
+
+/// Whether the writer's batch in progress made rows pending (appended them,
+/// or made parked or unrouted ones pending again): such a batch is announced
+/// to the relays of the context's other instances (see `store::peers`).
+pub(crate) mod appended {
+    use std::cell::Cell;
+
+    thread_local! {
+        static APPENDED: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// Rows were made pending on this thread.
+    pub(crate) fn mark() {
+        APPENDED.with(|a| a.set(true));
+    }
+
+    /// Whether rows were made pending since the last call.
+    pub(crate) fn take() -> bool {
+        APPENDED.with(|a| a.replace(false))
+    }
 }
 
 /// How many buckets rows are hashed into by partition key.
@@ -277,21 +299,29 @@ pub fn parked(conn: &mut Conn, limit: i64) -> Result<Vec<OutboxRow>, StoreError>
 /// # Errors
 /// A database error.
 pub fn retry_parked(conn: &mut Conn, event_id: Option<&str>) -> Result<usize, StoreError> {
-    let mut rows = outbox::table
-        .filter(outbox::status.eq(OutboxStatus::Parked.as_str()))
-        .into_boxed();
-    if let Some(event_id) = event_id {
-        rows = rows.filter(outbox::event_id.eq(event_id));
+    pending_again(conn, OutboxStatus::Parked, event_id)
+}
+
+/// Makes the rows with `status` (all, or the one with `event_id`) pending
+/// with fresh attempts and no error (a pending row with an error is a
+/// failing one); returns how many.
+fn pending_again(
+    conn: &mut Conn,
+    status: OutboxStatus,
+    event_id: Option<&str>,
+) -> Result<usize, StoreError> {
+    let pending = Sql::new(
+        "UPDATE outbox SET status = 'pending', attempts = 0, last_error = NULL \
+         WHERE status = ? AND (? IS NULL OR event_id = ?)",
+    )
+    .bind::<Text, _>(status.as_str())
+    .bind::<Nullable<Text>, _>(event_id)
+    .bind::<Nullable<Text>, _>(event_id)
+    .execute(conn)?;
+    if pending > 0 {
+        appended::mark();
     }
-    let positions: Vec<i64> = rows.select(outbox::position).load(conn)?;
-    diesel::update(outbox::table.filter(outbox::position.eq_any(&positions)))
-        .set((
-            outbox::status.eq(OutboxStatus::Pending.as_str()),
-            outbox::attempts.eq(0),
-            outbox::last_error.eq(None::<String>),
-        ))
-        .execute(conn)
-        .map_err(StoreError::from)
+    Ok(pending)
 }
 
 /// Sets the status of the rows at `positions` (and the error, for unrouted rows).
@@ -321,15 +351,7 @@ pub fn mark(
 /// # Errors
 /// A database error.
 pub fn republish_unrouted(conn: &mut Conn) -> Result<usize, StoreError> {
-    diesel::update(outbox::table.filter(outbox::status.eq(OutboxStatus::Unrouted.as_str())))
-        .set((
-            outbox::status.eq(OutboxStatus::Pending.as_str()),
-            outbox::attempts.eq(0),
-            // A pending row with an error is a failing one: clear it.
-            outbox::last_error.eq(None::<String>),
-        ))
-        .execute(conn)
-        .map_err(StoreError::from)
+    pending_again(conn, OutboxStatus::Unrouted, None)
 }
 
 /// Rows per status, for metrics and readiness.

@@ -33,6 +33,8 @@ use diesel::RunQueryDsl;
 use tokio::sync::{oneshot, Notify};
 
 use super::cache::{AggregateCache, CacheStats};
+use super::outbox;
+use super::peers::Announcer;
 use super::projection;
 use super::sql::Sql;
 use super::Conn;
@@ -119,7 +121,12 @@ pub(crate) struct Writer {
 
 impl Writer {
     /// Starts the writer thread; `connect` opens (and reopens) its connection.
-    pub(crate) fn start<C>(connect: C, batching: Batching, committed: Arc<Notify>) -> Writer
+    pub(crate) fn start<C>(
+        connect: C,
+        batching: Batching,
+        committed: Arc<Notify>,
+        announcer: Arc<Announcer>,
+    ) -> Writer
     where
         C: Fn() -> Result<Conn, StoreError> + Send + 'static,
     {
@@ -136,6 +143,7 @@ impl Writer {
                     batching,
                     stats: thread_stats,
                     committed,
+                    announcer,
                 };
                 thread.run(&units);
             });
@@ -218,6 +226,8 @@ struct WriterThread {
     batching: Batching,
     stats: Arc<WriterStats>,
     committed: Arc<Notify>,
+    /// Announces batches that made outbox rows pending to other instances.
+    announcer: Arc<Announcer>,
 }
 
 impl WriterThread {
@@ -274,13 +284,18 @@ impl WriterThread {
             }
         };
         let cache = &mut self.cache;
+        let announcer = &self.announcer;
         let mut outcomes: Vec<Reply> = Vec::with_capacity(works.len());
         let result = in_transaction(conn, |conn| {
             projection::batch::open();
+            outbox::appended::take();
             let last = works.len().saturating_sub(1);
             savepoint(conn)?;
             for (index, work) in works.into_iter().enumerate() {
                 outcomes.push(run_unit(conn, cache, work, index == last)?);
+            }
+            if outbox::appended::take() && announcer.is_on() {
+                announcer.announce(conn)?;
             }
             projection::batch::flush(conn)
         });

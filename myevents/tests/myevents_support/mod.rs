@@ -942,7 +942,8 @@ pub fn database(dir: &DataDir, kind: Kind) -> herald::store::Db {
 }
 
 /// Counts rows with a query of the form `SELECT count(*) AS n ...`.
-pub async fn count(db: &herald::store::Db, sql: &'static str) -> i64 {
+pub async fn count(db: &herald::store::Db, sql: impl Into<String>) -> i64 {
+    let sql = sql.into();
     #[derive(diesel::QueryableByName)]
     struct Count {
         #[diesel(sql_type = diesel::sql_types::BigInt)]
@@ -950,7 +951,7 @@ pub async fn count(db: &herald::store::Db, sql: &'static str) -> i64 {
     }
     db.read(move |c| {
         use diesel::RunQueryDsl;
-        Ok(diesel::sql_query(sql).get_result::<Count>(c)?.n)
+        Ok(diesel::sql_query(&sql).get_result::<Count>(c)?.n)
     })
     .await
     .expect("count rows")

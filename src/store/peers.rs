@@ -1,0 +1,296 @@
+//! Waking the outbox relays of a context's other instances (PostgreSQL).
+//!
+//! A partitioned context's relay publishes the rows of the partitions its
+//! instance holds (ADR 0009) and is woken by its own writer's commits. A row
+//! another instance wrote for one of those partitions (a REST command that
+//! reached that instance) would wait for the relay's `outbox.poll_interval`.
+//!
+//! So once [`Db::share_outbox`](super::Db::share_outbox) was called on a
+//! PostgreSQL database, a writer batch that appended outbox rows (or made
+//! parked or unrouted rows pending again) also runs
+//! `pg_notify('herald_outbox', <token>)` before it commits; PostgreSQL
+//! delivers it to the listeners when, and only if, the batch commits (a
+//! unit rolled back alone may still have its batch announced: a wake-up
+//! that finds nothing costs one read). A
+//! thread of the `Db` listens on a connection of its own and wakes the relay
+//! when an announcement with another `Db`'s token arrives (its own commits
+//! wake it already). The channel is the database's, as the outbox is.
+//!
+//! diesel reads notifications without blocking, so the listener looks every
+//! [`LOOK_EVERY`]: a row reaches the relay that publishes it within about
+//! that, not within the poll interval. A listener that lost its connection
+//! connects again every [`RECONNECT_EVERY`] and wakes its relay once it
+//! listens again (rows announced meanwhile were missed); until then the
+//! poll interval is the bound, as without it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection;
+use diesel::pg::PgConnection;
+use diesel::sql_types::Text;
+use diesel::RunQueryDsl;
+use tokio::sync::Notify;
+
+use super::conn::Connector;
+use super::sql::Sql;
+use super::Conn;
+use crate::error::StoreError;
+
+const TARGET: &str = "herald::store";
+
+/// The notification channel.
+const CHANNEL: &str = "herald_outbox";
+
+/// How often the listener reads the notifications that arrived.
+pub(crate) const LOOK_EVERY: Duration = Duration::from_millis(10);
+
+/// How long a listener without a connection waits before it tries again.
+const RECONNECT_EVERY: Duration = Duration::from_secs(1);
+
+/// What the writer needs to announce its batches.
+#[derive(Debug)]
+pub(crate) struct Announcer {
+    on: AtomicBool,
+    /// Tells this `Db`'s announcements from the others'.
+    token: String,
+}
+
+impl Announcer {
+    /// Whether batches are announced (see [`Peers::share`]).
+    pub(crate) fn is_on(&self) -> bool {
+        self.on.load(Ordering::Relaxed)
+    }
+
+    /// Announces the batch in progress on `conn`: delivered when it commits.
+    pub(crate) fn announce(&self, conn: &mut Conn) -> Result<(), StoreError> {
+        if let Conn::Postgres(c) = conn {
+            Sql::new("SELECT pg_notify(?, ?)")
+                .bind::<Text, _>(CHANNEL)
+                .bind::<Text, _>(&self.token)
+                .execute(c)?;
+        }
+        Ok(())
+    }
+}
+
+/// A `Db`'s side of the announcements: the writer's [`Announcer`] and the
+/// listener thread, stopped and joined when the last handle of the `Db` drops.
+#[derive(Debug)]
+pub(crate) struct Peers {
+    announcer: Arc<Announcer>,
+    connector: Connector,
+    listener: Mutex<Option<Listener>>,
+}
+
+#[derive(Debug)]
+struct Listener {
+    /// Dropped to stop the thread at once.
+    stop: Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Peers {
+    pub(crate) fn new(connector: Connector) -> Peers {
+        Peers {
+            connector,
+            announcer: Arc::new(Announcer {
+                on: AtomicBool::new(false),
+                token: uuid::Uuid::new_v4().simple().to_string(),
+            }),
+            listener: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn announcer(&self) -> Arc<Announcer> {
+        self.announcer.clone()
+    }
+
+    /// Announces this `Db`'s batches from now on and starts the listener,
+    /// which wakes `relay` on the others'. Once; PostgreSQL only.
+    pub(crate) fn share(&self, relay: &Arc<Notify>) {
+        let mut listener = self.listener.lock().unwrap_or_else(|e| e.into_inner());
+        if listener.is_some() {
+            return;
+        }
+        let (stop, stopped) = mpsc::channel::<()>();
+        let token = self.announcer.token.clone();
+        let connector = self.connector.clone();
+        let relay = Arc::downgrade(relay);
+        let spawned = std::thread::Builder::new()
+            .name("herald-outbox-listener".into())
+            .spawn(move || {
+                listen(&connector, &token, &relay, || {
+                    matches!(
+                        stopped.recv_timeout(LOOK_EVERY),
+                        Err(RecvTimeoutError::Timeout)
+                    )
+                });
+            });
+        match spawned {
+            Ok(thread) => *listener = Some(Listener { stop, thread }),
+            Err(e) => {
+                // The relay still polls: rows of other instances go out within
+                // its poll interval.
+                log::error!(target: TARGET, "cannot start the outbox listener: {e}");
+            }
+        }
+        self.announcer.on.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Peers {
+    fn drop(&mut self) {
+        let listener = self
+            .listener
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(Listener { stop, thread }) = listener {
+            drop(stop);
+            // Its connection is closed before the process can exit (as the writer's).
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+/// The listener's loop: `wait` sleeps [`LOOK_EVERY`] and says whether to go
+/// on; it ends when the `Db` is dropped.
+fn listen(
+    connector: &Connector,
+    token: &str,
+    relay: &Weak<Notify>,
+    mut wait: impl FnMut() -> bool,
+) {
+    let mut failing = false;
+    loop {
+        match listening(connector) {
+            Ok(mut conn) => {
+                if failing {
+                    log::info!(target: TARGET, "the outbox listener listens again");
+                }
+                // Rows may have been announced while nobody listened.
+                if !wake(relay) {
+                    return;
+                }
+                match read(&mut conn, token, relay, &mut wait) {
+                    Ok(()) => return,
+                    Err(error) => {
+                        log::warn!(
+                            target: TARGET,
+                            "the outbox listener lost its connection: {error} \
+                             (rows of other instances wait for outbox.poll_interval meanwhile)"
+                        );
+                        failing = true;
+                    }
+                }
+            }
+            Err(error) => {
+                if !failing {
+                    log::warn!(
+                        target: TARGET,
+                        "the outbox listener cannot listen: {error} (trying again every {RECONNECT_EVERY:?})"
+                    );
+                    failing = true;
+                }
+            }
+        }
+        // Waits RECONNECT_EVERY in steps, stopping at once when asked to.
+        let steps = RECONNECT_EVERY.as_millis() / LOOK_EVERY.as_millis().max(1);
+        for _ in 0..steps {
+            if !wait() {
+                return;
+            }
+        }
+    }
+}
+
+/// A new connection that listens on the channel.
+fn listening(connector: &Connector) -> Result<PgConnection, StoreError> {
+    match connector.connect()? {
+        Conn::Postgres(mut conn) => {
+            conn.batch_execute(&format!("LISTEN {CHANNEL}"))?;
+            Ok(conn)
+        }
+        Conn::Sqlite(_) => Err(StoreError::Pool("announcements need PostgreSQL".to_owned())),
+    }
+}
+
+/// Reads the notifications as they come until `wait` says stop (`Ok`) or
+/// the connection fails.
+fn read(
+    conn: &mut PgConnection,
+    token: &str,
+    relay: &Weak<Notify>,
+    wait: &mut impl FnMut() -> bool,
+) -> Result<(), StoreError> {
+    while wait() {
+        let mut theirs = false;
+        for notification in conn.notifications_iter() {
+            theirs |= notification?.payload != token;
+        }
+        if theirs && !wake(relay) {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Wakes the relay; `false` once the `Db` is gone.
+fn wake(relay: &Weak<Notify>) -> bool {
+    relay.upgrade().map(|n| n.notify_one()).is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::event::{new_id, Envelope, Metadata};
+    use crate::store::testing::TempDb;
+    use crate::store::{outbox, Backend, Db};
+
+    /// Generous: the listener looks every 10 ms.
+    const WITHIN: Duration = Duration::from_secs(30);
+
+    /// A second `Db` on the same database, as another instance would open it.
+    fn another(t: &TempDb) -> Db {
+        Db::open(&t.url()).expect("open the database again")
+    }
+
+    async fn woken(db: &Db) -> bool {
+        tokio::time::timeout(WITHIN, db.committed()).await.is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_commit_that_appends_outbox_rows_wakes_the_other_instances_relays() {
+        let t = TempDb::new(Backend::Postgres);
+        let other = another(&t);
+        t.db.share_outbox();
+        other.share_outbox();
+        // Its listener wakes it once when it listens: from then on only an
+        // announcement does (nothing is written through `other`).
+        assert!(woken(&other).await, "the listener never listened");
+        let envelope = Envelope {
+            meta: Metadata {
+                id: Some(new_id()),
+                name: "noted".into(),
+                schema_version: 1,
+                correlation_id: None,
+                causation_id: None,
+                producer: None,
+                occurred_at: None,
+            },
+            payload: b"{}".to_vec(),
+        };
+        t.db.write(move |c| outbox::append_envelope(c, &envelope, "key-1"))
+            .await
+            .expect("append a row");
+        assert!(woken(&other).await, "the other instance was not woken");
+        drop(other);
+    }
+}
