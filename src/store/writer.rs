@@ -28,7 +28,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
-use diesel::sql_types::BigInt;
 use diesel::RunQueryDsl;
 use tokio::sync::{oneshot, Notify};
 
@@ -290,7 +289,6 @@ impl WriterThread {
             projection::batch::open();
             outbox::appended::take();
             let last = works.len().saturating_sub(1);
-            savepoint(conn)?;
             for (index, work) in works.into_iter().enumerate() {
                 outcomes.push(run_unit(conn, cache, work, index == last)?);
             }
@@ -356,7 +354,8 @@ const WRITE_LOCK: i64 = 0x6865_7261_6c64; // "herald"
 /// the write lock before its units fail with [`StoreError::Busy`].
 const LOCK_ATTEMPTS: u32 = 6;
 
-/// Opens the batch's transaction with the database's write lock taken.
+/// Opens the batch's transaction with the database's write lock taken, and
+/// the savepoint its first unit runs under.
 ///
 /// SQLite: `BEGIN IMMEDIATE` (a deferred transaction that upgrades to a
 /// write fails with BUSY at once instead of waiting). PostgreSQL: `BEGIN`,
@@ -366,21 +365,31 @@ const LOCK_ATTEMPTS: u32 = 6;
 /// position before a lower one, and a projection catching up by position
 /// would skip the lower one for good. Under the lock positions become
 /// visible in commit order, as on SQLite. The lock ends with the transaction.
+/// On PostgreSQL the three statements go as one message (one round trip);
+/// if one fails the server runs none after it.
 fn begin(conn: &mut Conn) -> Result<(), StoreError> {
     match conn {
         Conn::Sqlite(c) => AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")?,
         Conn::Postgres(c) => {
-            AnsiTransactionManager::begin_transaction_sql(c, "BEGIN")?;
-            let locked = Sql::new("SELECT pg_advisory_xact_lock(?)")
-                .bind::<BigInt, _>(WRITE_LOCK)
-                .execute(c);
-            if let Err(error) = locked {
-                // Typically lock_timeout (Busy): end the aborted transaction
-                // here, so the connection stays usable for the next batch.
-                AnsiTransactionManager::rollback_transaction(c)?;
+            let begun = AnsiTransactionManager::begin_transaction_sql(
+                c,
+                &format!(
+                    "BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK}); SAVEPOINT herald_unit"
+                ),
+            );
+            if let Err(error) = begun {
+                // Typically lock_timeout (Busy): the server is inside the
+                // aborted transaction, diesel counts none. End it here, so
+                // the connection stays usable for the next batch.
+                c.batch_execute("ROLLBACK")?;
                 return Err(error.into());
             }
+            return Ok(());
         }
+    }
+    if let Err(error) = savepoint(conn) {
+        <Conn as TransactionManager<Conn>>::rollback_transaction(conn)?;
+        return Err(error);
     }
     Ok(())
 }
@@ -423,7 +432,7 @@ where
     }
 }
 
-/// Opens the savepoint the batch's first unit runs under.
+/// Opens the savepoint a unit runs under (SQLite; see [`begin`] and [`next_unit`]).
 fn savepoint(conn: &mut Conn) -> Result<(), StoreError> {
     crate::on_backend!(conn, |c| Sql::new("SAVEPOINT herald_unit").execute(c))?;
     Ok(())
@@ -550,5 +559,45 @@ fn copy_of(error: &StoreError) -> StoreError {
         StoreError::Corrupt(m) => StoreError::Corrupt(m.clone()),
         StoreError::Panicked(m) => StoreError::Panicked(m.clone()),
         other => StoreError::Pool(format!("the batch's transaction failed: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use diesel::connection::{SimpleConnection, TransactionManager};
+    use diesel::RunQueryDsl;
+
+    use super::{begin, WRITE_LOCK};
+    use crate::config::Synchronous;
+    use crate::error::StoreError;
+    use crate::store::conn::Connector;
+    use crate::store::sql::Sql;
+    use crate::store::testing::TempDb;
+    use crate::store::{Backend, Conn};
+
+    /// A batch that cannot take the write lock within `lock_timeout` fails
+    /// `Busy`, and its connection is usable for the next batch (the server's
+    /// aborted transaction was ended).
+    #[test]
+    fn a_batch_that_cannot_take_the_write_lock_fails_busy_and_keeps_its_connection() {
+        let t = TempDb::new(Backend::Postgres);
+        let connector = Connector::new(&t.url(), Synchronous::Full);
+        let mut holder = connector.connect().expect("connect");
+        holder
+            .batch_execute(&format!("SELECT pg_advisory_lock({WRITE_LOCK})"))
+            .expect("take the write lock");
+        let mut conn = connector.connect().expect("connect");
+        conn.batch_execute("SET lock_timeout = 50")
+            .expect("set lock_timeout");
+        let refused = begin(&mut conn);
+        assert!(matches!(refused, Err(StoreError::Busy(_))), "{refused:?}");
+
+        holder
+            .batch_execute(&format!("SELECT pg_advisory_unlock({WRITE_LOCK})"))
+            .expect("give the write lock back");
+        begin(&mut conn).expect("the next batch begins on the same connection");
+        crate::on_backend!(&mut conn, |c| Sql::new("RELEASE herald_unit").execute(c))
+            .expect("inside the first unit's savepoint");
+        <Conn as TransactionManager<Conn>>::commit_transaction(&mut conn).expect("commit");
     }
 }
