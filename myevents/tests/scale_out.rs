@@ -334,6 +334,59 @@ async fn rows_written_by_one_instance_go_out_through_the_other_without_waiting_f
     assert_eq!(sent, EVENTS as i64);
 }
 
+/// Rows for the partitions of an instance killed with `kill -9` go out
+/// through the instance that takes those partitions over as soon as it takes
+/// them, not at its poll interval (an hour here): nothing is committed after
+/// the takeover to wake its relay. The rows are written while the dead
+/// instance's leases still run (12 s here), so the survivor's relay skips
+/// them until it holds their partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rows_of_a_killed_instances_partitions_go_out_when_they_are_taken_over() {
+    const EVENTS: usize = 40;
+    let vhost = TestVhost::new();
+    let dir = DataDir::on(Backend::Postgres);
+    let settings = [
+        ("HERALD__OUTBOX__POLL_INTERVAL", "1h"),
+        ("HERALD__RUNTIME__LEASE", "12s"),
+    ];
+    let mut events = instances_with(Kind::Events, 2, &vhost, &dir, &settings).await;
+    let location =
+        create_location(&events[0].api, json!([{"name": "Hall A", "capacity": 10}])).await;
+    let location = location["ID"].as_str().unwrap().to_owned();
+    events.remove(1).kill9().await;
+    for n in 0..EVENTS {
+        create_event(
+            &events[0].api,
+            &format!("Show {n}"),
+            &location,
+            Some("Hall A"),
+        )
+        .await;
+    }
+    let partitions: usize = PARTITIONS.parse().unwrap();
+    let held = events[0].admin.get("/partitions").await.json()["held"]
+        .as_array()
+        .map_or(0, Vec::len);
+    assert!(
+        held < partitions,
+        "the survivor took the dead instance's partitions before the rows were written"
+    );
+    let db = database(&dir, Kind::Events);
+    let sent = wait_for_count("outbox rows sent", EVENTS as i64, || {
+        count(
+            &db,
+            "SELECT count(*) AS n FROM outbox WHERE status <> 'pending' \
+             AND event_name = 'eventCreated'",
+        )
+    })
+    .await;
+    assert_eq!(sent, EVENTS as i64);
+    let held = events[0].admin.get("/partitions").await.json()["held"]
+        .as_array()
+        .map_or(0, Vec::len);
+    assert_eq!(held, partitions, "the survivor holds every partition");
+}
+
 /// Whether every spy queue (`listen-…`) of the vhost is empty.
 async fn queue_messages_listening(vhost: &TestVhost) -> bool {
     all_queues(vhost)

@@ -238,6 +238,15 @@ fn publishable(
     Ok(rows)
 }
 
+/// Resolves when this instance takes a partition; never in a context
+/// without partitions.
+async fn partition_taken(taken: Option<tokio::sync::futures::Notified<'_>>) {
+    match taken {
+        Some(taken) => taken.await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The relay's loop; it only ends by panicking or with its actor.
 ///
 /// Each round reads up to `outbox.batch` publishable rows (none behind a
@@ -268,20 +277,18 @@ async fn relay(parts: RelayParts) {
             Some(partitions) => Some(partitions.held.read().await),
             None => None,
         };
+        // Waits below start from here, before the guard is dropped: a
+        // partition taken meanwhile (the taker waits for the guard) wakes them.
+        let taken = partitions.as_ref().map(|p| p.taken.notified());
         let slices: Vec<(u16, u16)> = match (&partitions, &held) {
             (Some(partitions), Some(held)) => held.iter().map(|p| (partitions.count, *p)).collect(),
             _ => vec![(1, 0)],
         };
         if slices.is_empty() {
-            if let Some(partitions) = &partitions {
-                // Waiting from before the guard is dropped: a partition
-                // taken in between (the taker waits for the guard) wakes it.
-                let taken = partitions.taken.notified();
-                drop(held);
-                tokio::select! {
-                    () = taken => {}
-                    () = tokio::time::sleep(settings.poll_interval) => {}
-                }
+            drop(held);
+            tokio::select! {
+                () = partition_taken(taken) => {}
+                () = tokio::time::sleep(settings.poll_interval) => {}
             }
             continue;
         }
@@ -308,9 +315,11 @@ async fn relay(parts: RelayParts) {
                     at.saturating_duration_since(now)
                         .min(settings.poll_interval)
                 });
+            // A partition taken over may hold rows nobody committed since.
             tokio::select! {
-                _ = db.committed() => {}
-                _ = tokio::time::sleep(wait) => {}
+                () = db.committed() => {}
+                () = partition_taken(taken) => {}
+                () = tokio::time::sleep(wait) => {}
             }
             continue;
         }
