@@ -338,8 +338,9 @@ async fn rows_written_by_one_instance_go_out_through_the_other_without_waiting_f
 /// through the instance that takes those partitions over as soon as it takes
 /// them, not at its poll interval (an hour here): nothing is committed after
 /// the takeover to wake its relay. The rows are written while the dead
-/// instance's leases still run (12 s here), so the survivor's relay skips
-/// them until it holds their partitions.
+/// instance's leases still run (15 s here, renewed every third of it: at
+/// least 10 s left at the kill, taken over within 20 s), so the survivor's
+/// relay skips them until it holds their partitions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rows_of_a_killed_instances_partitions_go_out_when_they_are_taken_over() {
     const EVENTS: usize = 40;
@@ -347,7 +348,7 @@ async fn rows_of_a_killed_instances_partitions_go_out_when_they_are_taken_over()
     let dir = DataDir::on(Backend::Postgres);
     let settings = [
         ("HERALD__OUTBOX__POLL_INTERVAL", "1h"),
-        ("HERALD__RUNTIME__LEASE", "12s"),
+        ("HERALD__RUNTIME__LEASE", "15s"),
     ];
     let mut events = instances_with(Kind::Events, 2, &vhost, &dir, &settings).await;
     let location =

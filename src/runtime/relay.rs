@@ -296,6 +296,7 @@ async fn relay(parts: RelayParts) {
             Ok(rows) => rows,
             Err(error) => {
                 log::warn!(target: "herald::relay", "context={context} cannot read the outbox: {error}");
+                drop(held);
                 tokio::time::sleep(backoff.next_delay()).await;
                 continue;
             }
@@ -305,8 +306,8 @@ async fn relay(parts: RelayParts) {
             .into_iter()
             .partition(|row| refusals.due(row.position, now));
         if window.is_empty() {
-            // Not while waiting: taking or giving back a partition would
-            // wait for the poll interval.
+            // Never held while waiting (here or in a backoff): taking or
+            // giving back a partition would wait for it.
             drop(held);
             // Nothing, or only refused rows waiting for their retry.
             let wait = refusals
@@ -402,6 +403,8 @@ async fn relay(parts: RelayParts) {
                 log::warn!(target: "herald::relay", "context={context} cannot mark rows: {error}")
             }
         }
+        // The window is published and marked.
+        drop(held);
         match transient_error {
             Some(error) => {
                 let delay = backoff.next_delay();

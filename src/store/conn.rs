@@ -136,6 +136,26 @@ impl Connector {
         self.backend
     }
 
+    /// The same PostgreSQL database with libpq `parameters` added to the
+    /// URL's query, each unless the URL sets it already.
+    pub(crate) fn with_defaults(&self, parameters: &[(&str, &str)]) -> Connector {
+        let mut url = self.url.clone();
+        let query = url.split_once('?').map_or("", |(_, q)| q).to_owned();
+        for (key, value) in parameters {
+            let set = query
+                .split('&')
+                .any(|p| p.split_once('=').map_or(p, |(k, _)| k) == *key);
+            if !set {
+                url.push(if url.contains('?') { '&' } else { '?' });
+                url.push_str(&format!("{key}={value}"));
+            }
+        }
+        Connector {
+            url,
+            ..self.clone()
+        }
+    }
+
     /// A new connection.
     ///
     /// # Errors
@@ -211,7 +231,26 @@ impl diesel::r2d2::ManageConnection for Connector {
 
 #[cfg(test)]
 mod tests {
-    use super::Backend;
+    use super::{Backend, Connector};
+    use crate::config::Synchronous;
+
+    #[test]
+    fn parameters_are_added_to_a_url_unless_it_sets_them() {
+        let defaults = [("connect_timeout", "10"), ("keepalives_idle", "30")];
+        let plain = Connector::new("postgres://h/db", Synchronous::Full);
+        assert_eq!(
+            plain.with_defaults(&defaults).url,
+            "postgres://h/db?connect_timeout=10&keepalives_idle=30"
+        );
+        let set = Connector::new(
+            "postgres://h/db?sslmode=require&connect_timeout=3",
+            Synchronous::Full,
+        );
+        assert_eq!(
+            set.with_defaults(&defaults).url,
+            "postgres://h/db?sslmode=require&connect_timeout=3&keepalives_idle=30"
+        );
+    }
 
     #[test]
     fn postgres_urls_pick_postgresql_and_everything_else_sqlite() {

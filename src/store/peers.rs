@@ -6,12 +6,14 @@
 //! reached that instance) would wait for the relay's `outbox.poll_interval`.
 //!
 //! So once [`Db::share_outbox`](super::Db::share_outbox) was called on a
-//! PostgreSQL database, a writer batch that appended outbox rows (or made
-//! parked or unrouted rows pending again) also runs
-//! `pg_notify('herald_outbox', <token>)` before it commits; PostgreSQL
-//! delivers it to the listeners when, and only if, the batch commits (a
-//! unit rolled back alone may still have its batch announced: a wake-up
-//! that finds nothing costs one read). A
+//! PostgreSQL database, the writer follows a committed batch that appended
+//! outbox rows (or made parked or unrouted rows pending again) with
+//! `SELECT pg_notify('herald_outbox', <token>)`, a statement of its own: a
+//! failure is logged and fails nothing (the rows are found at the poll
+//! interval then), and PostgreSQL's lock on its notification queue, taken
+//! at the commit of a transaction that notified, is never held together
+//! with the write lock. (A unit rolled back alone may still have its batch
+//! announced: a wake-up that finds nothing costs one read.) A
 //! thread of the `Db` listens on a connection of its own and wakes the relay
 //! when an announcement with another `Db`'s token arrives (its own commits
 //! wake it already). The channel is the database's, as the outbox is.
@@ -37,7 +39,7 @@ use tokio::sync::Notify;
 
 use super::conn::Connector;
 use super::sql::Sql;
-use super::Conn;
+use super::{Backend, Conn};
 use crate::error::StoreError;
 
 const TARGET: &str = "herald::store";
@@ -65,7 +67,7 @@ impl Announcer {
         self.on.load(Ordering::Relaxed)
     }
 
-    /// Announces the batch in progress on `conn`: delivered when it commits.
+    /// Announces on `conn`, outside any transaction: delivered at once.
     pub(crate) fn announce(&self, conn: &mut Conn) -> Result<(), StoreError> {
         if let Conn::Postgres(c) = conn {
             Sql::new("SELECT pg_notify(?, ?)")
@@ -95,6 +97,19 @@ struct Listener {
 
 impl Peers {
     pub(crate) fn new(connector: Connector) -> Peers {
+        // The listener only reads: a connection that died without a word
+        // (a middlebox's idle timeout) is noticed by keepalives within about
+        // a minute, and a connect to an unreachable server gives up after
+        // ten seconds (dropping the last `Db` waits for the listener).
+        let connector = match connector.backend() {
+            Backend::Postgres => connector.with_defaults(&[
+                ("connect_timeout", "10"),
+                ("keepalives_idle", "30"),
+                ("keepalives_interval", "10"),
+                ("keepalives_count", "3"),
+            ]),
+            Backend::Sqlite => connector,
+        };
         Peers {
             connector,
             announcer: Arc::new(Announcer {

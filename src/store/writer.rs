@@ -283,8 +283,8 @@ impl WriterThread {
             }
         };
         let cache = &mut self.cache;
-        let announcer = &self.announcer;
         let mut outcomes: Vec<Reply> = Vec::with_capacity(works.len());
+        let mut appended = false;
         let result = in_transaction(conn, |conn| {
             projection::batch::open();
             outbox::appended::take();
@@ -292,9 +292,7 @@ impl WriterThread {
             for (index, work) in works.into_iter().enumerate() {
                 outcomes.push(run_unit(conn, cache, work, index == last)?);
             }
-            if outbox::appended::take() && announcer.is_on() {
-                announcer.announce(conn)?;
-            }
+            appended = outbox::appended::take();
             projection::batch::flush(conn)
         });
         projection::batch::close();
@@ -312,6 +310,9 @@ impl WriterThread {
                 }
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(outcome);
+                }
+                if appended {
+                    self.announce();
                 }
             }
             Err(error) => {
@@ -336,6 +337,26 @@ impl WriterThread {
                     };
                     let _ = reply.send(outcome);
                 }
+            }
+        }
+    }
+
+    /// Tells the other instances' relays that the committed batch made
+    /// outbox rows pending, if they are to be told: after the commit, in a
+    /// statement of its own, so a failed announcement fails nothing (their
+    /// relays find the rows at their poll interval then), and PostgreSQL's
+    /// lock on its notification queue is never held with the write lock.
+    fn announce(&mut self) {
+        if !self.announcer.is_on() {
+            return;
+        }
+        if let Some(conn) = self.conn.as_mut() {
+            if let Err(error) = self.announcer.announce(conn) {
+                log::warn!(
+                    target: "herald::store",
+                    "cannot announce new outbox rows to the other instances: {error} \
+                     (their relays find them within outbox.poll_interval)"
+                );
             }
         }
     }
