@@ -292,6 +292,23 @@ async fn rows_written_by_one_instance_go_out_through_the_other_without_waiting_f
     let dir = DataDir::on(Backend::Postgres);
     let poll = [("HERALD__OUTBOX__POLL_INTERVAL", "1h")];
     let events = instances_with(Kind::Events, 2, &vhost, &dir, &poll).await;
+    let listening = eventually(LIVENESS, || async {
+        let mut all = true;
+        for instance in &events {
+            all &= instance.admin.get("/partitions").await.json()["listening"] == json!(true);
+        }
+        all
+    })
+    .await;
+    assert!(
+        listening,
+        "an instance does not listen for the others' rows"
+    );
+    let metrics = events[1].admin.get("/metrics").await.text();
+    assert!(
+        metrics.contains("herald_outbox_listening{context=\"events\"} 1"),
+        "{metrics}"
+    );
     let location =
         create_location(&events[0].api, json!([{"name": "Hall A", "capacity": 10}])).await;
     let location = location["ID"].as_str().unwrap().to_owned();

@@ -330,6 +330,7 @@ async fn partitions(admin: web::Data<Admin>) -> Result<HttpResponse, ApiError> {
             "partitions": view.count,
             "held": view.held,
             "live_instances": view.live_instances,
+            "listening": view.listening,
             "owners": owners,
         }),
     ))

@@ -435,6 +435,7 @@ impl ContextHandle {
                 count: partitions.count(),
                 held: partitions.held(),
                 live_instances: partitions.live_instances(),
+                listening: self.store.as_ref().and_then(Db::outbox_listening),
             }),
         }
     }
@@ -833,6 +834,10 @@ pub struct PartitionsView {
     pub held: Vec<u16>,
     /// Instances alive at the last lease round, this one included.
     pub live_instances: usize,
+    /// Whether the other instances' outbox announcements reach this one's
+    /// relay (PostgreSQL; `None` on SQLite): while `false` the rows they
+    /// write for this instance's partitions wait for `outbox.poll_interval`.
+    pub listening: Option<bool>,
 }
 
 /// Where a context's deliveries come from.

@@ -54,6 +54,7 @@ pub struct Metrics {
     cache_entries: IntGaugeVec,
     partitions_held: IntGaugeVec,
     partition_instances: IntGaugeVec,
+    outbox_listening: IntGaugeVec,
     cache_hits: IntCounterVec,
     cache_misses: IntCounterVec,
 }
@@ -218,6 +219,13 @@ impl Metrics {
                 "Instances of the context alive at the last lease round",
                 &["context"],
             ),
+            outbox_listening: gauge(
+                &r,
+                "herald_outbox_listening",
+                "1 while other instances' outbox announcements reach this relay \
+                 (a partitioned context on PostgreSQL), 0 while they cannot",
+                &["context"],
+            ),
             cache_hits: counter(
                 &r,
                 "herald_aggregate_cache_hits_total",
@@ -288,6 +296,11 @@ impl Metrics {
             self.partition_instances
                 .with_label_values(&[&self.context])
                 .set(count(view.live_instances));
+            if let Some(listening) = view.listening {
+                self.outbox_listening
+                    .with_label_values(&[&self.context])
+                    .set(i64::from(listening));
+            }
         }
         if let Some(writer) = writer {
             let total = |counter: &IntCounterVec, value: u64| {

@@ -327,6 +327,14 @@ impl Db {
             self.peers.share(&self.committed);
         }
     }
+
+    /// Whether other instances' announced commits reach this database's
+    /// relay now: `None` unless the outbox is shared on PostgreSQL, `false`
+    /// while its listener has no connection (their rows then wait for
+    /// `outbox.poll_interval`).
+    pub fn outbox_listening(&self) -> Option<bool> {
+        self.peers.listening()
+    }
 }
 
 /// Milliseconds since the Unix epoch, the time unit of every table.

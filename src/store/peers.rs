@@ -86,6 +86,8 @@ pub(crate) struct Peers {
     announcer: Arc<Announcer>,
     connector: Connector,
     listener: Mutex<Option<Listener>>,
+    /// Whether the listener listens now.
+    listening: Arc<AtomicBool>,
 }
 
 #[derive(Debug)]
@@ -117,7 +119,20 @@ impl Peers {
                 token: uuid::Uuid::new_v4().simple().to_string(),
             }),
             listener: Mutex::new(None),
+            listening: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Whether other instances' announcements reach this `Db` now: `None`
+    /// before [`Peers::share`] (or on SQLite), `false` while the listener
+    /// has no connection.
+    pub(crate) fn listening(&self) -> Option<bool> {
+        let started = self
+            .listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        started.then(|| self.listening.load(Ordering::Relaxed))
     }
 
     pub(crate) fn announcer(&self) -> Arc<Announcer> {
@@ -135,10 +150,17 @@ impl Peers {
         let token = self.announcer.token.clone();
         let connector = self.connector.clone();
         let relay = Arc::downgrade(relay);
+        let listening = self.listening.clone();
         let spawned = std::thread::Builder::new()
             .name("herald-outbox-listener".into())
             .spawn(move || {
-                listen(&connector, &token, &relay, || {
+                let ears = Ears {
+                    connector: &connector,
+                    token: &token,
+                    relay: &relay,
+                    listening: &listening,
+                };
+                ears.listen(|| {
                     matches!(
                         stopped.recv_timeout(LOOK_EVERY),
                         Err(RecvTimeoutError::Timeout)
@@ -174,54 +196,81 @@ impl Drop for Peers {
     }
 }
 
-/// The listener's loop: `wait` sleeps [`LOOK_EVERY`] and says whether to go
-/// on; it ends when the `Db` is dropped.
-fn listen(
-    connector: &Connector,
-    token: &str,
-    relay: &Weak<Notify>,
-    mut wait: impl FnMut() -> bool,
-) {
-    let mut failing = false;
-    loop {
-        match listening(connector) {
-            Ok(mut conn) => {
-                if failing {
-                    log::info!(target: TARGET, "the outbox listener listens again");
+/// What the listener thread works with.
+struct Ears<'a> {
+    connector: &'a Connector,
+    token: &'a str,
+    relay: &'a Weak<Notify>,
+    listening: &'a AtomicBool,
+}
+
+impl Ears<'_> {
+    /// The listener's loop: `wait` sleeps [`LOOK_EVERY`] and says whether to
+    /// go on; it ends when the `Db` is dropped.
+    fn listen(&self, mut wait: impl FnMut() -> bool) {
+        let mut failing = false;
+        loop {
+            match listening(self.connector) {
+                Ok(mut conn) => {
+                    self.listening.store(true, Ordering::Relaxed);
+                    if failing {
+                        log::info!(target: TARGET, "the outbox listener listens again");
+                    }
+                    // Rows may have been announced while nobody listened.
+                    if !wake(self.relay) {
+                        return;
+                    }
+                    let read = self.read(&mut conn, &mut wait);
+                    self.listening.store(false, Ordering::Relaxed);
+                    match read {
+                        Ok(()) => return,
+                        Err(error) => {
+                            log::warn!(
+                                target: TARGET,
+                                "the outbox listener lost its connection: {error} \
+                                 (rows of other instances wait for outbox.poll_interval meanwhile)"
+                            );
+                            failing = true;
+                        }
+                    }
                 }
-                // Rows may have been announced while nobody listened.
-                if !wake(relay) {
-                    return;
-                }
-                match read(&mut conn, token, relay, &mut wait) {
-                    Ok(()) => return,
-                    Err(error) => {
+                Err(error) => {
+                    if !failing {
                         log::warn!(
                             target: TARGET,
-                            "the outbox listener lost its connection: {error} \
-                             (rows of other instances wait for outbox.poll_interval meanwhile)"
+                            "the outbox listener cannot listen: {error} (trying again every {RECONNECT_EVERY:?})"
                         );
                         failing = true;
                     }
                 }
             }
-            Err(error) => {
-                if !failing {
-                    log::warn!(
-                        target: TARGET,
-                        "the outbox listener cannot listen: {error} (trying again every {RECONNECT_EVERY:?})"
-                    );
-                    failing = true;
+            // Waits RECONNECT_EVERY in steps, stopping at once when asked to.
+            let steps = RECONNECT_EVERY.as_millis() / LOOK_EVERY.as_millis().max(1);
+            for _ in 0..steps {
+                if !wait() {
+                    return;
                 }
             }
         }
-        // Waits RECONNECT_EVERY in steps, stopping at once when asked to.
-        let steps = RECONNECT_EVERY.as_millis() / LOOK_EVERY.as_millis().max(1);
-        for _ in 0..steps {
-            if !wait() {
-                return;
+    }
+
+    /// Reads the notifications as they come until `wait` says stop (`Ok`)
+    /// or the connection fails.
+    fn read(
+        &self,
+        conn: &mut PgConnection,
+        wait: &mut impl FnMut() -> bool,
+    ) -> Result<(), StoreError> {
+        while wait() {
+            let mut theirs = false;
+            for notification in conn.notifications_iter() {
+                theirs |= notification?.payload != self.token;
+            }
+            if theirs && !wake(self.relay) {
+                return Ok(());
             }
         }
+        Ok(())
     }
 }
 
@@ -234,26 +283,6 @@ fn listening(connector: &Connector) -> Result<PgConnection, StoreError> {
         }
         Conn::Sqlite(_) => Err(StoreError::Pool("announcements need PostgreSQL".to_owned())),
     }
-}
-
-/// Reads the notifications as they come until `wait` says stop (`Ok`) or
-/// the connection fails.
-fn read(
-    conn: &mut PgConnection,
-    token: &str,
-    relay: &Weak<Notify>,
-    wait: &mut impl FnMut() -> bool,
-) -> Result<(), StoreError> {
-    while wait() {
-        let mut theirs = false;
-        for notification in conn.notifications_iter() {
-            theirs |= notification?.payload != token;
-        }
-        if theirs && !wake(relay) {
-            return Ok(());
-        }
-    }
-    Ok(())
 }
 
 /// Wakes the relay; `false` once the `Db` is gone.
@@ -290,6 +319,7 @@ mod tests {
         // Its listener wakes it once when it listens: from then on only an
         // announcement does (nothing is written through `other`).
         assert!(woken(&other).await, "the listener never listened");
+        assert_eq!(other.outbox_listening(), Some(true));
         let envelope = Envelope {
             meta: Metadata {
                 id: Some(new_id()),
@@ -307,5 +337,14 @@ mod tests {
             .expect("append a row");
         assert!(woken(&other).await, "the other instance was not woken");
         drop(other);
+    }
+
+    #[tokio::test]
+    async fn nothing_listens_on_sqlite_or_before_the_outbox_is_shared() {
+        let postgres = TempDb::new(Backend::Postgres);
+        assert_eq!(postgres.db.outbox_listening(), None);
+        let sqlite = TempDb::new(Backend::Sqlite);
+        sqlite.db.share_outbox();
+        assert_eq!(sqlite.db.outbox_listening(), None);
     }
 }
