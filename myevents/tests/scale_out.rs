@@ -309,18 +309,7 @@ async fn rows_written_by_one_instance_go_out_through_the_other_without_waiting_f
         metrics.contains("herald_outbox_listening{context=\"events\"} 1"),
         "{metrics}"
     );
-    let location =
-        create_location(&events[0].api, json!([{"name": "Hall A", "capacity": 10}])).await;
-    let location = location["ID"].as_str().unwrap().to_owned();
-    for n in 0..EVENTS {
-        create_event(
-            &events[0].api,
-            &format!("Show {n}"),
-            &location,
-            Some("Hall A"),
-        )
-        .await;
-    }
+    shows(&events[0].api, EVENTS).await;
     let db = database(&dir, Kind::Events);
     let held = events[1].admin.get("/partitions").await.json()["held"].clone();
     let held: Vec<String> = held
@@ -339,16 +328,7 @@ async fn rows_written_by_one_instance_go_out_through_the_other_without_waiting_f
         theirs > 0,
         "no row fell to the second instance's partitions"
     );
-    // Nothing consumes eventCreated here: a row the broker took is unrouted.
-    let sent = wait_for_count("outbox rows sent", EVENTS as i64, || {
-        count(
-            &db,
-            "SELECT count(*) AS n FROM outbox WHERE status <> 'pending' \
-             AND event_name = 'eventCreated'",
-        )
-    })
-    .await;
-    assert_eq!(sent, EVENTS as i64);
+    assert_eq!(all_sent(&db, EVENTS).await, EVENTS as i64);
 }
 
 /// Rows for the partitions of an instance killed with `kill -9` go out
@@ -368,41 +348,47 @@ async fn rows_of_a_killed_instances_partitions_go_out_when_they_are_taken_over()
         ("HERALD__RUNTIME__LEASE", "15s"),
     ];
     let mut events = instances_with(Kind::Events, 2, &vhost, &dir, &settings).await;
-    let location =
-        create_location(&events[0].api, json!([{"name": "Hall A", "capacity": 10}])).await;
-    let location = location["ID"].as_str().unwrap().to_owned();
     events.remove(1).kill9().await;
-    for n in 0..EVENTS {
-        create_event(
-            &events[0].api,
-            &format!("Show {n}"),
-            &location,
-            Some("Hall A"),
-        )
-        .await;
-    }
+    shows(&events[0].api, EVENTS).await;
     let partitions: usize = PARTITIONS.parse().unwrap();
-    let held = events[0].admin.get("/partitions").await.json()["held"]
-        .as_array()
-        .map_or(0, Vec::len);
+    let held = held_count(&events[0]).await;
     assert!(
         held < partitions,
         "the survivor took the dead instance's partitions before the rows were written"
     );
     let db = database(&dir, Kind::Events);
-    let sent = wait_for_count("outbox rows sent", EVENTS as i64, || {
+    assert_eq!(all_sent(&db, EVENTS).await, EVENTS as i64);
+    let held = held_count(&events[0]).await;
+    assert_eq!(held, partitions, "the survivor holds every partition");
+}
+
+/// One location with a hall, and `n` events in it, created through `events`.
+async fn shows(events: &Api, n: usize) {
+    let location = create_location(events, json!([{"name": "Hall A", "capacity": 10}])).await;
+    let location = location["ID"].as_str().unwrap().to_owned();
+    for i in 0..n {
+        create_event(events, &format!("Show {i}"), &location, Some("Hall A")).await;
+    }
+}
+
+/// Waits until `n` `eventCreated` rows were sent; returns how many were.
+/// Nothing consumes them in these tests: a row the broker took is unrouted.
+async fn all_sent(db: &herald::store::Db, n: usize) -> i64 {
+    wait_for_count("outbox rows sent", n as i64, || {
         count(
-            &db,
+            db,
             "SELECT count(*) AS n FROM outbox WHERE status <> 'pending' \
              AND event_name = 'eventCreated'",
         )
     })
-    .await;
-    assert_eq!(sent, EVENTS as i64);
-    let held = events[0].admin.get("/partitions").await.json()["held"]
+    .await
+}
+
+/// How many partitions `instance` holds now.
+async fn held_count(instance: &Service) -> usize {
+    instance.admin.get("/partitions").await.json()["held"]
         .as_array()
-        .map_or(0, Vec::len);
-    assert_eq!(held, partitions, "the survivor holds every partition");
+        .map_or(0, Vec::len)
 }
 
 /// Whether every spy queue (`listen-…`) of the vhost is empty.

@@ -48,7 +48,7 @@ const TARGET: &str = "herald::store";
 const CHANNEL: &str = "herald_outbox";
 
 /// How often the listener reads the notifications that arrived.
-pub(crate) const LOOK_EVERY: Duration = Duration::from_millis(10);
+const LOOK_EVERY: Duration = Duration::from_millis(10);
 
 /// How long a listener without a connection waits before it tries again.
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
@@ -210,7 +210,7 @@ impl Ears<'_> {
     fn listen(&self, mut wait: impl FnMut() -> bool) {
         let mut failing = false;
         loop {
-            match listening(self.connector) {
+            match connect_listening(self.connector) {
                 Ok(mut conn) => {
                     self.listening.store(true, Ordering::Relaxed);
                     if failing {
@@ -275,7 +275,7 @@ impl Ears<'_> {
 }
 
 /// A new connection that listens on the channel.
-fn listening(connector: &Connector) -> Result<PgConnection, StoreError> {
+fn connect_listening(connector: &Connector) -> Result<PgConnection, StoreError> {
     match connector.connect()? {
         Conn::Postgres(mut conn) => {
             conn.batch_execute(&format!("LISTEN {CHANNEL}"))?;
