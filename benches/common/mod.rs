@@ -6,6 +6,8 @@
 //! - [`Publisher`]: a confirm-mode channel that declares queues and fills them
 //!   with persistent messages as herald publishes them (pipelined confirms);
 //! - [`consume_raw`]: the raw lapin reference, one awaited ack per message;
+//! - [`carry_raw`]: the broker's own end-to-end rate, a confirmed publisher
+//!   and [`consume_raw`] at once;
 //! - [`noop_vs_raw`]: a no-op handler through herald against [`consume_raw`],
 //!   alternating for some rounds on the same queue settings;
 //! - small statistics helpers.
@@ -398,6 +400,34 @@ pub async fn consume_raw(
     let elapsed = started.elapsed();
     channel.close(200, "done".into()).await?;
     Ok(elapsed)
+}
+
+/// What the broker alone carries end to end: messages `first..first + n`
+/// made by `message`, published to the exchange with confirms (as
+/// [`Publisher::fill`]) while [`consume_raw`] takes them from `queue` (bound
+/// to their routing keys) on `consumer` and acks each, both at once. Timed
+/// from the start of both to the last ack. No program that publishes each
+/// message through this broker and consumes it again can beat this rate on
+/// the same machine.
+pub async fn carry_raw<F>(
+    publisher: &Publisher,
+    consumer: &Connection,
+    queue: &str,
+    (first, n): (u64, usize),
+    prefetch: u16,
+    message: F,
+) -> BenchResult<Duration>
+where
+    F: FnMut(u64) -> BenchResult<herald::transport::Message>,
+{
+    let started = Instant::now();
+    let (consumed, published) = tokio::join!(
+        consume_raw(consumer, queue, n, prefetch),
+        publisher.fill(Route::Exchange, first, n, message)
+    );
+    published?;
+    consumed?;
+    Ok(started.elapsed())
 }
 
 /// Runs a context with a no-op handler on `broker` (any transport) until its

@@ -10,6 +10,13 @@
 //!   seat answered 201 (`GET /events/{id}`): the outbox relay's publishes and
 //!   the events context's applies are inside the window.
 //!
+//! And what RabbitMQ alone carries end to end on this machine, in the same
+//! round: `requests` `eventBooked` messages published with confirms by raw
+//! lapin while a raw consumer acks each (`carry_raw`). Every booking makes one
+//! such trip (booking's relay to the events context), so no booking service
+//! on this broker and these cores can answer faster than that; the RabbitMQ
+//! server's CPU per message is printed for both.
+//!
 //! Then the last-seat race: an event of `race_capacity` seats and
 //! `race_clients` single-seat POSTs sent at once.
 
@@ -19,10 +26,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::amqp::{median, rate, BenchResult, Vhost};
-use crate::durable::{create_event, create_location, metric};
+use crate::amqp::{carry_raw, median, rate, BenchResult, Publisher, Vhost};
+use crate::durable::{booked, create_event, create_location, metric};
 use crate::http::{self, Api, Connection, Load, Request};
-use crate::process::{Binary, Kind};
+use crate::process::{broker_pid, config, cpu_time_of, Binary, Kind};
 use crate::table::{int, ms, Row};
 use crate::Plan;
 
@@ -36,6 +43,72 @@ const POLL: Duration = Duration::from_millis(5);
 struct Contexts {
     events: Binary,
     booking: Binary,
+    broker: Broker,
+}
+
+/// Raw lapin on the bench's vhost, for what the broker alone carries.
+struct Broker {
+    publisher: Publisher,
+    consumer: lapin::Connection,
+    publishing: lapin::Connection,
+    /// The events context's `broker.prefetch`, for the consumer.
+    prefetch: u16,
+    /// The RabbitMQ server's process, when it runs on this machine.
+    pid: Option<u32>,
+}
+
+/// The exchange and queue of `carry_raw`, apart from the contexts' own.
+const CEILING: &str = "bench-ceiling";
+
+impl Broker {
+    async fn open(vhost: &Vhost) -> BenchResult<Self> {
+        let publishing = vhost.connect("bench-ceiling-publisher").await?;
+        let publisher = Publisher::open(&publishing, CEILING).await?;
+        publisher
+            .declare(
+                CEILING,
+                Some(<myevents::contract::EventBooked as herald::Event>::NAME),
+            )
+            .await?;
+        Ok(Broker {
+            publisher,
+            consumer: vhost.connect("bench-ceiling-consumer").await?,
+            publishing,
+            prefetch: herald::Settings::load(&config(Kind::Events))?
+                .broker
+                .prefetch,
+            pid: broker_pid(),
+        })
+    }
+
+    /// The server's CPU time so far (zero when it runs elsewhere).
+    fn cpu_time(&self) -> BenchResult<Duration> {
+        self.pid.map_or(Ok(Duration::ZERO), cpu_time_of)
+    }
+
+    /// `n` `eventBooked` carried from a confirmed publisher to an acking
+    /// consumer; the time, and the server's CPU per message.
+    async fn carry(&self, n: usize) -> BenchResult<(Duration, Duration)> {
+        let event = uuid::Uuid::new_v4().to_string();
+        let cpu = self.cpu_time()?;
+        let elapsed = carry_raw(
+            &self.publisher,
+            &self.consumer,
+            CEILING,
+            (0, n),
+            self.prefetch,
+            |seq| booked(&event, seq),
+        )
+        .await?;
+        Ok((elapsed, self.cpu_time()?.saturating_sub(cpu) / n as u32))
+    }
+
+    async fn close(self) -> BenchResult<()> {
+        self.publisher.delete(CEILING).await?;
+        self.consumer.close(200, "done".into()).await?;
+        self.publishing.close(200, "done".into()).await?;
+        Ok(())
+    }
 }
 
 impl Contexts {
@@ -87,6 +160,8 @@ struct Round {
     answered_rate: f64,
     post_p50: Duration,
     post_p99: Duration,
+    /// What RabbitMQ alone carries end to end, messages per second.
+    carried_rate: f64,
 }
 
 /// A context's database writer so far: units committed, transactions.
@@ -112,12 +187,18 @@ pub async fn measure(plan: &Plan, vhost: &Vhost, dir: &Path) -> BenchResult<Vec<
     let contexts = Contexts {
         events: Binary::start(Kind::Events, &vhost.url, dir).await?,
         booking: Binary::start(Kind::Booking, &vhost.url, dir).await?,
+        broker: Broker::open(vhost).await?,
     };
     let measured = rounds(plan, &contexts).await;
-    let stopped = (contexts.booking.stop().await, contexts.events.stop().await);
+    let stopped = (
+        contexts.booking.stop().await,
+        contexts.events.stop().await,
+        contexts.broker.close().await,
+    );
     let rows = measured?;
     stopped.0?;
     stopped.1?;
+    stopped.2?;
     Ok(rows)
 }
 
@@ -144,12 +225,17 @@ async fn rounds(plan: &Plan, contexts: &Contexts) -> BenchResult<Vec<Row>> {
             return Err(format!("GET /bookings/{{id}}: {}", gets.statuses_line()).into());
         }
         let (get_p50, get_p99) = percentiles(&mut gets)?;
+        let (carried, carried_cpu) = contexts.broker.carry(n).await?;
 
         let event = contexts
             .event(&format!("Round {round}"), &location, "Main")
             .await?;
         let post = Request::post_json(format!("/events/{event}/bookings"), &json!({"seats": 1}));
-        let cpu = (contexts.booking.cpu_time()?, contexts.events.cpu_time()?);
+        let cpu = (
+            contexts.booking.cpu_time()?,
+            contexts.events.cpu_time()?,
+            contexts.broker.cpu_time()?,
+        );
         let batches = (
             writer(contexts.booking.admin).await?,
             writer(contexts.events.admin).await?,
@@ -160,6 +246,7 @@ async fn rounds(plan: &Plan, contexts: &Contexts) -> BenchResult<Vec<Row>> {
         let cpu = (
             contexts.booking.cpu_time()?.saturating_sub(cpu.0),
             contexts.events.cpu_time()?.saturating_sub(cpu.1),
+            contexts.broker.cpu_time()?.saturating_sub(cpu.2),
         );
         let per_batch = |(units, batches): (u64, u64), (u, b): (u64, u64)| {
             (u - units) as f64 / (b - batches).max(1) as f64
@@ -190,13 +277,20 @@ async fn rounds(plan: &Plan, contexts: &Contexts) -> BenchResult<Vec<Row>> {
         );
         // CPU time per request: steadier than the rates on a busy machine.
         println!(
-            "              CPU per request: GET booking {} µs; POST booking {} µs + events {} µs; \
-             units per transaction: booking {:.1}, events {:.1}",
+            "              CPU per request: GET booking {} µs; POST booking {} µs + events {} µs \
+             + RabbitMQ {} µs; units per transaction: booking {:.1}, events {:.1}",
             (get_cpu / n as u32).as_micros(),
             (cpu.0 / n as u32).as_micros(),
             (cpu.1 / n as u32).as_micros(),
+            (cpu.2 / n as u32).as_micros(),
             per_batch.0,
             per_batch.1,
+        );
+        println!(
+            "              RabbitMQ alone: {:>6.0} msg/s published and acked (raw lapin; \
+             RabbitMQ {} µs per message)",
+            rate(n, carried),
+            carried_cpu.as_micros(),
         );
         figures.push(Round {
             get_rate: rate(n, gets.elapsed),
@@ -206,6 +300,7 @@ async fn rounds(plan: &Plan, contexts: &Contexts) -> BenchResult<Vec<Row>> {
             answered_rate: rate(n, posts.elapsed),
             post_p50,
             post_p99,
+            carried_rate: rate(n, carried),
         });
     }
     let race = last_seat(plan, contexts).await;
@@ -214,6 +309,7 @@ async fn rounds(plan: &Plan, contexts: &Contexts) -> BenchResult<Vec<Row>> {
     let med_ms = |f: fn(&Round) -> Duration| median(figures.iter().map(f).collect());
     let (get_rate, post_rate) = (med(|r| r.get_rate), med(|r| r.post_rate));
     let answered_rate = med(|r| r.answered_rate);
+    let carried_rate = med(|r| r.carried_rate);
     let (post_p50, post_p99) = (med_ms(|r| r.post_p50), med_ms(|r| r.post_p99));
     let (get_p50, get_p99) = (med_ms(|r| r.get_p50), med_ms(|r| r.get_p99));
     let statuses = statuses
@@ -234,6 +330,20 @@ async fn rounds(plan: &Plan, contexts: &Contexts) -> BenchResult<Vec<Row>> {
             format!("GET /bookings/{{id}} {} req/s", int(get_rate)),
             format!("≥ {TARGET_RATIO:.1} × GET"),
             post_rate >= TARGET_RATIO * get_rate,
+        ),
+        Row::info(
+            "2e what RabbitMQ alone carries, confirmed publish to acked consume",
+            format!(
+                "POST {} req/s = {:.2} × RabbitMQ alone",
+                int(post_rate),
+                post_rate / carried_rate
+            ),
+            format!(
+                "raw lapin {} msg/s (= {:.2} × GET; {TARGET_RATIO:.1} × GET is {} req/s)",
+                int(carried_rate),
+                carried_rate / get_rate,
+                int(TARGET_RATIO * get_rate)
+            ),
         ),
         Row::new(
             "2b POST bookings latency (p50 / p99)",

@@ -225,6 +225,19 @@ fn port(url: &str) -> Option<u16> {
     url.rsplit_once(':')?.1.parse().ok()
 }
 
+/// The RabbitMQ server on this machine (the Erlang VM, `beam.smp`), if one
+/// runs: its CPU time is the broker's share of a round.
+pub fn broker_pid() -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(Result::ok)
+        .find_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse().ok()?;
+            let command = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+            (command.trim() == "beam.smp").then_some(pid)
+        })
+}
+
 /// CPU time process `pid` has used so far (user + system, every thread),
 /// from `/proc/<pid>/stat`.
 pub fn cpu_time_of(pid: u32) -> BenchResult<Duration> {
