@@ -315,7 +315,7 @@ fn encode_cursor<K: Serialize>(key: &K) -> String {
 }
 
 fn decode_cursor<K: DeserializeOwned>(cursor: &str) -> Option<K> {
-    if cursor.len() > MAX_CURSOR || cursor.len() % 2 != 0 {
+    if cursor.len() > MAX_CURSOR || !cursor.len().is_multiple_of(2) {
         return None;
     }
     let bytes: Option<Vec<u8>> = (0..cursor.len())

@@ -41,8 +41,10 @@
 //!   repository, projections, outbox, inbox, idempotency keys, and
 //!   [`store::sql::Sql`] for statements the connection keeps prepared,
 //!   [`on_backend!`] to run one on the backend's own connection, and what
-//!   several instances share: partition leases (`store/lease.rs`) and the
-//!   announcements that wake each other's relays (`store/peers.rs`).
+//!   several instances share: partition leases (`store/lease.rs`), the
+//!   announcements that wake each other's relays (`store/peers.rs`), and
+//!   the claim that keeps an unpartitioned context alone on its database
+//!   (`store/claim.rs`).
 //! - `runtime/`: [`ContextBuilder`] and [`Context`]; intake (subscription kept
 //!   alive) and the consumer actor that settles every delivery, the
 //!   partition coordinator of several instances (`partitions.rs`), trust

@@ -3,7 +3,8 @@
 //! instances take the book's Go-style messages exactly once and never
 //! overbook a hall whichever instance a request reaches, also when one of
 //! them is killed under load; two `events`
-//! instances publish every event from their outboxes once.
+//! instances publish every event from their outboxes once. And an instance
+//! that is not partitioned runs alone on its database (both backends).
 
 mod myevents_support;
 
@@ -36,22 +37,14 @@ async fn instances_with(
 ) -> Vec<Service> {
     let mut started = Vec::new();
     for n in 1..=count {
-        let mut env = vec![
-            ("HERALD__RUNTIME__PARTITIONS".into(), PARTITIONS.into()),
-            (
-                "HERALD__RUNTIME__INSTANCE".into(),
-                format!("{}-{n}", kind.name()),
-            ),
-        ];
-        env.extend(
-            settings
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        let instance = format!("{}-{n}", kind.name());
+        let extra = with_settings(
+            &[
+                ("HERALD__RUNTIME__PARTITIONS", PARTITIONS),
+                ("HERALD__RUNTIME__INSTANCE", &instance),
+            ],
+            settings,
         );
-        let extra = Extra {
-            env,
-            ..Extra::default()
-        };
         started.push(Service::start_with(kind, vhost, dir, &extra).await);
     }
     let partitions: usize = PARTITIONS.parse().unwrap();
@@ -360,6 +353,64 @@ async fn rows_of_a_killed_instances_partitions_go_out_when_they_are_taken_over()
     assert_eq!(all_sent(&db, EVENTS).await, EVENTS as i64);
     let held = held_count(&events[0]).await;
     assert_eq!(held, partitions, "the survivor holds every partition");
+}
+
+herald_testkit::on_each_backend!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    an_unpartitioned_instance_refuses_to_start_beside_another_and_starts_once_it_is_killed,
+);
+
+/// `runtime.partitions = 0` (the default): a second `booking` on the same
+/// database would publish every outbox row the first publishes, and take
+/// one event's messages beside it out of order. It does not start, and
+/// says which setting runs several; once the first is `kill -9`'d (no
+/// orderly stop gives anything up), a new instance starts.
+async fn an_unpartitioned_instance_refuses_to_start_beside_another_and_starts_once_it_is_killed(
+    backend: Backend,
+) {
+    let vhost = TestVhost::new();
+    let dir = DataDir::on(backend);
+    let first = Service::start(Kind::Booking, &vhost, &dir).await;
+    let stderr = refused(&vhost, &dir, &[]).await;
+    assert!(
+        stderr.contains("another instance of this context runs on its database")
+            && stderr.contains("runtime.partitions"),
+        "{stderr}"
+    );
+    assert!(first.stderr().contains("context=booking started"));
+    // A partitioned instance does not join it either.
+    let stderr = refused(&vhost, &dir, &[("HERALD__RUNTIME__PARTITIONS", PARTITIONS)]).await;
+    assert!(
+        stderr.contains("with runtime.partitions = 0 runs on its database"),
+        "{stderr}"
+    );
+    first.kill9().await;
+    let again = Service::start(Kind::Booking, &vhost, &dir).await;
+    again.terminate().await;
+}
+
+/// `HERALD__…` settings for a start: `base`, then `more`.
+fn with_settings(base: &[(&str, &str)], more: &[(&str, &str)]) -> Extra {
+    Extra {
+        env: base
+            .iter()
+            .chain(more)
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        ..Extra::default()
+    }
+}
+
+/// Starts one more `booking` with `settings`, which must exit non-zero;
+/// its stderr. It waits 1 s for the running one to stop (not the 5 s of
+/// the test config).
+async fn refused(vhost: &TestVhost, dir: &DataDir, settings: &[(&str, &str)]) -> String {
+    let extra = with_settings(&[("HERALD__RUNTIME__DRAIN_TIMEOUT", "1s")], settings);
+    let (status, stderr) = Service::launch(Kind::Booking, vhost, dir, &extra)
+        .wait_for_exit()
+        .await;
+    assert!(!status.success(), "it ran:\n{stderr}");
+    stderr
 }
 
 /// One location with a hall, and `n` events in it, created through `events`.

@@ -179,7 +179,7 @@ fn decode_hex(text: &str) -> Option<Vec<u8>> {
 
 /// The bytes hex `text` spells; `None` unless it is pairs of hex digits.
 pub(crate) fn hex_bytes(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     (0..text.len())

@@ -19,9 +19,10 @@ use super::relay::{Relay, RelayParts, StopRelay};
 use super::supervisor::{Backoff, Escalated, Escalation, Restart, RestartPolicy};
 use super::trust::Trust;
 use crate::broker::{DeadLetters, HeaderSeal, Publisher, SubscribeSpec, Subscriber};
-use crate::config::Settings;
+use crate::config::{RuntimeSettings, Settings};
 use crate::error::{Error, HandlerError};
 use crate::event::Event;
+use crate::store::claim::{self, Claim};
 use crate::store::{lease, outbox, Db, OutboxRow, OutboxStatus};
 
 /// Declares a context: its settings and a handler per event type it consumes.
@@ -180,6 +181,10 @@ impl ContextBuilder {
             );
         }
         let rt = &settings.runtime;
+        let claim = match &self.store {
+            Some(db) => Some(claim_database(db, &name, rt).await?),
+            None => None,
+        };
         let arbiters: Vec<Arbiter> = (0..rt.workers).map(|_| Arbiter::new()).collect();
         let handles: Vec<ArbiterHandle> = arbiters.iter().map(Arbiter::handle).collect();
         let (escalation, escalated) = Escalation::new();
@@ -314,8 +319,37 @@ impl ContextBuilder {
             arbiters,
             logger,
             relay,
+            claim,
         })
     }
+}
+
+/// The context's claim on its database (`store/claim.rs`): alone when
+/// unpartitioned, shared with the other partitioned instances otherwise.
+/// Waits up to `runtime.drain_timeout` for an instance that is stopping.
+async fn claim_database(db: &Db, name: &str, rt: &RuntimeSettings) -> Result<Claim, Error> {
+    let kind = if rt.partitions == 0 {
+        claim::Kind::Alone
+    } else {
+        claim::Kind::Partitioned
+    };
+    let reason = match (db.claim(name, kind, rt.drain_timeout).await?, kind) {
+        (Some(claim), _) => return Ok(claim),
+        (None, claim::Kind::Alone) => {
+            "another instance of this context runs on its database, and with \
+             runtime.partitions = 0 it must run alone (its relay would publish every outbox \
+             row twice, and one aggregate's messages would be handled in two processes at \
+             once); to run several, give every instance the same runtime.partitions"
+        }
+        (None, claim::Kind::Partitioned) => {
+            "an instance of this context with runtime.partitions = 0 runs on its database; \
+             every instance must run with the same runtime.partitions"
+        }
+    };
+    Err(Error::Context {
+        context: name.to_owned(),
+        reason: reason.into(),
+    })
 }
 
 /// Each delay once: one retry queue per delay.
@@ -373,6 +407,8 @@ pub struct Context {
     arbiters: Vec<Arbiter>,
     logger: tokio::task::JoinHandle<()>,
     relay: Option<(Db, Addr<Relay>)>,
+    /// Held until the context has stopped: then another instance may start.
+    claim: Option<Claim>,
 }
 
 /// A cheap, cloneable view of a running context: counters, readiness, dead
@@ -790,6 +826,7 @@ impl Context {
                 super::mailbox::mailbox_line(&actor.snapshot())
             );
         }
+        drop(self.claim.take());
         log::info!(target: "herald::shutdown", "context={name} stopped");
         Ok(())
     }

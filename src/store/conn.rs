@@ -136,6 +136,11 @@ impl Connector {
         self.backend
     }
 
+    /// The database's URL (a secret: it may hold a password).
+    pub(crate) fn url(&self) -> &str {
+        &self.url
+    }
+
     /// The same PostgreSQL database with libpq `parameters` added to the
     /// URL's query, each unless the URL sets it already.
     pub(crate) fn with_defaults(&self, parameters: &[(&str, &str)]) -> Connector {

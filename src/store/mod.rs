@@ -10,6 +10,7 @@
 //! `BEGIN` and herald's advisory lock), each under its own savepoint.
 
 mod cache;
+pub(crate) mod claim;
 mod conn;
 pub mod event_store;
 pub mod idempotency;
@@ -335,7 +336,46 @@ impl Db {
     pub fn outbox_listening(&self) -> Option<bool> {
         self.peers.listening()
     }
+
+    /// Claims `context` on this database as `kind` (see [`claim`]). While
+    /// another instance's claim excludes it, tries again every
+    /// [`CLAIM_RETRY`] for up to `patience` (an instance that stops, or was
+    /// killed a moment ago, gives its claim up), then gives up: `None`.
+    ///
+    /// # Errors
+    /// The database, or a SQLite database's lock file, cannot be reached.
+    pub(crate) async fn claim(
+        &self,
+        context: &str,
+        kind: claim::Kind,
+        patience: std::time::Duration,
+    ) -> Result<Option<claim::Claim>, StoreError> {
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut waiting = false;
+        loop {
+            let (connector, name) = (self.peers.connector().clone(), context.to_owned());
+            let claimed =
+                tokio::task::spawn_blocking(move || claim::try_claim(&connector, &name, kind))
+                    .await
+                    .map_err(|e| StoreError::Pool(format!("claiming the database: {e}")))??;
+            if claimed.is_some() || tokio::time::Instant::now() >= deadline {
+                return Ok(claimed);
+            }
+            if !waiting {
+                log::warn!(
+                    target: "herald::store",
+                    "context={context} another instance's claim on the database excludes this one \
+                     ({kind:?}); waiting up to {patience:?} for it to stop"
+                );
+                waiting = true;
+            }
+            tokio::time::sleep(CLAIM_RETRY).await;
+        }
+    }
 }
+
+/// How often [`Db::claim`] tries again while another claim excludes it.
+const CLAIM_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Milliseconds since the Unix epoch, the time unit of every table.
 pub(crate) fn now_ms() -> i64 {

@@ -135,6 +135,12 @@ impl Peers {
         started.then(|| self.listening.load(Ordering::Relaxed))
     }
 
+    /// Connections of their own, as the listener's: with keepalives and a
+    /// connect timeout on PostgreSQL.
+    pub(crate) fn connector(&self) -> &Connector {
+        &self.connector
+    }
+
     pub(crate) fn announcer(&self) -> Arc<Announcer> {
         self.announcer.clone()
     }

@@ -181,6 +181,14 @@ impl Service {
         dir: &DataDir,
         extra: &Extra,
     ) -> Service {
+        let mut service = Self::launch(kind, vhost, dir, extra);
+        service.wait_until_started().await;
+        service
+    }
+
+    /// Starts `kind` as [`Service::start_with`] does, without waiting for
+    /// anything (its APIs' ports are 0 until it is known to have started).
+    pub fn launch(kind: Kind, vhost: &TestVhost, dir: &DataDir, extra: &Extra) -> Service {
         let config = write_config(kind, vhost, dir);
         let mut command = Command::new(kind.exe());
         command
@@ -238,7 +246,7 @@ impl Service {
                 Arc::clone(&out_lines),
             ),
         ];
-        let mut service = Service {
+        Service {
             kind,
             api: Api { port: 0 },
             admin: Api { port: 0 },
@@ -246,9 +254,7 @@ impl Service {
             lines,
             out_lines,
             readers,
-        };
-        service.wait_until_started().await;
-        service
+        }
     }
 
     async fn wait_until_started(&mut self) {
