@@ -402,8 +402,8 @@ fn with_settings(base: &[(&str, &str)], more: &[(&str, &str)]) -> Extra {
 }
 
 /// Starts one more `booking` with `settings`, which must exit non-zero;
-/// its stderr. It waits 1 s for the running one to stop (not the 5 s of
-/// the test config).
+/// its stderr. It waits 3 s (three drain timeouts of 1 s) for the running
+/// one to stop, not the 15 s of the test config.
 async fn refused(vhost: &TestVhost, dir: &DataDir, settings: &[(&str, &str)]) -> String {
     let extra = with_settings(&[("HERALD__RUNTIME__DRAIN_TIMEOUT", "1s")], settings);
     let (status, stderr) = Service::launch(Kind::Booking, vhost, dir, &extra)

@@ -326,14 +326,17 @@ impl ContextBuilder {
 
 /// The context's claim on its database (`store/claim.rs`): alone when
 /// unpartitioned, shared with the other partitioned instances otherwise.
-/// Waits up to `runtime.drain_timeout` for an instance that is stopping.
+/// Waits for an instance that is stopping up to what its shutdown takes at
+/// most after its HTTP requests were answered: `runtime.drain_timeout`
+/// each for its in-flight deliveries, its outbox and its actors.
 async fn claim_database(db: &Db, name: &str, rt: &RuntimeSettings) -> Result<Claim, Error> {
     let kind = if rt.partitions == 0 {
         claim::Kind::Alone
     } else {
         claim::Kind::Partitioned
     };
-    let reason = match (db.claim(name, kind, rt.drain_timeout).await?, kind) {
+    let patience = rt.drain_timeout.saturating_mul(3);
+    let reason = match (db.claim(name, kind, patience).await?, kind) {
         (Some(claim), _) => return Ok(claim),
         (None, claim::Kind::Alone) => {
             "another instance of this context runs on its database, and with \

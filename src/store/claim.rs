@@ -20,18 +20,29 @@
 //!   two-integer key space (herald's write lock uses the one-integer space,
 //!   so the two never meet). The server drops it when the connection ends,
 //!   which it notices at once when a process on the same host dies, and
-//!   through TCP keepalives (about a minute) when a host disappears.
+//!   through TCP keepalives the connection sets on the server's side (30 s
+//!   idle, then 3 probes 10 s apart) when a host disappears.
 //! - SQLite: `flock` on a file beside the database,
-//!   `<database>-herald-<context>.lock` (not the database file itself: a
-//!   process that closes any descriptor of a SQLite file loses SQLite's
-//!   own locks on it). Created if missing, and left in place.
+//!   `<database>-herald-<context>.lock`, the database's path resolved (links
+//!   followed, a `file:` URI decoded) so that two spellings of one file
+//!   meet (not the database file itself: a process that closes any
+//!   descriptor of a SQLite file loses SQLite's own locks on it). Created
+//!   if missing, and left in place; an existing one is opened read-only.
+//!   An in-memory database is not claimed: it cannot be shared between
+//!   processes (two contexts of one name on one shared-cache in-memory
+//!   database in one process are not told apart).
 //!
 //! It is a guard against a mistake in deployment, not a fence: a PostgreSQL
 //! claim whose connection broke is gone without a word (the context keeps
-//! running), and a paused process keeps its claim.
+//! running; so is one held through a pooler that keeps server sessions
+//! after their clients, such as PgBouncer in transaction mode, which
+//! herald does not support), and a paused process keeps its claim.
 
 use std::fs::{File, OpenOptions, TryLockError};
+use std::io::ErrorKind;
+use std::path::PathBuf;
 
+use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
 use diesel::sql_types::{Bool, Integer};
 use diesel::RunQueryDsl;
@@ -93,6 +104,12 @@ pub(crate) fn try_claim(
             let Conn::Postgres(mut conn) = connector.connect()? else {
                 return Err(StoreError::Pool("not a PostgreSQL connection".into()));
             };
+            // libpq's keepalives watch the server from here; these make the
+            // server notice a client host that is gone, and end its claim.
+            conn.batch_execute(
+                "SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; \
+                 SET tcp_keepalives_count = 3;",
+            )?;
             let query = match kind {
                 Kind::Alone => "SELECT pg_try_advisory_lock(?, ?) AS taken",
                 Kind::Partitioned => "SELECT pg_try_advisory_lock_shared(?, ?) AS taken",
@@ -107,12 +124,21 @@ pub(crate) fn try_claim(
         Backend::Sqlite => match lock_file(connector.url(), context) {
             None => Some(Held::Nothing),
             Some(path) => {
-                let file = OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .open(&path)
-                    .map_err(|e| StoreError::Pool(format!("cannot open {path}: {e}")))?;
+                let file = match File::open(&path) {
+                    Err(e) if e.kind() == ErrorKind::NotFound => OpenOptions::new()
+                        .create(true)
+                        .truncate(false)
+                        .write(true)
+                        .open(&path),
+                    opened => opened,
+                }
+                .map_err(|e| {
+                    StoreError::Pool(format!(
+                        "cannot open {} (the lock file that keeps a second instance of \
+                         context {context} off this database): {e}",
+                        path.display()
+                    ))
+                })?;
                 let locked = match kind {
                     Kind::Alone => file.try_lock(),
                     Kind::Partitioned => file.try_lock_shared(),
@@ -121,7 +147,10 @@ pub(crate) fn try_claim(
                     Ok(()) => Some(Held::Sqlite { _file: file }),
                     Err(TryLockError::WouldBlock) => None,
                     Err(TryLockError::Error(e)) => {
-                        return Err(StoreError::Pool(format!("cannot lock {path}: {e}")));
+                        return Err(StoreError::Pool(format!(
+                            "cannot lock {}: {e}",
+                            path.display()
+                        )));
                     }
                 }
             }
@@ -144,24 +173,74 @@ fn key_of(context: &str) -> i32 {
 
 /// The lock file of `context` on the SQLite database `url`; `None` for an
 /// in-memory database.
-fn lock_file(url: &str, context: &str) -> Option<String> {
+fn lock_file(url: &str, context: &str) -> Option<PathBuf> {
+    let file = database_file(url)?;
+    // Links followed and the path made absolute (the database exists by now).
+    let file = std::fs::canonicalize(&file).unwrap_or(file);
+    let mut name = file.into_os_string();
+    name.push(format!("-herald-{}.lock", file_safe(context)));
+    Some(PathBuf::from(name))
+}
+
+/// The file of a SQLite URL as SQLite opens it: a plain path, or a `file:`
+/// URI (authority empty or `localhost`, percent-escapes decoded, the query
+/// and fragment dropped); `None` for an in-memory database.
+fn database_file(url: &str) -> Option<PathBuf> {
     let path = sqlite_path(url);
-    let path = path.strip_prefix("file:").unwrap_or(path);
-    let (path, query) = path.split_once('?').unwrap_or((path, ""));
-    if path.is_empty() || path == ":memory:" || query.split('&').any(|p| p == "mode=memory") {
+    let Some(uri) = path.strip_prefix("file:") else {
+        return (!path.is_empty() && path != ":memory:").then(|| PathBuf::from(path));
+    };
+    let uri = uri.split('#').next().unwrap_or(uri);
+    let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
+    let path = match path.strip_prefix("//") {
+        Some(rest) => rest.strip_prefix("localhost").unwrap_or(rest),
+        None => path,
+    };
+    let memory = query.split('&').any(|p| p == "mode=memory");
+    if path.is_empty() || path == ":memory:" || memory {
         return None;
     }
-    let context: String = context
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
+    Some(PathBuf::from(
+        String::from_utf8_lossy(&percent_decoded(path)).into_owned(),
+    ))
+}
+
+/// `%XX` escapes decoded; anything else kept as it is.
+fn percent_decoded(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(byte)) => {
+                decoded.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                decoded.push(byte);
+                i += 1;
+            }
+        }
+    }
+    decoded
+}
+
+/// `context` as part of a file name: letters, digits and `-` as they are,
+/// every other byte as `_` and its two hex digits (so no two names meet).
+fn file_safe(context: &str) -> String {
+    context
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'-' {
+                char::from(b).to_string()
             } else {
-                '_'
+                format!("_{b:02x}")
             }
         })
-        .collect();
-    Some(format!("{path}-herald-{context}.lock"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -255,19 +334,30 @@ mod tests {
 
     #[test]
     fn lock_files_sit_beside_the_database_and_in_memory_databases_have_none() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let db = dir.path().join("a b.db");
+        std::fs::write(&db, b"").expect("the database file");
+        let link = dir.path().join("link.db");
+        std::os::unix::fs::symlink(&db, &link).expect("a link to it");
+        let dir = std::fs::canonicalize(dir.path()).expect("the folder");
+        let expected = Some(dir.join("a b.db-herald-booking.lock"));
+        let shown = |url: String| lock_file(&url, "booking");
+        assert_eq!(shown(db.display().to_string()), expected);
+        assert_eq!(shown(format!("sqlite://{}", db.display())), expected);
+        assert_eq!(shown(format!("file:{}?mode=rwc", link.display())), expected);
+        let escaped = db.display().to_string().replace(' ', "%20");
+        assert_eq!(shown(format!("file://localhost{escaped}")), expected);
+        assert_eq!(shown(format!("file://{escaped}#x")), expected);
         assert_eq!(
-            lock_file("data/events.db", "events").as_deref(),
-            Some("data/events.db-herald-events.lock")
-        );
-        assert_eq!(
-            lock_file("sqlite:///tmp/a.db", "my context/1").as_deref(),
-            Some("/tmp/a.db-herald-my_context_1.lock")
-        );
-        assert_eq!(
-            lock_file("file:/tmp/a.db?mode=rwc", "x").as_deref(),
-            Some("/tmp/a.db-herald-x.lock")
+            lock_file("data/events.db", "my context/1.a_b").map(|p| p
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()),
+            Some("events.db-herald-my_20context_2f1_2ea_5fb.lock".into())
         );
         assert_eq!(lock_file(":memory:", "x"), None);
+        assert_eq!(lock_file("file::memory:", "x"), None);
         assert_eq!(lock_file("file:shared?mode=memory&cache=shared", "x"), None);
     }
 }

@@ -83,11 +83,11 @@ impl KafkaBroker {
     ) -> Result<Subscription, BrokerError> {
         if spec.partition.is_some() {
             // Kafka partitions its topic itself, and a consumer group shares
-            // the partitions among the instances of a context.
+            // the partitions among its members (ADR 0010).
             return Err(BrokerError::Topology(format!(
-                "group {}: runtime.partitions is for RabbitMQ; on Kafka run several \
-                 instances with runtime.partitions = 0 (the consumer group shares the \
-                 topic's partitions)",
+                "group {}: runtime.partitions is for RabbitMQ; on Kafka a context runs \
+                 with runtime.partitions = 0 (the topic's partitions are its consumer \
+                 group's, one member per database)",
                 spec.queue
             )));
         }
