@@ -691,3 +691,39 @@ async fn a_row_the_broker_keeps_refusing_is_parked_without_holding_back_other_ke
     );
     context.shutdown().await.unwrap();
 }
+
+on_each_backend!(
+    #[actix_rt::test]
+    a_context_keeps_its_database_from_a_second_instance_while_its_relay_runs
+);
+/// Unpartitioned, a context is alone on its database (ADR 0009): a second
+/// one of its name does not start beside it, nor beside one dropped without
+/// its shutdown whose relay still publishes; after an orderly shutdown it
+/// does.
+async fn a_context_keeps_its_database_from_a_second_instance_while_its_relay_runs(
+    backend: Backend,
+) {
+    let vhost = TestVhost::new();
+    let broker = vhost.broker().await;
+    let dir = TestDb::new(backend);
+    let db = dir.open();
+    let mut settings = vhost.settings("shop");
+    // How long a refused start waits: three drain timeouts.
+    settings.runtime.drain_timeout = Duration::from_millis(300);
+    let start = || {
+        ContextBuilder::new(settings.clone())
+            .store(db.clone())
+            .handle(|_: Unused, _| async { Ok(()) })
+            .start(&broker)
+    };
+    let refused = |started: Result<herald::Context, herald::Error>, beside: &str| match started {
+        Ok(_) => panic!("a second instance started beside {beside}"),
+        Err(error) => assert!(error.to_string().contains("runtime.partitions"), "{error}"),
+    };
+    let first = start().await.expect("the first instance");
+    refused(start().await, "a running one");
+    first.shutdown().await.expect("an orderly shutdown");
+    let second = start().await.expect("started once the first has stopped");
+    drop(second);
+    refused(start().await, "one dropped whose relay runs");
+}

@@ -182,7 +182,7 @@ impl ContextBuilder {
         }
         let rt = &settings.runtime;
         let claim = match &self.store {
-            Some(db) => Some(claim_database(db, &name, rt).await?),
+            Some(db) => Some(Arc::new(claim_database(db, &name, rt).await?)),
             None => None,
         };
         let arbiters: Vec<Arbiter> = (0..rt.workers).map(|_| Arbiter::new()).collect();
@@ -277,6 +277,7 @@ impl ContextBuilder {
                 stats,
                 backoff: Backoff::new(rt),
                 partitions: source.relay_view(),
+                claim: claim.clone(),
             };
             let relay = Relay::new(parts, RestartPolicy::new(rt), escalation.clone());
             (db, Supervisor::start(move |_| relay))
@@ -410,8 +411,9 @@ pub struct Context {
     arbiters: Vec<Arbiter>,
     logger: tokio::task::JoinHandle<()>,
     relay: Option<(Db, Addr<Relay>)>,
-    /// Held until the context has stopped: then another instance may start.
-    claim: Option<Claim>,
+    /// Held until the context has stopped (and by the relay until it has):
+    /// then another instance may start.
+    claim: Option<Arc<Claim>>,
 }
 
 /// A cheap, cloneable view of a running context: counters, readiness, dead

@@ -28,6 +28,7 @@ use crate::broker::Publisher;
 use crate::broker::{escape, headers};
 use crate::config::OutboxSettings;
 use crate::error::{panic_text, BrokerError};
+use crate::store::claim::Claim;
 use crate::store::{idempotency, inbox, now_ms, outbox, Db, OutboxRow, OutboxStatus};
 
 /// How often old outbox and inbox rows are pruned.
@@ -45,6 +46,10 @@ pub(crate) struct RelayParts {
     /// A partitioned context's relay publishes only the rows of the
     /// partitions its instance holds.
     pub(crate) partitions: Option<Arc<HeldPartitions>>,
+    /// The context's claim on its database, held while the relay runs: a
+    /// context dropped without its shutdown lets another instance start
+    /// only once this relay stopped publishing.
+    pub(crate) claim: Option<Arc<Claim>>,
 }
 
 pub(crate) struct Relay {
@@ -261,6 +266,7 @@ async fn relay(parts: RelayParts) {
         stats,
         mut backoff,
         partitions,
+        claim: _claim,
     } = parts;
     let mut warned_unroutable: HashSet<String> = HashSet::new();
     let mut refusals = Refusals::new(backoff.clone());

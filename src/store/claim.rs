@@ -67,7 +67,9 @@ pub(crate) enum Kind {
 /// A context's claim on its database; given up on drop.
 #[derive(Debug)]
 pub(crate) struct Claim {
-    _held: Held,
+    /// Never touched again, only dropped; the lock makes a claim shareable
+    /// between the context and its relay (a connection is not `Sync`).
+    _held: std::sync::Mutex<Held>,
 }
 
 enum Held {
@@ -156,7 +158,9 @@ pub(crate) fn try_claim(
             }
         },
     };
-    Ok(held.map(|held| Claim { _held: held }))
+    Ok(held.map(|held| Claim {
+        _held: std::sync::Mutex::new(held),
+    }))
 }
 
 #[derive(diesel::QueryableByName)]
