@@ -77,7 +77,7 @@ enum Held {
     Postgres { _connection: PgConnection },
     /// The open lock file, whose `flock` closing releases.
     Sqlite { _file: File },
-    /// An in-memory SQLite database is its connection's alone.
+    /// An in-memory SQLite database: no other process can open it.
     Nothing,
 }
 
