@@ -69,85 +69,117 @@ pub(crate) enum Kind {
 pub(crate) struct Claim {
     /// Never touched again, only dropped; the lock makes a claim shareable
     /// between the context and its relay (a connection is not `Sync`).
-    _held: std::sync::Mutex<Held>,
+    _held: std::sync::Mutex<Holder>,
 }
 
-enum Held {
-    /// The connection that holds the advisory lock.
-    Postgres { _connection: PgConnection },
+/// What holds a claim once taken: opened once, tried as often as needed.
+enum Holder {
+    /// The connection that takes the advisory lock.
+    Postgres(PgConnection),
     /// The open lock file, whose `flock` closing releases.
-    Sqlite { _file: File },
+    Sqlite(File, PathBuf),
     /// An in-memory SQLite database: no other process can open it.
     Nothing,
 }
 
-impl std::fmt::Debug for Held {
+impl std::fmt::Debug for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Held::Postgres { .. } => "Postgres",
-            Held::Sqlite { .. } => "Sqlite",
-            Held::Nothing => "Nothing",
+            Holder::Postgres(_) => "Postgres",
+            Holder::Sqlite(..) => "Sqlite",
+            Holder::Nothing => "Nothing",
         })
     }
 }
 
-/// Claims `context` on the database of `connector` as `kind`; `None` if a
-/// claim that excludes it is held. Blocking.
-///
-/// # Errors
-/// The database or the lock file cannot be reached.
-pub(crate) fn try_claim(
-    connector: &Connector,
-    context: &str,
+/// One instance's attempt to claim `context` as `kind`.
+#[derive(Debug)]
+pub(crate) struct Claimant {
     kind: Kind,
-) -> Result<Option<Claim>, StoreError> {
-    let held = match connector.backend() {
-        Backend::Postgres => {
-            let Conn::Postgres(mut conn) = connector.connect()? else {
-                return Err(StoreError::Pool("not a PostgreSQL connection".into()));
-            };
-            // libpq's keepalives watch the server from here; these make the
-            // server notice a client host that is gone, and end its claim.
-            conn.batch_execute(
-                "SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; \
-                 SET tcp_keepalives_count = 3;",
-            )?;
-            let query = match kind {
-                Kind::Alone => "SELECT pg_try_advisory_lock(?, ?) AS taken",
-                Kind::Partitioned => "SELECT pg_try_advisory_lock_shared(?, ?) AS taken",
-            };
-            let taken = Sql::new(query)
-                .bind::<Integer, _>(CLAIM_SPACE)
-                .bind::<Integer, _>(key_of(context))
-                .get_result::<Taken>(&mut conn)?
-                .taken;
-            taken.then_some(Held::Postgres { _connection: conn })
-        }
-        Backend::Sqlite => match lock_file(connector.url(), context) {
-            None => Some(Held::Nothing),
-            Some(path) => {
-                let file = match File::open(&path) {
-                    Err(e) if e.kind() == ErrorKind::NotFound => OpenOptions::new()
-                        .create(true)
-                        .truncate(false)
-                        .write(true)
-                        .open(&path),
-                    opened => opened,
+    key: i32,
+    holder: Holder,
+}
+
+impl Claimant {
+    /// Opens what will hold the claim of `context` on the database of
+    /// `connector`: a connection, or the lock file. Blocking.
+    ///
+    /// # Errors
+    /// The database or the lock file cannot be reached.
+    pub(crate) fn open(
+        connector: &Connector,
+        context: &str,
+        kind: Kind,
+    ) -> Result<Claimant, StoreError> {
+        let holder = match connector.backend() {
+            Backend::Postgres => {
+                let Conn::Postgres(mut conn) = connector.connect()? else {
+                    return Err(StoreError::Pool("not a PostgreSQL connection".into()));
+                };
+                // libpq's keepalives watch the server from here; these make
+                // the server notice a client host that is gone, and end its
+                // claim.
+                conn.batch_execute(
+                    "SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; \
+                     SET tcp_keepalives_count = 3;",
+                )?;
+                Holder::Postgres(conn)
+            }
+            Backend::Sqlite => match lock_file(connector.url(), context) {
+                None => Holder::Nothing,
+                Some(path) => {
+                    let file = match File::open(&path) {
+                        Err(e) if e.kind() == ErrorKind::NotFound => OpenOptions::new()
+                            .create(true)
+                            .truncate(false)
+                            .write(true)
+                            .open(&path),
+                        opened => opened,
+                    }
+                    .map_err(|e| {
+                        StoreError::Pool(format!(
+                            "cannot open {} (the lock file that keeps a second instance \
+                             of context {context} off this database): {e}",
+                            path.display()
+                        ))
+                    })?;
+                    Holder::Sqlite(file, path)
                 }
-                .map_err(|e| {
-                    StoreError::Pool(format!(
-                        "cannot open {} (the lock file that keeps a second instance of \
-                         context {context} off this database): {e}",
-                        path.display()
-                    ))
-                })?;
-                let locked = match kind {
+            },
+        };
+        Ok(Claimant {
+            kind,
+            key: key_of(context),
+            holder,
+        })
+    }
+
+    /// Tries once: the claim, or this claimant back if a claim that
+    /// excludes it is held. Blocking.
+    ///
+    /// # Errors
+    /// The database or the lock file cannot be reached.
+    pub(crate) fn try_claim(mut self) -> Result<Result<Claim, Claimant>, StoreError> {
+        let taken = match &mut self.holder {
+            Holder::Postgres(conn) => {
+                let query = match self.kind {
+                    Kind::Alone => "SELECT pg_try_advisory_lock(?, ?) AS taken",
+                    Kind::Partitioned => "SELECT pg_try_advisory_lock_shared(?, ?) AS taken",
+                };
+                Sql::new(query)
+                    .bind::<Integer, _>(CLAIM_SPACE)
+                    .bind::<Integer, _>(self.key)
+                    .get_result::<Taken>(conn)?
+                    .taken
+            }
+            Holder::Sqlite(file, path) => {
+                let locked = match self.kind {
                     Kind::Alone => file.try_lock(),
                     Kind::Partitioned => file.try_lock_shared(),
                 };
                 match locked {
-                    Ok(()) => Some(Held::Sqlite { _file: file }),
-                    Err(TryLockError::WouldBlock) => None,
+                    Ok(()) => true,
+                    Err(TryLockError::WouldBlock) => false,
                     Err(TryLockError::Error(e)) => {
                         return Err(StoreError::Pool(format!(
                             "cannot lock {}: {e}",
@@ -156,11 +188,16 @@ pub(crate) fn try_claim(
                     }
                 }
             }
-        },
-    };
-    Ok(held.map(|held| Claim {
-        _held: std::sync::Mutex::new(held),
-    }))
+            Holder::Nothing => true,
+        };
+        Ok(if taken {
+            Ok(Claim {
+                _held: std::sync::Mutex::new(self.holder),
+            })
+        } else {
+            Err(self)
+        })
+    }
 }
 
 #[derive(diesel::QueryableByName)]

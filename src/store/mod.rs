@@ -351,16 +351,15 @@ impl Db {
         patience: std::time::Duration,
     ) -> Result<Option<claim::Claim>, StoreError> {
         let deadline = tokio::time::Instant::now() + patience;
+        let (connector, name) = (self.peers.connector().clone(), context.to_owned());
+        let mut claimant = blocking(move || claim::Claimant::open(&connector, &name, kind)).await?;
         let mut waiting = false;
         loop {
-            let (connector, name) = (self.peers.connector().clone(), context.to_owned());
-            let claimed =
-                tokio::task::spawn_blocking(move || claim::try_claim(&connector, &name, kind))
-                    .await
-                    .map_err(|e| StoreError::Pool(format!("claiming the database: {e}")))??;
-            if claimed.is_some() || tokio::time::Instant::now() >= deadline {
-                return Ok(claimed);
-            }
+            claimant = match blocking(move || claimant.try_claim()).await? {
+                Ok(claim) => return Ok(Some(claim)),
+                Err(_) if tokio::time::Instant::now() >= deadline => return Ok(None),
+                Err(claimant) => claimant,
+            };
             if !waiting {
                 log::warn!(
                     target: "herald::store",
@@ -372,6 +371,15 @@ impl Db {
             tokio::time::sleep(CLAIM_RETRY).await;
         }
     }
+}
+
+/// Runs blocking claim `work` off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| StoreError::Pool(format!("claiming the database: {e}")))?
 }
 
 /// How often [`Db::claim`] tries again while another claim excludes it.
